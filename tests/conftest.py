@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests run offline on the CPU: the hub is never reached."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import bh_routing  # noqa: E402
+
+
+@pytest.fixture
+def tiny_model():
+    """A randomly initialised 2-layer OLMoE (64 experts, top-8) whose routers have a few strong experts.
+
+    A random router has no relevant experts (BH rightly keeps min_k everywhere); scaling five router rows
+    plants experts whose logits stand out for some tokens and not others, so counts vary per token.
+    """
+    model = bh_routing.build_random_olmoe(seed=0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight[:5] *= 25.0
+    return model
+
+
+@pytest.fixture
+def input_ids():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(2, 512, (3, 11), generator=generator)

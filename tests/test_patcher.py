@@ -1,0 +1,215 @@
+"""OLMoERouterPatcher on a small randomly initialised OlmoeForCausalLM (64 experts, top-8)."""
+
+import pytest
+import torch
+
+import bh_routing
+from bh_routing import OLMoERouterPatcher
+
+
+def logits_of(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+def test_unpatch_restores_bit_identical_logits(tiny_model, input_ids):
+    reference = logits_of(tiny_model, input_ids)
+    patcher = OLMoERouterPatcher(tiny_model)
+    for patch in (
+        lambda: patcher.patch_with_bh(alpha=0.05, max_k=8),
+        lambda: patcher.patch_with_topp(p=0.5),
+        lambda: patcher.patch_with_topk(k=2),
+    ):
+        patch()
+        assert not torch.equal(logits_of(tiny_model, input_ids), reference)
+        patcher.unpatch()
+        assert torch.equal(logits_of(tiny_model, input_ids), reference)
+    patcher.unpatch()  # idempotent
+    assert torch.equal(logits_of(tiny_model, input_ids), reference)
+    assert all(not router._forward_hooks for router in patcher.routers)
+
+
+def test_patching_again_replaces_and_never_stacks(tiny_model, input_ids):
+    patcher = OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_topk(k=2)
+    expected = logits_of(tiny_model, input_ids)
+    patcher.patch_with_bh(alpha=0.2, max_k=4)
+    patcher.patch_with_topk(k=2)
+    assert all(len(router._forward_hooks) == 1 for router in patcher.routers)
+    assert torch.equal(logits_of(tiny_model, input_ids), expected)
+    assert patcher.get_stats()["num_tokens"] == input_ids.numel()  # stats reset on re-patch
+
+
+def test_topk8_and_observe_reproduce_native(tiny_model, input_ids):
+    reference = logits_of(tiny_model, input_ids)
+    with OLMoERouterPatcher(tiny_model) as patcher:
+        patcher.patch_with_topk(k=8)
+        assert torch.equal(logits_of(tiny_model, input_ids), reference)
+        patcher.observe()
+        assert torch.equal(logits_of(tiny_model, input_ids), reference)
+        stats = patcher.get_stats()
+        assert stats["avg_experts"] == 8 and stats["method"] == "native"
+    assert not patcher.is_patched
+
+
+def test_context_manager_and_exception_leave_model_restorable(tiny_model, input_ids):
+    reference = logits_of(tiny_model, input_ids)
+    with pytest.raises(RuntimeError, match="boom"):
+        with OLMoERouterPatcher(tiny_model) as patcher:
+            patcher.patch_with_bh(alpha=0.05, max_k=8)
+            logits_of(tiny_model, input_ids)
+            raise RuntimeError("boom")
+    assert torch.equal(logits_of(tiny_model, input_ids), reference)
+
+    patcher = OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_bh(alpha=0.05, max_k=8)
+
+    def failing_route(logits):
+        raise RuntimeError("boom inside the forward")
+
+    patcher._route = failing_route
+    with pytest.raises(RuntimeError, match="boom inside"):
+        logits_of(tiny_model, input_ids)
+    patcher.unpatch()
+    assert torch.equal(logits_of(tiny_model, input_ids), reference)
+
+
+def count_computed_pairs(model):
+    """Hooks counting (a) non-sentinel pairs the experts module receives, (b) rows its MLPs compute."""
+    received, computed = [0], [0]
+    handles = []
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+
+        def pre_hook(module, args):
+            received[0] += int((args[1] < module.num_experts).sum())
+
+        handles.append(experts.register_forward_pre_hook(pre_hook))
+
+        def act_pre_hook(module, args):  # eager calls act_fn once per expert on its selected rows
+            computed[0] += args[0].shape[0]
+
+        handles.append(experts.act_fn.register_forward_pre_hook(act_pre_hook))
+    return received, computed, handles
+
+
+def test_only_selected_pairs_are_computed(tiny_model, input_ids):
+    tiny_model.set_experts_implementation("eager")
+    received, computed, handles = count_computed_pairs(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
+    logits_of(tiny_model, input_ids)
+    selected = int(patcher.get_stats()["token_counts"].sum())
+    assert received[0] == selected and computed[0] == selected
+    assert selected < 8 * input_ids.numel() * len(patcher.routers)  # fewer than native top-8 would compute
+    assert len(patcher.get_stats()["token_counts"].unique()) > 2  # and the counts vary per token
+    patcher.unpatch()
+    received[0] = computed[0] = 0
+    logits_of(tiny_model, input_ids)
+    assert computed[0] == 8 * input_ids.numel() * len(patcher.routers)
+    for handle in handles:
+        handle.remove()
+
+
+def test_grouped_mm_path_matches_eager(tiny_model, input_ids):
+    assert tiny_model.config._experts_implementation == "grouped_mm"  # transformers' default
+    patcher = OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
+    grouped = logits_of(tiny_model, input_ids)
+    assert patcher.get_stats()["experts_implementation"] == "grouped_mm"
+    patcher.unpatch()
+    assert tiny_model.config._experts_implementation == "grouped_mm"
+    assert all(not experts._is_expert_parallel for experts in patcher.experts)
+    tiny_model.set_experts_implementation("eager")
+    patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
+    torch.testing.assert_close(logits_of(tiny_model, input_ids), grouped, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_experts_path_is_switched_to_eager_and_back(tiny_model, input_ids):
+    tiny_model.set_experts_implementation("batched_mm")  # indexes out of range with sentinels
+    reference = logits_of(tiny_model, input_ids)
+    patcher = OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=8)
+    logits_of(tiny_model, input_ids)
+    assert patcher.get_stats()["experts_implementation"] == "eager"
+    patcher.unpatch()
+    assert tiny_model.config._experts_implementation == "batched_mm"
+    assert torch.equal(logits_of(tiny_model, input_ids), reference)
+
+
+def test_stats(tiny_model, input_ids):
+    patcher = OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_bh(alpha=0.1, min_k=1, max_k=4)
+    logits_of(tiny_model, input_ids)
+    stats = patcher.get_stats()
+    counts = stats["token_counts"]
+    assert counts.shape == (input_ids.numel(), 2)
+    assert stats["avg_experts"] == pytest.approx(counts.double().mean().item())
+    assert stats["ceiling_hit_rate"] == pytest.approx(100 * (counts == 4).double().mean().item())
+    assert stats["floor_hit_rate"] == pytest.approx(100 * (counts == 1).double().mean().item())
+    assert stats["per_layer_avg_experts"] == pytest.approx(counts.double().mean(0).tolist())
+    utilization = torch.tensor(stats["expert_utilization_per_layer"])
+    assert utilization.shape == (2, 64)
+    torch.testing.assert_close(utilization.sum(-1), counts.double().mean(0), check_dtype=False)
+    assert 0 < stats["expert_utilization"] <= 1 and stats["weight_entropy"] >= 0
+    assert stats["params"]["max_k"] == 4 and stats["weights_renormalized"] is False
+    patcher.reset_stats()
+    with pytest.raises(RuntimeError, match="no tokens"):
+        patcher.get_stats()
+
+
+def test_renormalize_follows_the_model(tiny_model, input_ids):
+    patcher = OLMoERouterPatcher(tiny_model)
+    assert patcher.patch_with_bh().params["renormalize"] is False  # OLMoE: norm_topk_prob=false
+    assert patcher.patch_with_bh(renormalize=True).params["renormalize"] is True
+    tiny_model.config.norm_topk_prob = True
+    for router in tiny_model.model.layers:
+        router.mlp.gate.norm_topk_prob = True
+    assert OLMoERouterPatcher(tiny_model).patch_with_topk(4).params["renormalize"] is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_models_and_generation(tiny_model, input_ids, dtype):
+    model = tiny_model.to(dtype)
+    with OLMoERouterPatcher(model) as patcher:
+        patcher.patch_with_bh(alpha=0.05, max_k=8)
+        output = model.generate(input_ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=1)
+        assert output.shape == (1, input_ids.shape[1] + 4)
+        stats = patcher.get_stats()
+        assert stats["num_tokens"] == input_ids.shape[1] + 3  # prompt, then one token per new step
+        assert torch.isfinite(torch.tensor(stats["avg_experts"]))
+
+
+def test_rejects_non_olmoe_models_and_bad_arguments(tiny_model):
+    with pytest.raises(TypeError, match="OLMoE"):
+        OLMoERouterPatcher(torch.nn.Linear(4, 4))
+    patcher = OLMoERouterPatcher(tiny_model)
+    for call, argument in [
+        (lambda: patcher.patch_with_bh(alpha=2.0), "alpha"),
+        (lambda: patcher.patch_with_bh(max_k=65), "max_k"),
+        (lambda: patcher.patch_with_bh(pvalue_method="x"), "pvalue_method"),
+        (lambda: patcher.patch_with_topk(k=0), "k must"),
+        (lambda: patcher.patch_with_topp(p=0.0), "p must"),
+    ]:
+        with pytest.raises(ValueError, match=argument):
+            call()
+    assert not patcher.is_patched
+
+
+def test_load_model_from_a_local_directory_and_offline_hub(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = bh_routing.build_random_olmoe(seed=3)
+    vocabulary = {f"w{i}": i for i in range(512)}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w1").save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    loaded, tokenizer = bh_routing.load_model(tmp_path, device="cpu")
+    ids = tokenizer("w5 w9 w300", return_tensors="pt").input_ids
+    torch.testing.assert_close(logits_of(loaded, ids), logits_of(model, ids))
+    with pytest.raises(RuntimeError, match="embedded"):
+        bh_routing.load_model("allenai/OLMoE-1B-7B-0924", device="cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        bh_routing.load_model(tmp_path, dtype="float8")
