@@ -17,8 +17,12 @@ $(VENV)/.installed: requirements.txt
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
+# The notebook, headless, on the embedded model: results/ and the executed notebook. Extra papermill
+# arguments go in RUN_ARGS, e.g. make run RUN_ARGS="-p max_new_tokens 10".
 run: $(VENV)/.installed
-	$(PY) scripts/demo_patcher.py
+	mkdir -p results
+	$(PY) -m papermill OLMoE_BH_Routing_Experiments.ipynb results/OLMoE_BH_Routing_Experiments.executed.ipynb \
+		-k python3 --log-level WARNING -p output_dir results $(RUN_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_routing.py

@@ -9,7 +9,7 @@
    (patch_with_topk(8), and BH with min_k = max_k = 8, so BH runs but every token keeps 8 experts),
    and BH at alpha = 0.05, max_k = 8 for reference. Target: the 8-expert patches within 5% of native
    end to end on GPU. On GPU the model is the OLMoE-1B-7B shape with random weights in bf16
-   (../shared/olmoe-1b-7b-0924.config.json or --model-config); on CPU a small random OLMoE.
+   (benchmarks/olmoe-1b-7b-0924.config.json, a copy of ../shared/, or --model-config); on CPU a small random OLMoE.
 
 Times are medians over repetitions after warm-up, with the device synchronised. Results are written as
 JSON (card, versions, date) to --out and printed as a markdown table.
@@ -129,7 +129,7 @@ def environment(device: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model-config", default=str(Path(__file__).resolve().parents[2] / "shared" / "olmoe-1b-7b-0924.config.json"))
+    parser.add_argument("--model-config", default=str(Path(__file__).resolve().parent / "olmoe-1b-7b-0924.config.json"))
     parser.add_argument("--batch", type=int, default=None, help="prefill batch (default 4 on cuda, 2 on cpu)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=None)

@@ -32,3 +32,14 @@ def tiny_model():
 def input_ids():
     generator = torch.Generator().manual_seed(1)
     return torch.randint(2, 512, (3, 11), generator=generator)
+
+
+@pytest.fixture
+def word_tokenizer():
+    """A word-level tokenizer over "w0".."w511" (the tiny model's vocabulary); other words map to w0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(512)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w1")

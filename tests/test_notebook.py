@@ -1,0 +1,45 @@
+"""The notebook runs headless (papermill) on the embedded model with a reduced parameter set."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import bh_routing as br
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = REPO / "OLMoE_BH_Routing_Experiments.ipynb"
+
+
+def test_notebook_has_a_parameters_cell():
+    notebook = json.loads(NOTEBOOK.read_text())
+    tagged = [c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1
+    source = "".join(tagged[0]["source"])
+    for name in ("model_name_or_path", "device", "dtype", "config_names", "prompts_per_group", "max_new_tokens",
+                 "output_dir", "seed"):  # fmt: skip
+        assert f"{name} =" in source
+
+
+@pytest.mark.skipif(not (br.EMBEDDED_MODEL_DIR / "config.json").exists(), reason="embedded model missing")
+def test_notebook_runs_headless_and_writes_the_four_outputs(tmp_path):
+    import papermill
+
+    configs = ["topk_8_baseline", "bh_k8_a005", "bh_k4_a020", "bh1mp_k8_a005"]
+    papermill.execute_notebook(
+        str(NOTEBOOK), str(tmp_path / "executed.ipynb"), cwd=str(REPO), kernel_name="python3", progress_bar=False,
+        parameters=dict(config_names=configs, prompts_per_group=1, max_new_tokens=3, output_dir=str(tmp_path), device="cpu"),
+    )  # fmt: skip
+    table = pd.read_csv(tmp_path / "bh_routing_summary.csv")
+    assert list(table.columns) == br.SUMMARY_COLUMNS and list(table["config"]) == configs
+    assert (table["status"] == "ok").all()
+    full = json.loads((tmp_path / "bh_routing_full_results.json").read_text())
+    assert full["metadata"]["model"] == "embedded" and full["metadata"]["model_source"] == "embedded"
+    first_prompt = full["configs"]["bh_k8_a005"]["prompts"][0]
+    assert {"group", "prompt", "generated_text", "token_counts", "time_s", "avg_experts"} <= set(first_prompt)
+    assert (tmp_path / "visualizations" / "bh_routing_analysis.png").exists()
+    report = (tmp_path / "bh_routing_report.md").read_text()
+    assert "`embedded`" in report
+    for row in table.itertuples():  # the report's numbers are the CSV's
+        assert f"| {row.config} |" in report and f"| {row.avg_experts:.2f} | {row.std_experts:.2f} |" in report
