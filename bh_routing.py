@@ -1178,11 +1178,15 @@ SUMMARY_COLUMNS = [
     "avg_experts", "std_experts", "min_experts", "max_experts", "median_experts",
     "ceiling_hit_rate", "floor_hit_rate", "reduction_vs_baseline",
     "inference_time", "tokens_per_second", "avg_time_per_prompt", "weight_entropy", "expert_utilization",
+    "perplexity", "token_accuracy", "eval_avg_experts",
 ]  # fmt: skip
 
 
-def summary_table(results: dict[str, dict]):
-    """One row per configuration with the design's metrics (the CSV). Failed configs keep their row."""
+def summary_table(results: dict[str, dict], quality: dict[str, dict] | None = None):
+    """One row per configuration with the design's metrics (the CSV). Failed configs keep their row.
+
+    With `quality` (from run_quality_sweep), each row gains the held-out perplexity, next-token accuracy
+    and the average experts measured during that evaluation (eval_avg_experts)."""
     import pandas as pd
 
     rows = []
@@ -1194,6 +1198,10 @@ def summary_table(results: dict[str, dict]):
             "status": result["status"],
         }  # fmt: skip
         row.update(result.get("summary", {}))
+        measured = (quality or {}).get(name, {})
+        if measured.get("status") == "ok":
+            row.update(perplexity=measured["perplexity"], token_accuracy=measured["token_accuracy"],
+                       eval_avg_experts=measured["avg_experts"])  # fmt: skip
         rows.append(row)
     table = pd.DataFrame(rows)
     return table.reindex(columns=SUMMARY_COLUMNS + [c for c in table.columns if c not in SUMMARY_COLUMNS])
@@ -1249,12 +1257,16 @@ def environment_info(model=None, device=None) -> dict:
     return info
 
 
-def write_results(results: dict[str, dict], output_dir: str | Path, metadata: dict) -> dict[str, Path]:
-    """results/bh_routing_full_results.json (everything) and results/bh_routing_summary.csv (one row per config)."""
+def write_results(
+    results: dict[str, dict], output_dir: str | Path, metadata: dict, quality: dict[str, dict] | None = None,
+    token_analysis: dict | None = None,
+) -> dict[str, Path]:
+    """results/bh_routing_full_results.json (everything), results/bh_routing_summary.csv (one row per
+    config) and, with quality results, results/bh_routing_frontier.csv (BH against top-k/top-p)."""
     import json
 
     output_dir = Path(output_dir)
-    table = summary_table(results)
+    table = summary_table(results, quality)
     saturation = saturation_analysis(table)
     full = {
         "metadata": metadata,
@@ -1263,6 +1275,13 @@ def write_results(results: dict[str, dict], output_dir: str | Path, metadata: di
         "configs": results,
     }
     paths = {"json": output_dir / "bh_routing_full_results.json", "csv": output_dir / "bh_routing_summary.csv"}
+    if quality:
+        frontier = frontier_table(quality)
+        full["quality"] = quality
+        full["frontier"] = json.loads(frontier.to_json(orient="records"))
+        full["token_analysis"] = token_analysis
+        paths["frontier_csv"] = output_dir / "bh_routing_frontier.csv"
+        _atomic_write_text(paths["frontier_csv"], frontier.to_csv(index=False))
     _atomic_write_text(paths["json"], json.dumps(full, indent=1))
     _atomic_write_text(paths["csv"], table.to_csv(index=False))
     return paths
@@ -1381,9 +1400,75 @@ def _markdown_table(frame, float_format: str = "{:.2f}") -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict[str, dict], path: str | Path, metadata: dict, figure_path: str = "visualizations/bh_routing_analysis.png") -> str:
+def plot_layer_heatmap(results: dict[str, dict], path: str | Path):
+    """Average experts per layer (rows: configurations, columns: layers), from any results dict whose
+    entries carry per_layer_avg_experts (the sweep's or the quality sweep's)."""
+    import matplotlib
+
+    matplotlib.use("Agg") if "inline" not in matplotlib.get_backend() else None
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import seaborn as sns
+
+    rows = {name: r["per_layer_avg_experts"] for name, r in results.items() if r.get("status") == "ok"}
+    figure, ax = plt.subplots(figsize=(max(6, 0.5 * len(next(iter(rows.values()), [])) + 4), 0.3 * len(rows) + 2))
+    sns.heatmap(np.asarray(list(rows.values())), yticklabels=list(rows), annot=len(rows) * len(next(iter(rows.values()))) <= 400,
+                fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": "average experts per token"})  # fmt: skip
+    ax.set(xlabel="layer", title="Average experts per layer and configuration")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
+    figure.savefig(temporary, dpi=110)
+    temporary.replace(path)
+    return figure
+
+
+def _quality_findings(quality: dict[str, dict], token_analysis: dict | None, results: dict[str, dict]) -> list[str]:
+    """Plain statements answering: at equal compute, does BH beat top-k and top-p, by how much, where."""
+    findings = []
+    frontier = frontier_table(quality)
+    native = quality.get(BASELINE_CONFIG, {})
+    robust = frontier[frontier["pvalue_method"] == DEFAULT_PVALUE_METHOD] if len(frontier) else frontier
+    for method, label in (("topk", "top-k"), ("topp", "top-p")):
+        if not len(robust):
+            break
+        inside = robust.dropna(subset=[f"delta_vs_{method}_percent"])
+        if not len(inside):
+            findings.append(f"No BH configuration's average experts fell inside the measured {label} range.")
+            continue
+        deltas = inside[f"delta_vs_{method}_percent"]
+        best = inside.loc[deltas.idxmin()]
+        worst = inside.loc[deltas.idxmax()]
+        findings.append(
+            f"At equal average experts, BH (robust_z) had lower perplexity than {label} in {int((deltas < 0).sum())} of "
+            f"{len(inside)} configurations inside {label}'s measured range (median difference {deltas.median():+.2f}%; "
+            f"best {best['config']} at {best['avg_experts']:.2f} experts: {best['perplexity']:.3f} vs "
+            f"{best[f'{method}_perplexity_at_equal_experts']:.3f}, {best[f'delta_vs_{method}_percent']:+.2f}%; worst "
+            f"{worst['config']}: {worst[f'delta_vs_{method}_percent']:+.2f}%)."
+        )
+    if native.get("status") == "ok" and len(robust):
+        closest = robust.iloc[(robust["avg_experts"] - 5).abs().argsort()[:1]].iloc[0]
+        findings.append(
+            f"Against native top-8 (perplexity {native['perplexity']:.3f}), the BH configuration closest to 5 "
+            f"experts ({closest['config']}, {closest['avg_experts']:.2f} experts) costs "
+            f"{100 * (closest['perplexity'] / native['perplexity'] - 1):+.2f}% perplexity."
+        )
+    if token_analysis:
+        findings.append(
+            f"Token level ({token_analysis['config']}): Spearman correlation between a position's experts (mean "
+            f"over layers) and the native model's surprisal of the next token: "
+            f"{token_analysis['spearman_experts_vs_next_token_surprisal']:+.3f} over {token_analysis['num_positions']} positions."
+        )
+    return findings
+
+
+def write_report(
+    results: dict[str, dict], path: str | Path, metadata: dict, figure_path: str = "visualizations/bh_routing_analysis.png",
+    quality: dict[str, dict] | None = None, token_analysis: dict | None = None,
+) -> str:
     """The markdown report, generated from the results only. Returns the text (also written to path)."""
-    table = summary_table(results)
+    table = summary_table(results, quality)
     ok = table[table["status"] == "ok"]
     failed = table[table["status"] != "ok"]
     bh = ok[(ok["method"] == "bh") & (ok["pvalue_method"] == DEFAULT_PVALUE_METHOD)]
@@ -1453,10 +1538,15 @@ def write_report(results: dict[str, dict], path: str | Path, metadata: dict, fig
             for r in robust.itertuples()) + ".")  # fmt: skip
     if len(failed):
         findings.append("Failed configurations: " + ", ".join(f"{r.config}" for r in failed.itertuples()) + ".")
+    if quality:
+        findings += _quality_findings(quality, token_analysis, results)
+    else:
+        findings.append("Not measured in this run: output quality (perplexity); routing counts alone do not show "
+                        "what fewer experts cost.")  # fmt: skip
     findings.append(
-        "Not measured in this sweep: output quality (perplexity) — routing counts alone do not show what "
-        "fewer experts cost. Timings are end-to-end generation on this hardware and experts path "
-        f"({', '.join(sorted({r.get('experts_implementation') or 'eager' for r in results.values() if r['status'] == 'ok'}))})."
+        "Timings are end-to-end greedy generation on this hardware with the experts path "
+        f"{', '.join(sorted({r.get('experts_implementation') or 'eager' for r in results.values() if r['status'] == 'ok'}))}; "
+        "they include the routing overhead and say nothing about a GPU kernel that skips experts."
     )
     lines += [f"- {f}" for f in findings]
     columns = ["config", "alpha", "max_k", "avg_experts", "std_experts", "min_experts", "max_experts", "median_experts",
@@ -1475,6 +1565,42 @@ def write_report(results: dict[str, dict], path: str | Path, metadata: dict, fig
         sat = saturation.copy()
         sat["growth_percent_by_step"] = sat["growth_percent_by_step"].astype(str)
         lines += ["## Saturation", "", _markdown_table(sat.fillna("not reached")), ""]
+    if quality:
+        import pandas as pd
+
+        evaluated = pd.DataFrame([
+            {"config": name, "method": r["method"], "avg_experts": r["avg_experts"], "perplexity": r["perplexity"],
+             "token_accuracy": r["token_accuracy"]}
+            for name, r in quality.items() if r["status"] == "ok"
+        ]).sort_values("avg_experts")  # fmt: skip
+        settings = next(iter(quality.values())).get("settings", {})
+        lines += [
+            "## Quality at equal compute",
+            "",
+            f"Held-out text: {metadata.get('eval_text', 'unknown')}, {settings.get('num_tokens', '?')} tokens, windows "
+            f"of {settings.get('window', '?')} tokens advancing by {settings.get('stride', '?')} (each token scored once; "
+            "average experts over every routing decision of the evaluation).",
+            "",
+            _markdown_table(evaluated, "{:.3f}"),
+            "",
+            "BH against the baselines interpolated at the same average experts (negative delta: BH better):",
+            "",
+            _markdown_table(frontier_table(quality).fillna("outside range"), "{:.3f}"),
+            "",
+            "![Efficiency frontier](visualizations/bh_routing_frontier.png)",
+            "",
+        ]
+        if token_analysis:
+            lines += [
+                f"Tokens with the fewest experts under {token_analysis['config']} (token, mean experts, occurrences): "
+                + ", ".join(f"`{t!r}` {m} ({c})" for t, m, c in token_analysis["fewest_experts"]),
+                "",
+                "Tokens with the most experts: "
+                + ", ".join(f"`{t!r}` {m} ({c})" for t, m, c in token_analysis["most_experts"]),
+                "",
+                "![Experts per layer](visualizations/bh_routing_layers.png)",
+                "",
+            ]
     sample_configs = [c for c in (BASELINE_CONFIG, bh_config_name(8, 0.05), bh_config_name(2, 0.05)) if c in results
                       and results[c]["status"] == "ok"]  # fmt: skip
     if sample_configs:
@@ -1493,3 +1619,267 @@ def write_report(results: dict[str, dict], path: str | Path, metadata: dict, fig
     text = "\n".join(lines)
     _atomic_write_text(Path(path), text)
     return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Quality: perplexity at equal compute, baselines, the efficiency frontier, token-level analysis
+# ----------------------------------------------------------------------------------------------------
+
+HELDOUT_TEXT_PATH = REPO_DIR / "data" / "heldout.txt"
+BASELINE_TOP_KS = (1, 2, 3, 4, 5, 6, 7, 8)
+BASELINE_TOP_PS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def baseline_configs(top_ks=BASELINE_TOP_KS, top_ps=BASELINE_TOP_PS, max_k: int = NATIVE_TOP_K) -> list[RoutingConfig]:
+    """Training-free peers to compare at equal average experts: native top-k truncated to k, and top-p
+    (fewest experts reaching probability mass p, capped at max_k like the native router)."""
+    configs = [RoutingConfig(f"topk_k{k}", "topk", (("k", k),)) for k in top_ks]
+    configs += [RoutingConfig(f"topp_p{round(p * 100):03d}", "topp", (("p", p), ("min_k", 1), ("max_k", max_k)))
+                for p in top_ps]  # fmt: skip
+    return configs
+
+
+def load_heldout_text(source: str | Path = "embedded") -> str:
+    """Evaluation text: "embedded" (data/heldout.txt, never trained on), "wikitext2" (WikiText-2 raw test
+    split through `datasets`, needs internet), or a path to a text file."""
+    if str(source) == "embedded":
+        return HELDOUT_TEXT_PATH.read_text()
+    if str(source) == "wikitext2":
+        try:
+            from datasets import load_dataset
+
+            return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+        except Exception as error:  # offline, or datasets missing
+            raise RuntimeError(
+                f"Could not load WikiText-2 through `datasets` ({type(error).__name__}: {error}). Offline, "
+                f"use load_heldout_text('embedded') ({HELDOUT_TEXT_PATH})."
+            ) from error
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"source must be 'embedded', 'wikitext2' or an existing text file, got {source!r}")
+    return path.read_text()
+
+
+def _windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows (begin, end, num_scored): each window scores its last num_scored tokens, which no
+    earlier window scored; the tokens before them are context only (the Hugging Face perplexity recipe)."""
+    windows, previous_end = [], 0
+    for begin in range(0, num_tokens - 1, stride):
+        end = min(begin + window, num_tokens)
+        num_scored = end - max(previous_end, begin + 1)  # position begin has no context: never scored
+        if num_scored > 0:
+            windows.append((begin, end, num_scored))
+        previous_end = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+@torch.no_grad()
+def evaluate_language_model(
+    model, token_ids: torch.Tensor, window: int = 256, stride: int | None = None, batch_size: int = 8,
+    patcher: "OLMoERouterPatcher | None" = None,
+) -> dict:
+    """Perplexity and next-token accuracy on `token_ids` ([N] int64) with sliding windows.
+
+    Windows of `window` tokens advance by `stride` (default: window, i.e. disjoint windows; a smaller
+    stride gives every scored token more context). Each token is scored once. With a patched `patcher`,
+    the routing decisions of the scored tokens' positions are returned too.
+
+    Returns {"perplexity", "token_accuracy", "num_scored", "mean_nll", "nll" [S], "targets" [S],
+    "inputs" [S], "expert_counts" [S, L] or None}: nll[i] is the surprisal (nats) of targets[i] given its
+    context; inputs[i] is the token at the position that predicts it, and expert_counts[i] the experts
+    kept there in each layer.
+    """
+    if token_ids.dim() != 1 or token_ids.numel() < 2:
+        raise ValueError(f"token_ids must be a 1-D tensor of at least 2 tokens, got shape {tuple(token_ids.shape)}")
+    if window < 2:
+        raise ValueError(f"window must be >= 2, got {window}")
+    stride = window if stride is None else stride
+    if not (1 <= stride <= window):
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    device = next(model.parameters()).device
+    windows = _windows(token_ids.numel(), window, stride)
+    nll_parts, target_parts, input_parts, correct_parts, count_parts = [], [], [], [], []
+    # Windows of equal length are batched together (all but possibly the last).
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        for length in sorted({end - begin for begin, end, _ in batch}, reverse=True):
+            group = [w for w in batch if w[1] - w[0] == length]
+            inputs = torch.stack([token_ids[begin:end] for begin, end, _ in group]).to(device)  # [B, length]
+            if patcher is not None:
+                patcher.reset_stats()
+            logits = model(inputs, use_cache=False).logits.float()  # [B, length, V]
+            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
+            targets = inputs[:, 1:]
+            nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, length - 1]
+            correct = log_probs.argmax(-1) == targets
+            counts = patcher.get_stats()["token_counts"].view(len(group), length, -1) if patcher else None
+            for row, (_, _, num_scored) in enumerate(group):
+                nll_parts.append(nll[row, -num_scored:].cpu())
+                target_parts.append(targets[row, -num_scored:].cpu())
+                input_parts.append(inputs[row, length - 1 - num_scored : length - 1].cpu())
+                correct_parts.append(correct[row, -num_scored:].cpu())
+                if counts is not None:  # the input positions that made these predictions
+                    count_parts.append(counts[row, length - 1 - num_scored : length - 1])
+    nll = torch.cat(nll_parts).double()
+    return {
+        "perplexity": math.exp(nll.mean().item()),
+        "token_accuracy": torch.cat(correct_parts).double().mean().item(),
+        "num_scored": nll.numel(),
+        "mean_nll": nll.mean().item(),
+        "nll": nll,
+        "targets": torch.cat(target_parts),
+        "inputs": torch.cat(input_parts),
+        "expert_counts": torch.cat(count_parts) if count_parts else None,
+    }
+
+
+def run_quality_sweep(
+    model, token_ids: torch.Tensor, configs: list[RoutingConfig], output_dir: str | Path = "results",
+    window: int = 256, stride: int | None = None, batch_size: int = 8, redo: bool = False, progress: bool = True,
+    metadata: dict | None = None,
+) -> dict[str, dict]:
+    """Perplexity, accuracy and average experts of every configuration on the same tokens.
+
+    Saved per configuration to output_dir/quality/<name>.json as soon as it finishes (resumed like
+    run_sweep; failures recorded). The per-token arrays (nll, expert counts) are kept for the baseline and
+    the BH configurations in output_dir/quality/<name>.pt for the token-level analysis.
+    """
+    import json
+
+    from tqdm.auto import tqdm
+
+    if not configs:
+        raise ValueError("configs must name at least one RoutingConfig")
+    quality_dir = Path(output_dir) / "quality"
+    quality_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"num_tokens": int(token_ids.numel()), "window": window, "stride": stride or window, **(metadata or {})}
+    patcher = OLMoERouterPatcher(model)
+    results = {}
+    for config in tqdm(configs, disable=not progress, desc="quality"):
+        path = quality_dir / f"{config.name}.json"
+        if path.exists() and not redo:
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == json.loads(json.dumps(settings)) and saved.get("status") == "ok":
+                results[config.name] = saved
+                continue
+        try:
+            config.apply(patcher)
+            evaluation = evaluate_language_model(model, token_ids, window, stride, batch_size, patcher)
+            counts = evaluation["expert_counts"]
+            result = {
+                "name": config.name, "method": config.method, "params": dict(patcher.params), "status": "ok",
+                "perplexity": evaluation["perplexity"], "token_accuracy": evaluation["token_accuracy"],
+                "mean_nll": evaluation["mean_nll"], "num_scored": evaluation["num_scored"],
+                "avg_experts": counts.double().mean().item(),
+                "per_layer_avg_experts": counts.double().mean(0).tolist(),
+            }  # fmt: skip
+            tensors = {"nll": evaluation["nll"].float(), "targets": evaluation["targets"], "inputs": evaluation["inputs"],
+                       "expert_counts": counts.to(torch.int16)}  # fmt: skip
+            temporary = quality_dir / f"{config.name}.pt.tmp"
+            torch.save(tensors, temporary)
+            temporary.replace(quality_dir / f"{config.name}.pt")
+        except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
+            result = {"name": config.name, "method": config.method, "params": config.kwargs, "status": "failed",
+                      "error": f"{type(error).__name__}: {error}"}  # fmt: skip
+        finally:
+            patcher.unpatch()
+        result["settings"] = settings
+        _atomic_write_text(path, json.dumps(result))
+        results[config.name] = json.loads(json.dumps(result))
+    return results
+
+
+def frontier_table(quality: dict[str, dict]):
+    """For each BH configuration: its perplexity and the perplexity of top-k and top-p interpolated
+    (linearly in average experts) at the same average experts; NaN where BH's average lies outside the
+    baseline's measured range. Negative `delta_vs_topk_percent` means BH is better at equal compute."""
+    import numpy as np
+    import pandas as pd
+
+    ok = {name: r for name, r in quality.items() if r["status"] == "ok"}
+
+    def curve(method):
+        points = sorted((r["avg_experts"], r["perplexity"]) for r in ok.values() if r["method"] == method)
+        return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+    rows = []
+    curves = {"topk": curve("topk"), "topp": curve("topp")}
+    for name, result in ok.items():
+        if result["method"] != "bh":
+            continue
+        row = {"config": name, "pvalue_method": result["params"].get("pvalue_method"), "alpha": result["params"].get("alpha"),
+               "max_k": result["params"].get("max_k"), "avg_experts": result["avg_experts"], "perplexity": result["perplexity"]}  # fmt: skip
+        for method, (xs, ys) in curves.items():
+            inside = len(xs) >= 2 and xs[0] <= result["avg_experts"] <= xs[-1]
+            at_equal = float(np.interp(result["avg_experts"], xs, ys)) if inside else float("nan")
+            row[f"{method}_perplexity_at_equal_experts"] = at_equal
+            row[f"delta_vs_{method}_percent"] = 100.0 * (result["perplexity"] / at_equal - 1.0) if inside else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_frontier(quality: dict[str, dict], path: str | Path):
+    """Average experts per token (x) against perplexity (y) for BH, top-k and top-p (and native top-8)."""
+    import matplotlib
+
+    matplotlib.use("Agg") if "inline" not in matplotlib.get_backend() else None
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(8, 6))
+    ok = [r for r in quality.values() if r["status"] == "ok"]
+    styles = {"topk": ("s-", "tab:grey", "top-k (k = 1..8)"), "topp": ("^-", "tab:orange", "top-p"),
+              "bh": ("o", "tab:blue", "BH (robust_z)"), "bh1mp": ("x", "tab:red", "BH (1 - softmax, the design)")}  # fmt: skip
+    for key, (marker, color, label) in styles.items():
+        if key == "bh":
+            points = [r for r in ok if r["method"] == "bh" and r["params"].get("pvalue_method") == DEFAULT_PVALUE_METHOD]
+        elif key == "bh1mp":
+            points = [r for r in ok if r["method"] == "bh" and r["params"].get("pvalue_method") == "one_minus_prob"]
+        else:
+            points = [r for r in ok if r["method"] == key]
+        points.sort(key=lambda r: r["avg_experts"])
+        if points:
+            ax.plot([r["avg_experts"] for r in points], [r["perplexity"] for r in points], marker, color=color, label=label)
+            if key == "bh":
+                for r in points:
+                    ax.annotate(r["name"].replace("bh_", ""), (r["avg_experts"], r["perplexity"]), fontsize=6)
+    native = next((r for r in ok if r["method"] == "native"), None)
+    if native:
+        ax.plot([native["avg_experts"]], [native["perplexity"]], "*", ms=14, color="black", label="native top-8")
+    ax.set(xlabel="average experts per token (all layers)", ylabel="held-out perplexity", yscale="log",
+           title="Efficiency frontier: quality at equal compute")  # fmt: skip
+    ax.legend()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
+    figure.savefig(temporary, dpi=120)
+    temporary.replace(path)
+    return figure
+
+
+def token_level_analysis(output_dir: str | Path, config_name: str, tokenizer, baseline_name: str = BASELINE_CONFIG,
+                         num_tokens: int = 15, min_occurrences: int = 5) -> dict:
+    """Which tokens draw the most and fewest experts under `config_name`, and whether the count follows
+    difficulty: Spearman correlation between a position's average experts (over layers) and the baseline's
+    surprisal of the token it predicts."""
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    quality_dir = Path(output_dir) / "quality"
+    routed = torch.load(quality_dir / f"{config_name}.pt")
+    baseline = torch.load(quality_dir / f"{baseline_name}.pt")
+    experts = routed["expert_counts"].double().mean(-1)  # [S]
+    correlation = spearmanr(experts.numpy(), baseline["nll"].numpy())
+    frame = pd.DataFrame({"token": [tokenizer.decode([int(t)]) for t in routed["inputs"].tolist()], "experts": experts.numpy()})
+    per_token = frame.groupby("token")["experts"].agg(["mean", "count"])
+    per_token = per_token[per_token["count"] >= min_occurrences].sort_values("mean")
+    return {
+        "config": config_name,
+        "spearman_experts_vs_next_token_surprisal": float(correlation.statistic),
+        "spearman_p_value": float(correlation.pvalue),
+        "num_positions": int(experts.numel()),
+        "fewest_experts": [(t, round(r["mean"], 3), int(r["count"])) for t, r in per_token.head(num_tokens).iterrows()],
+        "most_experts": [(t, round(r["mean"], 3), int(r["count"])) for t, r in per_token.tail(num_tokens)[::-1].iterrows()],
+    }

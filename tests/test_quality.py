@@ -1,0 +1,118 @@
+"""Perplexity with sliding windows, the quality sweep, the frontier table and the token-level analysis."""
+
+import math
+
+import pytest
+import torch
+
+import bh_routing as br
+
+
+def test_windows_score_every_token_once():
+    for num_tokens, window, stride in [(100, 16, 16), (100, 16, 5), (17, 16, 16), (16, 16, 4), (5, 16, 16)]:
+        windows = br._windows(num_tokens, window, stride)
+        scored = []
+        for begin, end, num_scored in windows:
+            assert end - begin <= window and 0 < num_scored <= end - begin - 1
+            scored += list(range(end - num_scored, end))
+        assert len(scored) == len(set(scored))  # never twice
+        if stride < window:
+            assert scored == list(range(1, num_tokens))  # overlapping windows score every token but the first
+        else:
+            assert scored == [t for t in range(1, num_tokens) if t % window != 0]  # a window's first token has no context
+
+
+def test_perplexity_matches_the_models_own_loss(tiny_model):
+    token_ids = torch.randint(2, 512, (64,), generator=torch.Generator().manual_seed(0))
+    result = br.evaluate_language_model(tiny_model, token_ids, window=64)
+    with torch.no_grad():
+        loss = tiny_model(token_ids[None], labels=token_ids[None]).loss.item()
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert result["num_scored"] == 63 and torch.equal(result["targets"], token_ids[1:])
+    assert torch.equal(result["inputs"], token_ids[:-1])
+    with torch.no_grad():
+        predictions = tiny_model(token_ids[None]).logits[0, :-1].argmax(-1)
+    assert result["token_accuracy"] == pytest.approx((predictions == token_ids[1:]).double().mean().item())
+    # Batching and window boundaries do not change what a window computes.
+    windowed = br.evaluate_language_model(tiny_model, torch.cat([token_ids, token_ids]), window=64, batch_size=1)
+    assert windowed["num_scored"] == 126
+    torch.testing.assert_close(windowed["nll"][:63], result["nll"])
+
+
+def test_expert_counts_are_aligned_with_the_predicting_positions(tiny_model):
+    token_ids = torch.randint(2, 512, (150,), generator=torch.Generator().manual_seed(1))
+    patcher = br.OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_bh(alpha=0.2, min_k=0, max_k=16)
+    result = br.evaluate_language_model(tiny_model, token_ids, window=40, stride=20, batch_size=3, patcher=patcher)
+    counts = result["expert_counts"]
+    assert counts.shape == (149, 2)
+    # Routing of a position depends only on its prefix (causal model): rerun the first 40 tokens alone.
+    patcher.reset_stats()
+    with torch.no_grad():
+        tiny_model(token_ids[None, :40])
+    direct = patcher.get_stats()["token_counts"]
+    assert torch.equal(counts[:39], direct[:39].to(counts.dtype))
+
+
+def test_bad_evaluation_arguments(tiny_model):
+    with pytest.raises(ValueError, match="token_ids"):
+        br.evaluate_language_model(tiny_model, torch.tensor([5]))
+    with pytest.raises(ValueError, match="stride"):
+        br.evaluate_language_model(tiny_model, torch.arange(10), window=4, stride=5)
+    with pytest.raises(ValueError, match="window"):
+        br.evaluate_language_model(tiny_model, torch.arange(10), window=1)
+
+
+def test_quality_sweep_frontier_and_token_analysis(tiny_model, word_tokenizer, tmp_path):
+    token_ids = torch.randint(2, 512, (300,), generator=torch.Generator().manual_seed(2))
+    configs = [br.design_configs()[0]] + br.baseline_configs(top_ks=(1, 2, 4, 8), top_ps=(0.5, 0.9)) + [
+        c for c in br.design_configs() if c.name in ("bh_k8_a005", "bh_k8_a020")]
+    quality = br.run_quality_sweep(tiny_model, token_ids, configs, tmp_path, window=64, progress=False)
+    assert all(r["status"] == "ok" for r in quality.values())
+    assert quality["topk_k8"]["perplexity"] == pytest.approx(quality["topk_8_baseline"]["perplexity"])
+    assert quality["topk_k2"]["avg_experts"] == 2 and quality["topk_8_baseline"]["avg_experts"] == 8
+    table = br.frontier_table(quality)
+    assert list(table["config"]) == ["bh_k8_a005", "bh_k8_a020"]
+    for row in table.itertuples():
+        if 1 <= row.avg_experts <= 8:  # inside the top-k curve: interpolated between its neighbours
+            lower = max(k for k in (1, 2, 4, 8) if k <= row.avg_experts)
+            upper = min(k for k in (1, 2, 4, 8) if k >= row.avg_experts)
+            bounds = sorted([quality[f"topk_k{lower}"]["perplexity"], quality[f"topk_k{upper}"]["perplexity"]])
+            assert bounds[0] - 1e-9 <= row.topk_perplexity_at_equal_experts <= bounds[1] + 1e-9
+    br.plot_frontier(quality, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 20_000
+    analysis = br.token_level_analysis(tmp_path, "bh_k8_a020", word_tokenizer, min_occurrences=1)
+    assert analysis["num_positions"] == quality["bh_k8_a020"]["num_scored"]
+    assert -1 <= analysis["spearman_experts_vs_next_token_surprisal"] <= 1
+    assert analysis["fewest_experts"] and analysis["most_experts"]
+    # Resume: the saved configurations are read back, not rerun.
+    again = br.run_quality_sweep(tiny_model, token_ids, configs, tmp_path, window=64, progress=False)
+    assert again == quality
+
+
+def test_frontier_interpolation_on_known_numbers():
+    def entry(name, method, avg, ppl, **params):
+        return {"name": name, "method": method, "status": "ok", "avg_experts": avg, "perplexity": ppl, "params": params}
+
+    quality = {
+        "topk_k2": entry("topk_k2", "topk", 2.0, 30.0), "topk_k4": entry("topk_k4", "topk", 4.0, 20.0),
+        "topp_a": entry("topp_a", "topp", 1.0, 40.0), "topp_b": entry("topp_b", "topp", 5.0, 16.0),
+        "bh": entry("bh", "bh", 3.0, 24.0, pvalue_method="robust_z", alpha=0.05, max_k=8),
+        "bh_out": entry("bh_out", "bh", 6.0, 15.0, pvalue_method="robust_z", alpha=0.2, max_k=8),
+    }  # fmt: skip
+    table = br.frontier_table(quality).set_index("config")
+    assert table.loc["bh", "topk_perplexity_at_equal_experts"] == pytest.approx(25.0)
+    assert table.loc["bh", "delta_vs_topk_percent"] == pytest.approx(-4.0)
+    assert table.loc["bh", "topp_perplexity_at_equal_experts"] == pytest.approx(28.0)
+    assert math.isnan(table.loc["bh_out", "topk_perplexity_at_equal_experts"])  # outside the measured range
+
+
+def test_heldout_text_sources(tmp_path):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("hello")
+    assert br.load_heldout_text(text_file) == "hello"
+    with pytest.raises(FileNotFoundError, match="source"):
+        br.load_heldout_text(tmp_path / "missing.txt")
+    with pytest.raises(RuntimeError, match="embedded"):
+        br.load_heldout_text("wikitext2")  # offline here: a clear error naming the embedded text
+    assert len(br.load_heldout_text("embedded")) > 100_000
