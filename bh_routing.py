@@ -19,6 +19,7 @@ and "..." for any leading token dimensions ([tokens] inside the model, [batch, s
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import time
 import math
@@ -50,6 +51,7 @@ HUB_MODEL_ID = "allenai/OLMoE-1B-7B-0924"
 REPO_DIR = Path(__file__).resolve().parent
 EMBEDDED_MODEL_DIR = REPO_DIR / "models" / "tiny-olmoe"
 NATIVE_TOP_K = 8  # OLMoE-1B-7B routes every token to 8 experts; "reduction vs baseline" is relative to it
+MIN_TRANSFORMERS = "5.24"  # first release checked to skip the sentinel expert index (benchmarks/gpu_notes.md)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,26 +192,34 @@ def _num_trimmed(num_experts: int) -> int:
     return num_experts // 4
 
 
+def _robust_location_scale(logits: torch.Tensor, top_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / std) of each token's logits without its J largest: [..., E], [..., >= J] -> [..., 1] each."""
+    num_experts = logits.shape[-1]
+    num_trimmed = _num_trimmed(num_experts)
+    # Moments of all E logits, then remove the J largest, centred on the mean so that the sums of
+    # squares do not cancel in float32.
+    mean = logits.mean(dim=-1, keepdim=True)  # [..., 1]
+    centered = logits - mean
+    total_square = torch.linalg.vecdot(centered, centered).unsqueeze(-1)  # [..., 1]
+    centered_top = top_logits[..., :num_trimmed] - mean  # [..., J]
+    num_bulk = num_experts - num_trimmed
+    bulk_mean = -centered_top.sum(-1, keepdim=True) / num_bulk  # the E centred logits sum to 0
+    bulk_square = (total_square - centered_top.square().sum(-1, keepdim=True)) / num_bulk
+    bulk_std = (bulk_square - bulk_mean.square()).clamp_min(0).sqrt()
+    center = mean + bulk_mean
+    # A token whose bulk logits are all equal has std 0: keep the statistic finite.
+    return center, 1.0 / bulk_std.clamp_min(torch.finfo(logits.dtype).eps * (1.0 + center.abs()))
+
+
 def _robust_z_statistic(logits: torch.Tensor, top_logits: torch.Tensor | None = None) -> torch.Tensor:
     """s = (z - mean) / std of the token's logits without its J largest. [..., E] -> [..., E].
 
     top_logits: the token's largest logits ([..., >= J], from a topk already at hand), or None.
     """
-    num_experts = logits.shape[-1]
-    num_trimmed = _num_trimmed(num_experts)
     if top_logits is None:
-        top_logits = torch.topk(logits, num_trimmed, dim=-1).values
-    top_logits = top_logits[..., :num_trimmed]
-    # Centre first so that the sums of squares below do not cancel catastrophically in float32.
-    shift = logits.mean(dim=-1, keepdim=True)  # [..., 1]
-    centered, centered_top = logits - shift, top_logits - shift
-    num_bulk = num_experts - num_trimmed
-    bulk_mean = (centered.sum(-1, keepdim=True) - centered_top.sum(-1, keepdim=True)) / num_bulk
-    bulk_square = (centered.square().sum(-1, keepdim=True) - centered_top.square().sum(-1, keepdim=True)) / num_bulk
-    bulk_std = (bulk_square - bulk_mean.square()).clamp_min(0).sqrt()
-    # A token whose bulk logits are all equal has std 0: keep the statistic finite.
-    bulk_std = bulk_std.clamp_min(torch.finfo(logits.dtype).eps * (1.0 + (shift + bulk_mean).abs()))
-    return (centered - bulk_mean) / bulk_std
+        top_logits = torch.topk(logits, _num_trimmed(logits.shape[-1]), dim=-1).values
+    center, inverse_std = _robust_location_scale(logits, top_logits)
+    return torch.addcmul(-center * inverse_std, logits, inverse_std)  # (z - center) / std in one pass
 
 
 def robust_z_null_table(num_experts: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -282,6 +292,36 @@ def _bh_count_from_first_passing_rank(first_passing_rank: torch.Tensor) -> torch
     return torch.where(num_passing >= ranks, ranks, 0).amax(dim=-1).long()
 
 
+def _robust_z_first_passing_rank(statistics: torch.Tensor, critical: torch.Tensor) -> torch.Tensor:
+    """Smallest rank j with s_i >= c_j (E + 1 if none): j = 1 + #{j : c_j > s_i}. [..., E] -> [..., E] int32."""
+    num_experts = statistics.shape[-1]
+    return 1 + num_experts - torch.searchsorted(critical.flip(0), statistics.float().contiguous(), right=True, out_int32=True)
+
+
+def _bh_count_robust_z_cpu(logits: torch.Tensor, top_logits: torch.Tensor, critical: torch.Tensor) -> torch.Tensor:
+    """BH's count for robust_z from the top J statistics alone, exact, for the CPU.
+
+    BH's k exceeds J only if more than J experts have s >= c_j >= c_E. When at most J experts clear the
+    loosest critical value c_E, k = max{j <= J : s_(j) >= c_j}, and s_(1..J) are the top-J logits already
+    sorted. The other tokens (rare) go through the full histogram. [..., E] -> [...] int64.
+    """
+    num_experts = logits.shape[-1]
+    num_top = _num_trimmed(num_experts)
+    center, inverse_std = _robust_location_scale(logits, top_logits)
+    top_statistics = (top_logits[..., :num_top] - center) * inverse_std  # [..., J], descending
+    ranks = torch.arange(1, num_top + 1, device=logits.device)
+    num_significant = torch.where(top_statistics >= critical[:num_top], ranks, 0).amax(dim=-1)
+    # s >= c_E  <=>  z >= center + c_E * std
+    num_candidates = (logits >= center + critical[-1] / inverse_std).sum(dim=-1)
+    many = num_candidates > num_top
+    if bool(many.any()):  # free on the CPU
+        flat_many = many.reshape(-1)
+        rows, row_top = logits.reshape(-1, num_experts)[flat_many], top_logits.reshape(-1, top_logits.shape[-1])[flat_many]
+        full = _bh_count_from_first_passing_rank(_robust_z_first_passing_rank(_robust_z_statistic(rows, row_top), critical))
+        num_significant = num_significant.reshape(-1).index_put((flat_many.nonzero().squeeze(-1),), full).reshape(many.shape)
+    return num_significant
+
+
 def _work_logits(router_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """logits / T in float32 (float64 if given): p-values are never computed in bf16/fp16."""
     work_dtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
@@ -347,30 +387,39 @@ def _keep_top(
     return top_weights, torch.where(kept, top_index, torch.full_like(top_index, num_experts))
 
 
-def _route_bh(logits, alpha, temperature, min_k, max_k, pvalue_method, renormalize, with_stats=False) -> _Routing:
+def _route_bh(
+    logits, alpha, temperature, min_k, max_k, pvalue_method, renormalize, with_stats=False, critical=None
+) -> _Routing:
+    """BH routing of [..., E] logits. critical: the robust_z critical statistics for (alpha, E) on this
+    device, if already at hand (the patcher passes them so that a compiled call touches no cache)."""
     num_experts = logits.shape[-1]
     scaled_logits = _work_logits(logits, temperature)  # [..., E]
     probabilities = torch.softmax(scaled_logits, dim=-1)  # [..., E]
     # One top-k gives the experts to keep (most probable first) and the logits the null estimate trims.
-    width = max(max_k, _num_trimmed(num_experts))
+    width = max(max_k, _num_trimmed(num_experts)) if pvalue_method == "robust_z" else max_k
     top_logits, top_index = torch.topk(scaled_logits, width, dim=-1)  # [..., width]
+    first_passing_rank = None
     if pvalue_method == "robust_z":
-        statistics = _robust_z_statistic(scaled_logits, top_logits)  # [..., E]
-        critical = _robust_z_critical_statistics(alpha, num_experts, logits.device)  # [E], decreasing
-        # s_i >= c_j  <=>  j >= 1 + #{j : c_j > s_i}
-        first_passing_rank = 1 + num_experts - torch.searchsorted(
-            critical.flip(0), statistics.float(), right=True, out_int32=True
-        )
+        if critical is None:
+            critical = _robust_z_critical_statistics(alpha, num_experts, logits.device)  # [E], decreasing
+        if scaled_logits.device.type == "cpu" and not with_stats:
+            num_significant = _bh_count_robust_z_cpu(scaled_logits, top_logits, critical)
+        else:  # no data-dependent branch: no host synchronisation on the GPU
+            first_passing_rank = _robust_z_first_passing_rank(_robust_z_statistic(scaled_logits, top_logits), critical)
+            num_significant = _bh_count_from_first_passing_rank(first_passing_rank)  # [...]
     else:
         # 1 - prob_i <= alpha*j/m  <=>  j >= m * (1 - prob_i) / alpha
         first_passing_rank = torch.ceil(num_experts * (1.0 - probabilities) / alpha).long().clamp(1, num_experts + 1)
-    num_significant = _bh_count_from_first_passing_rank(first_passing_rank)  # [...]
+        num_significant = _bh_count_from_first_passing_rank(first_passing_rank)  # [...]
     expert_counts = num_significant.clamp(min_k, max_k)
     top_probabilities = probabilities.gather(-1, top_index[..., :max_k])
     top_weights, kept_index = _keep_top(top_probabilities, top_index[..., :max_k], expert_counts, num_experts, renormalize)
     extra_stats = {}
     if with_stats:
-        p_values = 1.0 - probabilities if pvalue_method == "one_minus_prob" else _robust_z_p_values(statistics)
+        if pvalue_method == "one_minus_prob":
+            p_values = 1.0 - probabilities
+        else:
+            p_values = _robust_z_p_values(_robust_z_statistic(scaled_logits, top_logits))
         extra_stats = {
             "p_values": p_values,
             "bh_threshold": _bh_critical_value(num_significant, alpha, num_experts, p_values.dtype),
@@ -378,6 +427,13 @@ def _route_bh(logits, alpha, temperature, min_k, max_k, pvalue_method, renormali
             "num_significant": num_significant,
         }
     return _Routing(top_weights, kept_index, expert_counts, probabilities, extra_stats)
+
+
+def _route_bh_tensors(logits, critical, alpha, temperature, min_k, max_k, pvalue_method, renormalize):
+    """(top_weights, top_index, expert_counts) of `_route_bh`: the patcher's hot path, the function that
+    torch.compile fuses on CUDA (tensors in, tensors out, no cache lookups)."""
+    routing = _route_bh(logits, alpha, temperature, min_k, max_k, pvalue_method, renormalize, critical=critical)
+    return routing.top_weights, routing.top_index, routing.expert_counts
 
 
 def _route_topk(logits, k, temperature, renormalize) -> _Routing:
@@ -682,6 +738,80 @@ def load_model(
 # ----------------------------------------------------------------------------------------------------
 
 
+class _CudaGraphed:
+    """Replay `function(tensor, *constants)` as one CUDA graph per (shape, dtype, device) of its input.
+
+    Capturing needs a function without host synchronisation (the BH hot path has none on CUDA). The input
+    is copied into the graph's static buffer and the outputs are cloned out, because the next replay (the
+    next layer) overwrites them. At most `max_graphs` shapes are kept (least recently used dropped); other
+    devices than CUDA call the function directly."""
+
+    def __init__(self, function, max_graphs: int = 16):
+        self.function, self.max_graphs = function, max_graphs
+        self.graphs: dict = {}
+
+    def __call__(self, tensor: torch.Tensor, *constants):
+        if tensor.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return self.function(tensor, *constants)
+        key = (tuple(tensor.shape), tensor.dtype, tensor.device)
+        entry = self.graphs.pop(key, None)
+        if entry is None:
+            entry = self._capture(tensor, constants)
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.pop(next(iter(self.graphs)))
+        self.graphs[key] = entry  # most recently used last
+        graph, static_input, static_outputs = entry
+        static_input.copy_(tensor)
+        graph.replay()
+        return tuple(output.clone() for output in static_outputs)
+
+    def _capture(self, tensor, constants):
+        with torch.cuda.device(tensor.device):
+            static_input = tensor.clone()
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):  # warm-up outside the capture (lazy initialisations)
+                for _ in range(2):
+                    self.function(static_input, *constants)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_outputs = self.function(static_input, *constants)
+        return graph, static_input, static_outputs
+
+
+_compiled_cache: dict = {}
+
+
+def _compiled(function):
+    """torch.compile(function) once per process, falling back to `function` (with a warning) if it fails.
+
+    Configurations differ in Python constants (alpha, max_k, ...), each a recompilation: the dynamo
+    recompile limit is raised so that a 30-configuration sweep stays compiled."""
+    if function not in _compiled_cache:
+        import torch._dynamo
+
+        limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 128))
+        compiled = torch.compile(function, dynamic=True)
+        state = {"failed": False}
+
+        def run(*args, **kwargs):
+            if not state["failed"]:
+                try:
+                    return compiled(*args, **kwargs)
+                except Exception as error:  # noqa: BLE001 - e.g. no working compiler on this machine
+                    import warnings
+
+                    warnings.warn(f"torch.compile of {function.__name__} failed ({type(error).__name__}: {error}); "
+                                  "running it uncompiled", stacklevel=2)  # fmt: skip
+                    state["failed"] = True
+            return function(*args, **kwargs)
+
+        _compiled_cache[function] = run
+    return _compiled_cache[function]
+
+
 def _grouped_mm_masks_sentinels() -> bool:
     """True if this transformers' grouped_mm experts path masks sentinel indices when asked to.
 
@@ -719,9 +849,26 @@ class OLMoERouterPatcher:
     exit. Patching again replaces the previous patch (and resets the statistics).
     """
 
-    def __init__(self, model: torch.nn.Module, record_token_counts: bool = True):
+    def __init__(
+        self, model: torch.nn.Module, record_token_counts: bool = True, compile_routing: bool | None = None,
+        cuda_graphs: bool | None = None,
+    ):  # fmt: skip
+        """record_token_counts: keep every token's count per layer (get_stats()["token_counts"]).
+        compile_routing: fuse the BH routing into a few kernels with torch.compile (None: on when the model
+            is on CUDA and Triton is installed; the first call of each configuration compiles for a few
+            seconds; falls back, with a warning, if compilation fails).
+        cuda_graphs: replay the BH routing as a CUDA graph per input shape, so that its ~40 small kernels
+            cost one launch (None: on when the model is on CUDA). The forward pass on a GPU is mostly
+            bound by kernel launches, which the eager routing would otherwise double."""
+        import transformers
+        from packaging.version import Version
         from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
 
+        if Version(transformers.__version__.split("+")[0]) < Version(MIN_TRANSFORMERS):
+            raise RuntimeError(
+                f"OLMoERouterPatcher needs transformers >= {MIN_TRANSFORMERS} (its experts module must skip the "
+                f"sentinel expert index); found {transformers.__version__}. pip install -r requirements.txt"
+            )
         self.model = model
         self.record_token_counts = record_token_counts
         self.routers: list[torch.nn.Module] = []
@@ -740,6 +887,11 @@ class OLMoERouterPatcher:
         self.native_top_k = self.routers[0].top_k
         self.norm_topk_prob = bool(self.routers[0].norm_topk_prob)
         self.num_layers = len(self.routers)
+        device_type = self.routers[0].weight.device.type
+        if compile_routing is None:
+            compile_routing = device_type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.compile_routing = bool(compile_routing)
+        self.cuda_graphs = device_type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self._handles: list = []
         self._route: Callable[[torch.Tensor], _Routing] | None = None
         self._saved_experts_implementation: str | None = None
@@ -768,10 +920,20 @@ class OLMoERouterPatcher:
         renormalize = self.norm_topk_prob if renormalize is None else bool(renormalize)
         params = dict(alpha=alpha, temperature=temperature, min_k=min_k, max_k=max_k,
                       pvalue_method=pvalue_method, renormalize=renormalize)  # fmt: skip
-        if pvalue_method == "robust_z":  # build the null table now, not inside a timed forward
-            for router in self.routers:
-                robust_z_null_table(self.num_experts, router.weight.device)
-        route = lambda logits: _route_bh(logits, alpha, temperature, min_k, max_k, pvalue_method, renormalize)  # noqa: E731
+        # Critical values per router device, built now rather than inside a timed forward.
+        critical = {
+            router.weight.device: _robust_z_critical_statistics(alpha, self.num_experts, router.weight.device)
+            if pvalue_method == "robust_z" else None
+            for router in self.routers
+        }  # fmt: skip
+        route_bh = _compiled(_route_bh_tensors) if self.compile_routing else _route_bh_tensors
+        if self.cuda_graphs:
+            route_bh = _CudaGraphed(route_bh)
+
+        def route(router_logits, native_output):
+            return route_bh(router_logits, critical[router_logits.device], alpha, temperature, min_k, max_k,
+                            pvalue_method, renormalize)  # fmt: skip
+
         return self._install("bh", params, route)
 
     def patch_with_topk(self, k: int = NATIVE_TOP_K, temperature: float = 1.0, renormalize: bool | None = None):
@@ -780,7 +942,15 @@ class OLMoERouterPatcher:
         _check_temperature(temperature)
         renormalize = self.norm_topk_prob if renormalize is None else bool(renormalize)
         params = dict(k=k, temperature=temperature, min_k=k, max_k=k, renormalize=renormalize)
-        return self._install("topk", params, lambda logits: _route_topk(logits, k, temperature, renormalize))
+
+        def route(router_logits, native_output):
+            if temperature == 1.0 and not renormalize and k <= native_output[2].shape[-1] and not self.norm_topk_prob:
+                # The router's own top-8 is sorted and holds the same float32 softmax values: reuse it.
+                return native_output[1][..., :k], native_output[2][..., :k], None
+            routing = _route_topk(router_logits, k, temperature, renormalize)
+            return routing.top_weights, routing.top_index, None
+
+        return self._install("topk", params, route)
 
     def patch_with_topp(
         self, p: float = 0.5, temperature: float = 1.0, min_k: int = 1, max_k: int | None = None,
@@ -793,7 +963,10 @@ class OLMoERouterPatcher:
         _check_k_bounds(min_k, max_k, self.num_experts)
         renormalize = self.norm_topk_prob if renormalize is None else bool(renormalize)
         params = dict(p=p, temperature=temperature, min_k=min_k, max_k=max_k, renormalize=renormalize)
-        route = lambda logits: _route_topp(logits, p, temperature, min_k, max_k, renormalize)  # noqa: E731
+        def route(router_logits, native_output):
+            routing = _route_topp(router_logits, p, temperature, min_k, max_k, renormalize)
+            return routing.top_weights, routing.top_index, routing.expert_counts
+
         return self._install("topp", params, route)
 
     def observe(self) -> "OLMoERouterPatcher":
@@ -833,7 +1006,10 @@ class OLMoERouterPatcher:
         self.unpatch()
         self.reset_stats()
         self.method, self.params, self._route = method, params, route
-        if method != "native":
+        # Only a method that can keep fewer experts than its slots emits the sentinel index; top-k (and
+        # min_k == max_k) never does, and then the experts path needs no sentinel handling, which costs
+        # grouped_mm a few passes over its [tokens x slots, hidden] buffers.
+        if method not in ("native", "topk") and params["min_k"] < params["max_k"]:
             self._make_experts_skip_sentinels()
         self.experts_implementation = self._current_experts_implementation()
         for layer, router in enumerate(self.routers):
@@ -859,13 +1035,11 @@ class OLMoERouterPatcher:
         def hook(module, args, output):
             router_logits = output[0]  # [T, E] in the model's dtype
             if self._route is None:  # observe(): the native top-k, unchanged
-                top_weights, top_index = output[1], output[2]  # [T, k]
-                expert_counts = torch.full(top_index.shape[:-1], top_index.shape[-1], device=top_index.device)
-                self._record(layer, expert_counts, top_weights, top_index)
+                self._record(layer, None, output[1], output[2])
                 return None
-            routing = self._route(router_logits)
-            self._record(layer, routing.expert_counts, routing.top_weights, routing.top_index)
-            return router_logits, routing.top_weights.to(router_logits.dtype), routing.top_index
+            top_weights, top_index, expert_counts = self._route(router_logits, output)
+            self._record(layer, expert_counts, top_weights, top_index)
+            return router_logits, top_weights.to(router_logits.dtype), top_index
 
         return hook
 
@@ -873,26 +1047,43 @@ class OLMoERouterPatcher:
 
     def reset_stats(self) -> None:
         """Forget the routing statistics recorded so far."""
+        self._pending: list[list[tuple]] = [[] for _ in range(self.num_layers)]
         self._token_counts: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
         self._selections: list[torch.Tensor | None] = [None] * self.num_layers  # [E+1] per layer
         self._entropy_sums: list[torch.Tensor | None] = [None] * self.num_layers
         self._num_routed: list[int] = [0] * self.num_layers
 
-    @torch.no_grad()
+    _MAX_PENDING = 256  # routing calls kept per layer before their statistics are folded in
+
     def _record(self, layer, expert_counts, top_weights, top_index) -> None:
-        """Accumulate on the router's device with no host synchronisation."""
-        flat_index = top_index.reshape(-1)
+        """Keep references only: the statistics are computed later, in a batch, so that the forward pass
+        launches no extra kernels (expert_counts None: every token kept top_index.shape[-1] experts)."""
+        self._pending[layer].append((expert_counts, top_weights, top_index))
+        self._num_routed[layer] += top_index.shape[0]
+        if len(self._pending[layer]) >= self._MAX_PENDING:
+            self._fold(layer)
+
+    @torch.no_grad()
+    def _fold(self, layer: int) -> None:
+        """Fold a layer's pending routing decisions into its accumulators (on its device)."""
+        pending, self._pending[layer] = self._pending[layer], []
+        if not pending:
+            return
+        device = pending[0][2].device
         if self._selections[layer] is None:
-            self._selections[layer] = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=flat_index.device)
-            self._entropy_sums[layer] = torch.zeros((), dtype=torch.float64, device=flat_index.device)
-        # Sentinel slots (index E) land in the last bin, which get_stats drops.
-        self._selections[layer].scatter_add_(0, flat_index, torch.ones_like(flat_index))
-        weights = top_weights.float()
-        shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        self._entropy_sums[layer] += -torch.xlogy(shares, shares).sum()
-        self._num_routed[layer] += expert_counts.numel()
-        if self.record_token_counts:
-            self._token_counts[layer].append(expert_counts.reshape(-1).to(torch.int16))
+            self._selections[layer] = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
+            self._entropy_sums[layer] = torch.zeros((), dtype=torch.float64, device=device)
+        for expert_counts, top_weights, top_index in pending:
+            flat_index = top_index.reshape(-1)
+            # Sentinel slots (index E) land in the last bin, which get_stats drops.
+            self._selections[layer].scatter_add_(0, flat_index, torch.ones_like(flat_index))
+            weights = top_weights.float()
+            shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            self._entropy_sums[layer] += -torch.xlogy(shares, shares).sum()
+            if self.record_token_counts:
+                if expert_counts is None:
+                    expert_counts = torch.full(top_index.shape[:-1], top_index.shape[-1], device=device)
+                self._token_counts[layer].append(expert_counts.reshape(-1).to(torch.int16))
 
     def get_stats(self) -> dict:
         """Routing statistics since the last patch or reset_stats().
@@ -911,6 +1102,8 @@ class OLMoERouterPatcher:
         """
         if self._num_routed[0] == 0:
             raise RuntimeError("no tokens were routed since the last patch or reset_stats(): run the model first")
+        for layer in range(self.num_layers):
+            self._fold(layer)
         num_tokens = self._num_routed[0]
         selections = torch.stack([s.to("cpu") for s in self._selections])[:, : self.num_experts].double()  # [L, E]
         load_shares = selections / selections.sum(dim=-1, keepdim=True).clamp_min(1)

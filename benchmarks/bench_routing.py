@@ -65,6 +65,15 @@ def bench_routing(device: str, dtype: torch.dtype, repeats: int) -> list[dict]:
             "bh robust_z max_k=8": lambda: _route_bh(logits, 0.05, 1.0, 1, 8, "robust_z", False),
             "bh one_minus_prob max_k=8": lambda: _route_bh(logits, 0.05, 1.0, 1, 8, "one_minus_prob", False),
         }
+        if device == "cuda":  # the patcher's options on CUDA: CUDA graph (default), torch.compile, both
+            critical = bh_routing._robust_z_critical_statistics(0.05, 64, logits.device)
+            compiled = bh_routing._compiled(bh_routing._route_bh_tensors)
+            graphed = bh_routing._CudaGraphed(bh_routing._route_bh_tensors)
+            compiled_graphed = bh_routing._CudaGraphed(compiled)
+            constants = (critical, 0.05, 1.0, 1, 8, "robust_z", False)
+            candidates["bh robust_z max_k=8 (CUDA graph, default)"] = lambda: graphed(logits, *constants)
+            candidates["bh robust_z max_k=8 (compiled)"] = lambda: compiled(logits, *constants)
+            candidates["bh robust_z max_k=8 (compiled + CUDA graph)"] = lambda: compiled_graphed(logits, *constants)
         baseline = None
         for name, function in candidates.items():
             milliseconds = timed(function, device, repeats)
@@ -80,13 +89,21 @@ def bench_forward(device: str, model_config: str | None, batch: int, seq_len: in
         model = bh_routing.build_random_olmoe(None, seed=0, num_hidden_layers=4, hidden_size=128, intermediate_size=64)
     model.eval()
     input_ids = torch.randint(2, model.config.vocab_size, (batch, seq_len), device=device)
-    patcher = OLMoERouterPatcher(model, record_token_counts=False)
+    patcher = OLMoERouterPatcher(model, record_token_counts=False)  # defaults: CUDA graphs on CUDA
+    plain = OLMoERouterPatcher(model, record_token_counts=False, cuda_graphs=False)
+    fused = OLMoERouterPatcher(model, record_token_counts=False, compile_routing=True)
+    others = (plain, fused)
     configurations = {
         "native": lambda: patcher.unpatch(),
         "patched topk k=8": lambda: patcher.patch_with_topk(8),
         "patched bh min_k=max_k=8": lambda: patcher.patch_with_bh(alpha=0.05, min_k=8, max_k=8),
         "patched bh alpha=0.05 max_k=8": lambda: patcher.patch_with_bh(alpha=0.05, max_k=8),
+        # min_k = 7 < max_k: the experts path must handle the sentinel index (grouped_mm's masking)
+        "patched bh min_k=7 max_k=8": lambda: patcher.patch_with_bh(alpha=0.05, min_k=7, max_k=8),
     }
+    if device == "cuda":
+        configurations["patched bh min_k=max_k=8 (no CUDA graph)"] = lambda: plain.patch_with_bh(alpha=0.05, min_k=8, max_k=8)
+        configurations["patched bh min_k=max_k=8 (compiled + CUDA graph)"] = lambda: fused.patch_with_bh(alpha=0.05, min_k=8, max_k=8)
     rows, baseline = [], None
 
     @torch.no_grad()
@@ -94,17 +111,21 @@ def bench_forward(device: str, model_config: str | None, batch: int, seq_len: in
         return model(input_ids, use_cache=False).logits
 
     for name, apply in configurations.items():
+        for candidate in (patcher, *others):
+            candidate.unpatch()
         apply()
+        active = next((p for p in others if p.is_patched), patcher)
         milliseconds = timed(forward, device, repeats)
-        patcher.reset_stats()
+        active.reset_stats()
         forward()
-        average = patcher.get_stats()["avg_experts"] if patcher.is_patched else float(model.config.num_experts_per_tok)
+        average = active.get_stats()["avg_experts"] if active.is_patched else float(model.config.num_experts_per_tok)
         baseline = baseline or milliseconds
         rows.append(dict(
             part="forward", tokens=batch * seq_len, method=name, ms=milliseconds, ratio=milliseconds / baseline,
             avg_experts=average, experts_implementation=model.config._experts_implementation,
         ))  # fmt: skip
-    patcher.unpatch()
+    for candidate in (patcher, *others):
+        candidate.unpatch()
     return rows
 
 
@@ -130,14 +151,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-config", default=str(Path(__file__).resolve().parent / "olmoe-1b-7b-0924.config.json"))
-    parser.add_argument("--batch", type=int, default=None, help="prefill batch (default 4 on cuda, 2 on cpu)")
+    parser.add_argument("--batch", type=int, default=None, help="prefill batch (default 8 on cuda, 2 on cpu)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     device = args.device
     repeats = args.repeats or (30 if device == "cuda" else 10)
-    batch = args.batch or (4 if device == "cuda" else 2)
+    batch = args.batch or (8 if device == "cuda" else 2)
     logits_dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     info = environment(device)

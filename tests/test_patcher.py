@@ -64,7 +64,7 @@ def test_context_manager_and_exception_leave_model_restorable(tiny_model, input_
     patcher = OLMoERouterPatcher(tiny_model)
     patcher.patch_with_bh(alpha=0.05, max_k=8)
 
-    def failing_route(logits):
+    def failing_route(logits, native_output):
         raise RuntimeError("boom inside the forward")
 
     patcher._route = failing_route
@@ -213,3 +213,40 @@ def test_load_model_from_a_local_directory_and_offline_hub(tmp_path):
         bh_routing.load_model("allenai/OLMoE-1B-7B-0924", device="cpu")
     with pytest.raises(ValueError, match="dtype"):
         bh_routing.load_model(tmp_path, dtype="float8")
+
+
+def test_statistics_folded_in_batches_match(tiny_model, input_ids):
+    def stats_with(max_pending):
+        patcher = OLMoERouterPatcher(tiny_model)
+        patcher._MAX_PENDING = max_pending
+        patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
+        tiny_model.generate(input_ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=1)
+        stats = patcher.get_stats()
+        patcher.unpatch()
+        return stats
+
+    folded_often, folded_once = stats_with(2), stats_with(10_000)
+    assert torch.equal(folded_often["token_counts"], folded_once["token_counts"])
+    assert folded_often["expert_utilization_per_layer"] == folded_once["expert_utilization_per_layer"]
+    assert folded_often["weight_entropy"] == pytest.approx(folded_once["weight_entropy"])
+
+
+def test_old_transformers_is_refused(tiny_model, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(RuntimeError, match="transformers >= 5.24"):
+        OLMoERouterPatcher(tiny_model)
+
+
+def test_sentinel_handling_only_when_counts_can_fall_short(tiny_model, input_ids):
+    patcher = OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_bh(alpha=0.05, min_k=8, max_k=8)  # always 8: no sentinel index
+    assert not any(e._is_expert_parallel for e in patcher.experts)
+    with torch.no_grad():
+        tiny_model(input_ids)
+    assert patcher.get_stats()["avg_experts"] == 8
+    patcher.patch_with_bh(alpha=0.05, min_k=1, max_k=8)
+    assert all(e._is_expert_parallel for e in patcher.experts)
+    patcher.unpatch()
+    assert not any(e._is_expert_parallel for e in patcher.experts)

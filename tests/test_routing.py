@@ -186,3 +186,25 @@ def test_routing_counts_are_bh_on_the_stated_p_values(pvalue_method, alpha):
     assert torch.equal(counts, reference.sum(-1))
     assert torch.equal(stats["significant_mask"], reference)
     torch.testing.assert_close(stats["p_values"], compute_p_values(logits, pvalue_method))
+
+
+def test_cpu_shortcut_and_full_histogram_agree_including_many_strong_experts():
+    # The CPU path reads BH's count off the top-16 statistics unless more than 16 experts clear the
+    # loosest critical value; tokens with up to 40 strong experts exercise both branches.
+    from bh_routing import (
+        _bh_count_from_first_passing_rank, _bh_count_robust_z_cpu, _robust_z_critical_statistics,
+        _robust_z_first_passing_rank, _robust_z_statistic,
+    )  # fmt: skip
+
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(3000, 64, generator=generator)
+    planted = torch.randint(0, 41, (3000, 1), generator=generator)
+    logits = torch.where(torch.arange(64) < planted, logits + 1.0 + 5.0 * torch.rand(3000, 64, generator=generator), logits)
+    top_logits = torch.topk(logits, 16, dim=-1).values
+    for alpha in (0.01, 0.05, 0.2, 0.9, 1.0):
+        critical = _robust_z_critical_statistics(alpha, 64, "cpu")
+        shortcut = _bh_count_robust_z_cpu(logits, top_logits, critical)
+        full = _bh_count_from_first_passing_rank(_robust_z_first_passing_rank(_robust_z_statistic(logits, top_logits), critical))
+        assert torch.equal(shortcut, full), alpha
+        if alpha == 0.2:
+            assert (full > 16).any() and (full <= 16).any()
