@@ -12,6 +12,10 @@ One flat module, readable top to bottom:
 6. Models: `load_model` (hub id, local path, or the embedded default) and `build_random_olmoe`.
 7. `OLMoERouterPatcher`: swaps a model's top-8 router for any method above, so that the experts module
    computes only the selected (token, expert) pairs, and records routing statistics.
+8. The experiment: the design's 12 prompts and 25 configurations, `run_sweep` (resumable, per-config saving).
+9. Outputs: `summary_table`, `saturation_analysis`, `write_results`, `plot_analysis`, `write_report`.
+10. Quality: `evaluate_language_model` (sliding-window perplexity), `run_quality_sweep`, the top-k/top-p
+   baselines, `frontier_table`, `plot_frontier`, `token_level_analysis`.
 
 Shapes use E for the number of experts (64 for OLMoE), K for a method's slot width (max_k, or k for top-k),
 and "..." for any leading token dimensions ([tokens] inside the model, [batch, seq_len] for users).
@@ -21,8 +25,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import time
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +47,27 @@ __all__ = [
     "load_model",
     "build_random_olmoe",
     "OLMoERouterPatcher",
+    "PROMPTS",
+    "RoutingConfig",
+    "design_configs",
+    "design_pvalue_configs",
+    "baseline_configs",
+    "floored_bh_configs",
+    "run_config",
+    "run_sweep",
+    "summary_table",
+    "saturation_analysis",
+    "environment_info",
+    "write_results",
+    "plot_analysis",
+    "plot_frontier",
+    "plot_layer_heatmap",
+    "write_report",
+    "load_heldout_text",
+    "evaluate_language_model",
+    "run_quality_sweep",
+    "frontier_table",
+    "token_level_analysis",
 ]
 
 PVALUE_METHODS = ("robust_z", "one_minus_prob")
@@ -1480,6 +1505,25 @@ def write_results(
     return paths
 
 
+def _save_figure(figure, path: str | Path, dpi: int):
+    """Lay out and save atomically (a temporary file renamed), so a crash never leaves half a PNG."""
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
+    figure.savefig(temporary, dpi=dpi)
+    temporary.replace(path)
+    return figure
+
+
+def _use_headless_backend_unless_inline() -> None:
+    """Agg when no notebook displays the figures (headless runs, tests); the inline backend otherwise."""
+    import matplotlib
+
+    if "inline" not in matplotlib.get_backend().lower():
+        matplotlib.use("Agg")
+
+
 def _max_k_axis(ax, ticks) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(ticks), [str(k) for k in ticks])
@@ -1491,11 +1535,9 @@ def plot_analysis(results: dict[str, dict], path: str | Path, focus_max_k: int =
     baseline heatmap over max_k x alpha, (4) experts by complexity group, (5) per-layer averages,
     (6) distribution of per-token counts, (7) expert utilisation, (8) throughput, (9) saturation.
     Panels 4-7 show the configurations with max_k = focus_max_k. Returns the matplotlib figure."""
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "inline"):
-        matplotlib.use("Agg")
+    _use_headless_backend_unless_inline()
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
     import seaborn as sns
 
@@ -1545,6 +1587,7 @@ def plot_analysis(results: dict[str, dict], path: str | Path, focus_max_k: int =
     for alpha, result in focus.items():
         ax.plot(result["per_layer_avg_experts"], "o-", color=colors[alpha], label=f"alpha={alpha:g}")
     ax.set(xlabel="layer", ylabel="avg experts per token", title=f"5. Per-layer experts (max_k={focus_max_k})")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     ax = axes[1, 2]
     bins = np.arange(0, focus_max_k + 2) - 0.5
@@ -1575,13 +1618,7 @@ def plot_analysis(results: dict[str, dict], path: str | Path, focus_max_k: int =
     _max_k_axis(ax, DESIGN_MAX_KS[1:])
     ax.legend(fontsize=8)
     figure.suptitle("BH routing analysis", fontsize=16)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
-    figure.savefig(temporary, dpi=110)
-    temporary.replace(path)
-    return figure
+    return _save_figure(figure, path, dpi=110)
 
 
 def _markdown_table(frame, float_format: str = "{:.2f}") -> str:
@@ -1596,9 +1633,7 @@ def _markdown_table(frame, float_format: str = "{:.2f}") -> str:
 def plot_layer_heatmap(results: dict[str, dict], path: str | Path):
     """Average experts per layer (rows: configurations, columns: layers), from any results dict whose
     entries carry per_layer_avg_experts (the sweep's or the quality sweep's)."""
-    import matplotlib
-
-    matplotlib.use("Agg") if "inline" not in matplotlib.get_backend() else None
+    _use_headless_backend_unless_inline()
     import matplotlib.pyplot as plt
     import numpy as np
     import seaborn as sns
@@ -1608,13 +1643,7 @@ def plot_layer_heatmap(results: dict[str, dict], path: str | Path):
     sns.heatmap(np.asarray(list(rows.values())), yticklabels=list(rows), annot=len(rows) * len(next(iter(rows.values()))) <= 400,
                 fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": "average experts per token"})  # fmt: skip
     ax.set(xlabel="layer", title="Average experts per layer and configuration")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
-    figure.savefig(temporary, dpi=110)
-    temporary.replace(path)
-    return figure
+    return _save_figure(figure, path, dpi=110)
 
 
 def _quality_findings(quality: dict[str, dict], token_analysis: dict | None, results: dict[str, dict]) -> list[str]:
@@ -1641,12 +1670,19 @@ def _quality_findings(quality: dict[str, dict], token_analysis: dict | None, res
             f"{worst['config']}: {worst[f'delta_vs_{method}_percent']:+.2f}%)."
         )
     if native.get("status") == "ok" and len(robust):
-        closest = robust.iloc[(robust["avg_experts"] - 5).abs().argsort()[:1]].iloc[0]
-        findings.append(
-            f"Against native top-8 (perplexity {native['perplexity']:.3f}), the BH configuration closest to 5 "
-            f"experts ({closest['config']}, {closest['avg_experts']:.2f} experts) costs "
-            f"{100 * (closest['perplexity'] / native['perplexity'] - 1):+.2f}% perplexity."
-        )
+        design = robust[robust["config"].isin([bh_config_name(k, a) for k in DESIGN_MAX_KS for a in DESIGN_ALPHAS])]
+        if len(design):
+            best = design.loc[design["perplexity"].idxmin()]
+            findings.append(
+                f"Against native top-8 (perplexity {native['perplexity']:.3f} at 8 experts), the best of the design's "
+                f"BH configurations ({best['config']}, {best['avg_experts']:.2f} experts) has perplexity "
+                f"{best['perplexity']:.3f} ({100 * (best['perplexity'] / native['perplexity'] - 1):+.1f}%)."
+            )
+        floored = robust[robust["config"].str.contains("_min")].sort_values("avg_experts")
+        if len(floored):
+            findings.append("BH on a floor of min_k experts (alpha=0.2, max_k=8): " + "; ".join(
+                f"{r.config}: {r.avg_experts:.2f} experts, perplexity {r.perplexity:.3f} "
+                f"({100 * (r.perplexity / native['perplexity'] - 1):+.1f}% vs native)" for r in floored.itertuples()) + ".")
     if token_analysis:
         findings.append(
             f"Token level ({token_analysis['config']}): Spearman correlation between a position's experts (mean "
@@ -1714,6 +1750,13 @@ def write_report(
             + ". The design expected simple < medium < complex ~ technical (2-4 experts for simple prompts, "
             "6-10 for complex ones)."
         )
+        claim_holds = all(
+            2 <= results[bh_config_name(8, a)]["groups"].get("simple", {}).get("avg_experts", -1) <= 4
+            and 6 <= results[bh_config_name(8, a)]["groups"].get("complex", {}).get("avg_experts", -1) <= 10
+            for a in focus["alpha"]
+        )  # fmt: skip
+        findings.append("The design's claim 'simple tokens use 2-4 experts, complex tokens 6-10' "
+                        + ("holds" if claim_holds else "does not hold") + " in this run at max_k=8.")
     if len(design_p):
         all_floor = bool((design_p["floor_hit_rate"] == 100.0).all())
         findings.append(
@@ -1745,6 +1788,8 @@ def write_report(
     columns = ["config", "alpha", "max_k", "avg_experts", "std_experts", "min_experts", "max_experts", "median_experts",
                "ceiling_hit_rate", "floor_hit_rate", "reduction_vs_baseline", "tokens_per_second", "weight_entropy",
                "expert_utilization"]  # fmt: skip
+    if quality:
+        columns += ["perplexity", "token_accuracy"]
     lines += ["", "## All configurations", "", _markdown_table(ok[columns].fillna("-")), ""]
     if len(focus):
         group_rows = []
@@ -1820,7 +1865,8 @@ def write_report(
 
 HELDOUT_TEXT_PATH = REPO_DIR / "data" / "heldout.txt"
 BASELINE_TOP_KS = (1, 2, 3, 4, 5, 6, 7, 8)
-BASELINE_TOP_PS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+BASELINE_TOP_PS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FLOORED_BH_MIN_KS = (2, 3, 4, 6)
 
 
 def baseline_configs(top_ks=BASELINE_TOP_KS, top_ps=BASELINE_TOP_PS, max_k: int = NATIVE_TOP_K) -> list[RoutingConfig]:
@@ -1830,6 +1876,15 @@ def baseline_configs(top_ks=BASELINE_TOP_KS, top_ps=BASELINE_TOP_PS, max_k: int 
     configs += [RoutingConfig(f"topp_p{round(p * 100):03d}", "topp", (("p", p), ("min_k", 1), ("max_k", max_k)))
                 for p in top_ps]  # fmt: skip
     return configs
+
+
+def floored_bh_configs(min_ks=FLOORED_BH_MIN_KS, alpha: float = 0.20, max_k: int = NATIVE_TOP_K) -> list[RoutingConfig]:
+    """BH on top of a floor: every token keeps min_k experts and BH adds the significant ones up to max_k.
+    Places BH on the frontier between 2 and 8 experts, where the design's min_k = 1 configurations
+    (which keep 1-2 experts on average) cannot go."""
+    return [RoutingConfig(f"{bh_config_name(max_k, alpha)}_min{min_k}", "bh",
+                          (("alpha", alpha), ("max_k", max_k), ("min_k", min_k), ("pvalue_method", DEFAULT_PVALUE_METHOD)))
+            for min_k in min_ks]  # fmt: skip
 
 
 def load_heldout_text(source: str | Path = "embedded") -> str:
@@ -1985,9 +2040,13 @@ def run_quality_sweep(
 
 
 def frontier_table(quality: dict[str, dict]):
-    """For each BH configuration: its perplexity and the perplexity of top-k and top-p interpolated
-    (linearly in average experts) at the same average experts; NaN where BH's average lies outside the
-    baseline's measured range. Negative `delta_vs_topk_percent` means BH is better at equal compute."""
+    """For each BH configuration: its perplexity and the perplexity of top-k and top-p at the same average
+    experts; NaN where BH's average lies outside the baseline's measured range. Negative
+    `delta_vs_topk_percent` means BH is better at equal compute.
+
+    Between two measured baselines the log-perplexity (mean NLL) is interpolated linearly in average
+    experts: that is the mean NLL of routing a matching fraction of tokens with each of the two, whereas
+    interpolating perplexity itself would flatter BH (perplexity is convex in the experts kept)."""
     import numpy as np
     import pandas as pd
 
@@ -2006,7 +2065,7 @@ def frontier_table(quality: dict[str, dict]):
                "max_k": result["params"].get("max_k"), "avg_experts": result["avg_experts"], "perplexity": result["perplexity"]}  # fmt: skip
         for method, (xs, ys) in curves.items():
             inside = len(xs) >= 2 and xs[0] <= result["avg_experts"] <= xs[-1]
-            at_equal = float(np.interp(result["avg_experts"], xs, ys)) if inside else float("nan")
+            at_equal = float(np.exp(np.interp(result["avg_experts"], xs, np.log(ys)))) if inside else float("nan")
             row[f"{method}_perplexity_at_equal_experts"] = at_equal
             row[f"delta_vs_{method}_percent"] = 100.0 * (result["perplexity"] / at_equal - 1.0) if inside else float("nan")
         rows.append(row)
@@ -2015,9 +2074,7 @@ def frontier_table(quality: dict[str, dict]):
 
 def plot_frontier(quality: dict[str, dict], path: str | Path):
     """Average experts per token (x) against perplexity (y) for BH, top-k and top-p (and native top-8)."""
-    import matplotlib
-
-    matplotlib.use("Agg") if "inline" not in matplotlib.get_backend() else None
+    _use_headless_backend_unless_inline()
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots(figsize=(8, 6))
@@ -2043,13 +2100,7 @@ def plot_frontier(quality: dict[str, dict], path: str | Path):
     ax.set(xlabel="average experts per token (all layers)", ylabel="held-out perplexity", yscale="log",
            title="Efficiency frontier: quality at equal compute")  # fmt: skip
     ax.legend()
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
-    figure.savefig(temporary, dpi=120)
-    temporary.replace(path)
-    return figure
+    return _save_figure(figure, path, dpi=120)
 
 
 def token_level_analysis(output_dir: str | Path, config_name: str, tokenizer, baseline_name: str = BASELINE_CONFIG,

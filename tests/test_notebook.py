@@ -40,7 +40,8 @@ def test_notebook_runs_headless_and_writes_the_four_outputs(tmp_path):
     for figure in ("bh_routing_analysis", "bh_routing_frontier", "bh_routing_layers"):
         assert (tmp_path / "visualizations" / f"{figure}.png").exists()
     frontier = pd.read_csv(tmp_path / "bh_routing_frontier.csv")
-    assert list(frontier["config"]) == ["bh_k4_a020", "bh_k8_a005", "bh1mp_k8_a005"]
+    floored = [c.name for c in br.floored_bh_configs()]
+    assert list(frontier["config"]) == ["bh_k4_a020", "bh_k8_a005", "bh1mp_k8_a005"] + floored
     assert table["perplexity"].notna().all() and (table["perplexity"] < 8192).all()
     report = (tmp_path / "bh_routing_report.md").read_text()
     assert "`embedded`" in report

@@ -78,7 +78,7 @@ def test_quality_sweep_frontier_and_token_analysis(tiny_model, word_tokenizer, t
             lower = max(k for k in (1, 2, 4, 8) if k <= row.avg_experts)
             upper = min(k for k in (1, 2, 4, 8) if k >= row.avg_experts)
             bounds = sorted([quality[f"topk_k{lower}"]["perplexity"], quality[f"topk_k{upper}"]["perplexity"]])
-            assert bounds[0] - 1e-9 <= row.topk_perplexity_at_equal_experts <= bounds[1] + 1e-9
+            assert bounds[0] * (1 - 1e-9) <= row.topk_perplexity_at_equal_experts <= bounds[1] * (1 + 1e-9)
     br.plot_frontier(quality, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 20_000
     analysis = br.token_level_analysis(tmp_path, "bh_k8_a020", word_tokenizer, min_occurrences=1)
@@ -101,9 +101,10 @@ def test_frontier_interpolation_on_known_numbers():
         "bh_out": entry("bh_out", "bh", 6.0, 15.0, pvalue_method="robust_z", alpha=0.2, max_k=8),
     }  # fmt: skip
     table = br.frontier_table(quality).set_index("config")
-    assert table.loc["bh", "topk_perplexity_at_equal_experts"] == pytest.approx(25.0)
-    assert table.loc["bh", "delta_vs_topk_percent"] == pytest.approx(-4.0)
-    assert table.loc["bh", "topp_perplexity_at_equal_experts"] == pytest.approx(28.0)
+    # Halfway between 2 and 4 experts: the geometric mean of 30 and 20 (mean NLL interpolated).
+    assert table.loc["bh", "topk_perplexity_at_equal_experts"] == pytest.approx(math.sqrt(30.0 * 20.0))
+    assert table.loc["bh", "delta_vs_topk_percent"] == pytest.approx(100 * (24.0 / math.sqrt(600.0) - 1))
+    assert table.loc["bh", "topp_perplexity_at_equal_experts"] == pytest.approx(40.0 ** 0.5 * 16.0 ** 0.5)
     assert math.isnan(table.loc["bh_out", "topk_perplexity_at_equal_experts"])  # outside the measured range
 
 

@@ -1,0 +1,15 @@
+"""The README's usage example runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_usage_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    usage = next(b for b in blocks if "OLMoERouterPatcher" in b)
+    namespace = {}
+    exec(compile(usage, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert not namespace["patcher"].is_patched
+    assert namespace["counts"].shape == (2, 10)
