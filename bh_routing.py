@@ -786,9 +786,12 @@ class _CudaGraphed:
                 self.graphs.pop(next(iter(self.graphs)))
         self.graphs[key] = entry  # most recently used last
         graph, static_input, static_outputs = entry
-        static_input.copy_(tensor)
-        graph.replay()
-        return tuple(output.clone() for output in static_outputs)
+        # Replay on the input's device: a graph launched on another device's current stream (layers spread
+        # over GPUs with device_map="auto") would not be ordered after the copy into its input.
+        with torch.cuda.device(tensor.device):
+            static_input.copy_(tensor)
+            graph.replay()
+            return tuple(output.clone() for output in static_outputs)
 
     def _capture(self, tensor, constants):
         with torch.cuda.device(tensor.device):
@@ -883,8 +886,9 @@ class OLMoERouterPatcher:
             is on CUDA and Triton is installed; the first call of each configuration compiles for a few
             seconds; falls back, with a warning, if compilation fails).
         cuda_graphs: replay the BH routing as a CUDA graph per input shape, so that its ~40 small kernels
-            cost one launch (None: on when the model is on CUDA). The forward pass on a GPU is mostly
-            bound by kernel launches, which the eager routing would otherwise double."""
+            cost one launch (None: on when the model is on one GPU; a model spread over several GPUs does
+            not use them). The forward pass on a GPU is mostly bound by kernel launches, which the eager
+            routing would otherwise double."""
         import transformers
         from packaging.version import Version
         from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
@@ -916,7 +920,12 @@ class OLMoERouterPatcher:
         if compile_routing is None:
             compile_routing = device_type == "cuda" and importlib.util.find_spec("triton") is not None
         self.compile_routing = bool(compile_routing)
-        self.cuda_graphs = device_type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        router_devices = {router.weight.device for router in self.routers}
+        # CUDA-graph replay gave wrong counts on a model spread over two GPUs (benchmarks/gpu_notes.md, run
+        # 6), so it is used only when every router is on one GPU.
+        if cuda_graphs and len(router_devices) > 1:
+            raise ValueError(f"cuda_graphs=True needs every router on one GPU; this model's are on {sorted(map(str, router_devices))}")
+        self.cuda_graphs = (device_type == "cuda" and len(router_devices) == 1) if cuda_graphs is None else bool(cuda_graphs)
         self._handles: list = []
         self._route: Callable[[torch.Tensor], _Routing] | None = None
         self._saved_experts_implementation: str | None = None

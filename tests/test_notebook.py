@@ -47,3 +47,18 @@ def test_notebook_runs_headless_and_writes_the_four_outputs(tmp_path):
     assert "`embedded`" in report
     for row in table.itertuples():  # the report's numbers are the CSV's
         assert f"| {row.config} |" in report and f"| {row.avg_experts:.2f} | {row.std_experts:.2f} |" in report
+
+
+def test_notebook_with_the_hub_model_fails_offline_naming_the_embedded_model(tmp_path):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        papermill.execute_notebook(
+            str(NOTEBOOK), str(tmp_path / "executed.ipynb"), cwd=str(REPO), kernel_name="python3", progress_bar=False,
+            parameters=dict(model_name_or_path="allenai/OLMoE-1B-7B-0924", output_dir=str(tmp_path), device="cpu"),
+        )  # fmt: skip
+    except PapermillExecutionError as error:
+        assert "embedded" in str(error) and "allenai/OLMoE-1B-7B-0924" in str(error)
+    else:
+        raise AssertionError("loading the hub model offline should fail")
