@@ -927,7 +927,7 @@ class OLMoERouterPatcher:
             raise ValueError(f"cuda_graphs=True needs every router on one GPU; this model's are on {sorted(map(str, router_devices))}")
         self.cuda_graphs = (device_type == "cuda" and len(router_devices) == 1) if cuda_graphs is None else bool(cuda_graphs)
         self._handles: list = []
-        self._route: Callable[[torch.Tensor], _Routing] | None = None
+        self._route: Callable[[torch.Tensor, tuple], tuple] | None = None  # (logits, native output) -> (weights, index, counts)
         self._saved_experts_implementation: str | None = None
         self._saved_expert_parallel_flags: list[bool] | None = None
         self.method: str | None = None
