@@ -430,7 +430,8 @@ def _route_bh(
         if scaled_logits.device.type == "cpu" and not with_stats:
             num_significant = _bh_count_robust_z_cpu(scaled_logits, top_logits, critical)
         else:  # no data-dependent branch: no host synchronisation on the GPU
-            first_passing_rank = _robust_z_first_passing_rank(_robust_z_statistic(scaled_logits, top_logits), critical)
+            statistics = _robust_z_statistic(scaled_logits, top_logits)  # [..., E]
+            first_passing_rank = _robust_z_first_passing_rank(statistics, critical)
             num_significant = _bh_count_from_first_passing_rank(first_passing_rank)  # [...]
     else:
         # 1 - prob_i <= alpha*j/m  <=>  j >= m * (1 - prob_i) / alpha
@@ -443,8 +444,8 @@ def _route_bh(
     if with_stats:
         if pvalue_method == "one_minus_prob":
             p_values = 1.0 - probabilities
-        else:
-            p_values = _robust_z_p_values(_robust_z_statistic(scaled_logits, top_logits))
+        else:  # with_stats took the full path above, so `statistics` is at hand
+            p_values = _robust_z_p_values(statistics)
         extra_stats = {
             "p_values": p_values,
             "bh_threshold": _bh_critical_value(num_significant, alpha, num_experts, p_values.dtype),
@@ -612,6 +613,14 @@ def summarize_expert_counts(
         "floor_hit_rate": 100.0 * (counts == min_k).double().mean().item(),
         "reduction_vs_baseline": 100.0 * (1.0 - avg_experts / baseline_k),
     }
+
+
+def expert_load_balance(selections: torch.Tensor) -> float:
+    """Mean over layers of the normalised entropy of how often each expert was chosen: 1 when every
+    expert is chosen equally often, 0 when one expert takes everything. selections: [L, E] counts."""
+    selections = selections.double()
+    load_shares = selections / selections.sum(dim=-1, keepdim=True).clamp_min(1)
+    return (-torch.xlogy(load_shares, load_shares).sum(dim=-1) / math.log(selections.shape[-1])).mean().item()
 
 
 def run_bh_multi_k(
@@ -1140,8 +1149,6 @@ class OLMoERouterPatcher:
             self._fold(layer)
         num_tokens = self._num_routed[0]
         selections = torch.stack([s.to("cpu") for s in self._selections])[:, : self.num_experts].double()  # [L, E]
-        load_shares = selections / selections.sum(dim=-1, keepdim=True).clamp_min(1)
-        load_entropy = -torch.xlogy(load_shares, load_shares).sum(dim=-1) / math.log(self.num_experts)  # [L]
         weight_entropy = sum(e.item() for e in self._entropy_sums) / sum(self._num_routed)
         stats = {}
         if self.record_token_counts:
@@ -1156,7 +1163,7 @@ class OLMoERouterPatcher:
             stats["per_layer_avg_experts"] = per_layer
         stats.update(
             weight_entropy=weight_entropy,
-            expert_utilization=load_entropy.mean().item(),
+            expert_utilization=expert_load_balance(selections),
             expert_utilization_per_layer=(selections / num_tokens).tolist(),
             num_tokens=num_tokens,
             num_layers=self.num_layers,
@@ -1260,10 +1267,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
-def _group_summary(token_counts: torch.Tensor, config_params: dict, num_experts_native: int) -> dict:
-    return summarize_expert_counts(token_counts, config_params["min_k"], config_params["max_k"], num_experts_native)
-
-
 def run_config(
     model, tokenizer, patcher: "OLMoERouterPatcher", config: RoutingConfig, prompts: dict[str, list[str]],
     max_new_tokens: int = 20,
@@ -1316,14 +1319,12 @@ def run_config(
         total_time = sum(p["time_s"] for p in prompt_results)
         total_new = sum(p["new_tokens"] for p in prompt_results)
         summary = summarize_expert_counts(counts, params["min_k"], params["max_k"], patcher.native_top_k)
-        load_shares = selections / selections.sum(-1, keepdim=True).clamp_min(1)
-        load_entropy = -torch.xlogy(load_shares, load_shares).sum(-1) / math.log(patcher.num_experts)
         summary.update(
             inference_time=total_time,
             tokens_per_second=total_new / total_time if total_time > 0 else float("nan"),
             avg_time_per_prompt=total_time / len(prompt_results),
             weight_entropy=entropy_weighted / num_routed,
-            expert_utilization=load_entropy.mean().item(),
+            expert_utilization=expert_load_balance(selections),
         )
         return {
             "name": config.name,
@@ -1332,7 +1333,8 @@ def run_config(
             "status": "ok",
             "summary": summary,
             "groups": {
-                group: _group_summary(torch.cat(c), params, patcher.native_top_k) for group, c in group_counts.items()
+                group: summarize_expert_counts(torch.cat(c), params["min_k"], params["max_k"], patcher.native_top_k)
+                for group, c in group_counts.items()
             },
             "per_layer_avg_experts": counts.double().mean(0).tolist(),
             "expert_utilization_per_layer": (selections / counts.shape[0]).tolist(),
