@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch on machines without a GPU; override on a GPU box, e.g. TORCH_SPEC="torch>=2.6".
 TORCH_SPEC ?= torch==2.13.0
+# Triton for the kernel tests under its CPU interpreter, installed beside (not into) .venv, so that the
+# rest of the suite runs on a plain CPU install as users have it.
+TRITON_SPEC ?= triton==3.9.0
+TRITON_SITE := $(VENV)/triton-interpreter
 
 .PHONY: test run bench clean-venv
 
@@ -14,8 +18,12 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+$(TRITON_SITE)/.installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(TRITON_SITE) "$(TRITON_SPEC)"
+	touch $@
+
+test: $(VENV)/.installed $(TRITON_SITE)/.installed
+	BH_TRITON_INTERPRETER_SITE=$(abspath $(TRITON_SITE)) $(PY) -m pytest -q tests
 
 # The notebook, headless, on the embedded model: results/ and the executed notebook. Extra papermill
 # arguments go in RUN_ARGS, e.g. make run RUN_ARGS="-p max_new_tokens 10".

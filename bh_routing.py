@@ -10,11 +10,14 @@ One flat module, readable top to bottom:
    `topp_routing`.
 5. Summaries: `summarize_expert_counts`, `run_bh_multi_k`, `compare_multi_k_statistics`.
 6. Models: `load_model` (hub id, local path, or the embedded default) and `build_random_olmoe`.
-7. `OLMoERouterPatcher`: swaps a model's top-8 router for any method above, so that the experts module
+7. Variable-k expert execution (`variable_k_experts_forward`, experts_implementation="variable_k"): sorts
+   the kept (token, expert) pairs by expert and runs one grouped GEMM per projection over them only, with
+   Triton kernels on CUDA and a plain-torch reference elsewhere, so fewer experts take less time.
+8. `OLMoERouterPatcher`: swaps a model's top-8 router for any method above, so that the experts module
    computes only the selected (token, expert) pairs, and records routing statistics.
-8. The experiment: the design's 12 prompts and 25 configurations, `run_sweep` (resumable, per-config saving).
-9. Outputs: `summary_table`, `saturation_analysis`, `write_results`, `plot_analysis`, `write_report`.
-10. Quality: `evaluate_language_model` (sliding-window perplexity), `run_quality_sweep`, the top-k/top-p
+9. The experiment: the design's 12 prompts and 25 configurations, `run_sweep` (resumable, per-config saving).
+10. Outputs: `summary_table`, `saturation_analysis`, `write_results`, `plot_analysis`, `write_report`.
+11. Quality: `evaluate_language_model` (sliding-window perplexity), `run_quality_sweep`, the top-k/top-p
    baselines, `frontier_table`, `plot_frontier`, `token_level_analysis`.
 
 Shapes use E for the number of experts (64 for OLMoE), K for a method's slot width (max_k, or k for top-k),
@@ -46,6 +49,9 @@ __all__ = [
     "compare_multi_k_statistics",
     "load_model",
     "build_random_olmoe",
+    "VARIABLE_K_EXPERTS",
+    "variable_k_experts_forward",
+    "register_variable_k_experts",
     "OLMoERouterPatcher",
     "PROMPTS",
     "RoutingConfig",
@@ -768,7 +774,227 @@ def load_model(
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. The router patcher
+# 7. Variable-k expert execution: compute only the kept (token, expert) pairs
+# ----------------------------------------------------------------------------------------------------
+#
+# transformers' experts paths take a fixed slot width K: "eager" loops over experts in Python with a
+# host sync per layer, and "grouped_mm" runs its gather, activation and combine passes over all T x K
+# slots (and, when sentinel slots may occur, extra masking passes), so fewer experts per token save
+# little time. Here the kept pairs are sorted by expert (sentinels last), one grouped GEMM per projection
+# runs over the kept rows only (grouped_mm skips rows past the last group's offset), and the three
+# element-wise passes (gather, SiLU-and-multiply, weighted combine) read the number of kept pairs from
+# the device and touch only those rows: Triton kernels on CUDA, plain torch elsewhere (the reference).
+# No pass reads a count back to the host, so the path has no per-layer sync and can be CUDA-graphed.
+
+VARIABLE_K_EXPERTS = "variable_k"  # the name registered in transformers' ExpertsInterface
+EXPERTS_PATHS = (VARIABLE_K_EXPERTS, "model")  # OLMoERouterPatcher(experts_path=...)
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs use the torch reference below.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def _sort_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the T*K (token, slot) pairs by expert, sentinel slots (index E) last.
+
+    Args:
+        top_k_index: [T, K] expert ids, E in unused slots.
+    Returns:
+        pair_order [T*K] int64: flat pair ids (token * K + slot), sorted by expert id.
+        offsets [E] int32: offsets[e] is one past the last row of expert e's group; offsets[E-1] is the
+            number of kept pairs. Computed on the device (searchsorted), never read back.
+    """
+    # The narrowest key that holds the sentinel: a radix sort makes one pass per key byte (uint8 for 64
+    # experts sorts 32768 pairs in a quarter of the time of int64 on an H200; benchmarks/gpu_notes.md).
+    key_dtype = torch.uint8 if num_experts < 2**8 else torch.int16 if num_experts < 2**15 else torch.int32
+    sorted_expert_ids, pair_order = torch.sort(top_k_index.reshape(-1).to(key_dtype))
+    expert_ids = torch.arange(num_experts, device=top_k_index.device, dtype=key_dtype)
+    offsets = torch.searchsorted(sorted_expert_ids, expert_ids, right=True, out_int32=True)
+    return pair_order, offsets
+
+
+def _grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """rows [S, in] sorted by group, weights [E, out, in] (nn.Linear layout), offsets [E] -> [S, out].
+
+    Rows at and past offsets[-1] are not computed (their values are undefined). torch's grouped GEMM
+    (CUDA sm80+ in bf16, CPU for any float dtype from torch 2.9) where it exists; otherwise one matmul
+    per expert, which reads the offsets back to the host once."""
+    grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    usable = grouped_mm is not None and (rows.device.type == "cpu" or rows.dtype == torch.bfloat16)
+    if usable:
+        return grouped_mm(rows, weights.transpose(-2, -1), offs=offsets)
+    output = torch.zeros(rows.shape[0], weights.shape[1], device=rows.device, dtype=rows.dtype)
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):  # fallback only: one sync, loop over experts
+        if end > start:
+            output[start:end] = rows[start:end] @ weights[expert].T
+        start = end
+    return output
+
+
+def _variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn):
+    """The reference (and CPU) variable-k experts forward. Shapes as in `variable_k_experts_forward`."""
+    num_tokens, slots = top_k_index.shape
+    num_experts = gate_up_proj.shape[0]
+    pair_order, offsets = _sort_pairs_by_expert(top_k_index, num_experts)
+    sorted_hidden = hidden_states[pair_order // slots]  # [S, H]
+    gate, up = _grouped_matmul(sorted_hidden, gate_up_proj, offsets).chunk(2, dim=-1)  # [S, I] each
+    expert_outputs = _grouped_matmul(act_fn(gate) * up, down_proj, offsets)  # [S, H]; tail rows undefined
+    kept_rows = torch.arange(pair_order.numel(), device=pair_order.device) < offsets[-1]  # [S]
+    expert_outputs = torch.where(kept_rows[:, None], expert_outputs, 0.0)  # undefined rows may hold NaN
+    pair_rows = torch.empty_like(pair_order)
+    pair_rows[pair_order] = torch.arange(pair_order.numel(), device=pair_order.device)  # pair -> sorted row
+    slot_weights = top_k_weights.float().masked_fill(top_k_index >= num_experts, 0.0)  # [T, K]
+    per_slot = expert_outputs[pair_rows].view(num_tokens, slots, -1).float()  # [T, K, H]
+    return (per_slot * slot_weights[..., None]).sum(dim=1).to(hidden_states.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_kept_pairs_kernel(hidden_ptr, pair_order_ptr, offsets_ptr, sorted_hidden_ptr, pair_rows_ptr,
+                                  hidden_size, num_experts, SLOTS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        """For each sorted row r < kept: sorted_hidden[r] = hidden[pair_order[r] // K], and records
+        pair_rows[pair_order[r]] = r for the combine. The programs stride over the kept rows only, so rows
+        past the kept count cost nothing."""
+        num_kept = tl.load(offsets_ptr + num_experts - 1)
+        for row in range(tl.program_id(0), num_kept, tl.num_programs(0)):
+            row = tl.cast(row, tl.int64)  # 64-bit offsets: rows x hidden may pass 2**31
+            pair = tl.load(pair_order_ptr + row)
+            tl.store(pair_rows_ptr + pair, row)
+            source = hidden_ptr + (pair // SLOTS) * hidden_size
+            target = sorted_hidden_ptr + row * hidden_size
+            columns = tl.arange(0, BLOCK)
+            for start in range(0, hidden_size, BLOCK):
+                mask = start + columns < hidden_size
+                tl.store(target + start + columns, tl.load(source + start + columns, mask=mask), mask=mask)
+
+    @triton.jit
+    def _silu_and_mul_kept_kernel(gate_up_ptr, output_ptr, offsets_ptr, intermediate_size, num_experts,
+                                  BLOCK: tl.constexpr):  # fmt: skip
+        """output[r] = silu(gate_up[r, :I]) * gate_up[r, I:] for kept rows r, in float32 then rounded once."""
+        num_kept = tl.load(offsets_ptr + num_experts - 1)
+        for row in range(tl.program_id(0), num_kept, tl.num_programs(0)):  # kept rows only, as above
+            row = tl.cast(row, tl.int64)
+            source = gate_up_ptr + row * 2 * intermediate_size
+            target = output_ptr + row * intermediate_size
+            columns = tl.arange(0, BLOCK)
+            for start in range(0, intermediate_size, BLOCK):
+                mask = start + columns < intermediate_size
+                gate = tl.load(source + start + columns, mask=mask).to(tl.float32)
+                up = tl.load(source + intermediate_size + start + columns, mask=mask).to(tl.float32)
+                activated = gate * tl.sigmoid(gate) * up
+                tl.store(target + start + columns, activated.to(output_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _combine_kept_pairs_kernel(expert_outputs_ptr, pair_rows_ptr, top_k_index_ptr, top_k_weights_ptr,
+                                   output_ptr, hidden_size, num_experts, SLOTS: tl.constexpr,
+                                   BLOCK: tl.constexpr):  # fmt: skip
+        """output[t, block] = sum over kept slots k of weight[t, k] * expert_outputs[pair_rows[t*K + k], block],
+        accumulated in float32; sentinel slots load nothing."""
+        token = tl.program_id(0).to(tl.int64)
+        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = columns < hidden_size
+        accumulator = tl.zeros([BLOCK], dtype=tl.float32)
+        for slot in tl.static_range(SLOTS):
+            pair = token * SLOTS + slot
+            kept = tl.load(top_k_index_ptr + pair) < num_experts
+            weight = tl.load(top_k_weights_ptr + pair).to(tl.float32)
+            row = tl.load(pair_rows_ptr + pair, mask=kept, other=0)
+            kept_columns = columns < tl.where(kept, hidden_size, 0)  # all False in a sentinel slot
+            values = tl.load(expert_outputs_ptr + row * hidden_size + columns, mask=kept_columns, other=0.0)
+            accumulator += tl.where(kept, weight, 0.0) * values.to(tl.float32)
+        tl.store(output_ptr + token * hidden_size + columns, accumulator.to(output_ptr.dtype.element_ty), mask=mask)
+
+
+def _num_row_programs(device: torch.device) -> int:
+    """Programs for the row kernels: a few per streaming multiprocessor, each striding over the kept rows."""
+    if device.type != "cuda":
+        return 64
+    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    """The fused variable-k experts forward (SiLU-gated experts): sort, Triton gather, two grouped GEMMs
+    with a Triton SiLU-and-multiply between them, Triton weighted combine. Shapes as in
+    `variable_k_experts_forward`. Runs wherever Triton runs (CUDA; CPU under TRITON_INTERPRET=1)."""
+    num_tokens, slots = top_k_index.shape
+    num_experts, double_intermediate, hidden_size = gate_up_proj.shape
+    num_pairs = num_tokens * slots
+    hidden_states, top_k_index, top_k_weights = (t.contiguous() for t in (hidden_states, top_k_index, top_k_weights))
+    pair_order, offsets = _sort_pairs_by_expert(top_k_index, num_experts)
+    sorted_hidden = torch.empty(num_pairs, hidden_size, device=hidden_states.device, dtype=gate_up_proj.dtype)
+    pair_rows = torch.empty_like(pair_order)
+    output = torch.empty_like(hidden_states)
+    if num_pairs == 0:
+        return output
+    row_programs = (min(num_pairs, _num_row_programs(hidden_states.device)),)
+    _gather_kept_pairs_kernel[row_programs](hidden_states, pair_order, offsets, sorted_hidden, pair_rows,
+                                            hidden_size, num_experts, SLOTS=slots, BLOCK=1024)  # fmt: skip
+    gate_up = _grouped_matmul(sorted_hidden, gate_up_proj, offsets)  # [S, 2I]
+    activated = torch.empty(num_pairs, double_intermediate // 2, device=gate_up.device, dtype=gate_up.dtype)
+    _silu_and_mul_kept_kernel[row_programs](gate_up, activated, offsets, double_intermediate // 2, num_experts,
+                                            BLOCK=1024)  # fmt: skip
+    expert_outputs = _grouped_matmul(activated, down_proj, offsets)  # [S, H]
+    block = min(1024, triton.next_power_of_2(hidden_size))
+    _combine_kept_pairs_kernel[(num_tokens, triton.cdiv(hidden_size, block))](
+        expert_outputs, pair_rows, top_k_index, top_k_weights, output, hidden_size, num_experts,
+        SLOTS=slots, BLOCK=block,
+    )  # fmt: skip
+    return output
+
+
+def _triton_path_supported(experts: torch.nn.Module, hidden_states: torch.Tensor) -> bool:
+    return (
+        triton is not None and hidden_states.is_cuda and experts.gate_up_proj.dtype == torch.bfloat16
+        and getattr(experts.config, "hidden_act", None) == "silu"
+    )  # fmt: skip
+
+
+def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
+    """Experts forward that computes only the kept (token, expert) pairs; registered in transformers as
+    experts_implementation="variable_k" (`model.set_experts_implementation("variable_k")`).
+
+    Args:
+        experts: an OLMoE-layout experts module (`OlmoeExperts`: gate_up_proj [E, 2I, H], down_proj [E, H, I],
+            gated activation `act_fn`, no biases).
+        hidden_states: [T, H].
+        top_k_index: [T, K] expert ids; the sentinel E marks an unused slot (any number per token, 0..K).
+        top_k_weights: [T, K] routing weights (ignored in sentinel slots).
+    Returns:
+        [T, H] in hidden_states' dtype: sum over kept slots of weight * expert(hidden_state).
+    On CUDA with bf16 weights and SiLU gating the Triton path runs; otherwise the torch reference.
+    """
+    layout = (getattr(experts, "has_gate", True), getattr(experts, "has_bias", False),
+              getattr(experts, "is_transposed", False), getattr(experts, "is_concatenated", True),
+              getattr(experts, "has_post_expert_norm", False))  # fmt: skip
+    if layout != (True, False, False, True, False):
+        raise NotImplementedError(
+            f"experts_implementation={VARIABLE_K_EXPERTS!r} supports OLMoE-layout experts (concatenated gate/up "
+            f"projections, no bias, no post-expert norm); {type(experts).__name__} has (has_gate, has_bias, "
+            f"is_transposed, is_concatenated, has_post_expert_norm) = {layout}"
+        )
+    if _triton_path_supported(experts, hidden_states):
+        arguments = (hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj)
+        if hidden_states.device.index == torch.cuda.current_device():
+            return _variable_k_experts_triton(*arguments)
+        with torch.cuda.device(hidden_states.device):  # Triton launches on the current device
+            return _variable_k_experts_triton(*arguments)
+    return _variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj,
+                                     experts.down_proj, experts.act_fn)  # fmt: skip
+
+
+def register_variable_k_experts() -> None:
+    """Make experts_implementation="variable_k" known to transformers (from_pretrained, set_experts_implementation)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(VARIABLE_K_EXPERTS, variable_k_experts_forward)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. The router patcher
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -872,8 +1098,10 @@ class OLMoERouterPatcher:
     module computes only the selected (token, expert) pairs. The router logits are left untouched, and
     removing the hooks restores the model exactly.
 
-    The experts module must skip sentinel indices: "eager" does; "grouped_mm" does when flagged as expert
-    parallel, which the patcher sets while patched (if this transformers supports it); any other
+    While patched, the experts run this module's variable-k path (experts_path="variable_k", the default on
+    CUDA), whose time follows the number of kept pairs. With experts_path="model" they keep the model's own
+    implementation, which must skip sentinel indices: "eager" does; "grouped_mm" does when flagged as
+    expert parallel, which the patcher sets while patched (if this transformers supports it); any other
     implementation is switched to "eager" while patched. `unpatch` restores all of it.
 
         patcher = OLMoERouterPatcher(model)
@@ -888,7 +1116,7 @@ class OLMoERouterPatcher:
 
     def __init__(
         self, model: torch.nn.Module, record_token_counts: bool = True, compile_routing: bool | None = None,
-        cuda_graphs: bool | None = None,
+        cuda_graphs: bool | None = None, experts_path: str | None = None,
     ):  # fmt: skip
         """record_token_counts: keep every token's count per layer (get_stats()["token_counts"]).
         compile_routing: fuse the BH routing into a few kernels with torch.compile (None: on when the model
@@ -897,7 +1125,11 @@ class OLMoERouterPatcher:
         cuda_graphs: replay the BH routing as a CUDA graph per input shape, so that its ~40 small kernels
             cost one launch (None: on when the model is on one GPU; a model spread over several GPUs does
             not use them). The forward pass on a GPU is mostly bound by kernel launches, which the eager
-            routing would otherwise double."""
+            routing would otherwise double.
+        experts_path: "variable_k" (the experts compute only the kept pairs with `variable_k_experts_forward`)
+            or "model" (the model's own experts implementation). None: "variable_k" when the experts are on
+            CUDA in bfloat16 and Triton is installed (its fused path), else "model" (on a CPU, eager or
+            grouped_mm are as fast as the torch reference)."""
         import transformers
         from packaging.version import Version
         from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
@@ -926,6 +1158,14 @@ class OLMoERouterPatcher:
         self.norm_topk_prob = bool(self.routers[0].norm_topk_prob)
         self.num_layers = len(self.routers)
         device_type = self.routers[0].weight.device.type
+        if experts_path is None:
+            fused = triton is not None and device_type == "cuda" and self.experts[0].gate_up_proj.dtype == torch.bfloat16
+            experts_path = VARIABLE_K_EXPERTS if fused else "model"
+        if experts_path not in EXPERTS_PATHS:
+            raise ValueError(f"experts_path must be one of {EXPERTS_PATHS} or None, got {experts_path!r}")
+        if experts_path == VARIABLE_K_EXPERTS:
+            register_variable_k_experts()
+        self.experts_path = experts_path
         if compile_routing is None:
             compile_routing = device_type == "cuda" and importlib.util.find_spec("triton") is not None
         self.compile_routing = bool(compile_routing)
@@ -1049,10 +1289,12 @@ class OLMoERouterPatcher:
         self.unpatch()
         self.reset_stats()
         self.method, self.params, self._route = method, params, route
+        if method != "native" and self.experts_path == VARIABLE_K_EXPERTS:
+            self._switch_experts_implementation(VARIABLE_K_EXPERTS)
         # Only a method that can keep fewer experts than its slots emits the sentinel index; top-k (and
         # min_k == max_k) never does, and then the experts path needs no sentinel handling, which costs
         # grouped_mm a few passes over its [tokens x slots, hidden] buffers.
-        if method not in ("native", "topk") and params["min_k"] < params["max_k"]:
+        elif method not in ("native", "topk") and params["min_k"] < params["max_k"]:
             self._make_experts_skip_sentinels()
         self.experts_implementation = self._current_experts_implementation()
         for layer, router in enumerate(self.routers):
@@ -1064,15 +1306,20 @@ class OLMoERouterPatcher:
 
     def _make_experts_skip_sentinels(self) -> None:
         implementation = self._current_experts_implementation()
-        if implementation == "eager":
+        if implementation in ("eager", VARIABLE_K_EXPERTS):
             return
         if implementation == "grouped_mm" and _grouped_mm_masks_sentinels():
             self._saved_expert_parallel_flags = [getattr(e, "_is_expert_parallel", False) for e in self.experts]
             for experts in self.experts:
                 experts._is_expert_parallel = True
             return
-        self._saved_experts_implementation = implementation
-        self.model.set_experts_implementation("eager")
+        self._switch_experts_implementation("eager")
+
+    def _switch_experts_implementation(self, implementation: str) -> None:
+        current = self._current_experts_implementation()
+        if current != implementation:
+            self._saved_experts_implementation = current
+            self.model.set_experts_implementation(implementation)
 
     def _make_hook(self, layer: int):
         def hook(module, args, output):
@@ -1176,7 +1423,7 @@ class OLMoERouterPatcher:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. The experiment: 25 configurations x 12 prompts, resumable, with per-config results on disk
+# 9. The experiment: 25 configurations x 12 prompts, resumable, with per-config results on disk
 # ----------------------------------------------------------------------------------------------------
 
 PROMPTS: dict[str, list[str]] = {
@@ -1399,7 +1646,7 @@ def run_sweep(
 
 
 # ----------------------------------------------------------------------------------------------------
-# 9. Outputs: summary table, saturation analysis, JSON/CSV, the 9-panel figure, the markdown report
+# 10. Outputs: summary table, saturation analysis, JSON/CSV, the 9-panel figure, the markdown report
 # ----------------------------------------------------------------------------------------------------
 
 SUMMARY_COLUMNS = [
@@ -1871,7 +2118,7 @@ def write_report(
 
 
 # ----------------------------------------------------------------------------------------------------
-# 10. Quality: perplexity at equal compute, baselines, the efficiency frontier, token-level analysis
+# 11. Quality: perplexity at equal compute, baselines, the efficiency frontier, token-level analysis
 # ----------------------------------------------------------------------------------------------------
 
 HELDOUT_TEXT_PATH = REPO_DIR / "data" / "heldout.txt"

@@ -1,0 +1,188 @@
+"""The variable-k experts path (section 7): same outputs as transformers' eager experts, only kept pairs
+computed, no host sync. The Triton kernels run here under Triton's CPU interpreter."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bh_routing
+
+NUM_EXPERTS = 64
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _experts(dtype=torch.float32, hidden_size=64, intermediate_size=32):
+    model = bh_routing.build_random_olmoe(seed=0, hidden_size=hidden_size, intermediate_size=intermediate_size)
+    model = model.to(dtype)
+    model.set_experts_implementation("eager")
+    return model, model.model.layers[0].mlp.experts
+
+
+def _routing(num_tokens: int, slots: int, seed: int = 0, counts=None):
+    """Top-`slots` routing of random logits in which token t keeps counts[t] experts (default (t + slots) mod (slots + 1),
+    so every count 0..slots occurs, tokens with no expert included); sentinel E in the other slots."""
+    generator = torch.Generator().manual_seed(seed)
+    weights, index = torch.softmax(torch.randn(num_tokens, NUM_EXPERTS, generator=generator), -1).topk(slots)
+    counts = (torch.arange(num_tokens) + slots) % (slots + 1) if counts is None else counts
+    kept = torch.arange(slots)[None] < counts[:, None]
+    return torch.where(kept, weights, 0.0), torch.where(kept, index, NUM_EXPERTS), counts
+
+
+def _relative_error(actual, expected):
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("num_tokens,slots", [(37, 8), (5, 3), (1, 8), (64, 16)])
+def test_torch_reference_matches_eager(dtype, tolerance, num_tokens, slots):
+    model, experts = _experts(dtype)
+    weights, index, counts = _routing(num_tokens, slots)
+    hidden = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    expected = experts(hidden, index, weights)
+    actual = bh_routing._variable_k_experts_torch(hidden, index, weights, experts.gate_up_proj,
+                                                  experts.down_proj, experts.act_fn)  # fmt: skip
+    assert actual.dtype == dtype and actual.shape == hidden.shape
+    assert _relative_error(actual, expected) < tolerance
+    assert torch.all(actual[counts == 0] == 0)  # no expert kept: the MoE output is exactly zero
+
+
+def test_registered_implementation_matches_eager_in_a_model(tiny_model, input_ids):
+    bh_routing.register_variable_k_experts()
+    tiny_model.set_experts_implementation("eager")
+    expected = tiny_model(input_ids).logits
+    tiny_model.set_experts_implementation(bh_routing.VARIABLE_K_EXPERTS)
+    assert torch.allclose(tiny_model(input_ids).logits, expected, atol=1e-5)
+
+
+def test_rows_past_the_kept_pairs_are_never_used(monkeypatch):
+    """The grouped GEMM leaves rows past the kept pairs undefined: poison them with NaN, the output
+    must not change, and the kept count handed to it must be the number of non-sentinel slots."""
+    model, experts = _experts()
+    weights, index, counts = _routing(40, 8)
+    hidden = torch.randn(40, 64)
+    expected = bh_routing._variable_k_experts_torch(hidden, index, weights, experts.gate_up_proj,
+                                                    experts.down_proj, experts.act_fn)  # fmt: skip
+    real_grouped_matmul = bh_routing._grouped_matmul
+    kept_counts = []
+
+    def poisoned(rows, expert_weights, offsets):
+        output = real_grouped_matmul(rows, expert_weights, offsets).clone()
+        kept_counts.append(int(offsets[-1]))
+        output[int(offsets[-1]):] = float("nan")
+        return output
+
+    monkeypatch.setattr(bh_routing, "_grouped_matmul", poisoned)
+    actual = bh_routing._variable_k_experts_torch(hidden, index, weights, experts.gate_up_proj,
+                                                  experts.down_proj, experts.act_fn)  # fmt: skip
+    assert kept_counts == [int(counts.sum())] * 2
+    assert torch.isfinite(actual).all() and torch.equal(actual, expected)
+
+
+def test_sort_gives_expert_groups_with_sentinels_last():
+    index = torch.tensor([[3, 64, 64], [0, 3, 64], [63, 0, 3]])
+    pair_order, offsets = bh_routing._sort_pairs_by_expert(index, NUM_EXPERTS)
+    sorted_ids = index.reshape(-1)[pair_order]
+    assert sorted_ids.tolist() == [0, 0, 3, 3, 3, 63, 64, 64, 64]
+    assert offsets.dtype == torch.int32 and offsets.shape == (NUM_EXPERTS,)
+    assert offsets[0] == 2 and offsets[2] == 2 and offsets[3] == 5 and offsets[62] == 5 and offsets[63] == 6
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_sync_on_the_path():
+    """.item(), .tolist(), bool(tensor) and nonzero all go through these ops; the path must call none."""
+    model, experts = _experts()
+    weights, index, _ = _routing(33, 8)
+    with _OpRecorder() as recorder:
+        bh_routing._variable_k_experts_torch(torch.randn(33, 64), index, weights, experts.gate_up_proj,
+                                             experts.down_proj, experts.act_fn)  # fmt: skip
+    assert "aten._grouped_mm" in recorder.ops  # the real grouped GEMM ran (not the per-expert fallback)
+    assert not recorder.ops & {"aten._local_scalar_dense", "aten.nonzero", "aten.item"}
+
+
+def test_unsupported_expert_layout_is_refused():
+    model, experts = _experts()
+    experts.has_bias = True
+    weights, index, _ = _routing(4, 8)
+    with pytest.raises(NotImplementedError, match="has_bias"):
+        bh_routing.variable_k_experts_forward(experts, torch.randn(4, 64), index, weights)
+
+
+def test_patcher_variable_k_path_matches_the_model_path(tiny_model, input_ids):
+    tiny_model.set_experts_implementation("eager")
+    results = {}
+    for path in ("model", "variable_k"):
+        patcher = bh_routing.OLMoERouterPatcher(tiny_model, experts_path=path)
+        assert patcher.experts_path == path
+        for name, patch in {"bh": lambda p: p.patch_with_bh(alpha=0.2, min_k=1, max_k=8),
+                            "topk": lambda p: p.patch_with_topk(k=3)}.items():  # fmt: skip
+            patch(patcher)
+            results[path, name] = (tiny_model(input_ids).logits, patcher.get_stats())
+            assert results[path, name][1]["experts_implementation"] == ("eager" if path == "model" else "variable_k")
+        patcher.unpatch()
+        assert tiny_model.config._experts_implementation == "eager"  # restored
+    for name in ("bh", "topk"):
+        assert torch.allclose(results["model", name][0], results["variable_k", name][0], atol=1e-5)
+        assert torch.equal(results["model", name][1]["token_counts"], results["variable_k", name][1]["token_counts"])
+
+
+def test_patcher_default_experts_path_on_cpu_is_the_model_path(tiny_model):
+    assert bh_routing.OLMoERouterPatcher(tiny_model).experts_path == "model"
+
+
+def test_patcher_rejects_unknown_experts_path(tiny_model):
+    with pytest.raises(ValueError, match="experts_path must be one of"):
+        bh_routing.OLMoERouterPatcher(tiny_model, experts_path="fast")
+
+
+TRITON_CHECK = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import bh_routing
+assert bh_routing.triton is not None
+model = bh_routing.build_random_olmoe(seed=0, hidden_size=96, intermediate_size=48)
+experts = model.model.layers[0].mlp.experts
+model.set_experts_implementation("eager")
+for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+    experts.to(dtype)
+    for num_tokens, slots in ((37, 8), (1, 8), (6, 2)):
+        generator = torch.Generator().manual_seed(num_tokens)
+        weights, index = torch.softmax(torch.randn(num_tokens, 64, generator=generator), -1).topk(slots)
+        counts = (torch.arange(num_tokens) + slots) % (slots + 1)
+        kept = torch.arange(slots)[None] < counts[:, None]
+        weights, index = torch.where(kept, weights, 0.0), torch.where(kept, index, 64)
+        hidden = torch.randn(num_tokens, 96, generator=generator).to(dtype)
+        expected = experts(hidden, index, weights).float()
+        actual = bh_routing._variable_k_experts_triton(hidden, index, weights, experts.gate_up_proj, experts.down_proj)
+        error = ((actual.float() - expected).norm() / expected.norm()).item()
+        assert actual.dtype == dtype and error < tolerance, (dtype, num_tokens, slots, error)
+        assert torch.all(actual[counts == 0] == 0)
+print("triton interpreter ok")
+"""
+
+
+def test_triton_kernels_match_eager_under_the_interpreter():
+    """`make test` installs Triton into .venv/triton-interpreter (outside the main environment, so the rest
+    of the suite sees a CPU install as users have it) and sets BH_TRITON_INTERPRETER_SITE."""
+    site = os.environ.get("BH_TRITON_INTERPRETER_SITE")
+    if not site:
+        pytest.skip("BH_TRITON_INTERPRETER_SITE not set (make test sets it)")
+    assert Path(site, "triton").is_dir(), f"no Triton in {site}"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": site}
+    result = subprocess.run([sys.executable, "-c", TRITON_CHECK, str(REPO)], env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "triton interpreter ok" in result.stdout
