@@ -1,0 +1,45 @@
+"""Where the variable-k path's time goes in a 4096-token MoE layer (OLMoE-1B-7B shape, bf16): a
+torch.profiler kernel table at 8 and 2 experts per token, and the sort alone for several key dtypes.
+
+    python benchmarks/profile_experts.py
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bh_routing  # noqa: E402
+from bench_experts import median_ms, routing_with_counts  # noqa: E402
+
+
+def main() -> None:
+    config = Path(__file__).resolve().parent / "olmoe-1b-7b-0924.config.json"
+    model = bh_routing.build_random_olmoe(config, device="cuda", dtype=torch.bfloat16, num_hidden_layers=1)
+    experts = model.model.layers[0].mlp.experts
+    generator = torch.Generator("cuda").manual_seed(0)
+    hidden = torch.randn(4096, experts.hidden_dim, device="cuda", generator=generator).bfloat16()
+    for k in (8, 2):
+        weights, index = routing_with_counts(4096, torch.full((4096,), k, device="cuda"), generator)
+        call = lambda: bh_routing.variable_k_experts_forward(experts, hidden, index, weights)  # noqa: E731
+        median_ms(call)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                call()
+            torch.cuda.synchronize()
+        print(f"--- k = {k}: CUDA kernel time per call (us), 10 calls")
+        for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:14]:
+            print(f"{event.device_time_total / 10:9.1f}  {event.key[:110]}")
+    flat = index.reshape(-1)
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        keys = flat.to(dtype)
+        print(f"sort of {keys.numel()} {dtype}: {median_ms(lambda: torch.sort(keys)) * 1000:.1f} us")
+    keys = flat.to(torch.uint8)
+    print("searchsorted on uint8:", torch.searchsorted(torch.sort(keys)[0], torch.arange(64, device="cuda", dtype=torch.uint8), right=True)[-3:].tolist())
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
