@@ -1363,17 +1363,18 @@ class OLMoERouterPatcher:
         if self._selections[layer] is None:
             self._selections[layer] = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
             self._entropy_sums[layer] = torch.zeros((), dtype=torch.float64, device=device)
-        for expert_counts, top_weights, top_index in pending:
-            flat_index = top_index.reshape(-1)
-            # Sentinel slots (index E) land in the last bin, which get_stats drops.
-            self._selections[layer].scatter_add_(0, flat_index, torch.ones_like(flat_index))
-            weights = top_weights.float()
-            shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-            self._entropy_sums[layer] += -torch.xlogy(shares, shares).sum()
-            if self.record_token_counts:
-                if expert_counts is None:
-                    expert_counts = torch.full(top_index.shape[:-1], top_index.shape[-1], device=device)
-                self._token_counts[layer].append(expert_counts.reshape(-1).to(torch.int16))
+        # One batch of kernels for all pending calls (a patch keeps its slot width K, so they concatenate).
+        top_index = torch.cat([index.reshape(-1, index.shape[-1]) for _, _, index in pending])  # [N, K]
+        weights = torch.cat([w.reshape(-1, w.shape[-1]) for _, w, _ in pending]).float()  # [N, K]
+        flat_index = top_index.reshape(-1)
+        # Sentinel slots (index E) land in the last bin, which get_stats drops.
+        self._selections[layer].scatter_add_(0, flat_index, torch.ones_like(flat_index))
+        shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        self._entropy_sums[layer] += -torch.xlogy(shares, shares).sum()
+        if self.record_token_counts:
+            counts = [c.reshape(-1) if c is not None else torch.full(i.shape[:-1], i.shape[-1], device=device).reshape(-1)
+                      for c, _, i in pending]  # fmt: skip
+            self._token_counts[layer].append(torch.cat(counts).to(torch.int16))
 
     def get_stats(self) -> dict:
         """Routing statistics since the last patch or reset_stats().
@@ -1514,20 +1515,30 @@ def _atomic_write_text(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
+def _warm_up(model, tokenizer, prompts: dict[str, list[str]], new_tokens: int) -> None:
+    """Generate exactly `new_tokens` tokens for every prompt, untimed, so that the shapes a timed run meets
+    (each prompt length, each key/value length while decoding) have had their first-call costs."""
+    device = next(model.parameters()).device
+    for prompt in (prompt for group_prompts in prompts.values() for prompt in group_prompts):
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+
+
 def run_config(
     model, tokenizer, patcher: "OLMoERouterPatcher", config: RoutingConfig, prompts: dict[str, list[str]],
     max_new_tokens: int = 20,
 ) -> dict:
     """Greedy generation of every prompt under one configuration, with routing statistics and timings.
 
-    Statistics cover the prompt and the generated tokens. Timing excludes a warm-up generation and
-    synchronises the device. Returns a JSON-serialisable dict.
+    Statistics cover the prompt and the generated tokens. Timing synchronises the device and excludes a
+    short warm-up generation of every prompt, which takes this configuration's first-call costs per prompt
+    length (the routing's CUDA-graph capture per shape, compilation). Returns a JSON-serialisable dict.
     """
     device = next(model.parameters()).device
     config.apply(patcher)
     try:
-        warmup_ids = tokenizer(next(iter(prompts.values()))[0], return_tensors="pt").input_ids.to(device)
-        model.generate(warmup_ids, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        _warm_up(model, tokenizer, prompts, new_tokens=2)
         prompt_results, all_counts, group_counts = [], [], {group: [] for group in prompts}
         selections, entropy_weighted, num_routed = None, 0.0, 0
         for group, group_prompts in prompts.items():
@@ -1619,6 +1630,7 @@ def run_sweep(
     settings = {"prompts": prompts, "max_new_tokens": max_new_tokens, "seed": seed, **(metadata or {})}
     patcher = OLMoERouterPatcher(model)
     results = {}
+    warmed_up = False
     bar = tqdm(total=len(configs) * sum(len(p) for p in prompts.values()), disable=not progress, desc="configs x prompts")
     for config in configs:
         path = config_dir / f"{config.name}.json"
@@ -1628,6 +1640,12 @@ def run_sweep(
                 results[config.name] = saved
                 bar.update(len(saved["prompts"]))
                 continue
+        if not warmed_up:
+            # Once, with the model's own routing: every prompt's full generation, so that first-call costs of
+            # each attention shape (cuDNN/SDPA plans per key/value length on a GPU) fall on no configuration;
+            # without it the first one measured paid them (3-5x on some prompts; benchmarks/gpu_notes.md).
+            _warm_up(model, tokenizer, prompts, new_tokens=max_new_tokens)
+            warmed_up = True
         torch.manual_seed(seed)
         bar.set_postfix_str(config.name)
         try:
@@ -2037,11 +2055,17 @@ def write_report(
     else:
         findings.append("Not measured in this run: output quality (perplexity); routing counts alone do not show "
                         "what fewer experts cost.")  # fmt: skip
-    findings.append(
-        "Timings are end-to-end greedy generation on this hardware with the experts path "
-        f"{', '.join(sorted({r.get('experts_implementation') or 'eager' for r in results.values() if r['status'] == 'ok'}))}; "
-        "they include the routing overhead and say nothing about a GPU kernel that skips experts."
-    )
+    paths = sorted({r.get("experts_implementation") or "eager" for r in results.values() if r["status"] == "ok"})
+    if VARIABLE_K_EXPERTS in paths:
+        speed = ("the routed configurations ran the variable-k experts path, which computes only the kept (token, "
+                 "expert) pairs, against the native baseline on the model's own path; generating a few tokens per "
+                 "prompt is bound by per-token launch overhead more than by expert compute (per-layer and "
+                 "per-phase speed: benchmarks/README.md)")  # fmt: skip
+    else:
+        speed = ("they include the routing overhead; the GPU speed of the variable-k experts path (the patcher's "
+                 "default on CUDA in bf16) is in benchmarks/README.md")  # fmt: skip
+    findings.append(f"Timings are end-to-end greedy generation on this hardware with the experts path "
+                    f"{', '.join(paths)}; {speed}.")  # fmt: skip
     lines += [f"- {f}" for f in findings]
     columns = ["config", "alpha", "max_k", "avg_experts", "std_experts", "min_experts", "max_experts", "median_experts",
                "ceiling_hit_rate", "floor_hit_rate", "reduction_vs_baseline", "tokens_per_second", "weight_entropy",

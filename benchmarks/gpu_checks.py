@@ -1,11 +1,14 @@
 """GPU correctness checks for the patcher (run on a CUDA machine; prints one line per check).
 
-1. The sentinel-padded BH routing through transformers' grouped_mm path (flagged expert-parallel by the
-   patcher) gives the same logits as through the eager path, prefill and decode, in bf16.
+1. The sentinel-padded BH routing (min_k = 0: some tokens keep no expert) through this repository's
+   variable-k path (the patcher's default on CUDA) and through transformers' grouped_mm path (flagged
+   expert-parallel by the patcher) gives the same logits as through the eager path, prefill and decode,
+   in bf16.
 2. Restoring: after unpatch the model's logits are bit-identical to before patching.
 3. CUDA-graph routing (the patcher's default on CUDA) and torch.compile give the same counts as plain.
 """
 
+import copy
 import sys
 from pathlib import Path
 
@@ -26,10 +29,14 @@ def main() -> None:
     input_ids = torch.randint(2, 512, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         reference = model(input_ids).logits
-    patcher = OLMoERouterPatcher(model)
+    print(f"patcher default experts path on CUDA bf16: {OLMoERouterPatcher(model).experts_path}")
     results = {}
-    for implementation in ("grouped_mm", "eager"):
-        model.set_experts_implementation(implementation)
+    for implementation in ("variable_k", "grouped_mm", "eager"):
+        if implementation == "variable_k":
+            patcher = OLMoERouterPatcher(model, experts_path="variable_k")
+        else:
+            model.set_experts_implementation(implementation)
+            patcher = OLMoERouterPatcher(model, experts_path="model")
         patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
         with torch.no_grad():
             logits = model(input_ids).logits.float()
@@ -39,10 +46,38 @@ def main() -> None:
         patcher.unpatch()
         print(f"{implementation}: experts path used {stats['experts_implementation']}, avg experts "
               f"{stats['avg_experts']:.3f}, distinct counts {stats['token_counts'].unique().tolist()}")
-    grouped, eager = results["grouped_mm"], results["eager"]
-    relative = ((grouped[0] - eager[0]).norm() / eager[0].norm()).item()
-    print(f"grouped_mm vs eager patched prefill logits: relative error {relative:.2e}")
-    print(f"generated tokens identical: {torch.equal(grouped[1], eager[1])}")
+    # bf16 paths round differently, which moves some BH decisions near their threshold; a float32 copy of
+    # the model (eager experts) is the reference each bf16 path is measured against.
+    reference_model = copy.deepcopy(model).float()
+    reference_model.set_experts_implementation("eager")
+    reference_patcher = OLMoERouterPatcher(reference_model, experts_path="model")
+    for name, patch in (("BH", lambda p: p.patch_with_bh(alpha=0.1, min_k=0, max_k=16)),
+                        ("top-4", lambda p: p.patch_with_topk(k=4))):  # fmt: skip
+        patch(reference_patcher)
+        with torch.no_grad():
+            fp32 = reference_model(input_ids).logits.float()
+        errors = []
+        for implementation in ("variable_k", "grouped_mm", "eager"):
+            if implementation == "variable_k":
+                patcher = OLMoERouterPatcher(model, experts_path="variable_k")
+            else:
+                model.set_experts_implementation(implementation)
+                patcher = OLMoERouterPatcher(model, experts_path="model")
+            patch(patcher)
+            with torch.no_grad():
+                logits = model(input_ids).logits.float()
+            patcher.unpatch()
+            errors.append(f"{implementation} {((logits - fp32).norm() / fp32.norm()).item():.2e}")
+        reference_patcher.unpatch()
+        print(f"{name}: bf16 logits against the float32 model, relative error: {', '.join(errors)}")
+    del reference_model
+    eager = results["eager"]
+    for implementation in ("variable_k", "grouped_mm"):
+        other = results[implementation]
+        relative = ((other[0] - eager[0]).norm() / eager[0].norm()).item()
+        print(f"{implementation} vs eager patched prefill logits: relative error {relative:.2e}; "
+              f"generated tokens identical: {torch.equal(other[1], eager[1])}; "
+              f"counts identical: {torch.equal(other[2]['token_counts'], eager[2]['token_counts'])}")
     model.set_experts_implementation("grouped_mm")
     candidates = [OLMoERouterPatcher(model, cuda_graphs=False), OLMoERouterPatcher(model),  # default: CUDA graphs
                   OLMoERouterPatcher(model, compile_routing=True)]  # fmt: skip

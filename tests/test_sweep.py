@@ -108,6 +108,18 @@ def test_outputs(tiny_model, word_tokenizer, tmp_path):
     assert f"| bh_k8_a005 | 0.05 | 8 | {row['avg_experts']:.2f} | {row['std_experts']:.2f} |" in report
 
 
+def test_report_names_the_experts_path_of_its_timings(tiny_model, word_tokenizer, tmp_path):
+    configs = [c for c in br.design_configs() if c.name in ("topk_8_baseline", "bh_k8_a005")]
+    results = run(tiny_model, word_tokenizer, configs, tmp_path)
+    metadata = {"model": "tiny", **br.environment_info(tiny_model), "prompts": PROMPTS, "max_new_tokens": 3, "seed": 0}
+    own_path = results["bh_k8_a005"]["experts_implementation"]  # the model's own on a CPU
+    report = br.write_report(results, tmp_path / "a.md", metadata)
+    assert f"with the experts path {own_path};" in report and "variable-k experts path (the patcher's default" in report
+    results["bh_k8_a005"]["experts_implementation"] = "variable_k"  # as the patcher records it on a GPU
+    report = br.write_report(results, tmp_path / "b.md", metadata)
+    assert f"with the experts path {own_path}, variable_k;" in report and "ran the variable-k experts path" in report
+
+
 def test_saturation_analysis_on_known_numbers():
     rows = [{"config": f"bh_k{k}", "method": "bh", "pvalue_method": "robust_z", "alpha": 0.05, "max_k": k,
              "status": "ok", "avg_experts": avg} for k, avg in [(2, 2.0), (4, 3.0), (8, 3.1), (16, 3.12)]]  # fmt: skip
