@@ -19,6 +19,14 @@ import bh_routing  # noqa: E402
 from bh_routing import OLMoERouterPatcher  # noqa: E402
 
 
+def patcher_on(model, implementation: str) -> OLMoERouterPatcher:
+    """A patcher whose experts run `implementation`: "variable_k" (this repository's path) or a transformers one."""
+    if implementation == "variable_k":
+        return OLMoERouterPatcher(model, experts_path="variable_k")
+    model.set_experts_implementation(implementation)
+    return OLMoERouterPatcher(model, experts_path="model")
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA device"
     model = bh_routing.build_random_olmoe(None, seed=0, device="cuda", dtype=torch.bfloat16,
@@ -32,11 +40,7 @@ def main() -> None:
     print(f"patcher default experts path on CUDA bf16: {OLMoERouterPatcher(model).experts_path}")
     results = {}
     for implementation in ("variable_k", "grouped_mm", "eager"):
-        if implementation == "variable_k":
-            patcher = OLMoERouterPatcher(model, experts_path="variable_k")
-        else:
-            model.set_experts_implementation(implementation)
-            patcher = OLMoERouterPatcher(model, experts_path="model")
+        patcher = patcher_on(model, implementation)
         patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
         with torch.no_grad():
             logits = model(input_ids).logits.float()
@@ -58,11 +62,7 @@ def main() -> None:
             fp32 = reference_model(input_ids).logits.float()
         errors = []
         for implementation in ("variable_k", "grouped_mm", "eager"):
-            if implementation == "variable_k":
-                patcher = OLMoERouterPatcher(model, experts_path="variable_k")
-            else:
-                model.set_experts_implementation(implementation)
-                patcher = OLMoERouterPatcher(model, experts_path="model")
+            patcher = patcher_on(model, implementation)
             patch(patcher)
             with torch.no_grad():
                 logits = model(input_ids).logits.float()
