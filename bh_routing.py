@@ -26,6 +26,7 @@ and "..." for any leading token dimensions ([tokens] inside the model, [batch, s
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import math
@@ -815,15 +816,31 @@ def _sort_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[
     return pair_order, offsets
 
 
+@functools.lru_cache(maxsize=None)  # called per layer: no version parsing on the hot path
+def _grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch has a grouped GEMM kernel here: on CPU from torch 2.9 (any float dtype); on CUDA in
+    bf16, on sm80+ from torch 2.9 and on Hopper (sm90) before (not on a T4, sm75)."""
+    from packaging.version import Version
+
+    if not hasattr(F, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
+        return False
+    recent = Version(torch.__version__.split("+")[0]) >= Version("2.9")
+    if device.type == "cpu":
+        return recent
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        capability = torch.cuda.get_device_capability(device)
+        return capability >= (8, 0) if recent else capability[0] == 9
+    return False
+
+
 def _grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """rows [S, in] sorted by group, weights [E, out, in] (nn.Linear layout), offsets [E] -> [S, out].
 
-    Rows at and past offsets[-1] are not computed (their values are undefined). torch's grouped GEMM
-    (CUDA sm80+ in bf16, CPU for any float dtype from torch 2.9) where it exists; otherwise one matmul
-    per expert, which reads the offsets back to the host once."""
-    grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    usable = grouped_mm is not None and (rows.device.type == "cpu" or rows.dtype == torch.bfloat16)
-    if usable:
+    Rows at and past offsets[-1] are not computed (their values are undefined). torch's grouped GEMM where
+    it has one (`_grouped_mm_usable`); otherwise one matmul per expert, which reads the offsets back to
+    the host once."""
+    if _grouped_mm_usable(rows.device, rows.dtype):
+        grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
         return grouped_mm(rows, weights.transpose(-2, -1), offs=offsets)
     output = torch.zeros(rows.shape[0], weights.shape[1], device=rows.device, dtype=rows.dtype)
     start = 0
@@ -909,6 +926,7 @@ if triton is not None:
         tl.store(output_ptr + token * hidden_size + columns, accumulator.to(output_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_row_programs(device: torch.device) -> int:
     """Programs for the row kernels: a few per streaming multiprocessor, each striding over the kept rows."""
     if device.type != "cuda":
@@ -946,10 +964,11 @@ def _variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_u
     return output
 
 
-def _triton_path_supported(experts: torch.nn.Module, hidden_states: torch.Tensor) -> bool:
+def _triton_path_supported(experts: torch.nn.Module, device: torch.device) -> bool:
+    """The fused path: CUDA with Triton, bf16 weights, SiLU gating and a grouped GEMM kernel."""
     return (
-        triton is not None and hidden_states.is_cuda and experts.gate_up_proj.dtype == torch.bfloat16
-        and getattr(experts.config, "hidden_act", None) == "silu"
+        triton is not None and device.type == "cuda" and getattr(experts.config, "hidden_act", None) == "silu"
+        and _grouped_mm_usable(device, experts.gate_up_proj.dtype)
     )  # fmt: skip
 
 
@@ -965,7 +984,8 @@ def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weight
         top_k_weights: [T, K] routing weights (ignored in sentinel slots).
     Returns:
         [T, H] in hidden_states' dtype: sum over kept slots of weight * expert(hidden_state).
-    On CUDA with bf16 weights and SiLU gating the Triton path runs; otherwise the torch reference.
+    Where `_triton_path_supported` (CUDA, Triton, bf16, SiLU, a grouped GEMM kernel) the Triton path runs;
+    otherwise the torch reference (on a GPU without a grouped GEMM kernel, one matmul per expert).
     """
     layout = (getattr(experts, "has_gate", True), getattr(experts, "has_bias", False),
               getattr(experts, "is_transposed", False), getattr(experts, "is_concatenated", True),
@@ -976,7 +996,7 @@ def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weight
             f"projections, no bias, no post-expert norm); {type(experts).__name__} has (has_gate, has_bias, "
             f"is_transposed, is_concatenated, has_post_expert_norm) = {layout}"
         )
-    if _triton_path_supported(experts, hidden_states):
+    if _triton_path_supported(experts, hidden_states.device):
         arguments = (hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj)
         if hidden_states.device.index == torch.cuda.current_device():
             return _variable_k_experts_triton(*arguments)
@@ -1127,9 +1147,9 @@ class OLMoERouterPatcher:
             not use them). The forward pass on a GPU is mostly bound by kernel launches, which the eager
             routing would otherwise double.
         experts_path: "variable_k" (the experts compute only the kept pairs with `variable_k_experts_forward`)
-            or "model" (the model's own experts implementation). None: "variable_k" when the experts are on
-            CUDA in bfloat16 and Triton is installed (its fused path), else "model" (on a CPU, eager or
-            grouped_mm are as fast as the torch reference)."""
+            or "model" (the model's own experts implementation). None: "variable_k" where its fused path runs
+            (CUDA, Triton, bfloat16, a GPU with a grouped GEMM kernel: sm80+, not a T4), else "model" (on a
+            CPU, eager or grouped_mm are as fast as the torch reference)."""
         import transformers
         from packaging.version import Version
         from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
@@ -1159,7 +1179,7 @@ class OLMoERouterPatcher:
         self.num_layers = len(self.routers)
         device_type = self.routers[0].weight.device.type
         if experts_path is None:
-            fused = triton is not None and device_type == "cuda" and self.experts[0].gate_up_proj.dtype == torch.bfloat16
+            fused = _triton_path_supported(self.experts[0], self.experts[0].gate_up_proj.device)
             experts_path = VARIABLE_K_EXPERTS if fused else "model"
         if experts_path not in EXPERTS_PATHS:
             raise ValueError(f"experts_path must be one of {EXPERTS_PATHS} or None, got {experts_path!r}")
@@ -1372,9 +1392,11 @@ class OLMoERouterPatcher:
         shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         self._entropy_sums[layer] += -torch.xlogy(shares, shares).sum()
         if self.record_token_counts:
-            counts = [c.reshape(-1) if c is not None else torch.full(i.shape[:-1], i.shape[-1], device=device).reshape(-1)
-                      for c, _, i in pending]  # fmt: skip
-            self._token_counts[layer].append(torch.cat(counts).to(torch.int16))
+            if pending[0][0] is None:  # a method without counts keeps all K slots (top-k, native)
+                counts = torch.full((top_index.shape[0],), top_index.shape[-1], device=device)
+            else:
+                counts = torch.cat([expert_counts.reshape(-1) for expert_counts, _, _ in pending])
+            self._token_counts[layer].append(counts.to(torch.int16))
 
     def get_stats(self) -> dict:
         """Routing statistics since the last patch or reset_stats().
