@@ -186,3 +186,28 @@ def test_triton_kernels_match_eager_under_the_interpreter():
                             text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "triton interpreter ok" in result.stdout
+
+
+def test_grouped_gemm_only_where_torch_has_a_kernel(monkeypatch):
+    """The fused path (and the patcher's default) needs a grouped GEMM kernel: sm80+ in bf16, not a T4."""
+    try:
+        for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+            bh_routing._grouped_mm_usable.cache_clear()
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+            assert bh_routing._grouped_mm_usable(torch.device("cuda", 0), torch.bfloat16) is expected
+        bh_routing._grouped_mm_usable.cache_clear()
+        assert not bh_routing._grouped_mm_usable(torch.device("cuda", 0), torch.float32)
+        assert bh_routing._grouped_mm_usable(torch.device("cpu"), torch.float32)  # torch >= 2.9 here
+    finally:
+        bh_routing._grouped_mm_usable.cache_clear()
+
+
+def test_per_expert_fallback_matches_the_grouped_gemm(monkeypatch):
+    """Without a grouped GEMM kernel (a T4, float32 on CUDA) each expert's rows get one matmul."""
+    model, experts = _experts()
+    weights, index, _ = _routing(29, 8)
+    hidden = torch.randn(29, 64)
+    arguments = (hidden, index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn)
+    expected = bh_routing._variable_k_experts_torch(*arguments)
+    monkeypatch.setattr(bh_routing, "_grouped_mm_usable", lambda device, dtype: False)
+    assert torch.allclose(bh_routing._variable_k_experts_torch(*arguments), expected, atol=1e-6)
