@@ -807,8 +807,8 @@ def _sort_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[
         offsets [E] int32: offsets[e] is one past the last row of expert e's group; offsets[E-1] is the
             number of kept pairs. Computed on the device (searchsorted), never read back.
     """
-    # The narrowest key that holds the sentinel: a radix sort makes one pass per key byte (uint8 for 64
-    # experts sorts 32768 pairs in a quarter of the time of int64 on an H200; benchmarks/gpu_notes.md).
+    # The narrowest key that holds the sentinel: a radix sort makes one pass per key byte (for 32768 pairs
+    # on an H200, uint8 keys took 7 us of sort kernel against 46 us for int64; benchmarks/gpu_notes.md).
     key_dtype = torch.uint8 if num_experts < 2**8 else torch.int16 if num_experts < 2**15 else torch.int32
     sorted_expert_ids, pair_order = torch.sort(top_k_index.reshape(-1).to(key_dtype))
     expert_ids = torch.arange(num_experts, device=top_k_index.device, dtype=key_dtype)
