@@ -121,8 +121,29 @@ def test_unsupported_expert_layout_is_refused():
         bh_routing.variable_k_experts_forward(experts, torch.randn(4, 64), index, weights)
 
 
+def test_each_expert_computes_exactly_its_kept_pairs(monkeypatch):
+    """The grouped GEMM's group of expert e holds the pairs routed to e, so an expert no token kept gets an
+    empty group (no compute), and sentinel slots belong to no group."""
+    model, experts = _experts()
+    weights, index, _ = _routing(50, 8)
+    group_sizes = []
+
+    def recording(rows, expert_weights, offsets):
+        group_sizes.append(torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()))
+        return real(rows, expert_weights, offsets)
+
+    real = bh_routing._grouped_matmul
+    monkeypatch.setattr(bh_routing, "_grouped_matmul", recording)
+    bh_routing._variable_k_experts_torch(torch.randn(50, 64), index, weights, experts.gate_up_proj,
+                                         experts.down_proj, experts.act_fn)  # fmt: skip
+    kept_per_expert = torch.bincount(index[index < NUM_EXPERTS], minlength=NUM_EXPERTS)
+    assert (kept_per_expert == 0).any()  # some experts are chosen by no token here
+    assert len(group_sizes) == 2 and all(torch.equal(sizes, kept_per_expert) for sizes in group_sizes)
+
+
 def test_patcher_variable_k_path_matches_the_model_path(tiny_model, input_ids):
     tiny_model.set_experts_implementation("eager")
+    before = tiny_model(input_ids).logits
     results = {}
     for path in ("model", "variable_k"):
         patcher = bh_routing.OLMoERouterPatcher(tiny_model, experts_path=path)
@@ -134,6 +155,7 @@ def test_patcher_variable_k_path_matches_the_model_path(tiny_model, input_ids):
             assert results[path, name][1]["experts_implementation"] == ("eager" if path == "model" else "variable_k")
         patcher.unpatch()
         assert tiny_model.config._experts_implementation == "eager"  # restored
+        assert torch.equal(tiny_model(input_ids).logits, before)  # bit for bit
     for name in ("bh", "topk"):
         assert torch.allclose(results["model", name][0], results["variable_k", name][0], atol=1e-5)
         assert torch.equal(results["model", name][1]["token_counts"], results["variable_k", name][1]["token_counts"])
