@@ -11,7 +11,8 @@ and writes everything to --out (JSON):
    every token at exactly k ("forced") and with counts spread over k-2..k+2 ("spread"), in 8 slots with
    sentinels. Timed plainly and as CUDA-graph replay (device time without launch overhead).
 3. end to end: the whole model, prefill 8 x 512 and decode (batch 1 and 16, one token per step after a
-   64-token prompt; eager Python and a CUDA-graphed decode step over a StaticCache), unpatched native
+   64-token prompt; eager Python, measured in 3 rounds over all configurations in turn because it drifts
+   with the host, and a decode step captured as one CUDA graph over a StaticCache), unpatched native
    (grouped_mm, eager), and patched (OLMoERouterPatcher, experts_path="variable_k"): top-k k = 8, 6, 4, 2
    (forced counts) and BH with floors min_k = 8, 6, 4, 2 and max_k = 8 (BH counts; on random weights BH
    keeps about the floor), plus BH min_k = 4 on the model's own grouped_mm (experts_path="model").
