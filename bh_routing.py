@@ -859,10 +859,11 @@ def _variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, gate_up
     sorted_hidden = hidden_states[pair_order // slots]  # [S, H]
     gate, up = _grouped_matmul(sorted_hidden, gate_up_proj, offsets).chunk(2, dim=-1)  # [S, I] each
     expert_outputs = _grouped_matmul(act_fn(gate) * up, down_proj, offsets)  # [S, H]; tail rows undefined
-    kept_rows = torch.arange(pair_order.numel(), device=pair_order.device) < offsets[-1]  # [S]
-    expert_outputs = torch.where(kept_rows[:, None], expert_outputs, 0.0)  # undefined rows may hold NaN
+    sorted_rows = torch.arange(pair_order.numel(), device=pair_order.device)  # [S]
+    # Rows past the kept pairs are undefined (may hold NaN): zero them before any weighted sum.
+    expert_outputs = torch.where((sorted_rows < offsets[-1])[:, None], expert_outputs, 0.0)
     pair_rows = torch.empty_like(pair_order)
-    pair_rows[pair_order] = torch.arange(pair_order.numel(), device=pair_order.device)  # pair -> sorted row
+    pair_rows[pair_order] = sorted_rows  # pair -> sorted row
     slot_weights = top_k_weights.float().masked_fill(top_k_index >= num_experts, 0.0)  # [T, K]
     per_slot = expert_outputs[pair_rows].view(num_tokens, slots, -1).float()  # [T, K, H]
     return (per_slot * slot_weights[..., None]).sum(dim=1).to(hidden_states.dtype)
