@@ -21,6 +21,7 @@ and writes everything to --out (JSON):
 """
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -28,44 +29,15 @@ import time
 from pathlib import Path
 
 import torch
+from common import median_ms, relative_error
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import bh_routing  # noqa: E402
+import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
 from bh_routing import OLMoERouterPatcher  # noqa: E402
 
 SLOTS = 8
 COUNTS = (8, 6, 4, 2)
-
-
-def median_ms(function, warmup: int = 3, reps: int = 20) -> float:
-    """Median wall time of function() in ms, each call between two CUDA events."""
-    for _ in range(warmup):
-        function()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def capture(function):
-    """function captured as a CUDA graph (after a warm-up on a side stream): returns (replay, outputs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = function()
-    return graph.replay, outputs
 
 
 def routing_with_counts(num_tokens: int, counts: torch.Tensor, generator, num_experts: int = 64):
@@ -83,10 +55,6 @@ def spread_counts(num_tokens: int, mean: int, generator) -> torch.Tensor:
     return torch.randint(low, high + 1, (num_tokens,), device="cuda", generator=generator)
 
 
-def relative_error(actual, expected) -> float:
-    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
-
-
 def correctness(model, generator) -> list[dict]:
     experts = model.model.layers[0].mlp.experts
     rows = []
@@ -97,18 +65,72 @@ def correctness(model, generator) -> list[dict]:
         model.set_experts_implementation("eager")
         eager = experts(hidden, index, weights)
         with torch.no_grad():
-            fp32 = bh_routing._variable_k_experts_torch(hidden.float(), index, weights, experts.gate_up_proj.float(),
-                                                        experts.down_proj.float(), experts.act_fn)  # fmt: skip
-        ours = bh_routing.variable_k_experts_forward(experts, hidden, index, weights)
-        replay, graphed = capture(lambda: bh_routing.variable_k_experts_forward(experts, hidden, index, weights))
-        replay()
+            fp32 = bh_routing.variable_k_experts_torch(
+                hidden.float(), index, weights, experts.gate_up_proj.float(), experts.down_proj.float(), experts.act_fn
+            )
+        call = functools.partial(bh_routing.variable_k_experts_forward, experts, hidden, index, weights)
+        ours = call()
+        graph, graphed = bh_routing.capture_cuda_graph(call)
+        graph.replay()
         torch.cuda.synchronize()
         zero_rows = counts == 0
-        rows.append(dict(
-            tokens=num_tokens, vs_eager_bf16=relative_error(ours, eager), eager_bf16_vs_fp32=relative_error(eager, fp32),
-            ours_vs_fp32=relative_error(ours, fp32), graph_replay_equal=bool(torch.equal(graphed, ours)),
-            zero_count_tokens_exactly_zero=bool((ours[zero_rows] == 0).all()) if zero_rows.any() else None,
-        ))  # fmt: skip
+        rows.append(
+            dict(
+                tokens=num_tokens,
+                vs_eager_bf16=relative_error(ours, eager),
+                eager_bf16_vs_fp32=relative_error(eager, fp32),
+                ours_vs_fp32=relative_error(ours, fp32),
+                graph_replay_equal=bool(torch.equal(graphed, ours)),
+                zero_count_tokens_exactly_zero=bool((ours[zero_rows] == 0).all()) if zero_rows.any() else None,
+            )
+        )
+    return rows
+
+
+def native_layer_rows(model, experts, phase: str, hidden, generator) -> list[dict]:
+    """The layer through transformers' grouped_mm (plain and graphed) and eager paths, top-8."""
+    full = torch.full((hidden.shape[0],), SLOTS, device="cuda")
+    weights, index = routing_with_counts(hidden.shape[0], full, generator)
+    call = functools.partial(experts, hidden, index, weights)
+    rows = []
+    for implementation in ("grouped_mm", "eager"):
+        model.set_experts_implementation(implementation)
+        graphed = None
+        if implementation == "grouped_mm":
+            graph, _ = bh_routing.capture_cuda_graph(call)
+            graphed = median_ms(graph.replay)
+        rows.append(
+            dict(
+                phase=phase,
+                path=f"native {implementation}",
+                counts="top-8",
+                mean_k=8.0,
+                plain_ms=median_ms(call),
+                graph_ms=graphed,
+            )
+        )
+    return rows
+
+
+def variable_k_layer_rows(experts, phase: str, hidden, generator) -> list[dict]:
+    """The layer through the variable-k path, plain and graphed, at forced and spread counts."""
+    num_tokens, rows = hidden.shape[0], []
+    for kind in ("forced", "spread"):
+        for mean_k in COUNTS:
+            if kind == "spread" and mean_k == SLOTS:
+                continue
+            if kind == "forced":
+                counts = torch.full((num_tokens,), mean_k, device="cuda")
+            else:
+                counts = spread_counts(num_tokens, mean_k, generator)
+            weights, index = routing_with_counts(num_tokens, counts, generator)
+            call = functools.partial(bh_routing.variable_k_experts_forward, experts, hidden, index, weights)
+            graph, _ = bh_routing.capture_cuda_graph(call)
+            mean = counts.float().mean().item()
+            plain, graphed = median_ms(call), median_ms(graph.replay)
+            rows.append(
+                dict(phase=phase, path="variable_k", counts=kind, mean_k=mean, plain_ms=plain, graph_ms=graphed)
+            )
     return rows
 
 
@@ -117,33 +139,8 @@ def layer_times(model, generator) -> list[dict]:
     rows = []
     for phase, num_tokens in (("prefill 8x512", 4096), ("decode b1", 1), ("decode b16", 16)):
         hidden = torch.randn(num_tokens, experts.hidden_dim, device="cuda", generator=generator).bfloat16()
-        full = torch.full((num_tokens,), SLOTS, device="cuda")
-        native_weights, native_index = routing_with_counts(num_tokens, full, generator)
-
-        def native_call():
-            return experts(hidden, native_index, native_weights)
-
-        for implementation in ("grouped_mm", "eager"):
-            model.set_experts_implementation(implementation)
-            graphed = None
-            if implementation == "grouped_mm":
-                replay, _ = capture(native_call)
-                graphed = median_ms(replay)
-            rows.append(dict(phase=phase, path=f"native {implementation}", counts="top-8", mean_k=8.0,
-                             plain_ms=median_ms(native_call), graph_ms=graphed))  # fmt: skip
-        for kind in ("forced", "spread"):
-            for mean_k in COUNTS:
-                if kind == "spread" and mean_k == SLOTS:
-                    continue
-                counts = torch.full((num_tokens,), mean_k, device="cuda") if kind == "forced" else spread_counts(num_tokens, mean_k, generator)
-                weights, index = routing_with_counts(num_tokens, counts, generator)
-
-                def call():
-                    return bh_routing.variable_k_experts_forward(experts, hidden, index, weights)
-
-                replay, _ = capture(call)
-                rows.append(dict(phase=phase, path="variable_k", counts=kind, mean_k=counts.float().mean().item(),
-                                 plain_ms=median_ms(call), graph_ms=median_ms(replay)))  # fmt: skip
+        rows += native_layer_rows(model, experts, phase, hidden, generator)
+        rows += variable_k_layer_rows(experts, phase, hidden, generator)
     for row in rows:
         native = next(r for r in rows if r["phase"] == row["phase"] and r["path"] == "native grouped_mm")
         row["plain_ratio"] = row["plain_ms"] / native["plain_ms"]
@@ -158,12 +155,18 @@ def end_to_end_configs():
     for k in COUNTS:
         yield f"top-{k} variable_k", "grouped_mm", "variable_k", ("topk", dict(k=k))
     for floor in COUNTS:
-        yield f"BH min_k={floor} max_k=8 variable_k", "grouped_mm", "variable_k", ("bh", dict(alpha=0.05, min_k=floor, max_k=8))
+        yield (
+            f"BH min_k={floor} max_k=8 variable_k",
+            "grouped_mm",
+            "variable_k",
+            ("bh", dict(alpha=0.05, min_k=floor, max_k=8)),
+        )
     yield "BH min_k=4 max_k=8 model grouped_mm", "grouped_mm", "model", ("bh", dict(alpha=0.05, min_k=4, max_k=8))
 
 
 def decode_eager_ms(model, batch: int, prompt: torch.Tensor, steps: int = 16) -> float:
     """Per-token time of `steps` greedy one-token forwards with a DynamicCache (Python launches included)."""
+
     def run():
         from transformers import DynamicCache
 
@@ -194,8 +197,8 @@ def decode_graphed_ms(model, batch: int, prompt: torch.Tensor, steps: int = 32) 
     def step():
         return model(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits
 
-    replay, _ = capture(step)
-    return median_ms(replay, warmup=2, reps=steps)
+    graph, _ = bh_routing.capture_cuda_graph(step)
+    return median_ms(graph.replay, warmup=2, reps=steps)
 
 
 def apply(model, implementation, experts_path, patch):
@@ -208,10 +211,8 @@ def apply(model, implementation, experts_path, patch):
     return patcher
 
 
-def end_to_end(model, generator, eager_rounds: int = 3) -> list[dict]:
-    vocab = model.config.vocab_size
-    prefill_ids = torch.randint(2, vocab, (8, 512), device="cuda", generator=generator)
-    prompts = {batch: torch.randint(2, vocab, (batch, 64), device="cuda", generator=generator) for batch in (1, 16)}
+def graphed_rows(model, prefill_ids: torch.Tensor, prompts: dict) -> list[dict]:
+    """Per configuration: experts kept, prefill time and CUDA-graphed decode time per batch size."""
     rows = []
     for name, implementation, experts_path, patch in end_to_end_configs():
         patcher = apply(model, implementation, experts_path, patch)
@@ -223,21 +224,28 @@ def end_to_end(model, generator, eager_rounds: int = 3) -> list[dict]:
         else:
             row["mean_k"] = 8.0
             row["experts_implementation"] = implementation
-        row["prefill_ms"] = median_ms(lambda: model(prefill_ids, use_cache=False), reps=10)
+        row["prefill_ms"] = median_ms(functools.partial(model, prefill_ids, use_cache=False), reps=10)
         for batch, prompt in prompts.items():
             try:
                 row[f"decode_b{batch}_graph_ms"] = decode_graphed_ms(model, batch, prompt)
             except Exception as error:  # noqa: BLE001 - record why a path cannot be captured
                 row[f"decode_b{batch}_graph_ms"] = None
-                row.setdefault("errors", []).append(f"graphed decode b{batch}: {type(error).__name__}: {str(error)[:200]}")
+                message = f"graphed decode b{batch}: {type(error).__name__}: {str(error)[:200]}"
+                row.setdefault("errors", []).append(message)
         if patcher is not None:
             patcher.unpatch()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    # Eager decode is bound by Python launches and drifts with the host's state: the configurations are
-    # measured in turn, `eager_rounds` times, and each keeps its median round.
+    return rows
+
+
+def add_eager_decode(model, rows: list[dict], prompts: dict, rounds: int) -> None:
+    """Eager decode times per configuration and batch size: the median of `rounds` rounds.
+
+    Eager decode is bound by Python launches and drifts with the host's state: the configurations are
+    measured in turn, round after round, and each keeps its median round."""
     eager = {(row["config"], batch): [] for row in rows for batch in prompts}
-    for _ in range(eager_rounds):
+    for _ in range(rounds):
         for name, implementation, experts_path, patch in end_to_end_configs():
             patcher = apply(model, implementation, experts_path, patch)
             for batch, prompt in prompts.items():
@@ -248,6 +256,14 @@ def end_to_end(model, generator, eager_rounds: int = 3) -> list[dict]:
         for batch in prompts:
             row[f"decode_b{batch}_eager_ms"] = statistics.median(eager[row["config"], batch])
             row[f"decode_b{batch}_eager_rounds_ms"] = eager[row["config"], batch]
+
+
+def end_to_end(model, generator, eager_rounds: int = 3) -> list[dict]:
+    vocab = model.config.vocab_size
+    prefill_ids = torch.randint(2, vocab, (8, 512), device="cuda", generator=generator)
+    prompts = {batch: torch.randint(2, vocab, (batch, 64), device="cuda", generator=generator) for batch in (1, 16)}
+    rows = graphed_rows(model, prefill_ids, prompts)
+    add_eager_decode(model, rows, prompts, eager_rounds)
     native = rows[0]
     for row in rows:
         for key in list(row):
@@ -265,6 +281,36 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+LAYER_COLUMNS = [
+    "phase",
+    "path",
+    "counts",
+    "mean_k",
+    "plain_ms",
+    "plain_ratio",
+    "graph_ms",
+    "graph_ratio",
+    "prefill_target",
+]
+END_TO_END_COLUMNS = ["config", "experts_implementation", "mean_k", "prefill_ms", "prefill_ratio"] + [
+    f"decode_b{batch}_{mode}_{unit}" for batch in (1, 16) for mode in ("eager", "graph") for unit in ("ms", "ratio")
+]
+
+
+def environment(config: str) -> dict:
+    import transformers
+    import triton
+
+    return dict(
+        card=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        triton=triton.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        config=Path(config).name,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(REPO / "benchmarks" / "olmoe-1b-7b-0924.config.json"))
@@ -273,18 +319,13 @@ def main() -> None:
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
     assert bh_routing.triton is not None, "needs Triton"
-    import transformers
-    import triton
 
     torch.backends.cuda.matmul.allow_tf32 = True
     generator = torch.Generator("cuda").manual_seed(0)
     started = time.time()
     model = bh_routing.build_random_olmoe(args.config, seed=0, device="cuda", dtype=torch.bfloat16)
     bh_routing.register_variable_k_experts()
-    report = dict(
-        card=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-        triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), config=Path(args.config).name,
-    )  # fmt: skip
+    report = environment(args.config)
     print(report, f"model built in {time.time() - started:.0f} s", flush=True)
     with torch.no_grad():
         if "correctness" not in args.skip:
@@ -292,15 +333,10 @@ def main() -> None:
             print(markdown(report["correctness"], list(report["correctness"][0])), flush=True)
         if "layer" not in args.skip:
             report["layer"] = layer_times(model, generator)
-            print(markdown(report["layer"], ["phase", "path", "counts", "mean_k", "plain_ms", "plain_ratio", "graph_ms",
-                                             "graph_ratio", "prefill_target"]), flush=True)  # fmt: skip
+            print(markdown(report["layer"], LAYER_COLUMNS), flush=True)
         if "end_to_end" not in args.skip:
             report["end_to_end"] = end_to_end(model, generator)
-            columns = ["config", "experts_implementation", "mean_k", "prefill_ms", "prefill_ratio"]
-            for batch in (1, 16):
-                columns += [f"decode_b{batch}_eager_ms", f"decode_b{batch}_eager_ratio", f"decode_b{batch}_graph_ms",
-                            f"decode_b{batch}_graph_ratio"]  # fmt: skip
-            print(markdown(report["end_to_end"], columns), flush=True)
+            print(markdown(report["end_to_end"], END_TO_END_COLUMNS), flush=True)
     report["seconds"] = time.time() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bh_routing  # noqa: E402
-from bh_routing import OLMoERouterPatcher, _route_bh  # noqa: E402
+import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
+from bh_routing import OLMoERouterPatcher, route_bh  # noqa: E402
 
 
 def timed(function, device: str, repeats: int, warmup: int = 3) -> float:
@@ -49,61 +49,79 @@ def timed(function, device: str, repeats: int, warmup: int = 3) -> float:
     return statistics.median(samples)
 
 
+def routing_candidates(logits: torch.Tensor, device: str) -> dict:
+    """Name -> routing call on `logits`: softmax + top-8 first (the baseline), then the BH variants."""
+
+    def native():
+        probabilities = torch.softmax(logits, dim=-1, dtype=torch.float)
+        return torch.topk(probabilities, 8, dim=-1)
+
+    candidates = {
+        "softmax+top8": native,
+        "bh robust_z max_k=8": lambda: route_bh(logits, 0.05, 1.0, 1, 8, "robust_z", False),
+        "bh one_minus_prob max_k=8": lambda: route_bh(logits, 0.05, 1.0, 1, 8, "one_minus_prob", False),
+    }
+    if device == "cuda":  # the patcher's options on CUDA: CUDA graph (default), torch.compile, both
+        critical = bh_routing.robust_z_critical_statistics(0.05, 64, logits.device)
+        compiled = bh_routing.compile_once(bh_routing.route_bh_tensors)
+        graphed = bh_routing.CudaGraphed(bh_routing.route_bh_tensors)
+        compiled_graphed = bh_routing.CudaGraphed(compiled)
+        constants = (critical, 0.05, 1.0, 1, 8, "robust_z", False)
+        candidates["bh robust_z max_k=8 (CUDA graph, default)"] = lambda: graphed(logits, *constants)
+        candidates["bh robust_z max_k=8 (compiled)"] = lambda: compiled(logits, *constants)
+        candidates["bh robust_z max_k=8 (compiled + CUDA graph)"] = lambda: compiled_graphed(logits, *constants)
+    return candidates
+
+
 def bench_routing(device: str, dtype: torch.dtype, repeats: int) -> list[dict]:
     rows = []
     for num_tokens in (4096, 65536):
         generator = torch.Generator().manual_seed(0)
         logits = torch.randn(num_tokens, 64, generator=generator).to(device=device, dtype=dtype)
         bh_routing.robust_z_null_table(64, logits.device)  # built once, outside the timing
-
-        def native():
-            probabilities = torch.softmax(logits, dim=-1, dtype=torch.float)
-            return torch.topk(probabilities, 8, dim=-1)
-
-        candidates = {
-            "softmax+top8": native,
-            "bh robust_z max_k=8": lambda: _route_bh(logits, 0.05, 1.0, 1, 8, "robust_z", False),
-            "bh one_minus_prob max_k=8": lambda: _route_bh(logits, 0.05, 1.0, 1, 8, "one_minus_prob", False),
-        }
-        if device == "cuda":  # the patcher's options on CUDA: CUDA graph (default), torch.compile, both
-            critical = bh_routing._robust_z_critical_statistics(0.05, 64, logits.device)
-            compiled = bh_routing._compiled(bh_routing._route_bh_tensors)
-            graphed = bh_routing._CudaGraphed(bh_routing._route_bh_tensors)
-            compiled_graphed = bh_routing._CudaGraphed(compiled)
-            constants = (critical, 0.05, 1.0, 1, 8, "robust_z", False)
-            candidates["bh robust_z max_k=8 (CUDA graph, default)"] = lambda: graphed(logits, *constants)
-            candidates["bh robust_z max_k=8 (compiled)"] = lambda: compiled(logits, *constants)
-            candidates["bh robust_z max_k=8 (compiled + CUDA graph)"] = lambda: compiled_graphed(logits, *constants)
         baseline = None
-        for name, function in candidates.items():
+        for name, function in routing_candidates(logits, device).items():
             milliseconds = timed(function, device, repeats)
             baseline = baseline or milliseconds
-            rows.append(dict(part="routing", tokens=num_tokens, method=name, ms=milliseconds, ratio=milliseconds / baseline))
+            row = dict(part="routing", tokens=num_tokens, method=name, ms=milliseconds, ratio=milliseconds / baseline)
+            rows.append(row)
     return rows
 
 
-def bench_forward(device: str, model_config: str | None, batch: int, seq_len: int, repeats: int) -> list[dict]:
+def forward_model(device: str, model_config: str | None):
+    """The OLMoE-1B-7B shape in bf16 on CUDA; a small float32 OLMoE on CPU. Random weights."""
     if device == "cuda":
         model = bh_routing.build_random_olmoe(model_config, seed=0, device=device, dtype=torch.bfloat16)
     else:
         model = bh_routing.build_random_olmoe(None, seed=0, num_hidden_layers=4, hidden_size=128, intermediate_size=64)
-    model.eval()
-    input_ids = torch.randint(2, model.config.vocab_size, (batch, seq_len), device=device)
-    patcher = OLMoERouterPatcher(model, record_token_counts=False)  # defaults: CUDA graphs on CUDA
-    plain = OLMoERouterPatcher(model, record_token_counts=False, cuda_graphs=False)
-    fused = OLMoERouterPatcher(model, record_token_counts=False, compile_routing=True)
-    others = (plain, fused)
+    return model.eval()
+
+
+def forward_configurations(patcher, plain, fused, device: str) -> dict:
+    """Name -> call that patches the model for it (the first, "native", leaves it unpatched)."""
+    eight = dict(alpha=0.05, min_k=8, max_k=8)
     configurations = {
         "native": lambda: patcher.unpatch(),
         "patched topk k=8": lambda: patcher.patch_with_topk(8),
-        "patched bh min_k=max_k=8": lambda: patcher.patch_with_bh(alpha=0.05, min_k=8, max_k=8),
+        "patched bh min_k=max_k=8": lambda: patcher.patch_with_bh(**eight),
         "patched bh alpha=0.05 max_k=8": lambda: patcher.patch_with_bh(alpha=0.05, max_k=8),
         # min_k = 7 < max_k: the experts path must handle the sentinel index (grouped_mm's masking)
         "patched bh min_k=7 max_k=8": lambda: patcher.patch_with_bh(alpha=0.05, min_k=7, max_k=8),
     }
     if device == "cuda":
-        configurations["patched bh min_k=max_k=8 (no CUDA graph)"] = lambda: plain.patch_with_bh(alpha=0.05, min_k=8, max_k=8)
-        configurations["patched bh min_k=max_k=8 (compiled + CUDA graph)"] = lambda: fused.patch_with_bh(alpha=0.05, min_k=8, max_k=8)
+        configurations["patched bh min_k=max_k=8 (no CUDA graph)"] = lambda: plain.patch_with_bh(**eight)
+        configurations["patched bh min_k=max_k=8 (compiled + CUDA graph)"] = lambda: fused.patch_with_bh(**eight)
+    return configurations
+
+
+def bench_forward(device: str, model_config: str | None, batch: int, seq_len: int, repeats: int) -> list[dict]:
+    model = forward_model(device, model_config)
+    input_ids = torch.randint(2, model.config.vocab_size, (batch, seq_len), device=device)
+    patcher = OLMoERouterPatcher(model, record_token_counts=False)  # defaults: CUDA graphs on CUDA
+    plain = OLMoERouterPatcher(model, record_token_counts=False, cuda_graphs=False)
+    fused = OLMoERouterPatcher(model, record_token_counts=False, compile_routing=True)
+    others = (plain, fused)
+    configurations = forward_configurations(patcher, plain, fused, device)
     rows, baseline = [], None
 
     @torch.no_grad()
@@ -120,10 +138,17 @@ def bench_forward(device: str, model_config: str | None, batch: int, seq_len: in
         forward()
         average = active.get_stats()["avg_experts"] if active.is_patched else float(model.config.num_experts_per_tok)
         baseline = baseline or milliseconds
-        rows.append(dict(
-            part="forward", tokens=batch * seq_len, method=name, ms=milliseconds, ratio=milliseconds / baseline,
-            avg_experts=average, experts_implementation=model.config._experts_implementation,
-        ))  # fmt: skip
+        rows.append(
+            dict(
+                part="forward",
+                tokens=batch * seq_len,
+                method=name,
+                ms=milliseconds,
+                ratio=milliseconds / baseline,
+                avg_experts=average,
+                experts_implementation=model.config._experts_implementation,
+            )
+        )
     for candidate in (patcher, *others):
         candidate.unpatch()
     return rows
@@ -133,14 +158,14 @@ def environment(device: str) -> dict:
     import transformers
 
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device,
         "card": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "grouped_mm_masks_sentinels": bh_routing._grouped_mm_masks_sentinels(),
+        "grouped_mm_masks_sentinels": bh_routing.grouped_mm_masks_sentinels(),
     }
     if device == "cuda":
         info["cuda"] = torch.version.cuda
@@ -169,8 +194,10 @@ def main() -> None:
     print("| part | tokens | method | ms (median) | ratio to first | avg experts |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['part']} | {row['tokens']} | {row['method']} | {row['ms']:.3f} | {row['ratio']:.2f}x "
-              f"| {row.get('avg_experts', '')} |")  # fmt: skip
+        print(
+            f"| {row['part']} | {row['tokens']} | {row['method']} | {row['ms']:.3f} | {row['ratio']:.2f}x "
+            f"| {row.get('avg_experts', '')} |"
+        )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"bench_routing_{device}_{info['date'][:10]}.json"

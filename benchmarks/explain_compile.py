@@ -8,18 +8,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bh_routing as br  # noqa: E402
+import bh_routing as br  # noqa: E402 - importable only once the repository root is on sys.path
 
 warnings.simplefilter("always")
 logits = torch.randn(4096, 64, device="cuda").bfloat16()
-critical = br._robust_z_critical_statistics(0.05, 64, logits.device)
+critical = br.robust_z_critical_statistics(0.05, 64, logits.device)
 args = (logits, critical, 0.05, 1.0, 1, 8, "robust_z", False)
-explanation = torch._dynamo.explain(br._route_bh_tensors)(*args)
+explanation = torch._dynamo.explain(br.route_bh_tensors)(*args)
 print("graphs", explanation.graph_count, "breaks", explanation.graph_break_count)
 for reason in explanation.break_reasons[:10]:
     print("BREAK:", str(reason)[:400])
-compiled = torch.compile(br._route_bh_tensors, dynamic=True)
-for function, name in ((br._route_bh_tensors, "eager"), (compiled, "compiled")):
+compiled = torch.compile(br.route_bh_tensors, dynamic=True)
+for function, name in ((br.route_bh_tensors, "eager"), (compiled, "compiled")):
     for _ in range(5):
         function(*args)
     torch.cuda.synchronize()
@@ -28,7 +28,8 @@ for function, name in ((br._route_bh_tensors, "eager"), (compiled, "compiled")):
         function(*args)
     torch.cuda.synchronize()
     print(name, f"{(time.perf_counter() - start) / 50 * 1000:.3f} ms")
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+with torch.profiler.profile(activities=activities) as prof:
     for _ in range(10):
         compiled(*args)
     torch.cuda.synchronize()

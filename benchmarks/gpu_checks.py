@@ -13,10 +13,18 @@ import sys
 from pathlib import Path
 
 import torch
+from common import relative_error, strengthen_experts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bh_routing  # noqa: E402
+import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
 from bh_routing import OLMoERouterPatcher  # noqa: E402
+
+IMPLEMENTATIONS = ("variable_k", "grouped_mm", "eager")
+
+
+def patch_bh(patcher: OLMoERouterPatcher) -> None:
+    """The routing every check uses: BH that may keep no expert (min_k = 0), so sentinels occur."""
+    patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
 
 
 def patcher_on(model, implementation: str) -> OLMoERouterPatcher:
@@ -27,76 +35,101 @@ def patcher_on(model, implementation: str) -> OLMoERouterPatcher:
     return OLMoERouterPatcher(model, experts_path="model")
 
 
-def main() -> None:
-    assert torch.cuda.is_available(), "needs a CUDA device"
-    model = bh_routing.build_random_olmoe(None, seed=0, device="cuda", dtype=torch.bfloat16,
-                                          num_hidden_layers=4, hidden_size=256, intermediate_size=128)  # fmt: skip
+def patched_logits(model, input_ids, implementation: str, patch) -> tuple[OLMoERouterPatcher, torch.Tensor]:
+    """Patch the model (left patched) with `patch` on `implementation` and return its prefill logits."""
+    patcher = patcher_on(model, implementation)
+    patch(patcher)
     with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate.weight[:6] *= 25.0  # a few strong experts so that counts vary
-    input_ids = torch.randint(2, 512, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    with torch.no_grad():
-        reference = model(input_ids).logits
-    print(f"patcher default experts path on CUDA bf16: {OLMoERouterPatcher(model).experts_path}")
+        logits = model(input_ids).logits.float()
+    return patcher, logits
+
+
+def patched_runs(model, input_ids) -> dict:
+    """Per experts implementation: patched prefill logits, greedy generation and routing statistics."""
     results = {}
-    for implementation in ("variable_k", "grouped_mm", "eager"):
-        patcher = patcher_on(model, implementation)
-        patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
-        with torch.no_grad():
-            logits = model(input_ids).logits.float()
+    for implementation in IMPLEMENTATIONS:
+        patcher, logits = patched_logits(model, input_ids, implementation, patch_bh)
         generated = model.generate(input_ids[:2], max_new_tokens=8, do_sample=False, pad_token_id=1)
         stats = patcher.get_stats()
         results[implementation] = (logits, generated, stats)
         patcher.unpatch()
-        print(f"{implementation}: experts path used {stats['experts_implementation']}, avg experts "
-              f"{stats['avg_experts']:.3f}, distinct counts {stats['token_counts'].unique().tolist()}")
-    # bf16 paths round differently, which moves some BH decisions near their threshold; a float32 copy of
-    # the model (eager experts) is the reference each bf16 path is measured against.
+        print(
+            f"{implementation}: experts path used {stats['experts_implementation']}, avg experts "
+            f"{stats['avg_experts']:.3f}, distinct counts {stats['token_counts'].unique().tolist()}"
+        )
+    return results
+
+
+def check_against_float32(model, input_ids) -> None:
+    """bf16 paths round differently, which moves some BH decisions near their threshold; a float32 copy of
+    the model (eager experts) is the reference each bf16 path is measured against."""
     reference_model = copy.deepcopy(model).float()
     reference_model.set_experts_implementation("eager")
     reference_patcher = OLMoERouterPatcher(reference_model, experts_path="model")
-    for name, patch in (("BH", lambda p: p.patch_with_bh(alpha=0.1, min_k=0, max_k=16)),
-                        ("top-4", lambda p: p.patch_with_topk(k=4))):  # fmt: skip
+    for name, patch in (("BH", patch_bh), ("top-4", lambda p: p.patch_with_topk(k=4))):
         patch(reference_patcher)
         with torch.no_grad():
             fp32 = reference_model(input_ids).logits.float()
         errors = []
-        for implementation in ("variable_k", "grouped_mm", "eager"):
-            patcher = patcher_on(model, implementation)
-            patch(patcher)
-            with torch.no_grad():
-                logits = model(input_ids).logits.float()
+        for implementation in IMPLEMENTATIONS:
+            patcher, logits = patched_logits(model, input_ids, implementation, patch)
             patcher.unpatch()
-            errors.append(f"{implementation} {((logits - fp32).norm() / fp32.norm()).item():.2e}")
+            errors.append(f"{implementation} {relative_error(logits, fp32):.2e}")
         reference_patcher.unpatch()
         print(f"{name}: bf16 logits against the float32 model, relative error: {', '.join(errors)}")
-    del reference_model
+
+
+def compare_with_eager(results: dict) -> None:
     eager = results["eager"]
     for implementation in ("variable_k", "grouped_mm"):
         other = results[implementation]
-        relative = ((other[0] - eager[0]).norm() / eager[0].norm()).item()
-        print(f"{implementation} vs eager patched prefill logits: relative error {relative:.2e}; "
-              f"generated tokens identical: {torch.equal(other[1], eager[1])}; "
-              f"counts identical: {torch.equal(other[2]['token_counts'], eager[2]['token_counts'])}")
+        relative = relative_error(other[0], eager[0])
+        print(
+            f"{implementation} vs eager patched prefill logits: relative error {relative:.2e}; "
+            f"generated tokens identical: {torch.equal(other[1], eager[1])}; "
+            f"counts identical: {torch.equal(other[2]['token_counts'], eager[2]['token_counts'])}"
+        )
+
+
+def check_graphs_and_compile(model, input_ids) -> None:
+    """CUDA-graph and compiled routing against plain: prefill counts, and decode generations (one token per
+    step replays the same graph)."""
     model.set_experts_implementation("grouped_mm")
-    candidates = [OLMoERouterPatcher(model, cuda_graphs=False), OLMoERouterPatcher(model),  # default: CUDA graphs
-                  OLMoERouterPatcher(model, compile_routing=True)]  # fmt: skip
+    plain, graphed = OLMoERouterPatcher(model, cuda_graphs=False), OLMoERouterPatcher(model)  # default: CUDA graphs
+    compiled = OLMoERouterPatcher(model, compile_routing=True)
     counts = []
-    for candidate in candidates:
-        candidate.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
+    for candidate in (plain, graphed, compiled):
+        patch_bh(candidate)
         with torch.no_grad():
             model(input_ids)
         counts.append(candidate.get_stats()["token_counts"])
         candidate.unpatch()
-    print(f"CUDA-graph routing gives the same counts as plain: {torch.equal(counts[0], counts[1])}; "
-          f"compiled + CUDA graph: {torch.equal(counts[0], counts[2])}")
-    # Decode: one token per step replays the same graph; the generations must match the plain routing.
+    print(
+        f"CUDA-graph routing gives the same counts as plain: {torch.equal(counts[0], counts[1])}; "
+        f"compiled + CUDA graph: {torch.equal(counts[0], counts[2])}"
+    )
     generations = []
-    for candidate in candidates[:2]:
-        candidate.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
+    for candidate in (plain, graphed):
+        patch_bh(candidate)
         generations.append(model.generate(input_ids[:1], max_new_tokens=12, do_sample=False, pad_token_id=1))
         candidate.unpatch()
     print(f"CUDA-graph decode generations identical to plain: {torch.equal(generations[0], generations[1])}")
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    model = bh_routing.build_random_olmoe(
+        None, seed=0, device="cuda", dtype=torch.bfloat16, num_hidden_layers=4, hidden_size=256, intermediate_size=128
+    )
+    strengthen_experts(model)
+    input_ids = torch.randint(2, 512, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids).logits
+    print(f"patcher default experts path on CUDA bf16: {OLMoERouterPatcher(model).experts_path}")
+    results = patched_runs(model, input_ids)
+    check_against_float32(model, input_ids)
+    compare_with_eager(results)
+    check_graphs_and_compile(model, input_ids)
     with torch.no_grad():
         restored = model(input_ids).logits
     print(f"unpatched logits bit-identical to before patching: {torch.equal(restored, reference)}")

@@ -9,22 +9,23 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import relative_error, strengthen_experts
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bh_routing as br  # noqa: E402
+import bh_routing as br  # noqa: E402 - importable only once the repository root is on sys.path
 
 
 def main() -> None:
     assert torch.cuda.device_count() >= 2, "needs at least 2 GPUs"
     model = br.build_random_olmoe(None, seed=0, num_hidden_layers=6, hidden_size=256, intermediate_size=128)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate.weight[:6] *= 25.0  # a few strong experts so that counts vary
+    strengthen_experts(model)
     directory = tempfile.mkdtemp()
     model.save_pretrained(directory)
     per_gpu = {i: "60MiB" for i in range(torch.cuda.device_count())}  # small, so the layers must spread
-    spread = AutoModelForCausalLM.from_pretrained(directory, device_map="auto", max_memory=per_gpu, dtype=torch.bfloat16).eval()
+    spread = AutoModelForCausalLM.from_pretrained(
+        directory, device_map="auto", max_memory=per_gpu, dtype=torch.bfloat16
+    ).eval()
     single = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to("cuda:0").eval()
     devices = sorted({str(layer.mlp.gate.weight.device) for layer in spread.model.layers})
     print("layers spread over", devices, spread.hf_device_map)
@@ -32,8 +33,7 @@ def main() -> None:
     with torch.no_grad():
         native_spread = spread(input_ids.to("cuda:0")).logits.float().cpu()
         native_single = single(input_ids.to("cuda:0")).logits.float().cpu()
-    print(f"unpatched spread vs single: relative error "
-          f"{((native_spread - native_single).norm() / native_single.norm()).item():.2e}")  # fmt: skip
+    print(f"unpatched spread vs single: relative error {relative_error(native_spread, native_single):.2e}")
     for options in ({"cuda_graphs": False, "compile_routing": False}, {}):
         compare(spread, single, input_ids, options)
 
@@ -60,14 +60,18 @@ def compare(spread, single, input_ids, options) -> None:
         with torch.no_grad():
             after = candidate(input_ids.to(first)).logits.float().cpu()
         results[name] = (logits, counts, generated)
-        print(f"{name}: avg experts {counts.double().mean():.3f}, distinct counts {counts.unique().tolist()}, "
-              f"restored bit-identical {torch.equal(before, after)}")  # fmt: skip
+        print(
+            f"{name}: avg experts {counts.double().mean():.3f}, distinct counts {counts.unique().tolist()}, "
+            f"restored bit-identical {torch.equal(before, after)}"
+        )
     (logits_a, counts_a, gen_a), (logits_b, counts_b, gen_b) = results["spread"], results["single"]
-    relative = ((logits_a - logits_b).norm() / logits_b.norm()).item()
+    relative = relative_error(logits_a, logits_b)
     differing = (counts_a != counts_b).any(-1).sum().item()
-    print(f"spread vs single GPU: counts identical {torch.equal(counts_a, counts_b)} ({differing} of "
-          f"{counts_a.shape[0]} tokens differ in some layer), logits relative error {relative:.2e}, "
-          f"generations identical {torch.equal(gen_a, gen_b)}")
+    print(
+        f"spread vs single GPU: counts identical {torch.equal(counts_a, counts_b)} ({differing} of "
+        f"{counts_a.shape[0]} tokens differ in some layer), logits relative error {relative:.2e}, "
+        f"generations identical {torch.equal(gen_a, gen_b)}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,15 +4,17 @@ torch.profiler kernel table at 8 and 2 experts per token, and the sort alone for
     python benchmarks/profile_experts.py
 """
 
+import functools
 import sys
 from pathlib import Path
 
 import torch
+from bench_experts import routing_with_counts
+from common import median_ms
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bh_routing  # noqa: E402
-from bench_experts import median_ms, routing_with_counts  # noqa: E402
+import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
 
 
 def main() -> None:
@@ -23,7 +25,7 @@ def main() -> None:
     hidden = torch.randn(4096, experts.hidden_dim, device="cuda", generator=generator).bfloat16()
     for k in (8, 2):
         weights, index = routing_with_counts(4096, torch.full((4096,), k, device="cuda"), generator)
-        call = lambda: bh_routing.variable_k_experts_forward(experts, hidden, index, weights)  # noqa: E731
+        call = functools.partial(bh_routing.variable_k_experts_forward, experts, hidden, index, weights)
         median_ms(call)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
@@ -35,9 +37,10 @@ def main() -> None:
     flat = index.reshape(-1)
     for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
         keys = flat.to(dtype)
-        print(f"sort of {keys.numel()} {dtype}: {median_ms(lambda: torch.sort(keys)) * 1000:.1f} us")
+        print(f"sort of {keys.numel()} {dtype}: {median_ms(functools.partial(torch.sort, keys)) * 1000:.1f} us")
     keys = flat.to(torch.uint8)
-    print("searchsorted on uint8:", torch.searchsorted(torch.sort(keys)[0], torch.arange(64, device="cuda", dtype=torch.uint8), right=True)[-3:].tolist())
+    boundaries = torch.arange(64, device="cuda", dtype=torch.uint8)
+    print("searchsorted on uint8:", torch.searchsorted(torch.sort(keys)[0], boundaries, right=True)[-3:].tolist())
 
 
 if __name__ == "__main__":

@@ -38,14 +38,13 @@ the rest is training. Output (documents separated by a line holding only
 
 The output depends only on the installed package versions (recorded in CORPUS.md).
 """
+
 from __future__ import annotations
 
 import argparse
 import gzip
 import hashlib
-import html
 import json
-import os
 import random
 import re
 import subprocess
@@ -110,7 +109,10 @@ def wordnet_synset_text(line: str) -> str | None:
     if pos == "noun":
         s = f"{_cap(head_word)} is {definition}."
     elif pos == "verb":
-        s = f"To {head_word} means to {definition}." if not definition.startswith(("to ", "(")) else f"To {head_word}: {definition}."
+        if definition.startswith(("to ", "(")):
+            s = f"To {head_word}: {definition}."
+        else:
+            s = f"To {head_word} means to {definition}."
     else:
         s = f"{_cap(head_word)} ({pos}) means {definition}."
     if len(words) > 1:
@@ -118,7 +120,7 @@ def wordnet_synset_text(line: str) -> str | None:
     for ex in examples:
         ex = ex.strip('"').strip()
         if ex:
-            s += f" For example: \"{ex}\""
+            s += f' For example: "{ex}"'
     s = s.replace("..", ".")
     return s
 
@@ -162,6 +164,23 @@ def kjv_documents() -> list[str]:
 # ----------------------------------------------------------------------------- Python docs
 _ROLE = re.compile(r":[a-zA-Z:+-]+:`([^`]*)`")
 _HEADING_UNDERLINE = re.compile(r"^([=\-~*^#\"+'`.:_])\1{3,}\s*$")
+_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([a-zA-Z:-]+)::\s*(.*)$")
+# directives dropped with their indented body
+_SKIPPED_DIRECTIVES = frozenset(
+    "index toctree highlight sectionauthor moduleauthor testsetup testcleanup raw only image figure "
+    "tabularcolumns csv-table literalinclude include audit-event impl-detail opcode".split()
+)
+_VERSION_LABELS = {
+    "versionadded": "New in version",
+    "versionchanged": "Changed in version",
+    "deprecated": "Deprecated since version",
+    "deprecated-removed": "Deprecated since version",
+}
+_ADMONITIONS = frozenset("note warning seealso tip important attention caution hint".split())
+# directive lines dropped, their (code) body kept
+_CODE_DIRECTIVES = frozenset(
+    "code-block sourcecode doctest testcode testoutput productionlist code parsed-literal".split()
+)
 
 
 def _role_text(m: re.Match) -> str:
@@ -172,6 +191,18 @@ def _role_text(m: re.Match) -> str:
     if t.startswith("~"):
         t = t[1:].split(".")[-1]
     return t
+
+
+def _directive_text(indent: str, name: str, arg: str) -> str | None:
+    """The line a kept directive becomes (None: nothing)."""
+    if name in _VERSION_LABELS:
+        return f"{indent}{_VERSION_LABELS[name]} {arg.split()[0] if arg else ''}.".rstrip()
+    if name in _ADMONITIONS:
+        return f"{indent}{_cap(name) if name != 'seealso' else 'See also'}: {arg}".rstrip()
+    if name in _CODE_DIRECTIVES:
+        return None
+    # function/class/data/method/module/... signatures: keep the argument text
+    return indent + arg if arg else None
 
 
 def rst_to_text(src: str) -> str:
@@ -187,28 +218,14 @@ def rst_to_text(src: str) -> str:
             skip_indent = None
         if _HEADING_UNDERLINE.match(line):
             continue
-        m = re.match(r"^(\s*)\.\.\s+([a-zA-Z:-]+)::\s*(.*)$", line)
+        m = _DIRECTIVE.match(line)
         if m:
-            name, arg = m.group(2), m.group(3).strip()
-            if name in ("index", "toctree", "highlight", "sectionauthor", "moduleauthor", "testsetup",
-                        "testcleanup", "raw", "only", "image", "figure", "tabularcolumns", "csv-table",
-                        "literalinclude", "include", "audit-event", "impl-detail", "opcode"):
+            if m.group(2) in _SKIPPED_DIRECTIVES:
                 skip_indent = indent
                 continue
-            if name in ("versionadded", "versionchanged", "deprecated", "deprecated-removed"):
-                label = {"versionadded": "New in version", "versionchanged": "Changed in version",
-                         "deprecated": "Deprecated since version", "deprecated-removed": "Deprecated since version"}[name]
-                out.append(f"{m.group(1)}{label} {arg.split()[0] if arg else ''}.".rstrip())
-                continue
-            if name in ("note", "warning", "seealso", "tip", "important", "attention", "caution", "hint"):
-                out.append(f"{m.group(1)}{_cap(name) if name != 'seealso' else 'See also'}: {arg}".rstrip())
-                continue
-            if name in ("code-block", "sourcecode", "doctest", "testcode", "testoutput", "productionlist",
-                        "code", "parsed-literal"):
-                continue
-            # function/class/data/method/module/... signatures: keep the argument text
-            if arg:
-                out.append(m.group(1) + arg)
+            text = _directive_text(m.group(1), m.group(2), m.group(3).strip())
+            if text is not None:
+                out.append(text)
             continue
         if re.match(r"^\s*\.\.\s+_[^:]*:\s*$", line) or re.match(r"^\s*\.\.\s+\|", line):
             continue  # labels, substitutions
@@ -243,8 +260,12 @@ def pydoc_documents(max_bytes: int = 24000) -> list[str]:
         sections, cur = [], []
         for i, line in enumerate(src_lines):
             nxt = src_lines[i + 1] if i + 1 < len(src_lines) else ""
-            if (line.strip() and re.match(r"^[=\-]{4,}\s*$", nxt) and len(nxt.strip()) >= len(line.strip()) - 2
-                    and sum(len(x) for x in cur) > 2000):
+            if (
+                line.strip()
+                and re.match(r"^[=\-]{4,}\s*$", nxt)
+                and len(nxt.strip()) >= len(line.strip()) - 2
+                and sum(len(x) for x in cur) > 2000
+            ):
                 sections.append("\n".join(cur))
                 cur = []
             cur.append(line)
@@ -293,8 +314,9 @@ def devil_documents(per_doc: int = 40) -> list[str]:
 # ----------------------------------------------------------------------------- main
 def deb_version(pkg: str) -> str:
     try:
-        return subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], check=True, capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", pkg], check=True, capture_output=True, text=True
+        ).stdout.strip()
     except Exception:
         return "unknown"
 
@@ -319,15 +341,9 @@ def split_docs(docs: list[str], rng: random.Random) -> tuple[list[str], list[str
     return ([docs[i] for i in sorted(train)], [docs[i] for i in sorted(val)], [docs[i] for i in sorted(held)])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "data"), help="data directory (default: data/)")
-    args = ap.parse_args()
-    out = Path(args.out)
-    (out / "corpus").mkdir(parents=True, exist_ok=True)
-
-    builders = {"wordnet": wordnet_documents, "kjv": kjv_documents, "pydoc": pydoc_documents,
-                "devil": devil_documents}
+def build_splits() -> tuple[dict[str, list[str]], dict]:
+    """Documents of every source, split per source into train / val / heldout; and their statistics."""
+    builders = {"wordnet": wordnet_documents, "kjv": kjv_documents, "pydoc": pydoc_documents, "devil": devil_documents}
     splits = {"train": [], "val": [], "heldout": []}
     stats: dict = {"seed": SEED, "heldout_frac": HELDOUT_FRAC, "val_frac": VAL_FRAC, "sources": {}}
     for k, (name, build) in enumerate(builders.items()):
@@ -340,60 +356,50 @@ def main() -> None:
         splits["heldout"] += he
         pk, lic = SOURCES[name]
         stats["sources"][name] = {
-            "packages": {p: deb_version(p) for p in pk}, "licence": lic,
+            "packages": {p: deb_version(p) for p in pk},
+            "licence": lic,
             "documents": {"train": len(tr), "val": len(va), "heldout": len(he)},
-            "bytes": {s: sum(len(d.encode()) + len(DOC_SEP) for d in v) for s, v in
-                      (("train", tr), ("val", va), ("heldout", he))},
+            "bytes": {
+                s: sum(len(d.encode()) + len(DOC_SEP) for d in v)
+                for s, v in (("train", tr), ("val", va), ("heldout", he))
+            },
         }
-        print(f"{name:8s} docs={len(docs):6d} train={len(tr)} val={len(va)} heldout={len(he)} "
-              f"bytes={sum(len(d.encode()) for d in docs):,}", file=sys.stderr)
+        print(
+            f"{name:8s} docs={len(docs):6d} train={len(tr)} val={len(va)} heldout={len(he)} "
+            f"bytes={sum(len(d.encode()) for d in docs):,}",
+            file=sys.stderr,
+        )
+    return splits, stats
 
+
+def write_outputs(out: Path, splits: dict[str, list[str]], stats: dict) -> None:
+    """The split files, data/heldout.txt, stats.json (with each split's size and hash) and CORPUS.md."""
     for s, docs in splits.items():
         text = DOC_SEP.join(docs) + "\n"
         (out / "corpus" / f"{s}.txt").write_text(text, encoding="utf-8")
-        stats[s] = {"documents": len(docs), "bytes": len(text.encode()),
-                    "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        stats[s] = {
+            "documents": len(docs),
+            "bytes": len(text.encode()),
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        }
     (out / "heldout.txt").write_text(DOC_SEP.join(splits["heldout"]) + "\n", encoding="utf-8")
     (out / "corpus" / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     write_corpus_md(out / "CORPUS.md", stats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "data"), help="data directory (default: data/)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    (out / "corpus").mkdir(parents=True, exist_ok=True)
+    splits, stats = build_splits()
+    write_outputs(out, splits, stats)
     print(json.dumps({s: stats[s] for s in splits}, indent=2), file=sys.stderr)
 
 
-def write_corpus_md(path: Path, st: dict) -> None:
-    rows = []
-    for name, s in st["sources"].items():
-        pk = ", ".join(f"`{p}` {v}" for p, v in s["packages"].items())
-        b = s["bytes"]
-        d = s["documents"]
-        rows.append(f"| {name} | {pk} | {s['licence']} | {d['train']} / {d['val']} / {d['heldout']} | "
-                    f"{b['train']:,} / {b['val']:,} / {b['heldout']:,} |")
-    md = f"""# Training corpus of the tiny OLMoE
-
-Built by `scripts/prepare_corpus.py` from Debian (bookworm) packages only; nothing is downloaded from
-the web. Install the sources with
-
-    apt-get update
-    apt-get install -y wordnet-base bible-kjv bible-kjv-text python3.11-doc dict-devil
-
-and run `python3 scripts/prepare_corpus.py`. The full corpus goes to `data/corpus/` (git-ignored); the
-held-out slice `data/heldout.txt` is committed. Documents are separated by a line holding only
-`<|endoftext|>`.
-
-Split: by document, separately per source, with `random.Random({st['seed']} + source index)`; the
-shuffled documents fill the held-out set to {st['heldout_frac']:.1%} of the source's bytes, then the
-validation set to {st['val_frac']:.1%}; the rest is training. Held-out documents are never seen in
-training (tokenizer included); validation documents only choose the saved checkpoint.
-
-| source | Debian packages (version) | licence | documents train / val / held-out | bytes train / val / held-out |
-| --- | --- | --- | --- | --- |
-{chr(10).join(rows)}
-
-Totals: train {st['train']['bytes']:,} bytes in {st['train']['documents']} documents
-(sha256 `{st['train']['sha256'][:16]}...`), val {st['val']['bytes']:,} bytes in {st['val']['documents']},
-held-out {st['heldout']['bytes']:,} bytes in {st['heldout']['documents']}
-(sha256 `{st['heldout']['sha256'][:16]}...`).
-
-## What each source contributes and how it is rendered
+# The part of data/CORPUS.md that does not depend on the build's statistics.
+CORPUS_MD_RENDERING_AND_LICENCES = """## What each source contributes and how it is rendered
 - **wordnet**: every WordNet 3.0 synset as one line: `<Lemma> is <gloss>.` (nouns),
   `To <lemma> means to <gloss>.` (verbs), `<Lemma> (adjective) means <gloss>.`, followed by
   `Also: <synonyms>.` and `For example: "<usage example>"`. 40 synsets of one lexicographer file per
@@ -420,7 +426,52 @@ held-out {st['heldout']['bytes']:,} bytes in {st['heldout']['documents']}
   stripping reStructuredText markup.
 - The Devil's Dictionary (1911): public domain (`/usr/share/doc/dict-devil/copyright`).
 """
-    path.write_text(md)
+
+
+def corpus_table_rows(sources: dict) -> list[str]:
+    """One markdown table row per source: packages, licence, documents and bytes per split."""
+    rows = []
+    for name, s in sources.items():
+        pk = ", ".join(f"`{p}` {v}" for p, v in s["packages"].items())
+        b = s["bytes"]
+        d = s["documents"]
+        rows.append(
+            f"| {name} | {pk} | {s['licence']} | {d['train']} / {d['val']} / {d['heldout']} | "
+            f"{b['train']:,} / {b['val']:,} / {b['heldout']:,} |"
+        )
+    return rows
+
+
+def write_corpus_md(path: Path, st: dict) -> None:
+    rows = corpus_table_rows(st["sources"])
+    md = f"""# Training corpus of the tiny OLMoE
+
+Built by `scripts/prepare_corpus.py` from Debian (bookworm) packages only; nothing is downloaded from
+the web. Install the sources with
+
+    apt-get update
+    apt-get install -y wordnet-base bible-kjv bible-kjv-text python3.11-doc dict-devil
+
+and run `python3 scripts/prepare_corpus.py`. The full corpus goes to `data/corpus/` (git-ignored); the
+held-out slice `data/heldout.txt` is committed. Documents are separated by a line holding only
+`<|endoftext|>`.
+
+Split: by document, separately per source, with `random.Random({st["seed"]} + source index)`; the
+shuffled documents fill the held-out set to {st["heldout_frac"]:.1%} of the source's bytes, then the
+validation set to {st["val_frac"]:.1%}; the rest is training. Held-out documents are never seen in
+training (tokenizer included); validation documents only choose the saved checkpoint.
+
+| source | Debian packages (version) | licence | documents train / val / held-out | bytes train / val / held-out |
+| --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+Totals: train {st["train"]["bytes"]:,} bytes in {st["train"]["documents"]} documents
+(sha256 `{st["train"]["sha256"][:16]}...`), val {st["val"]["bytes"]:,} bytes in {st["val"]["documents"]},
+held-out {st["heldout"]["bytes"]:,} bytes in {st["heldout"]["documents"]}
+(sha256 `{st["heldout"]["sha256"][:16]}...`).
+
+"""
+    path.write_text(md + CORPUS_MD_RENDERING_AND_LICENCES)
 
 
 if __name__ == "__main__":
