@@ -1,4 +1,4 @@
-# make test: all tests.  make run: the main job on the embedded default model.
+# make test: lint, then all tests.  make lint: ruff alone.  make run: the main job on the embedded default model.
 # Both create .venv from requirements.txt when it is missing or older than requirements.txt.
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
 TRITON_SITE := $(VENV)/triton-interpreter
 
-.PHONY: test run bench clean-venv
+.PHONY: test lint run bench clean-venv
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ $(TRITON_SITE)/.installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(TRITON_SITE) "$(TRITON_SPEC)"
 	touch $@
 
-test: $(VENV)/.installed $(TRITON_SITE)/.installed
+# One ruff configuration (ruff.toml) for the module, the notebook, tests, scripts and benchmarks.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint $(VENV)/.installed $(TRITON_SITE)/.installed
 	BH_TRITON_INTERPRETER_SITE=$(abspath $(TRITON_SITE)) $(PY) -m pytest -q tests
 
 # The notebook, headless, on the embedded model: results/ and the executed notebook. Extra papermill

@@ -1,27 +1,32 @@
 """Benjamini-Hochberg adaptive expert routing for OLMoE (and any transformers OLMoE-layout MoE).
 
-One flat module, readable top to bottom:
+The routing science and its integration with transformers, readable top to bottom. The experiment
+(prompts, the 25 configurations, the sweep, tables, figures and the report) lives in the notebook
+`OLMoE_BH_Routing_Experiments.ipynb`, which imports this module.
 
 1. Argument checks shared by every routing method.
-2. The Benjamini-Hochberg step-up procedure (`bh_reject`), stated once and vectorised.
+2. The Benjamini-Hochberg step-up procedure: `bh_reject` (the procedure as stated), and the sort-free
+   fast count `fast_bh_count` used on the hot path (tested equal to it).
 3. Per-expert p-values from router logits: the design's `one_minus_prob` and the calibrated default
-   `robust_z` (a per-token robust Gaussian null, calibrated by simulation of its pivotal statistic).
-4. Routing functions with one return contract: `benjamini_hochberg_routing`, `topk_routing`,
-   `topp_routing`.
-5. Summaries: `summarize_expert_counts`, `run_bh_multi_k`, `compare_multi_k_statistics`.
-6. Models: `load_model` (hub id, local path, or the embedded default) and `build_random_olmoe`.
-7. Variable-k expert execution (`variable_k_experts_forward`, experts_implementation="variable_k"): sorts
-   the kept (token, expert) pairs by expert and runs one grouped GEMM per projection over them only, with
-   Triton kernels on CUDA and a plain-torch reference elsewhere, so fewer experts take less time.
-8. `OLMoERouterPatcher`: swaps a model's top-8 router for any method above, so that the experts module
-   computes only the selected (token, expert) pairs, and records routing statistics.
-9. The experiment: the design's 12 prompts and 25 configurations, `run_sweep` (resumable, per-config saving).
-10. Outputs: `summary_table`, `saturation_analysis`, `write_results`, `plot_analysis`, `write_report`.
-11. Quality: `evaluate_language_model` (sliding-window perplexity), `run_quality_sweep`, the top-k/top-p
-   baselines, `frontier_table`, `plot_frontier`, `token_level_analysis`.
+   `robust_z` (a per-token Gaussian bulk null, calibrated by simulation of its pivotal statistic).
+4. Routing methods, one object per method in a registry (`ROUTING_METHODS`: BH, top-k, top-p and the
+   model's own routing): parameters, how it routes, how a configuration of it is named (`RoutingConfig`).
+5. Routing functions with one return contract: `benjamini_hochberg_routing`, `topk_routing`,
+   `topp_routing`, and the design's `run_bh_multi_k` / `compare_multi_k_statistics`.
+6. Statistics: `summarize_expert_counts`, `RoutingStatistics` (the patcher's accumulators),
+   `saturation_analysis`, `frontier_table` (quality at equal compute), `token_level_analysis`.
+7. Models: `load_model` (hub id, local path, or the embedded default), `build_random_olmoe`,
+   `environment_info`.
+8. Variable-k experts (`variable_k_experts_forward`, experts_implementation="variable_k"): only the
+   kept (token, expert) pairs are computed, so fewer experts take less time on a GPU.
+9. `OLMoERouterPatcher`: swaps a model's top-k router for any registered method, so that the experts
+   module computes only the selected pairs, and records routing statistics.
+10. Evaluation: `load_heldout_text`, `sliding_windows`, `evaluate_language_model`, `generate_timed`.
+11. Results on disk: `atomic_write`, `ResultStore` (one file per configuration, resumable, failures recorded).
 
 Shapes use E for the number of experts (64 for OLMoE), K for a method's slot width (max_k, or k for top-k),
-and "..." for any leading token dimensions ([tokens] inside the model, [batch, seq_len] for users).
+L for the number of MoE layers, and "..." for leading token dimensions ([tokens] inside the model,
+[batch, seq_len] for users).
 """
 
 from __future__ import annotations
@@ -29,61 +34,88 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "PVALUE_METHODS",
+    "HUB_MODEL_ID",
+    "EMBEDDED_MODEL_DIR",
     "bh_reject",
+    "bh_num_rejections",
+    "fast_bh_count",
+    "fast_bh_count_robust_z_cpu",
     "compute_p_values",
+    "robust_z_statistic",
+    "robust_z_null_table",
+    "robust_z_critical_statistics",
+    "robust_z_first_passing_rank",
+    "Routing",
+    "route_bh",
+    "route_bh_tensors",
+    "route_topk",
+    "route_topp",
+    "RouterShape",
+    "RoutingMethod",
+    "ROUTING_METHODS",
+    "register_routing_method",
+    "routing_method",
+    "RoutingConfig",
+    "BenjaminiHochbergMethod",
+    "TopKMethod",
+    "TopPMethod",
+    "NativeMethod",
     "benjamini_hochberg_routing",
     "topk_routing",
     "topp_routing",
-    "summarize_expert_counts",
     "run_bh_multi_k",
     "compare_multi_k_statistics",
-    "load_model",
-    "build_random_olmoe",
-    "VARIABLE_K_EXPERTS",
-    "variable_k_experts_forward",
-    "register_variable_k_experts",
-    "OLMoERouterPatcher",
-    "PROMPTS",
-    "RoutingConfig",
-    "design_configs",
-    "design_pvalue_configs",
-    "baseline_configs",
-    "floored_bh_configs",
-    "run_config",
-    "run_sweep",
-    "summary_table",
+    "summarize_expert_counts",
+    "expert_load_balance",
+    "RoutingStatistics",
     "saturation_analysis",
-    "environment_info",
-    "write_results",
-    "plot_analysis",
-    "plot_frontier",
-    "plot_layer_heatmap",
-    "write_report",
-    "load_heldout_text",
-    "evaluate_language_model",
-    "run_quality_sweep",
     "frontier_table",
     "token_level_analysis",
+    "load_model",
+    "build_random_olmoe",
+    "environment_info",
+    "VARIABLE_K_EXPERTS",
+    "variable_k_experts_forward",
+    "variable_k_experts_torch",
+    "variable_k_experts_triton",
+    "sort_pairs_by_expert",
+    "grouped_mm_usable",
+    "grouped_matmul",
+    "register_variable_k_experts",
+    "OLMoERouterPatcher",
+    "CudaGraphed",
+    "capture_cuda_graph",
+    "compile_once",
+    "grouped_mm_masks_sentinels",
+    "load_heldout_text",
+    "sliding_windows",
+    "evaluate_language_model",
+    "generate_timed",
+    "atomic_write",
+    "ResultStore",
+    "atomic_write_text",
 ]
 
 PVALUE_METHODS = ("robust_z", "one_minus_prob")
 DEFAULT_PVALUE_METHOD = "robust_z"
-HUB_MODEL_ID = "allenai/OLMoE-1B-7B-0924"
+HUB_MODEL_ID = "allenai/OLMoE-1B-7B-0924"  # the model the project studies; needs the hub and a GPU
 REPO_DIR = Path(__file__).resolve().parent
 EMBEDDED_MODEL_DIR = REPO_DIR / "models" / "tiny-olmoe"
-NATIVE_TOP_K = 8  # OLMoE-1B-7B routes every token to 8 experts; "reduction vs baseline" is relative to it
-MIN_TRANSFORMERS = "5.24"  # first release checked to skip the sentinel expert index (benchmarks/gpu_notes.md)
+HELDOUT_TEXT_PATH = REPO_DIR / "data" / "heldout.txt"
+NATIVE_TOP_K = 8  # OLMoE-1B-7B routes every token to 8 experts: the default k of `topk_routing`
+MIN_TRANSFORMERS = "5.24"  # the first release whose experts paths skip the sentinel expert index
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,13 +172,26 @@ def _check_pvalue_method(pvalue_method: str) -> None:
         raise ValueError(f"pvalue_method must be one of {PVALUE_METHODS}, got {pvalue_method!r}")
 
 
+def _check_top_p(p: float) -> None:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0.0 < p <= 1.0):
+        raise ValueError(f"p must be a number in (0, 1], got {p!r}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2. The Benjamini-Hochberg step-up procedure
 # ----------------------------------------------------------------------------------------------------
+#
+# Benjamini & Hochberg (1995), "Controlling the false discovery rate", JRSS B 57(1), section 3: with the
+# m p-values sorted, p_(1) <= ... <= p_(m), let k = max{j : p_(j) <= alpha * j / m} and reject the k
+# hypotheses with the smallest p-values. If the p-values of the true nulls are independent and uniform
+# (or PRDS, Benjamini & Yekutieli 2001), the expected share of false rejections is <= alpha * m0 / m.
+# `bh_reject` states the procedure (with a sort); `fast_bh_count` is the sort-free count the routing hot
+# path uses, tested equal to it (tests/test_bh.py).
 
 
-def _bh_num_rejections(p_values: torch.Tensor, alpha: float, presorted: bool = False) -> torch.Tensor:
-    """k = max{j : p_(j) <= alpha * j / m} along the last dimension (0 when no j qualifies).
+def bh_num_rejections(p_values: torch.Tensor, alpha: float, presorted: bool = False) -> torch.Tensor:
+    """BH's number of rejections, k = max{j : p_(j) <= alpha * j / m}, along the last dimension (0 when no
+    j qualifies), by sorting: the reference for `fast_bh_count`.
 
     p_values: [..., m] (sorted ascending if presorted) -> [...] int64.
     """
@@ -183,10 +228,27 @@ def bh_reject(p_values: torch.Tensor, alpha: float) -> torch.Tensor:
     if not isinstance(p_values, torch.Tensor) or not p_values.is_floating_point() or p_values.dim() < 1:
         raise ValueError("p_values must be a floating-point torch.Tensor with at least one dimension")
     num_tests = p_values.shape[-1]
-    num_rejections = _bh_num_rejections(p_values, alpha)  # [...]
+    num_rejections = bh_num_rejections(p_values, alpha)  # [...]
     threshold = _bh_critical_value(num_rejections, alpha, num_tests, p_values.dtype)  # [...]
     # p <= alpha*k/m  <=>  rank <= k (every p with rank > k exceeds alpha*rank/m > alpha*k/m).
     return (p_values <= threshold.unsqueeze(-1)) & (num_rejections > 0).unsqueeze(-1)
+
+
+def fast_bh_count(first_passing_rank: torch.Tensor) -> torch.Tensor:
+    """Fast (sort-free) BH count, equal to `bh_num_rejections`: BH's k from, per hypothesis, its first
+    passing rank, the smallest j with p_i <= alpha*j/m (m + 1 if none).
+
+    N_j = #{i : p_i <= alpha*j/m} = #{i : first_passing_rank_i <= j}, and k = max{j : N_j >= j}
+    (the step-up rule: p_(j) <= alpha*j/m  <=>  N_j >= j). [..., m] int in [1, m+1] -> [...] int64.
+    """
+    num_tests = first_passing_rank.shape[-1]
+    first_passing_rank = first_passing_rank.to(torch.int32)  # int32 halves the memory traffic on CPU
+    histogram = torch.zeros(
+        *first_passing_rank.shape[:-1], num_tests + 2, device=first_passing_rank.device, dtype=torch.int32
+    ).scatter_add_(-1, first_passing_rank.long(), torch.ones_like(first_passing_rank))
+    num_passing = histogram.cumsum(dim=-1, dtype=torch.int32)[..., 1 : num_tests + 1]  # [..., m]: N_j, j = 1..m
+    ranks = torch.arange(1, num_tests + 1, device=first_passing_rank.device, dtype=torch.int32)
+    return torch.where(num_passing >= ranks, ranks, 0).amax(dim=-1).long()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,6 +273,8 @@ def bh_reject(p_values: torch.Tensor, alpha: float) -> torch.Tensor:
 #   really controls how many irrelevant experts slip in; up to J relevant experts cannot inflate the
 #   estimates. The statistic is scale-free, so temperature does not change these p-values (it still
 #   changes the probabilities used as weights). Needs no calibration data and no full sort (a top-J).
+#   The calibration rests on the Gaussian bulk: where a token's irrelevant logits have heavier tails or
+#   are skewed to the right, small p-values are too frequent and BH's false discovery rate exceeds alpha.
 
 _NULL_SIMULATED_TOKENS = 2**17  # 131072 simulated tokens x E experts: p resolves to ~1e-7 at E=64
 _NULL_SEED = 20240902
@@ -243,7 +307,7 @@ def _robust_location_scale(logits: torch.Tensor, top_logits: torch.Tensor) -> tu
     return center, 1.0 / bulk_std.clamp_min(torch.finfo(logits.dtype).eps * (1.0 + center.abs()))
 
 
-def _robust_z_statistic(logits: torch.Tensor, top_logits: torch.Tensor | None = None) -> torch.Tensor:
+def robust_z_statistic(logits: torch.Tensor, top_logits: torch.Tensor | None = None) -> torch.Tensor:
     """s = (z - mean) / std of the token's logits without its J largest. [..., E] -> [..., E].
 
     top_logits: the token's largest logits ([..., >= J], from a topk already at hand), or None.
@@ -265,7 +329,7 @@ def robust_z_null_table(num_experts: int, device: torch.device | str = "cpu") ->
         if cpu_key not in _null_table_cache:
             generator = torch.Generator().manual_seed(_NULL_SEED)
             null_logits = torch.randn(_NULL_SIMULATED_TOKENS, num_experts, generator=generator)
-            null_sorted = torch.sort(_robust_z_statistic(null_logits).flatten()).values.double()
+            null_sorted = torch.sort(robust_z_statistic(null_logits).flatten()).values.double()
             first, last, step = _NULL_GRID
             knots = torch.arange(round((last - first) / step) + 1, dtype=torch.float64) * step + first
             num_at_least = null_sorted.numel() - torch.searchsorted(null_sorted, knots)
@@ -285,7 +349,7 @@ def _robust_z_p_values(statistics: torch.Tensor) -> torch.Tensor:
     return torch.lerp(log_survival[lower], log_survival[lower + 1], fraction).exp().to(statistics.dtype)
 
 
-def _robust_z_critical_statistics(alpha: float, num_experts: int, device) -> torch.Tensor:
+def robust_z_critical_statistics(alpha: float, num_experts: int, device) -> torch.Tensor:
     """c_j with p(s) <= alpha*j/E  <=>  s >= c_j, for j = 1..E: [E] float32, decreasing (+inf: never).
 
     Inverts the tabulated log survival function (piecewise linear in s) at the BH critical values, so the
@@ -309,28 +373,17 @@ def _robust_z_critical_statistics(alpha: float, num_experts: int, device) -> tor
     return _critical_statistics_cache[key]
 
 
-def _bh_count_from_first_passing_rank(first_passing_rank: torch.Tensor) -> torch.Tensor:
-    """BH's k from, per hypothesis, the smallest j with p_i <= alpha*j/m (m + 1 if none). No sort needed.
-
-    N_j = #{i : p_i <= alpha*j/m} = #{i : first_passing_rank_i <= j}, and k = max{j : N_j >= j}
-    (the step-up rule: p_(j) <= alpha*j/m  <=>  N_j >= j). [..., m] int in [1, m+1] -> [...] int64.
-    """
-    num_tests = first_passing_rank.shape[-1]
-    first_passing_rank = first_passing_rank.to(torch.int32)  # int32 halves the memory traffic on CPU
-    histogram = torch.zeros(*first_passing_rank.shape[:-1], num_tests + 2, device=first_passing_rank.device,
-                            dtype=torch.int32).scatter_add_(-1, first_passing_rank.long(), torch.ones_like(first_passing_rank))  # fmt: skip
-    num_passing = histogram.cumsum(dim=-1, dtype=torch.int32)[..., 1 : num_tests + 1]  # [..., m]: N_j, j = 1..m
-    ranks = torch.arange(1, num_tests + 1, device=first_passing_rank.device, dtype=torch.int32)
-    return torch.where(num_passing >= ranks, ranks, 0).amax(dim=-1).long()
-
-
-def _robust_z_first_passing_rank(statistics: torch.Tensor, critical: torch.Tensor) -> torch.Tensor:
+def robust_z_first_passing_rank(statistics: torch.Tensor, critical: torch.Tensor) -> torch.Tensor:
     """Smallest rank j with s_i >= c_j (E + 1 if none): j = 1 + #{j : c_j > s_i}. [..., E] -> [..., E] int32."""
     num_experts = statistics.shape[-1]
-    return 1 + num_experts - torch.searchsorted(critical.flip(0), statistics.float().contiguous(), right=True, out_int32=True)
+    return (
+        1
+        + num_experts
+        - torch.searchsorted(critical.flip(0), statistics.float().contiguous(), right=True, out_int32=True)
+    )
 
 
-def _bh_count_robust_z_cpu(logits: torch.Tensor, top_logits: torch.Tensor, critical: torch.Tensor) -> torch.Tensor:
+def fast_bh_count_robust_z_cpu(logits: torch.Tensor, top_logits: torch.Tensor, critical: torch.Tensor) -> torch.Tensor:
     """BH's count for robust_z from the top J statistics alone, exact, for the CPU.
 
     BH's k exceeds J only if more than J experts have s >= c_j >= c_E. When at most J experts clear the
@@ -348,9 +401,14 @@ def _bh_count_robust_z_cpu(logits: torch.Tensor, top_logits: torch.Tensor, criti
     many = num_candidates > num_top
     if bool(many.any()):  # free on the CPU
         flat_many = many.reshape(-1)
-        rows, row_top = logits.reshape(-1, num_experts)[flat_many], top_logits.reshape(-1, top_logits.shape[-1])[flat_many]
-        full = _bh_count_from_first_passing_rank(_robust_z_first_passing_rank(_robust_z_statistic(rows, row_top), critical))
-        num_significant = num_significant.reshape(-1).index_put((flat_many.nonzero().squeeze(-1),), full).reshape(many.shape)
+        rows, row_top = (
+            logits.reshape(-1, num_experts)[flat_many],
+            top_logits.reshape(-1, top_logits.shape[-1])[flat_many],
+        )
+        full = fast_bh_count(robust_z_first_passing_rank(robust_z_statistic(rows, row_top), critical))
+        num_significant = (
+            num_significant.reshape(-1).index_put((flat_many.nonzero().squeeze(-1),), full).reshape(many.shape)
+        )
     return num_significant
 
 
@@ -377,11 +435,11 @@ def compute_p_values(
     scaled_logits = _work_logits(router_logits, temperature)  # [..., E]
     if pvalue_method == "one_minus_prob":
         return 1.0 - torch.softmax(scaled_logits, dim=-1)
-    return _robust_z_p_values(_robust_z_statistic(scaled_logits))
+    return _robust_z_p_values(robust_z_statistic(scaled_logits))
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Routing functions: one contract for BH and the baselines
+# 4. Routing methods: one object per method, in a registry
 # ----------------------------------------------------------------------------------------------------
 #
 # Every method decides `expert_counts` per token and keeps that many of the most probable experts, in
@@ -392,7 +450,7 @@ def compute_p_values(
 
 
 @dataclass(frozen=True)
-class _Routing:
+class Routing:
     """Result of a routing method on [..., E] logits (K = slot width)."""
 
     top_weights: torch.Tensor  # [..., K] float32, 0 in unused slots
@@ -403,7 +461,10 @@ class _Routing:
 
 
 def _keep_top(
-    top_probabilities: torch.Tensor, top_index: torch.Tensor, expert_counts: torch.Tensor, num_experts: int,
+    top_probabilities: torch.Tensor,
+    top_index: torch.Tensor,
+    expert_counts: torch.Tensor,
+    num_experts: int,
     renormalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the first `expert_counts` of the K most probable experts (sorted descending).
@@ -415,82 +476,350 @@ def _keep_top(
     kept = slot < expert_counts.unsqueeze(-1)  # [..., K]
     top_weights = torch.where(kept, top_probabilities, torch.zeros_like(top_probabilities))
     if renormalize:
-        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(top_weights.dtype).tiny)
+        tiny = torch.finfo(top_weights.dtype).tiny
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True).clamp_min(tiny)
     return top_weights, torch.where(kept, top_index, torch.full_like(top_index, num_experts))
 
 
-def _route_bh(
+def _bh_count(scaled_logits, top_logits, probabilities, alpha, pvalue_method, critical, with_stats):
+    """BH's number of rejections per token, and (when the full path ran) each expert's first passing rank.
+
+    The p-values are never materialised: each expert's first passing rank j (smallest j with
+    p <= alpha*j/E) is read off the logits, and `fast_bh_count` turns ranks into counts.
+    """
+    num_experts = scaled_logits.shape[-1]
+    if pvalue_method == "one_minus_prob":
+        # 1 - prob_i <= alpha*j/m  <=>  j >= m * (1 - prob_i) / alpha
+        first_passing_rank = torch.ceil(num_experts * (1.0 - probabilities) / alpha).long().clamp(1, num_experts + 1)
+        return fast_bh_count(first_passing_rank), first_passing_rank, None
+    if critical is None:
+        critical = robust_z_critical_statistics(alpha, num_experts, scaled_logits.device)  # [E], decreasing
+    if scaled_logits.device.type == "cpu" and not with_stats:
+        return fast_bh_count_robust_z_cpu(scaled_logits, top_logits, critical), None, None
+    # No data-dependent branch here: no host synchronisation on a GPU.
+    statistics = robust_z_statistic(scaled_logits, top_logits)  # [..., E]
+    first_passing_rank = robust_z_first_passing_rank(statistics, critical)
+    return fast_bh_count(first_passing_rank), first_passing_rank, statistics
+
+
+def route_bh(
     logits, alpha, temperature, min_k, max_k, pvalue_method, renormalize, with_stats=False, critical=None
-) -> _Routing:
-    """BH routing of [..., E] logits. critical: the robust_z critical statistics for (alpha, E) on this
-    device, if already at hand (the patcher passes them so that a compiled call touches no cache)."""
+) -> Routing:
+    """BH routing of [..., E] logits (arguments as `benjamini_hochberg_routing`, unchecked).
+
+    critical: the robust_z critical statistics for (alpha, E) on this device, if already at hand (the
+    patcher passes them so that a compiled call touches no cache).
+    """
     num_experts = logits.shape[-1]
     scaled_logits = _work_logits(logits, temperature)  # [..., E]
     probabilities = torch.softmax(scaled_logits, dim=-1)  # [..., E]
     # One top-k gives the experts to keep (most probable first) and the logits the null estimate trims.
     width = max(max_k, _num_trimmed(num_experts)) if pvalue_method == "robust_z" else max_k
     top_logits, top_index = torch.topk(scaled_logits, width, dim=-1)  # [..., width]
-    first_passing_rank = None
-    if pvalue_method == "robust_z":
-        if critical is None:
-            critical = _robust_z_critical_statistics(alpha, num_experts, logits.device)  # [E], decreasing
-        if scaled_logits.device.type == "cpu" and not with_stats:
-            num_significant = _bh_count_robust_z_cpu(scaled_logits, top_logits, critical)
-        else:  # no data-dependent branch: no host synchronisation on the GPU
-            statistics = _robust_z_statistic(scaled_logits, top_logits)  # [..., E]
-            first_passing_rank = _robust_z_first_passing_rank(statistics, critical)
-            num_significant = _bh_count_from_first_passing_rank(first_passing_rank)  # [...]
-    else:
-        # 1 - prob_i <= alpha*j/m  <=>  j >= m * (1 - prob_i) / alpha
-        first_passing_rank = torch.ceil(num_experts * (1.0 - probabilities) / alpha).long().clamp(1, num_experts + 1)
-        num_significant = _bh_count_from_first_passing_rank(first_passing_rank)  # [...]
+    num_significant, first_passing_rank, statistics = _bh_count(
+        scaled_logits, top_logits, probabilities, alpha, pvalue_method, critical, with_stats
+    )
     expert_counts = num_significant.clamp(min_k, max_k)
     top_probabilities = probabilities.gather(-1, top_index[..., :max_k])
-    top_weights, kept_index = _keep_top(top_probabilities, top_index[..., :max_k], expert_counts, num_experts, renormalize)
+    top_weights, kept_index = _keep_top(
+        top_probabilities, top_index[..., :max_k], expert_counts, num_experts, renormalize
+    )
     extra_stats = {}
     if with_stats:
-        if pvalue_method == "one_minus_prob":
-            p_values = 1.0 - probabilities
-        else:  # with_stats took the full path above, so `statistics` is at hand
-            p_values = _robust_z_p_values(statistics)
+        p_values = 1.0 - probabilities if statistics is None else _robust_z_p_values(statistics)
         extra_stats = {
             "p_values": p_values,
             "bh_threshold": _bh_critical_value(num_significant, alpha, num_experts, p_values.dtype),
             "significant_mask": first_passing_rank <= num_significant.unsqueeze(-1),
             "num_significant": num_significant,
         }
-    return _Routing(top_weights, kept_index, expert_counts, probabilities, extra_stats)
+    return Routing(top_weights, kept_index, expert_counts, probabilities, extra_stats)
 
 
-def _route_bh_tensors(logits, critical, alpha, temperature, min_k, max_k, pvalue_method, renormalize):
-    """(top_weights, top_index, expert_counts) of `_route_bh`: the patcher's hot path, the function that
+def route_bh_tensors(logits, critical, alpha, temperature, min_k, max_k, pvalue_method, renormalize):
+    """(top_weights, top_index, expert_counts) of `route_bh`: the patcher's hot path, the function that
     torch.compile fuses on CUDA (tensors in, tensors out, no cache lookups)."""
-    routing = _route_bh(logits, alpha, temperature, min_k, max_k, pvalue_method, renormalize, critical=critical)
+    routing = route_bh(logits, alpha, temperature, min_k, max_k, pvalue_method, renormalize, critical=critical)
     return routing.top_weights, routing.top_index, routing.expert_counts
 
 
-def _route_topk(logits, k, temperature, renormalize) -> _Routing:
+def route_topk(logits, k, temperature, renormalize) -> Routing:
+    """The k most probable experts of every token (OLMoE's own router at k = 8, T = 1)."""
     probabilities = torch.softmax(_work_logits(logits, temperature), dim=-1)  # [..., E]
     top_probabilities, top_index = torch.topk(probabilities, k, dim=-1)  # as OLMoE's router does
     expert_counts = torch.full(logits.shape[:-1], k, dtype=torch.int64, device=logits.device)
     top_weights, top_index = _keep_top(top_probabilities, top_index, expert_counts, logits.shape[-1], renormalize)
-    return _Routing(top_weights, top_index, expert_counts, probabilities, {})
+    return Routing(top_weights, top_index, expert_counts, probabilities, {})
 
 
-def _route_topp(logits, p, temperature, min_k, max_k, renormalize) -> _Routing:
+def route_topp(logits, p, temperature, min_k, max_k, renormalize) -> Routing:
+    """The fewest most probable experts whose probabilities sum to >= p, clamped to [min_k, max_k]."""
     probabilities = torch.softmax(_work_logits(logits, temperature), dim=-1)  # [..., E]
     sorted_probabilities, order = torch.sort(probabilities, dim=-1, descending=True)  # [..., E]
-    mass_before = torch.cumsum(sorted_probabilities, dim=-1) - sorted_probabilities  # mass of more probable experts
+    mass_before = torch.cumsum(sorted_probabilities, dim=-1) - sorted_probabilities  # of more probable experts
     # Fewest experts whose mass reaches p = number of experts whose predecessors hold < p.
     num_needed = (mass_before < p).sum(dim=-1)
     expert_counts = num_needed.clamp(min_k, max_k)
     top_weights, top_index = _keep_top(
         sorted_probabilities[..., :max_k], order[..., :max_k], expert_counts, logits.shape[-1], renormalize
     )
-    return _Routing(top_weights, top_index, expert_counts, probabilities, {"num_needed": num_needed})
+    return Routing(top_weights, top_index, expert_counts, probabilities, {"num_needed": num_needed})
 
 
-def _public_result(routing: _Routing, return_stats: bool):
+@dataclass(frozen=True)
+class RouterShape:
+    """What a routing method needs to know of the routers it replaces."""
+
+    num_experts: int
+    native_top_k: int = NATIVE_TOP_K
+    norm_topk_prob: bool = False  # the model renormalises its kept weights (renormalize=None follows it)
+
+
+def _renormalize(renormalize: bool | None, shape: RouterShape) -> bool:
+    return shape.norm_topk_prob if renormalize is None else bool(renormalize)
+
+
+def _percent_code(value: float) -> str:
+    """0.05 -> '005': the design's way of writing alpha (and p) in configuration names."""
+    return f"{round(value * 100):03d}"
+
+
+class RoutingMethod:
+    """A routing method: its name, its parameters, how it routes, and how its configurations are named.
+
+    Subclass, then `register_routing_method(Subclass())`; the routing functions, the patcher
+    (`OLMoERouterPatcher.patch(name, **params)`), `RoutingConfig` and `frontier_table` then know it.
+    """
+
+    name = ""
+    changes_routing = True  # False: the model's own router runs unchanged (the native baseline)
+    is_baseline = False  # a reference curve of the equal-compute comparison (`frontier_table`)
+
+    def parameters(self, shape: RouterShape, **given) -> dict:
+        """Check `given` (ValueError naming the argument) and complete it with the defaults. The result
+        has at least min_k, max_k (the slot width K), temperature and renormalize."""
+        raise NotImplementedError
+
+    def route(self, logits: torch.Tensor, params: dict, with_stats: bool = False) -> Routing:
+        """Route [..., E] logits with checked parameters (from `parameters`)."""
+        raise NotImplementedError
+
+    def router(self, params: dict, patcher: OLMoERouterPatcher) -> Callable:
+        """The patcher's per-layer function (router_logits [T, E], the router's own output) ->
+        (top_weights [T, K], top_index [T, K], expert_counts [T] or None when every token keeps K)."""
+
+        def route(router_logits, native_output):
+            routing = self.route(router_logits, params)
+            return routing.top_weights, routing.top_index, routing.expert_counts
+
+        return route
+
+    def drops_slots(self, params: dict) -> bool:
+        """Whether some tokens may keep fewer experts than the K slots (the sentinel index then appears)."""
+        return params["min_k"] < params["max_k"]
+
+    def config_name(self, **given) -> str:
+        """A configuration's name from the parameters it sets."""
+        raise NotImplementedError
+
+    def series(self, params: dict) -> str:
+        """The curve a configuration belongs to in tables and figures (e.g. 'BH (robust_z)')."""
+        return self.name
+
+
+ROUTING_METHODS: dict[str, RoutingMethod] = {}
+
+
+def register_routing_method(method: RoutingMethod) -> RoutingMethod:
+    """Make `method` known by its name (replacing a method of the same name)."""
+    if not isinstance(method, RoutingMethod) or not method.name:
+        raise ValueError(f"method must be a RoutingMethod with a name, got {method!r}")
+    ROUTING_METHODS[method.name] = method
+    return method
+
+
+def routing_method(name: str) -> RoutingMethod:
+    """The registered method called `name`."""
+    if name not in ROUTING_METHODS:
+        raise ValueError(f"method must be one of {sorted(ROUTING_METHODS)}, got {name!r}")
+    return ROUTING_METHODS[name]
+
+
+class BenjaminiHochbergMethod(RoutingMethod):
+    """BH over the E tests "expert i is not relevant to this token" (`benjamini_hochberg_routing`)."""
+
+    name = "bh"
+
+    def parameters(
+        self,
+        shape,
+        alpha=0.05,
+        temperature=1.0,
+        min_k=1,
+        max_k=16,
+        pvalue_method=DEFAULT_PVALUE_METHOD,
+        renormalize=None,
+    ) -> dict:
+        _check_alpha(alpha)
+        _check_temperature(temperature)
+        _check_k_bounds(min_k, max_k, shape.num_experts)
+        _check_pvalue_method(pvalue_method)
+        params = dict(alpha=alpha, temperature=temperature, min_k=min_k, max_k=max_k, pvalue_method=pvalue_method)
+        return params | {"renormalize": _renormalize(renormalize, shape)}
+
+    def route(self, logits, params, with_stats=False):
+        return route_bh(logits, with_stats=with_stats, **params)
+
+    def router(self, params, patcher):
+        # Critical values per router device, built now rather than inside a timed forward.
+        critical = {
+            device: robust_z_critical_statistics(params["alpha"], patcher.num_experts, device)
+            if params["pvalue_method"] == "robust_z"
+            else None
+            for device in patcher.router_devices
+        }
+        route = compile_once(route_bh_tensors) if patcher.compile_routing else route_bh_tensors
+        if patcher.cuda_graphs:
+            route = CudaGraphed(route)
+        constants = tuple(
+            params[name] for name in ("alpha", "temperature", "min_k", "max_k", "pvalue_method", "renormalize")
+        )
+
+        def run(router_logits, native_output):
+            return route(router_logits, critical[router_logits.device], *constants)
+
+        return run
+
+    def config_name(
+        self, alpha=0.05, max_k=16, min_k=1, pvalue_method=DEFAULT_PVALUE_METHOD, temperature=1.0, renormalize=None
+    ) -> str:
+        """The design's bh_k{max_k}_a{alpha*100:03d}; 'bh1mp' for the design's own p-value; a suffix for
+        each other parameter that differs from its default (e.g. _min4 for min_k = 4)."""
+        prefix = "bh" if pvalue_method == DEFAULT_PVALUE_METHOD else "bh1mp"
+        return f"{prefix}_k{max_k}_a{_percent_code(alpha)}" + _common_suffix(min_k, 1, temperature, renormalize)
+
+    def series(self, params):
+        return f"BH ({params['pvalue_method']})"
+
+
+def _common_suffix(min_k: int, default_min_k: int, temperature: float, renormalize: bool | None) -> str:
+    suffix = f"_min{min_k}" if min_k != default_min_k else ""
+    suffix += f"_t{temperature:g}" if temperature != 1.0 else ""
+    return suffix + ("" if renormalize is None else "_renorm" if renormalize else "_raw")
+
+
+class TopKMethod(RoutingMethod):
+    """The k most probable experts (`topk_routing`; the native router truncated to k)."""
+
+    name = "topk"
+    is_baseline = True
+
+    def parameters(self, shape, k=None, temperature=1.0, renormalize=None) -> dict:
+        k = shape.native_top_k if k is None else k
+        _check_top_k(k, shape.num_experts)
+        _check_temperature(temperature)
+        renormalize = _renormalize(renormalize, shape)
+        return dict(k=k, temperature=temperature, min_k=k, max_k=k, renormalize=renormalize)
+
+    def route(self, logits, params, with_stats=False):
+        return route_topk(logits, params["k"], params["temperature"], params["renormalize"])
+
+    def router(self, params, patcher):
+        k, renormalize = params["k"], params["renormalize"]
+        # The router's own top-k is sorted and holds the same float32 softmax values: reuse it.
+        reuse_native = params["temperature"] == 1.0 and not renormalize and not patcher.shape.norm_topk_prob
+        routed = super().router(params, patcher)
+
+        def route(router_logits, native_output):
+            if reuse_native and k <= native_output[2].shape[-1]:
+                return native_output[1][..., :k], native_output[2][..., :k], None
+            return routed(router_logits, native_output)[:2] + (None,)
+
+        return route
+
+    def config_name(self, k=NATIVE_TOP_K, temperature=1.0, renormalize=None) -> str:
+        return f"topk_k{k}" + _common_suffix(1, 1, temperature, renormalize)
+
+    def series(self, params):
+        return "top-k"
+
+
+class TopPMethod(RoutingMethod):
+    """The fewest most probable experts reaching probability mass p (`topp_routing`; Huang et al. 2024)."""
+
+    name = "topp"
+    is_baseline = True
+
+    def parameters(self, shape, p=0.5, temperature=1.0, min_k=1, max_k=None, renormalize=None) -> dict:
+        _check_top_p(p)
+        _check_temperature(temperature)
+        max_k = shape.num_experts if max_k is None else max_k
+        _check_k_bounds(min_k, max_k, shape.num_experts)
+        renormalize = _renormalize(renormalize, shape)
+        return dict(p=p, temperature=temperature, min_k=min_k, max_k=max_k, renormalize=renormalize)
+
+    def route(self, logits, params, with_stats=False):
+        return route_topp(logits, **params)
+
+    def config_name(self, p=0.5, temperature=1.0, min_k=1, max_k=None, renormalize=None) -> str:
+        name = f"topp_p{_percent_code(p)}" + ("" if max_k is None else f"_max{max_k}")
+        return name + _common_suffix(min_k, 1, temperature, renormalize)
+
+    def series(self, params):
+        return "top-p"
+
+
+class NativeMethod(TopKMethod):
+    """The model's own routing, unchanged and observed (the sweep's baseline)."""
+
+    name = "native"
+    changes_routing = False
+    is_baseline = False
+
+    def parameters(self, shape, k=None) -> dict:
+        if k is not None and k != shape.native_top_k:
+            raise ValueError(f"k of the native routing must be the model's top-k ({shape.native_top_k}), got {k!r}")
+        return super().parameters(shape)
+
+    def config_name(self, k=NATIVE_TOP_K) -> str:
+        return f"topk_{k}_baseline"
+
+    def series(self, params):
+        return f"native top-{params['k']}"
+
+
+for _method in (BenjaminiHochbergMethod(), TopKMethod(), TopPMethod(), NativeMethod()):
+    register_routing_method(_method)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """One routing configuration: a name, a registered method and the parameters it sets."""
+
+    name: str
+    method: str
+    params: tuple = ()  # (("alpha", 0.05), ("max_k", 8), ...): hashable, ordered
+
+    @classmethod
+    def of(cls, method: str, **params) -> RoutingConfig:
+        """A configuration named by its method's naming rule, e.g. RoutingConfig.of("bh", alpha=0.05, max_k=8)."""
+        return cls(routing_method(method).config_name(**params), method, tuple(params.items()))
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.params)
+
+    def apply(self, patcher: OLMoERouterPatcher) -> OLMoERouterPatcher:
+        """Patch (or, for the native routing, observe) the patcher's model with this configuration."""
+        return patcher.patch(self.method, **self.kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Routing functions: one contract for BH and the baselines
+# ----------------------------------------------------------------------------------------------------
+
+
+def _public_result(routing: Routing, return_stats: bool):
     """(routing_weights [..., E], selected_experts [..., K], expert_counts [...][, stats])."""
     num_experts = routing.probabilities.shape[-1]
     dense = torch.zeros(
@@ -503,6 +832,14 @@ def _public_result(routing: _Routing, return_stats: bool):
         return result
     stats = {"probabilities": routing.probabilities, "kept_mask": routing_weights > 0, **routing.extra_stats}
     return (*result, stats)
+
+
+def _route_public(method: str, router_logits: torch.Tensor, return_stats: bool, **params):
+    """Check the logits and the parameters, route with a registered method, return the public contract."""
+    _check_logits(router_logits)
+    spec = routing_method(method)
+    params = spec.parameters(RouterShape(num_experts=router_logits.shape[-1]), **params)
+    return _public_result(spec.route(router_logits, params, with_stats=return_stats), return_stats)
 
 
 def benjamini_hochberg_routing(
@@ -528,7 +865,7 @@ def benjamini_hochberg_routing(
         min_k, max_k: 0 <= min_k <= max_k <= E, max_k >= 1.
         return_stats: also return a dict of per-token statistics.
         pvalue_method: "robust_z" (calibrated, default) or "one_minus_prob" (the design's; selects
-            max(min_k, <=1) experts for every alpha <= 1, see the module notes).
+            max(min_k, <=1) experts for every alpha < (E-1)/E, see the notes of section 3).
         renormalize: rescale kept weights to sum to 1 (the design); default False keeps the softmax
             probabilities, as OLMoE (norm_topk_prob=false) does.
     Returns:
@@ -540,13 +877,8 @@ def benjamini_hochberg_routing(
             BH rejects nothing), significant_mask [..., E], num_significant [...] (before clamping),
             probabilities [..., E], kept_mask [..., E].
     """
-    _check_logits(router_logits)
-    _check_alpha(alpha)
-    _check_temperature(temperature)
-    _check_k_bounds(min_k, max_k, router_logits.shape[-1])
-    _check_pvalue_method(pvalue_method)
-    routing = _route_bh(router_logits, alpha, temperature, min_k, max_k, pvalue_method, bool(renormalize), return_stats)
-    return _public_result(routing, return_stats)
+    params = dict(alpha=alpha, temperature=temperature, min_k=min_k, max_k=max_k, pvalue_method=pvalue_method)
+    return _route_public("bh", router_logits, return_stats, renormalize=bool(renormalize), **params)
 
 
 def topk_routing(
@@ -560,15 +892,9 @@ def topk_routing(
 
     Same return contract as `benjamini_hochberg_routing` with K = k.
     """
-    _check_logits(router_logits)
-    _check_temperature(temperature)
-    _check_top_k(k, router_logits.shape[-1])
-    return _public_result(_route_topk(router_logits, k, temperature, bool(renormalize)), return_stats)
-
-
-def _check_top_p(p: float) -> None:
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0.0 < p <= 1.0):
-        raise ValueError(f"p must be a number in (0, 1], got {p!r}")
+    return _route_public(
+        "topk", router_logits, return_stats, k=k, temperature=temperature, renormalize=bool(renormalize)
+    )
 
 
 def topp_routing(
@@ -585,49 +911,8 @@ def topp_routing(
     Counts are clamped to [min_k, max_k] (max_k defaults to E). Same return contract as
     `benjamini_hochberg_routing` with K = max_k.
     """
-    _check_logits(router_logits)
-    _check_top_p(p)
-    _check_temperature(temperature)
-    max_k = router_logits.shape[-1] if max_k is None else max_k
-    _check_k_bounds(min_k, max_k, router_logits.shape[-1])
-    return _public_result(_route_topp(router_logits, p, temperature, min_k, max_k, bool(renormalize)), return_stats)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Summaries of expert counts
-# ----------------------------------------------------------------------------------------------------
-
-
-def summarize_expert_counts(
-    expert_counts: torch.Tensor, min_k: int, max_k: int, baseline_k: int = NATIVE_TOP_K
-) -> dict[str, float]:
-    """The design's expert-selection metrics over every entry of `expert_counts` (any shape).
-
-    Rates are percentages: ceiling_hit_rate = % of entries equal to max_k, floor_hit_rate = % equal to
-    min_k, reduction_vs_baseline = 100 * (1 - avg_experts / baseline_k).
-    """
-    counts = expert_counts.detach().flatten().to("cpu", torch.float64)
-    if counts.numel() == 0:
-        raise ValueError("expert_counts is empty: no tokens were routed")
-    avg_experts = counts.mean().item()
-    return {
-        "avg_experts": avg_experts,
-        "std_experts": counts.std(unbiased=False).item(),
-        "min_experts": counts.min().item(),
-        "max_experts": counts.max().item(),
-        "median_experts": counts.quantile(0.5).item() if counts.numel() <= 16_000_000 else counts.median().item(),
-        "ceiling_hit_rate": 100.0 * (counts == max_k).double().mean().item(),
-        "floor_hit_rate": 100.0 * (counts == min_k).double().mean().item(),
-        "reduction_vs_baseline": 100.0 * (1.0 - avg_experts / baseline_k),
-    }
-
-
-def expert_load_balance(selections: torch.Tensor) -> float:
-    """Mean over layers of the normalised entropy of how often each expert was chosen: 1 when every
-    expert is chosen equally often, 0 when one expert takes everything. selections: [L, E] counts."""
-    selections = selections.double()
-    load_shares = selections / selections.sum(dim=-1, keepdim=True).clamp_min(1)
-    return (-torch.xlogy(load_shares, load_shares).sum(dim=-1) / math.log(selections.shape[-1])).mean().item()
+    params = dict(p=p, temperature=temperature, min_k=min_k, max_k=max_k)
+    return _route_public("topp", router_logits, return_stats, renormalize=bool(renormalize), **params)
 
 
 def run_bh_multi_k(
@@ -668,7 +953,258 @@ def compare_multi_k_statistics(results: dict[int, dict], baseline_k: int = NATIV
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Models: the hub model, a local directory, or the embedded default
+# 6. Statistics: counts, the patcher's accumulators, saturation, quality at equal compute, token level
+# ----------------------------------------------------------------------------------------------------
+
+
+def summarize_expert_counts(
+    expert_counts: torch.Tensor, min_k: int, max_k: int, baseline_k: int = NATIVE_TOP_K
+) -> dict[str, float]:
+    """The design's expert-selection metrics over every entry of `expert_counts` (any shape).
+
+    Rates are percentages: ceiling_hit_rate = % of entries equal to max_k, floor_hit_rate = % equal to
+    min_k, reduction_vs_baseline = 100 * (1 - avg_experts / baseline_k).
+    """
+    counts = expert_counts.detach().flatten().to("cpu", torch.float64)
+    if counts.numel() == 0:
+        raise ValueError("expert_counts is empty: no tokens were routed")
+    avg_experts = counts.mean().item()
+    return {
+        "avg_experts": avg_experts,
+        "std_experts": counts.std(unbiased=False).item(),
+        "min_experts": counts.min().item(),
+        "max_experts": counts.max().item(),
+        "median_experts": counts.quantile(0.5).item() if counts.numel() <= 16_000_000 else counts.median().item(),
+        "ceiling_hit_rate": 100.0 * (counts == max_k).double().mean().item(),
+        "floor_hit_rate": 100.0 * (counts == min_k).double().mean().item(),
+        "reduction_vs_baseline": 100.0 * (1.0 - avg_experts / baseline_k),
+    }
+
+
+def expert_load_balance(selections: torch.Tensor) -> float:
+    """Mean over layers of the normalised entropy of how often each expert was chosen: 1 when every
+    expert is chosen equally often, 0 when one expert takes everything. selections: [L, E] counts."""
+    selections = selections.double()
+    load_shares = selections / selections.sum(dim=-1, keepdim=True).clamp_min(1)
+    return (-torch.xlogy(load_shares, load_shares).sum(dim=-1) / math.log(selections.shape[-1])).mean().item()
+
+
+class RoutingStatistics:
+    """Per-layer accumulators of routing decisions: how often each expert was kept, the entropy of the
+    kept weights, and (optionally) every token's count.
+
+    `record` only keeps references, so that a forward pass launches no extra kernels; the decisions are
+    folded into the accumulators in batches of `max_pending` calls per layer, and when read.
+    """
+
+    max_pending = 256  # routing calls kept per layer before they are folded in
+
+    def __init__(self, num_layers: int, num_experts: int, record_token_counts: bool = True):
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.record_token_counts = record_token_counts
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded so far."""
+        self._pending: list[list[tuple]] = [[] for _ in range(self.num_layers)]
+        self._token_counts: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self._selections: list[torch.Tensor | None] = [None] * self.num_layers  # [E+1] per layer
+        self._entropy_sums: list[torch.Tensor | None] = [None] * self.num_layers
+        self._num_routed: list[int] = [0] * self.num_layers
+
+    def record(self, layer: int, top_weights, top_index, expert_counts=None) -> None:
+        """One routing call of `layer`: weights and index [..., K]; expert_counts [...] (None: all K kept)."""
+        self._pending[layer].append((expert_counts, top_weights, top_index))
+        self._num_routed[layer] += top_index.reshape(-1, top_index.shape[-1]).shape[0]
+        if len(self._pending[layer]) >= self.max_pending:
+            self._fold(layer)
+
+    @torch.no_grad()
+    def _fold(self, layer: int) -> None:
+        """Fold a layer's pending routing decisions into its accumulators (on its device)."""
+        pending, self._pending[layer] = self._pending[layer], []
+        if not pending:
+            return
+        device = pending[0][2].device
+        if self._selections[layer] is None:
+            self._selections[layer] = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
+            self._entropy_sums[layer] = torch.zeros((), dtype=torch.float64, device=device)
+        # One batch of kernels for all pending calls (a patch keeps its slot width K, so they concatenate).
+        top_index = torch.cat([index.reshape(-1, index.shape[-1]) for _, _, index in pending])  # [N, K]
+        weights = torch.cat([w.reshape(-1, w.shape[-1]) for _, w, _ in pending]).float()  # [N, K]
+        flat_index = top_index.reshape(-1)
+        # Sentinel slots (index E) land in the last bin, which `selections` drops.
+        self._selections[layer].scatter_add_(0, flat_index, torch.ones_like(flat_index))
+        shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        self._entropy_sums[layer] += -torch.xlogy(shares, shares).sum()
+        if self.record_token_counts:
+            if pending[0][0] is None:  # a method without counts keeps all K slots (top-k, native)
+                counts = torch.full((top_index.shape[0],), top_index.shape[-1], device=device)
+            else:
+                counts = torch.cat([expert_counts.reshape(-1) for expert_counts, _, _ in pending])
+            self._token_counts[layer].append(counts.to(torch.int16))
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens routed so far (by the first layer)."""
+        return self._num_routed[0]
+
+    def _fold_all(self) -> None:
+        if self.num_tokens == 0:
+            raise RuntimeError("no tokens were routed since the last patch or reset_stats(): run the model first")
+        for layer in range(self.num_layers):
+            self._fold(layer)
+
+    def token_counts(self) -> torch.Tensor:
+        """[N, L] int64 on the CPU: experts kept per routed token (in order) and layer."""
+        if not self.record_token_counts:
+            raise RuntimeError("token counts were not recorded: create the patcher with record_token_counts=True")
+        self._fold_all()
+        return torch.stack([torch.cat(c).to("cpu", torch.int64) for c in self._token_counts], dim=1)
+
+    def selections(self) -> torch.Tensor:
+        """[L, E] float64 on the CPU: how many routed tokens kept each expert, per layer."""
+        self._fold_all()
+        return torch.stack([s.to("cpu") for s in self._selections])[:, : self.num_experts].double()
+
+    def summary(self, min_k: int, max_k: int, baseline_k: int) -> dict:
+        """The design's metrics over every (token, layer) decision (`summarize_expert_counts`; without
+        token counts only avg_experts and reduction_vs_baseline), plus weight_entropy,
+        expert_utilization, per_layer_avg_experts, expert_utilization_per_layer, token_counts (with
+        token counts), num_tokens and num_layers (see `OLMoERouterPatcher.get_stats`)."""
+        selections = self.selections()  # [L, E]
+        stats = {}
+        if self.record_token_counts:
+            token_counts = self.token_counts()
+            stats.update(summarize_expert_counts(token_counts, min_k, max_k, baseline_k))
+            stats["per_layer_avg_experts"] = token_counts.double().mean(dim=0).tolist()
+            stats["token_counts"] = token_counts
+        else:
+            per_layer = (selections.sum(dim=-1) / self.num_tokens).tolist()
+            avg = sum(per_layer) / len(per_layer)
+            stats.update(avg_experts=avg, reduction_vs_baseline=100.0 * (1 - avg / baseline_k))
+            stats["per_layer_avg_experts"] = per_layer
+        return stats | {
+            "weight_entropy": sum(e.item() for e in self._entropy_sums) / sum(self._num_routed),
+            "expert_utilization": expert_load_balance(selections),
+            "expert_utilization_per_layer": (selections / self.num_tokens).tolist(),
+            "num_tokens": self.num_tokens,
+            "num_layers": self.num_layers,
+        }
+
+
+def saturation_analysis(table, group_by=("pvalue_method", "alpha"), threshold_percent: float = 5.0):
+    """Per group (by default per p-value method and alpha): the smallest max_k beyond which raising
+    max_k grows avg_experts by < threshold_percent.
+
+    table: rows of one method's grid over max_k (columns: group_by, "max_k", "avg_experts", "status").
+    Returns one row per group with the saturation max_k (NaN if avg_experts still grows at the largest
+    step), the average at the largest max_k and the growth at each step.
+    """
+    import pandas as pd
+
+    rows = []
+    for key, group in table[table["status"] == "ok"].groupby(list(group_by)):
+        group = group.sort_values("max_k")
+        max_ks, averages = group["max_k"].tolist(), group["avg_experts"].tolist()
+        growth = [100.0 * (averages[i + 1] / averages[i] - 1.0) for i in range(len(averages) - 1)]
+        saturated = [i for i in range(len(growth)) if all(g < threshold_percent for g in growth[i:])]
+        rows.append(
+            {
+                **dict(zip(group_by, key, strict=True)),
+                "saturation_max_k": max_ks[saturated[0]] if saturated else float("nan"),
+                "avg_experts_at_largest_max_k": averages[-1],
+                "growth_percent_by_step": {f"{max_ks[i]}->{max_ks[i + 1]}": round(g, 2) for i, g in enumerate(growth)},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _baseline_curve(results: list[dict], method: str):
+    """(average experts, mean NLL) of one baseline's measured points, sorted by average experts."""
+    import numpy as np
+
+    points = sorted((r["avg_experts"], math.log(r["perplexity"])) for r in results if r["method"] == method)
+    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+
+def frontier_table(quality: dict[str, dict]):
+    """Quality at equal compute: for each configuration of a method that is not a baseline, its
+    perplexity and that of each baseline (top-k, top-p: `RoutingMethod.is_baseline`) at the same average
+    experts; NaN where its average lies outside the baseline's measured range. A negative
+    `delta_vs_<baseline>_percent` means the configuration is better at equal compute.
+
+    Between two measured baseline points the log-perplexity (mean NLL) is interpolated linearly in
+    average experts: that is the mean NLL of routing a matching fraction of tokens with each of the two,
+    whereas interpolating perplexity itself would flatter the method (perplexity is convex in the
+    experts kept).
+    """
+    import numpy as np
+    import pandas as pd
+
+    ok = [r for r in quality.values() if r["status"] == "ok"]
+    baselines = [name for name, method in ROUTING_METHODS.items() if method.is_baseline]
+    curves = {name: _baseline_curve(ok, name) for name in baselines}
+    rows = []
+    for result in ok:
+        method = routing_method(result["method"])
+        if method.is_baseline or not method.changes_routing:
+            continue
+        row = {
+            "config": result["name"],
+            "method": method.name,
+            "series": method.series(result["params"]),
+            "avg_experts": result["avg_experts"],
+            "perplexity": result["perplexity"],
+        }
+        for baseline, (xs, log_ys) in curves.items():
+            inside = len(xs) >= 2 and xs[0] <= result["avg_experts"] <= xs[-1]
+            at_equal = float(np.exp(np.interp(result["avg_experts"], xs, log_ys))) if inside else float("nan")
+            row[f"{baseline}_perplexity_at_equal_experts"] = at_equal
+            row[f"delta_vs_{baseline}_percent"] = 100.0 * (result["perplexity"] / at_equal - 1.0)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def token_level_analysis(
+    expert_counts: torch.Tensor,
+    inputs: torch.Tensor,
+    baseline_nll: torch.Tensor,
+    tokenizer,
+    num_tokens: int = 15,
+    min_occurrences: int = 5,
+) -> dict:
+    """Which tokens draw the most and fewest experts, and whether the count follows difficulty.
+
+    expert_counts: [S, L] experts kept at each evaluated position and layer; inputs: [S] the token at
+    each position; baseline_nll: [S] the baseline model's surprisal of the token each position predicts.
+    Returns the Spearman correlation between a position's average experts (over layers) and that
+    surprisal, and the tokens (seen at least min_occurrences times) with the fewest and most experts.
+    """
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    experts = expert_counts.double().mean(-1)  # [S]
+    correlation = spearmanr(experts.numpy(), baseline_nll.numpy())
+    tokens = [tokenizer.decode([int(t)]) for t in inputs.tolist()]
+    per_token = pd.DataFrame({"token": tokens, "experts": experts.numpy()}).groupby("token")["experts"]
+    per_token = per_token.agg(["mean", "count"])
+    per_token = per_token[per_token["count"] >= min_occurrences].sort_values("mean")
+
+    def listed(frame):
+        return [(token, round(row["mean"], 3), int(row["count"])) for token, row in frame.iterrows()]
+
+    return {
+        "spearman_experts_vs_next_token_surprisal": float(correlation.statistic),
+        "spearman_p_value": float(correlation.pvalue),
+        "num_positions": int(experts.numel()),
+        "fewest_experts": listed(per_token.head(num_tokens)),
+        "most_experts": listed(per_token.tail(num_tokens)[::-1]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Models: the hub model, a local directory, or the embedded default
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -688,10 +1224,20 @@ def build_random_olmoe(config=None, seed: int = 0, device: str = "cpu", dtype=to
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     small = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
-        max_position_embeddings=512, pad_token_id=1, eos_token_id=0, bos_token_id=None,
-    )  # fmt: skip
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=64,
+        num_experts_per_tok=8,
+        norm_topk_prob=False,
+        max_position_embeddings=512,
+        pad_token_id=1,
+        eos_token_id=0,
+        bos_token_id=None,
+    )
     if config is None:
         config = OlmoeConfig(**{**small, **config_overrides})
     elif isinstance(config, (str, Path)):
@@ -774,8 +1320,32 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def environment_info(model=None, device=None) -> dict:
+    """Versions, hardware and date, for the report and the JSON."""
+    import datetime
+    import platform
+
+    import transformers
+
+    device = str(device or (next(model.parameters()).device if model is not None else "cpu"))
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "hardware": torch.cuda.get_device_name(torch.device(device))
+        if device.startswith("cuda")
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+    }
+    if model is not None:
+        info["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+        info["model_parameters"] = sum(p.numel() for p in model.parameters())
+    return info
+
+
 # ----------------------------------------------------------------------------------------------------
-# 7. Variable-k expert execution: compute only the kept (token, expert) pairs
+# 8. Variable-k expert execution: compute only the kept (token, expert) pairs
 # ----------------------------------------------------------------------------------------------------
 #
 # transformers' experts paths take a fixed slot width K: "eager" loops over experts in Python with a
@@ -797,7 +1367,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-def _sort_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Order the T*K (token, slot) pairs by expert, sentinel slots (index E) last.
 
     Args:
@@ -807,8 +1377,7 @@ def _sort_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[
         offsets [E] int32: offsets[e] is one past the last row of expert e's group; offsets[E-1] is the
             number of kept pairs. Computed on the device (searchsorted), never read back.
     """
-    # The narrowest key that holds the sentinel: a radix sort makes one pass per key byte (for 32768 pairs
-    # on an H200, uint8 keys took 7 us of sort kernel against 46 us for int64; benchmarks/gpu_notes.md).
+    # The narrowest key that holds the sentinel: a radix sort makes one pass per key byte.
     key_dtype = torch.uint8 if num_experts < 2**8 else torch.int16 if num_experts < 2**15 else torch.int32
     sorted_expert_ids, pair_order = torch.sort(top_k_index.reshape(-1).to(key_dtype))
     expert_ids = torch.arange(num_experts, device=top_k_index.device, dtype=key_dtype)
@@ -816,8 +1385,8 @@ def _sort_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[
     return pair_order, offsets
 
 
-@functools.lru_cache(maxsize=None)  # called per layer: no version parsing on the hot path
-def _grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
+@functools.cache  # called per layer: no version parsing on the hot path
+def grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch has a grouped GEMM kernel here: on CPU from torch 2.9 (any float dtype); on CUDA in
     bf16, on sm80+ from torch 2.9 and on Hopper (sm90) before (not on a T4, sm75)."""
     from packaging.version import Version
@@ -833,13 +1402,13 @@ def _grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-def _grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """rows [S, in] sorted by group, weights [E, out, in] (nn.Linear layout), offsets [E] -> [S, out].
 
     Rows at and past offsets[-1] are not computed (their values are undefined). torch's grouped GEMM where
-    it has one (`_grouped_mm_usable`); otherwise one matmul per expert, which reads the offsets back to
+    it has one (`grouped_mm_usable`); otherwise one matmul per expert, which reads the offsets back to
     the host once."""
-    if _grouped_mm_usable(rows.device, rows.dtype):
+    if grouped_mm_usable(rows.device, rows.dtype):
         grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
         return grouped_mm(rows, weights.transpose(-2, -1), offs=offsets)
     output = torch.zeros(rows.shape[0], weights.shape[1], device=rows.device, dtype=rows.dtype)
@@ -851,14 +1420,14 @@ def _grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Te
     return output
 
 
-def _variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn):
+def variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn):
     """The reference (and CPU) variable-k experts forward. Shapes as in `variable_k_experts_forward`."""
     num_tokens, slots = top_k_index.shape
     num_experts = gate_up_proj.shape[0]
-    pair_order, offsets = _sort_pairs_by_expert(top_k_index, num_experts)
+    pair_order, offsets = sort_pairs_by_expert(top_k_index, num_experts)
     sorted_hidden = hidden_states[pair_order // slots]  # [S, H]
-    gate, up = _grouped_matmul(sorted_hidden, gate_up_proj, offsets).chunk(2, dim=-1)  # [S, I] each
-    expert_outputs = _grouped_matmul(act_fn(gate) * up, down_proj, offsets)  # [S, H]; tail rows undefined
+    gate, up = grouped_matmul(sorted_hidden, gate_up_proj, offsets).chunk(2, dim=-1)  # [S, I] each
+    expert_outputs = grouped_matmul(act_fn(gate) * up, down_proj, offsets)  # [S, H]; tail rows undefined
     sorted_rows = torch.arange(pair_order.numel(), device=pair_order.device)  # [S]
     # Rows past the kept pairs are undefined (may hold NaN): zero them before any weighted sum.
     expert_outputs = torch.where((sorted_rows < offsets[-1])[:, None], expert_outputs, 0.0)
@@ -872,8 +1441,17 @@ def _variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, gate_up
 if triton is not None:
 
     @triton.jit
-    def _gather_kept_pairs_kernel(hidden_ptr, pair_order_ptr, offsets_ptr, sorted_hidden_ptr, pair_rows_ptr,
-                                  hidden_size, num_experts, SLOTS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    def _gather_kept_pairs_kernel(
+        hidden_ptr,
+        pair_order_ptr,
+        offsets_ptr,
+        sorted_hidden_ptr,
+        pair_rows_ptr,
+        hidden_size,
+        num_experts,
+        SLOTS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """For each sorted row r < kept: sorted_hidden[r] = hidden[pair_order[r] // K], and records
         pair_rows[pair_order[r]] = r for the combine. The programs stride over the kept rows only, so rows
         past the kept count cost nothing."""
@@ -890,8 +1468,9 @@ if triton is not None:
                 tl.store(target + start + columns, tl.load(source + start + columns, mask=mask), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kept_kernel(gate_up_ptr, output_ptr, offsets_ptr, intermediate_size, num_experts,
-                                  BLOCK: tl.constexpr):  # fmt: skip
+    def _silu_and_mul_kept_kernel(
+        gate_up_ptr, output_ptr, offsets_ptr, intermediate_size, num_experts, BLOCK: tl.constexpr
+    ):
         """output[r] = silu(gate_up[r, :I]) * gate_up[r, I:] for kept rows r, in float32 then rounded once."""
         num_kept = tl.load(offsets_ptr + num_experts - 1)
         for row in range(tl.program_id(0), num_kept, tl.num_programs(0)):  # kept rows only, as above
@@ -907,9 +1486,17 @@ if triton is not None:
                 tl.store(target + start + columns, activated.to(output_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _combine_kept_pairs_kernel(expert_outputs_ptr, pair_rows_ptr, top_k_index_ptr, top_k_weights_ptr,
-                                   output_ptr, hidden_size, num_experts, SLOTS: tl.constexpr,
-                                   BLOCK: tl.constexpr):  # fmt: skip
+    def _combine_kept_pairs_kernel(
+        expert_outputs_ptr,
+        pair_rows_ptr,
+        top_k_index_ptr,
+        top_k_weights_ptr,
+        output_ptr,
+        hidden_size,
+        num_experts,
+        SLOTS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """output[t, block] = sum over kept slots k of weight[t, k] * expert_outputs[pair_rows[t*K + k], block],
         accumulated in float32; sentinel slots load nothing."""
         token = tl.program_id(0).to(tl.int64)
@@ -927,7 +1514,7 @@ if triton is not None:
         tl.store(output_ptr + token * hidden_size + columns, accumulator.to(output_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_row_programs(device: torch.device) -> int:
     """Programs for the row kernels: a few per streaming multiprocessor, each striding over the kept rows."""
     if device.type != "cuda":
@@ -935,7 +1522,7 @@ def _num_row_programs(device: torch.device) -> int:
     return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
     """The fused variable-k experts forward (SiLU-gated experts): sort, Triton gather, two grouped GEMMs
     with a Triton SiLU-and-multiply between them, Triton weighted combine. Shapes as in
     `variable_k_experts_forward`. Runs wherever Triton runs (CUDA; CPU under TRITON_INTERPRET=1)."""
@@ -943,34 +1530,45 @@ def _variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_u
     num_experts, double_intermediate, hidden_size = gate_up_proj.shape
     num_pairs = num_tokens * slots
     hidden_states, top_k_index, top_k_weights = (t.contiguous() for t in (hidden_states, top_k_index, top_k_weights))
-    pair_order, offsets = _sort_pairs_by_expert(top_k_index, num_experts)
+    pair_order, offsets = sort_pairs_by_expert(top_k_index, num_experts)
     sorted_hidden = torch.empty(num_pairs, hidden_size, device=hidden_states.device, dtype=gate_up_proj.dtype)
     pair_rows = torch.empty_like(pair_order)
     output = torch.empty_like(hidden_states)
     if num_pairs == 0:
         return output
     row_programs = (min(num_pairs, _num_row_programs(hidden_states.device)),)
-    _gather_kept_pairs_kernel[row_programs](hidden_states, pair_order, offsets, sorted_hidden, pair_rows,
-                                            hidden_size, num_experts, SLOTS=slots, BLOCK=1024)  # fmt: skip
-    gate_up = _grouped_matmul(sorted_hidden, gate_up_proj, offsets)  # [S, 2I]
+    _gather_kept_pairs_kernel[row_programs](
+        hidden_states, pair_order, offsets, sorted_hidden, pair_rows, hidden_size, num_experts, SLOTS=slots, BLOCK=1024
+    )
+    gate_up = grouped_matmul(sorted_hidden, gate_up_proj, offsets)  # [S, 2I]
     activated = torch.empty(num_pairs, double_intermediate // 2, device=gate_up.device, dtype=gate_up.dtype)
-    _silu_and_mul_kept_kernel[row_programs](gate_up, activated, offsets, double_intermediate // 2, num_experts,
-                                            BLOCK=1024)  # fmt: skip
-    expert_outputs = _grouped_matmul(activated, down_proj, offsets)  # [S, H]
+    _silu_and_mul_kept_kernel[row_programs](
+        gate_up, activated, offsets, double_intermediate // 2, num_experts, BLOCK=1024
+    )
+    expert_outputs = grouped_matmul(activated, down_proj, offsets)  # [S, H]
     block = min(1024, triton.next_power_of_2(hidden_size))
     _combine_kept_pairs_kernel[(num_tokens, triton.cdiv(hidden_size, block))](
-        expert_outputs, pair_rows, top_k_index, top_k_weights, output, hidden_size, num_experts,
-        SLOTS=slots, BLOCK=block,
-    )  # fmt: skip
+        expert_outputs,
+        pair_rows,
+        top_k_index,
+        top_k_weights,
+        output,
+        hidden_size,
+        num_experts,
+        SLOTS=slots,
+        BLOCK=block,
+    )
     return output
 
 
 def _triton_path_supported(experts: torch.nn.Module, device: torch.device) -> bool:
     """The fused path: CUDA with Triton, bf16 weights, SiLU gating and a grouped GEMM kernel."""
     return (
-        triton is not None and device.type == "cuda" and getattr(experts.config, "hidden_act", None) == "silu"
-        and _grouped_mm_usable(device, experts.gate_up_proj.dtype)
-    )  # fmt: skip
+        triton is not None
+        and device.type == "cuda"
+        and getattr(experts.config, "hidden_act", None) == "silu"
+        and grouped_mm_usable(device, experts.gate_up_proj.dtype)
+    )
 
 
 def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
@@ -988,9 +1586,13 @@ def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     Where `_triton_path_supported` (CUDA, Triton, bf16, SiLU, a grouped GEMM kernel) the Triton path runs;
     otherwise the torch reference (on a GPU without a grouped GEMM kernel, one matmul per expert).
     """
-    layout = (getattr(experts, "has_gate", True), getattr(experts, "has_bias", False),
-              getattr(experts, "is_transposed", False), getattr(experts, "is_concatenated", True),
-              getattr(experts, "has_post_expert_norm", False))  # fmt: skip
+    layout = (
+        getattr(experts, "has_gate", True),
+        getattr(experts, "has_bias", False),
+        getattr(experts, "is_transposed", False),
+        getattr(experts, "is_concatenated", True),
+        getattr(experts, "has_post_expert_norm", False),
+    )
     if layout != (True, False, False, True, False):
         raise NotImplementedError(
             f"experts_implementation={VARIABLE_K_EXPERTS!r} supports OLMoE-layout experts (concatenated gate/up "
@@ -1000,11 +1602,12 @@ def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     if _triton_path_supported(experts, hidden_states.device):
         arguments = (hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj)
         if hidden_states.device.index == torch.cuda.current_device():
-            return _variable_k_experts_triton(*arguments)
+            return variable_k_experts_triton(*arguments)
         with torch.cuda.device(hidden_states.device):  # Triton launches on the current device
-            return _variable_k_experts_triton(*arguments)
-    return _variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj,
-                                     experts.down_proj, experts.act_fn)  # fmt: skip
+            return variable_k_experts_triton(*arguments)
+    return variable_k_experts_torch(
+        hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
+    )
 
 
 def register_variable_k_experts() -> None:
@@ -1014,12 +1617,11 @@ def register_variable_k_experts() -> None:
     ExpertsInterface.register(VARIABLE_K_EXPERTS, variable_k_experts_forward)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 8. The router patcher
+# 9. The router patcher
 # ----------------------------------------------------------------------------------------------------
 
 
-class _CudaGraphed:
+class CudaGraphed:
     """Replay `function(tensor, *constants)` as one CUDA graph per (shape, dtype, device) of its input.
 
     Capturing needs a function without host synchronisation (the BH hot path has none on CUDA). The input
@@ -1052,22 +1654,31 @@ class _CudaGraphed:
     def _capture(self, tensor, constants):
         with torch.cuda.device(tensor.device):
             static_input = tensor.clone()
-            side_stream = torch.cuda.Stream()
-            side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side_stream):  # warm-up outside the capture (lazy initialisations)
-                for _ in range(2):
-                    self.function(static_input, *constants)
-            torch.cuda.current_stream().wait_stream(side_stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_outputs = self.function(static_input, *constants)
+            graph, static_outputs = capture_cuda_graph(lambda: self.function(static_input, *constants))
         return graph, static_input, static_outputs
+
+
+def capture_cuda_graph(function: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Capture function() as a CUDA graph on the current device: (graph, the outputs graph.replay() refills).
+
+    function is first run twice on a side stream, so that lazy initialisations (allocator pools, cuBLAS
+    handles, autotuning) happen outside the capture; it must not synchronise with the host."""
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):
+        for _ in range(2):
+            function()
+    torch.cuda.current_stream().wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = function()
+    return graph, outputs
 
 
 _compiled_cache: dict = {}
 
 
-def _compiled(function):
+def compile_once(function):
     """torch.compile(function) once per process, falling back to `function` (with a warning) if it fails.
 
     Configurations differ in Python constants (alpha, max_k, ...), each a recompilation: the dynamo
@@ -1087,8 +1698,11 @@ def _compiled(function):
                 except Exception as error:  # noqa: BLE001 - e.g. no working compiler on this machine
                     import warnings
 
-                    warnings.warn(f"torch.compile of {function.__name__} failed ({type(error).__name__}: {error}); "
-                                  "running it uncompiled", stacklevel=2)  # fmt: skip
+                    warnings.warn(
+                        f"torch.compile of {function.__name__} failed ({type(error).__name__}: {error}); "
+                        "running it uncompiled",
+                        stacklevel=2,
+                    )
                     state["failed"] = True
             return function(*args, **kwargs)
 
@@ -1096,7 +1710,7 @@ def _compiled(function):
     return _compiled_cache[function]
 
 
-def _grouped_mm_masks_sentinels() -> bool:
+def grouped_mm_masks_sentinels() -> bool:
     """True if this transformers' grouped_mm experts path masks sentinel indices when asked to.
 
     transformers 5.x sorts sentinel rows (index E) to the tail and skips them in grouped_mm only when the
@@ -1110,8 +1724,37 @@ def _grouped_mm_masks_sentinels() -> bool:
     return forward is not None and "_is_expert_parallel" in inspect.getsource(forward)
 
 
+def _find_moe_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """(routers, experts) of every OLMoE MoE block (a module with an `OlmoeTopKRouter` gate and experts)."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
+
+    routers, experts = [], []
+    for _, module in model.named_modules():
+        gate = getattr(module, "gate", None)
+        if isinstance(gate, OlmoeTopKRouter) and hasattr(module, "experts"):
+            routers.append(gate)
+            experts.append(module.experts)
+    if not routers:
+        raise TypeError(
+            "model has no OLMoE MoE layers (OlmoeSparseMoeBlock with an OlmoeTopKRouter `gate`); "
+            f"got {type(model).__name__}. Load it with transformers' OlmoeForCausalLM (transformers >= 5)."
+        )
+    return routers, experts
+
+
+def _require_transformers() -> None:
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__.split("+")[0]) < Version(MIN_TRANSFORMERS):
+        raise RuntimeError(
+            f"OLMoERouterPatcher needs transformers >= {MIN_TRANSFORMERS} (its experts module must skip the "
+            f"sentinel expert index); found {transformers.__version__}. pip install -r requirements.txt"
+        )
+
+
 class OLMoERouterPatcher:
-    """Replace the top-k router of every OLMoE MoE layer with BH, top-k or top-p routing.
+    """Replace the top-k router of every OLMoE MoE layer with any registered routing method.
 
     A forward hook on each `OlmoeTopKRouter` (model.model.layers[i].mlp.gate) replaces its output
     (router_logits, top_k_weights [T, 8], top_k_index [T, 8]) with the chosen method's
@@ -1126,7 +1769,7 @@ class OLMoERouterPatcher:
     implementation is switched to "eager" while patched. `unpatch` restores all of it.
 
         patcher = OLMoERouterPatcher(model)
-        patcher.patch_with_bh(alpha=0.05, max_k=8)
+        patcher.patch_with_bh(alpha=0.05, max_k=8)      # or patcher.patch("bh", alpha=0.05, max_k=8)
         outputs = model.generate(...)
         stats = patcher.get_stats()
         patcher.unpatch()
@@ -1136,9 +1779,13 @@ class OLMoERouterPatcher:
     """
 
     def __init__(
-        self, model: torch.nn.Module, record_token_counts: bool = True, compile_routing: bool | None = None,
-        cuda_graphs: bool | None = None, experts_path: str | None = None,
-    ):  # fmt: skip
+        self,
+        model: torch.nn.Module,
+        record_token_counts: bool = True,
+        compile_routing: bool | None = None,
+        cuda_graphs: bool | None = None,
+        experts_path: str | None = None,
+    ):
         """record_token_counts: keep every token's count per layer (get_stats()["token_counts"]).
         compile_routing: fuse the BH routing into a few kernels with torch.compile (None: on when the model
             is on CUDA and Triton is installed; the first call of each configuration compiles for a few
@@ -1151,34 +1798,31 @@ class OLMoERouterPatcher:
             or "model" (the model's own experts implementation). None: "variable_k" where its fused path runs
             (CUDA, Triton, bfloat16, a GPU with a grouped GEMM kernel: sm80+, not a T4), else "model" (on a
             CPU, eager or grouped_mm are as fast as the torch reference)."""
-        import transformers
-        from packaging.version import Version
-        from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
-
-        if Version(transformers.__version__.split("+")[0]) < Version(MIN_TRANSFORMERS):
-            raise RuntimeError(
-                f"OLMoERouterPatcher needs transformers >= {MIN_TRANSFORMERS} (its experts module must skip the "
-                f"sentinel expert index); found {transformers.__version__}. pip install -r requirements.txt"
-            )
+        _require_transformers()
         self.model = model
-        self.record_token_counts = record_token_counts
-        self.routers: list[torch.nn.Module] = []
-        self.experts: list[torch.nn.Module] = []
-        for _, module in model.named_modules():
-            gate = getattr(module, "gate", None)
-            if isinstance(gate, OlmoeTopKRouter) and hasattr(module, "experts"):
-                self.routers.append(gate)
-                self.experts.append(module.experts)
-        if not self.routers:
-            raise TypeError(
-                "model has no OLMoE MoE layers (OlmoeSparseMoeBlock with an OlmoeTopKRouter `gate`); "
-                f"got {type(model).__name__}. Load it with transformers' OlmoeForCausalLM (transformers >= 5)."
-            )
-        self.num_experts = self.routers[0].num_experts
-        self.native_top_k = self.routers[0].top_k
-        self.norm_topk_prob = bool(self.routers[0].norm_topk_prob)
+        self.routers, self.experts = _find_moe_layers(model)
         self.num_layers = len(self.routers)
-        device_type = self.routers[0].weight.device.type
+        self.shape = RouterShape(
+            self.routers[0].num_experts, self.routers[0].top_k, bool(self.routers[0].norm_topk_prob)
+        )
+        self.num_experts, self.native_top_k = self.shape.num_experts, self.shape.native_top_k
+        self.router_devices = sorted({router.weight.device for router in self.routers}, key=str)
+        self.experts_path = self._choose_experts_path(experts_path)
+        on_cuda = self.router_devices[0].type == "cuda"
+        if compile_routing is None:
+            compile_routing = on_cuda and importlib.util.find_spec("triton") is not None
+        self.compile_routing = bool(compile_routing)
+        self.cuda_graphs = self._choose_cuda_graphs(cuda_graphs, on_cuda)
+        self.statistics = RoutingStatistics(self.num_layers, self.num_experts, record_token_counts)
+        self._handles: list = []
+        self._route: Callable | None = None  # (logits, native output) -> (weights, index, counts)
+        self._saved_experts_implementation: str | None = None
+        self._saved_expert_parallel_flags: list[bool] | None = None
+        self.method: str | None = None
+        self.params: dict = {}
+        self.experts_implementation: str | None = None
+
+    def _choose_experts_path(self, experts_path: str | None) -> str:
         if experts_path is None:
             fused = _triton_path_supported(self.experts[0], self.experts[0].gate_up_proj.device)
             experts_path = VARIABLE_K_EXPERTS if fused else "model"
@@ -1186,106 +1830,62 @@ class OLMoERouterPatcher:
             raise ValueError(f"experts_path must be one of {EXPERTS_PATHS} or None, got {experts_path!r}")
         if experts_path == VARIABLE_K_EXPERTS:
             register_variable_k_experts()
-        self.experts_path = experts_path
-        if compile_routing is None:
-            compile_routing = device_type == "cuda" and importlib.util.find_spec("triton") is not None
-        self.compile_routing = bool(compile_routing)
-        router_devices = {router.weight.device for router in self.routers}
-        # CUDA-graph replay gave wrong counts on a model spread over two GPUs (benchmarks/gpu_notes.md, run
-        # 6), so it is used only when every router is on one GPU.
-        if cuda_graphs and len(router_devices) > 1:
-            raise ValueError(f"cuda_graphs=True needs every router on one GPU; this model's are on {sorted(map(str, router_devices))}")
-        self.cuda_graphs = (device_type == "cuda" and len(router_devices) == 1) if cuda_graphs is None else bool(cuda_graphs)
-        self._handles: list = []
-        self._route: Callable[[torch.Tensor, tuple], tuple] | None = None  # (logits, native output) -> (weights, index, counts)
-        self._saved_experts_implementation: str | None = None
-        self._saved_expert_parallel_flags: list[bool] | None = None
-        self.method: str | None = None
-        self.params: dict = {}
-        self.experts_implementation: str | None = None
-        self.reset_stats()
+        return experts_path
+
+    def _choose_cuda_graphs(self, cuda_graphs: bool | None, on_cuda: bool) -> bool:
+        # Graph replay is used only when every router is on one GPU: on a model spread over two GPUs it
+        # gave wrong counts, cause not found (benchmarks/gpu_notes.md).
+        spread = len(self.router_devices) > 1
+        if cuda_graphs and spread:
+            raise ValueError(
+                "cuda_graphs=True needs every router on one GPU; this model's are on "
+                f"{[str(device) for device in self.router_devices]}"
+            )
+        return (on_cuda and not spread) if cuda_graphs is None else bool(cuda_graphs)
 
     # --- patching ------------------------------------------------------------------------------------
 
+    def patch(self, method: str, **params) -> OLMoERouterPatcher:
+        """Route with the registered method `method` ("bh", "topk", "topp", "native", ...) and its
+        parameters (see the method's routing function; renormalize=None follows the model)."""
+        spec = routing_method(method)
+        params = spec.parameters(self.shape, **params)
+        route = spec.router(params, self) if spec.changes_routing else None
+        self.unpatch()
+        self.statistics.reset()
+        self.method, self.params, self._route = spec.name, params, route
+        self._prepare_experts(spec, params)
+        self.experts_implementation = self._current_experts_implementation()
+        for layer, router in enumerate(self.routers):
+            self._handles.append(router.register_forward_hook(self._make_hook(layer)))
+        return self
+
     def patch_with_bh(
-        self,
-        alpha: float = 0.05,
-        temperature: float = 1.0,
-        min_k: int = 1,
-        max_k: int = 16,
-        pvalue_method: str = DEFAULT_PVALUE_METHOD,
-        renormalize: bool | None = None,
-    ) -> "OLMoERouterPatcher":
+        self, alpha=0.05, temperature=1.0, min_k=1, max_k=16, pvalue_method=DEFAULT_PVALUE_METHOD, renormalize=None
+    ) -> OLMoERouterPatcher:
         """Route with `benjamini_hochberg_routing` (same arguments; renormalize=None follows the model)."""
-        _check_alpha(alpha)
-        _check_temperature(temperature)
-        _check_k_bounds(min_k, max_k, self.num_experts)
-        _check_pvalue_method(pvalue_method)
-        renormalize = self.norm_topk_prob if renormalize is None else bool(renormalize)
-        params = dict(alpha=alpha, temperature=temperature, min_k=min_k, max_k=max_k,
-                      pvalue_method=pvalue_method, renormalize=renormalize)  # fmt: skip
-        # Critical values per router device, built now rather than inside a timed forward.
-        critical = {
-            router.weight.device: _robust_z_critical_statistics(alpha, self.num_experts, router.weight.device)
-            if pvalue_method == "robust_z" else None
-            for router in self.routers
-        }  # fmt: skip
-        route_bh = _compiled(_route_bh_tensors) if self.compile_routing else _route_bh_tensors
-        if self.cuda_graphs:
-            route_bh = _CudaGraphed(route_bh)
+        params = dict(alpha=alpha, temperature=temperature, min_k=min_k, max_k=max_k, pvalue_method=pvalue_method)
+        return self.patch("bh", renormalize=renormalize, **params)
 
-        def route(router_logits, native_output):
-            return route_bh(router_logits, critical[router_logits.device], alpha, temperature, min_k, max_k,
-                            pvalue_method, renormalize)  # fmt: skip
-
-        return self._install("bh", params, route)
-
-    def patch_with_topk(self, k: int = NATIVE_TOP_K, temperature: float = 1.0, renormalize: bool | None = None):
+    def patch_with_topk(self, k: int = NATIVE_TOP_K, temperature=1.0, renormalize=None) -> OLMoERouterPatcher:
         """Route each token to its k most probable experts (k=8 reproduces OLMoE's router)."""
-        _check_top_k(k, self.num_experts)
-        _check_temperature(temperature)
-        renormalize = self.norm_topk_prob if renormalize is None else bool(renormalize)
-        params = dict(k=k, temperature=temperature, min_k=k, max_k=k, renormalize=renormalize)
+        return self.patch("topk", k=k, temperature=temperature, renormalize=renormalize)
 
-        def route(router_logits, native_output):
-            if temperature == 1.0 and not renormalize and k <= native_output[2].shape[-1] and not self.norm_topk_prob:
-                # The router's own top-8 is sorted and holds the same float32 softmax values: reuse it.
-                return native_output[1][..., :k], native_output[2][..., :k], None
-            routing = _route_topk(router_logits, k, temperature, renormalize)
-            return routing.top_weights, routing.top_index, None
-
-        return self._install("topk", params, route)
-
-    def patch_with_topp(
-        self, p: float = 0.5, temperature: float = 1.0, min_k: int = 1, max_k: int | None = None,
-        renormalize: bool | None = None,
-    ):  # fmt: skip
+    def patch_with_topp(self, p=0.5, temperature=1.0, min_k=1, max_k=None, renormalize=None) -> OLMoERouterPatcher:
         """Route each token to the fewest most probable experts whose probabilities sum to >= p."""
-        _check_top_p(p)
-        _check_temperature(temperature)
-        max_k = self.num_experts if max_k is None else max_k
-        _check_k_bounds(min_k, max_k, self.num_experts)
-        renormalize = self.norm_topk_prob if renormalize is None else bool(renormalize)
-        params = dict(p=p, temperature=temperature, min_k=min_k, max_k=max_k, renormalize=renormalize)
-        def route(router_logits, native_output):
-            routing = _route_topp(router_logits, p, temperature, min_k, max_k, renormalize)
-            return routing.top_weights, routing.top_index, routing.expert_counts
+        return self.patch("topp", p=p, temperature=temperature, min_k=min_k, max_k=max_k, renormalize=renormalize)
 
-        return self._install("topp", params, route)
-
-    def observe(self) -> "OLMoERouterPatcher":
+    def observe(self) -> OLMoERouterPatcher:
         """Record statistics of the model's own routing without changing anything it computes."""
-        k = self.native_top_k
-        params = dict(k=k, temperature=1.0, min_k=k, max_k=k, renormalize=self.norm_topk_prob)
-        return self._install("native", params, None)
+        return self.patch("native")
 
-    def unpatch(self) -> "OLMoERouterPatcher":
+    def unpatch(self) -> OLMoERouterPatcher:
         """Remove the hooks and restore the experts implementation. Safe to call any number of times."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         if self._saved_expert_parallel_flags is not None:
-            for experts, flag in zip(self.experts, self._saved_expert_parallel_flags):
+            for experts, flag in zip(self.experts, self._saved_expert_parallel_flags, strict=True):
                 experts._is_expert_parallel = flag
             self._saved_expert_parallel_flags = None
         if self._saved_experts_implementation is not None:
@@ -1299,28 +1899,23 @@ class OLMoERouterPatcher:
     def is_patched(self) -> bool:
         return bool(self._handles)
 
-    def __enter__(self) -> "OLMoERouterPatcher":
+    def __enter__(self) -> OLMoERouterPatcher:
         return self
 
     def __exit__(self, *exc_info) -> bool:
         self.unpatch()
         return False
 
-    def _install(self, method: str, params: dict, route) -> "OLMoERouterPatcher":
-        self.unpatch()
-        self.reset_stats()
-        self.method, self.params, self._route = method, params, route
-        if method != "native" and self.experts_path == VARIABLE_K_EXPERTS:
+    # --- the experts path ----------------------------------------------------------------------------
+
+    def _prepare_experts(self, spec: RoutingMethod, params: dict) -> None:
+        """Make the experts module skip the sentinel index when the method may emit it."""
+        if spec.changes_routing and self.experts_path == VARIABLE_K_EXPERTS:
             self._switch_experts_implementation(VARIABLE_K_EXPERTS)
-        # Only a method that can keep fewer experts than its slots emits the sentinel index; top-k (and
-        # min_k == max_k) never does, and then the experts path needs no sentinel handling, which costs
-        # grouped_mm a few passes over its [tokens x slots, hidden] buffers.
-        elif method not in ("native", "topk") and params["min_k"] < params["max_k"]:
+        # A method that always fills its K slots (top-k, min_k == max_k) emits no sentinel, and the experts
+        # path then needs no sentinel handling, which costs grouped_mm passes over its [T x K, H] buffers.
+        elif spec.changes_routing and spec.drops_slots(params):
             self._make_experts_skip_sentinels()
-        self.experts_implementation = self._current_experts_implementation()
-        for layer, router in enumerate(self.routers):
-            self._handles.append(router.register_forward_hook(self._make_hook(layer)))
-        return self
 
     def _current_experts_implementation(self) -> str:
         return getattr(self.model.config, "_experts_implementation", None) or "eager"
@@ -1329,7 +1924,7 @@ class OLMoERouterPatcher:
         implementation = self._current_experts_implementation()
         if implementation in ("eager", VARIABLE_K_EXPERTS):
             return
-        if implementation == "grouped_mm" and _grouped_mm_masks_sentinels():
+        if implementation == "grouped_mm" and grouped_mm_masks_sentinels():
             self._saved_expert_parallel_flags = [getattr(e, "_is_expert_parallel", False) for e in self.experts]
             for experts in self.experts:
                 experts._is_expert_parallel = True
@@ -1345,11 +1940,11 @@ class OLMoERouterPatcher:
     def _make_hook(self, layer: int):
         def hook(module, args, output):
             router_logits = output[0]  # [T, E] in the model's dtype
-            if self._route is None:  # observe(): the native top-k, unchanged
-                self._record(layer, None, output[1], output[2])
+            if self._route is None:  # the native routing, unchanged
+                self.statistics.record(layer, output[1], output[2])
                 return None
             top_weights, top_index, expert_counts = self._route(router_logits, output)
-            self._record(layer, expert_counts, top_weights, top_index)
+            self.statistics.record(layer, top_weights, top_index, expert_counts)
             return router_logits, top_weights.to(router_logits.dtype), top_index
 
         return hook
@@ -1358,46 +1953,7 @@ class OLMoERouterPatcher:
 
     def reset_stats(self) -> None:
         """Forget the routing statistics recorded so far."""
-        self._pending: list[list[tuple]] = [[] for _ in range(self.num_layers)]
-        self._token_counts: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
-        self._selections: list[torch.Tensor | None] = [None] * self.num_layers  # [E+1] per layer
-        self._entropy_sums: list[torch.Tensor | None] = [None] * self.num_layers
-        self._num_routed: list[int] = [0] * self.num_layers
-
-    _MAX_PENDING = 256  # routing calls kept per layer before their statistics are folded in
-
-    def _record(self, layer, expert_counts, top_weights, top_index) -> None:
-        """Keep references only: the statistics are computed later, in a batch, so that the forward pass
-        launches no extra kernels (expert_counts None: every token kept top_index.shape[-1] experts)."""
-        self._pending[layer].append((expert_counts, top_weights, top_index))
-        self._num_routed[layer] += top_index.shape[0]
-        if len(self._pending[layer]) >= self._MAX_PENDING:
-            self._fold(layer)
-
-    @torch.no_grad()
-    def _fold(self, layer: int) -> None:
-        """Fold a layer's pending routing decisions into its accumulators (on its device)."""
-        pending, self._pending[layer] = self._pending[layer], []
-        if not pending:
-            return
-        device = pending[0][2].device
-        if self._selections[layer] is None:
-            self._selections[layer] = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
-            self._entropy_sums[layer] = torch.zeros((), dtype=torch.float64, device=device)
-        # One batch of kernels for all pending calls (a patch keeps its slot width K, so they concatenate).
-        top_index = torch.cat([index.reshape(-1, index.shape[-1]) for _, _, index in pending])  # [N, K]
-        weights = torch.cat([w.reshape(-1, w.shape[-1]) for _, w, _ in pending]).float()  # [N, K]
-        flat_index = top_index.reshape(-1)
-        # Sentinel slots (index E) land in the last bin, which get_stats drops.
-        self._selections[layer].scatter_add_(0, flat_index, torch.ones_like(flat_index))
-        shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        self._entropy_sums[layer] += -torch.xlogy(shares, shares).sum()
-        if self.record_token_counts:
-            if pending[0][0] is None:  # a method without counts keeps all K slots (top-k, native)
-                counts = torch.full((top_index.shape[0],), top_index.shape[-1], device=device)
-            else:
-                counts = torch.cat([expert_counts.reshape(-1) for expert_counts, _, _ in pending])
-            self._token_counts[layer].append(counts.to(torch.int16))
+        self.statistics.reset()
 
     def get_stats(self) -> dict:
         """Routing statistics since the last patch or reset_stats().
@@ -1414,782 +1970,18 @@ class OLMoERouterPatcher:
                 routed, in order; needs record_token_counts=True).
             num_tokens, num_layers, method, params, weights_renormalized, experts_implementation.
         """
-        if self._num_routed[0] == 0:
-            raise RuntimeError("no tokens were routed since the last patch or reset_stats(): run the model first")
-        for layer in range(self.num_layers):
-            self._fold(layer)
-        num_tokens = self._num_routed[0]
-        selections = torch.stack([s.to("cpu") for s in self._selections])[:, : self.num_experts].double()  # [L, E]
-        weight_entropy = sum(e.item() for e in self._entropy_sums) / sum(self._num_routed)
-        stats = {}
-        if self.record_token_counts:
-            token_counts = torch.stack([torch.cat(c).to("cpu", torch.int64) for c in self._token_counts], dim=1)
-            stats.update(summarize_expert_counts(token_counts, self.params["min_k"], self.params["max_k"], self.native_top_k))
-            stats["per_layer_avg_experts"] = token_counts.double().mean(dim=0).tolist()
-            stats["token_counts"] = token_counts
-        else:
-            per_layer = (selections.sum(dim=-1) / num_tokens).tolist()
-            avg = sum(per_layer) / len(per_layer)
-            stats.update(avg_experts=avg, reduction_vs_baseline=100.0 * (1 - avg / self.native_top_k))
-            stats["per_layer_avg_experts"] = per_layer
-        stats.update(
-            weight_entropy=weight_entropy,
-            expert_utilization=expert_load_balance(selections),
-            expert_utilization_per_layer=(selections / num_tokens).tolist(),
-            num_tokens=num_tokens,
-            num_layers=self.num_layers,
-            method=self.method,
-            params=dict(self.params),
-            weights_renormalized=bool(self.params.get("renormalize", False)),
-            experts_implementation=self.experts_implementation,
-        )
-        return stats
-
-
-# ----------------------------------------------------------------------------------------------------
-# 9. The experiment: 25 configurations x 12 prompts, resumable, with per-config results on disk
-# ----------------------------------------------------------------------------------------------------
-
-PROMPTS: dict[str, list[str]] = {
-    "simple": ["The cat sat on the", "Hello, my name is", "The capital of France is"],
-    "medium": [
-        "In machine learning, a neural network",
-        "The process of photosynthesis involves",
-        "Climate change refers to long-term shifts in",
-    ],
-    "complex": [
-        "Explain the relationship between quantum entanglement and",
-        "Compare and contrast the economic policies of",
-        "The philosophical implications of consciousness suggest that",
-    ],
-    "technical": [
-        "In Python, a decorator is a function that",
-        "The time complexity of quicksort is",
-        "Transformer attention mechanism computes",
-    ],
-}
-DESIGN_ALPHAS = (0.01, 0.05, 0.10, 0.20)
-DESIGN_MAX_KS = (2, 4, 8, 16, 32, 64)
-BASELINE_CONFIG = "topk_8_baseline"
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    """One routing configuration of the sweep: a name and how to patch the model."""
-
-    name: str
-    method: str  # "native", "bh", "topk" or "topp"
-    params: tuple = ()  # (("alpha", 0.05), ("max_k", 8), ...): hashable, ordered
-
-    @property
-    def kwargs(self) -> dict:
-        return dict(self.params)
-
-    def apply(self, patcher: "OLMoERouterPatcher") -> None:
-        """Patch (or, for the native baseline, observe) the patcher's model with this configuration."""
-        if self.method == "native":
-            patcher.observe()
-        elif self.method == "bh":
-            patcher.patch_with_bh(**self.kwargs)
-        elif self.method == "topk":
-            patcher.patch_with_topk(**self.kwargs)
-        elif self.method == "topp":
-            patcher.patch_with_topp(**self.kwargs)
-        else:
-            raise ValueError(f"method must be one of 'native', 'bh', 'topk', 'topp', got {self.method!r}")
-
-
-def bh_config_name(max_k: int, alpha: float, pvalue_method: str = DEFAULT_PVALUE_METHOD) -> str:
-    """The design's naming, bh_k{max_k}_a{alpha*100:03d}; the design's own p-value gets a 'bh1mp' prefix."""
-    prefix = "bh" if pvalue_method == DEFAULT_PVALUE_METHOD else "bh1mp"
-    return f"{prefix}_k{max_k}_a{round(alpha * 100):03d}"
-
-
-def design_configs(pvalue_method: str = DEFAULT_PVALUE_METHOD) -> list[RoutingConfig]:
-    """The design's 25 configurations: the native top-8 baseline, then max_k x alpha BH configurations."""
-    configs = [RoutingConfig(BASELINE_CONFIG, "native")]
-    for max_k in DESIGN_MAX_KS:
-        for alpha in DESIGN_ALPHAS:
-            params = (("alpha", alpha), ("max_k", max_k), ("min_k", 1), ("pvalue_method", pvalue_method))
-            configs.append(RoutingConfig(bh_config_name(max_k, alpha, pvalue_method), "bh", params))
-    return configs
-
-
-def design_pvalue_configs(max_k: int = 8) -> list[RoutingConfig]:
-    """The design's own p-value (1 - softmax) at the 4 alphas, to show what it does."""
-    return [
-        RoutingConfig(bh_config_name(max_k, alpha, "one_minus_prob"), "bh",
-                      (("alpha", alpha), ("max_k", max_k), ("min_k", 1), ("pvalue_method", "one_minus_prob")))
-        for alpha in DESIGN_ALPHAS
-    ]  # fmt: skip
-
-
-def _synchronize(device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
-def _warm_up(model, tokenizer, prompts: dict[str, list[str]], new_tokens: int) -> None:
-    """Generate exactly `new_tokens` tokens for every prompt, untimed, so that the shapes a timed run meets
-    (each prompt length, each key/value length while decoding) have had their first-call costs."""
-    device = next(model.parameters()).device
-    for prompt in (prompt for group_prompts in prompts.values() for prompt in group_prompts):
-        input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-
-
-def run_config(
-    model, tokenizer, patcher: "OLMoERouterPatcher", config: RoutingConfig, prompts: dict[str, list[str]],
-    max_new_tokens: int = 20,
-) -> dict:
-    """Greedy generation of every prompt under one configuration, with routing statistics and timings.
-
-    Statistics cover the prompt and the generated tokens. Timing synchronises the device and excludes a
-    short warm-up generation of every prompt, which takes this configuration's first-call costs per prompt
-    length (the routing's CUDA-graph capture per shape, compilation). Returns a JSON-serialisable dict.
-    """
-    device = next(model.parameters()).device
-    config.apply(patcher)
-    try:
-        _warm_up(model, tokenizer, prompts, new_tokens=2)
-        prompt_results, all_counts, group_counts = [], [], {group: [] for group in prompts}
-        selections, entropy_weighted, num_routed = None, 0.0, 0
-        for group, group_prompts in prompts.items():
-            for prompt in group_prompts:
-                input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-                patcher.reset_stats()
-                _synchronize(device)
-                start = time.perf_counter()
-                output_ids = model.generate(
-                    input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
-                _synchronize(device)
-                elapsed = time.perf_counter() - start
-                stats = patcher.get_stats()
-                counts = stats["token_counts"]  # [tokens routed, L]
-                all_counts.append(counts)
-                group_counts[group].append(counts)
-                layer_selections = torch.tensor(stats["expert_utilization_per_layer"]) * stats["num_tokens"]
-                selections = layer_selections if selections is None else selections + layer_selections
-                entropy_weighted += stats["weight_entropy"] * counts.numel()
-                num_routed += counts.numel()
-                new_tokens = output_ids.shape[1] - input_ids.shape[1]
-                prompt_results.append({
-                    "group": group,
-                    "prompt": prompt,
-                    "generated_text": tokenizer.decode(output_ids[0, input_ids.shape[1]:], skip_special_tokens=True),
-                    "prompt_tokens": input_ids.shape[1],
-                    "new_tokens": new_tokens,
-                    "time_s": elapsed,
-                    "tokens_per_second": new_tokens / elapsed if elapsed > 0 else float("nan"),
-                    "avg_experts": stats["avg_experts"],
-                    "token_counts": counts.tolist(),
-                })  # fmt: skip
-        params = patcher.params
-        counts = torch.cat(all_counts)
-        total_time = sum(p["time_s"] for p in prompt_results)
-        total_new = sum(p["new_tokens"] for p in prompt_results)
-        summary = summarize_expert_counts(counts, params["min_k"], params["max_k"], patcher.native_top_k)
-        summary.update(
-            inference_time=total_time,
-            tokens_per_second=total_new / total_time if total_time > 0 else float("nan"),
-            avg_time_per_prompt=total_time / len(prompt_results),
-            weight_entropy=entropy_weighted / num_routed,
-            expert_utilization=expert_load_balance(selections),
-        )
-        return {
-            "name": config.name,
-            "method": config.method,
-            "params": params,
-            "status": "ok",
-            "summary": summary,
-            "groups": {
-                group: summarize_expert_counts(torch.cat(c), params["min_k"], params["max_k"], patcher.native_top_k)
-                for group, c in group_counts.items()
-            },
-            "per_layer_avg_experts": counts.double().mean(0).tolist(),
-            "expert_utilization_per_layer": (selections / counts.shape[0]).tolist(),
-            "experts_implementation": patcher.experts_implementation,
-            "weights_renormalized": bool(params.get("renormalize", False)),
-            "prompts": prompt_results,
+        stats = self.statistics.summary(self.params.get("min_k"), self.params.get("max_k"), self.native_top_k)
+        return stats | {
+            "method": self.method,
+            "params": dict(self.params),
+            "weights_renormalized": bool(self.params.get("renormalize", False)),
+            "experts_implementation": self.experts_implementation,
         }
-    finally:
-        patcher.unpatch()
-
-
-def run_sweep(
-    model, tokenizer, configs: list[RoutingConfig], prompts: dict[str, list[str]] = PROMPTS,
-    max_new_tokens: int = 20, output_dir: str | Path = "results", seed: int = 0, redo: bool = False,
-    progress: bool = True, metadata: dict | None = None,
-) -> dict[str, dict]:
-    """Run every configuration; save each one's results as soon as it finishes.
-
-    Results go to output_dir/configs/<name>.json (atomic writes). A rerun with the same settings skips
-    configurations already saved (unless redo=True), so an interrupted sweep loses at most the one in
-    flight. A configuration that raises (e.g. out of memory) is saved with status "failed" and its error,
-    and the sweep goes on. Returns {name: result} in configuration order.
-    """
-    import json
-
-    from tqdm.auto import tqdm
-
-    if not configs:
-        raise ValueError("configs must name at least one RoutingConfig")
-    names = [config.name for config in configs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"configs must have distinct names, got duplicates in {names}")
-    config_dir = Path(output_dir) / "configs"
-    config_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"prompts": prompts, "max_new_tokens": max_new_tokens, "seed": seed, **(metadata or {})}
-    patcher = OLMoERouterPatcher(model)
-    results = {}
-    warmed_up = False
-    bar = tqdm(total=len(configs) * sum(len(p) for p in prompts.values()), disable=not progress, desc="configs x prompts")
-    for config in configs:
-        path = config_dir / f"{config.name}.json"
-        if path.exists() and not redo:
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == json.loads(json.dumps(settings)) and saved.get("status") == "ok":
-                results[config.name] = saved
-                bar.update(len(saved["prompts"]))
-                continue
-        if not warmed_up:
-            # Once, with the model's own routing: every prompt's full generation, so that first-call costs of
-            # each attention shape (cuDNN/SDPA plans per key/value length on a GPU) fall on no configuration;
-            # without it the first one measured paid them (3-5x on some prompts; benchmarks/gpu_notes.md).
-            _warm_up(model, tokenizer, prompts, new_tokens=max_new_tokens)
-            warmed_up = True
-        torch.manual_seed(seed)
-        bar.set_postfix_str(config.name)
-        try:
-            result = run_config(model, tokenizer, patcher, config, prompts, max_new_tokens)
-        except Exception as error:  # noqa: BLE001 - a failed config is recorded, the sweep goes on
-            if str(next(model.parameters()).device).startswith("cuda"):
-                torch.cuda.empty_cache()
-            result = {"name": config.name, "method": config.method, "params": config.kwargs, "status": "failed",
-                      "error": f"{type(error).__name__}: {error}", "prompts": []}  # fmt: skip
-        result["settings"] = settings
-        _atomic_write_text(path, json.dumps(result))
-        results[config.name] = json.loads(json.dumps(result))
-        bar.update(sum(len(p) for p in prompts.values()))
-    bar.close()
-    return results
 
 
 # ----------------------------------------------------------------------------------------------------
-# 10. Outputs: summary table, saturation analysis, JSON/CSV, the 9-panel figure, the markdown report
+# 10. Evaluation: held-out text, sliding-window perplexity, timed generation
 # ----------------------------------------------------------------------------------------------------
-
-SUMMARY_COLUMNS = [
-    "config", "method", "pvalue_method", "alpha", "max_k", "min_k", "status",
-    "avg_experts", "std_experts", "min_experts", "max_experts", "median_experts",
-    "ceiling_hit_rate", "floor_hit_rate", "reduction_vs_baseline",
-    "inference_time", "tokens_per_second", "avg_time_per_prompt", "weight_entropy", "expert_utilization",
-    "perplexity", "token_accuracy", "eval_avg_experts",
-]  # fmt: skip
-
-
-def summary_table(results: dict[str, dict], quality: dict[str, dict] | None = None):
-    """One row per configuration with the design's metrics (the CSV). Failed configs keep their row.
-
-    With `quality` (from run_quality_sweep), each row gains the held-out perplexity, next-token accuracy
-    and the average experts measured during that evaluation (eval_avg_experts)."""
-    import pandas as pd
-
-    rows = []
-    for name, result in results.items():
-        params = result.get("params", {})
-        row = {
-            "config": name, "method": result["method"], "pvalue_method": params.get("pvalue_method"),
-            "alpha": params.get("alpha"), "max_k": params.get("max_k"), "min_k": params.get("min_k"),
-            "status": result["status"],
-        }  # fmt: skip
-        row.update(result.get("summary", {}))
-        measured = (quality or {}).get(name, {})
-        if measured.get("status") == "ok":
-            row.update(perplexity=measured["perplexity"], token_accuracy=measured["token_accuracy"],
-                       eval_avg_experts=measured["avg_experts"])  # fmt: skip
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    return table.reindex(columns=SUMMARY_COLUMNS + [c for c in table.columns if c not in SUMMARY_COLUMNS])
-
-
-def saturation_analysis(table, threshold_percent: float = 5.0):
-    """Per alpha: the smallest max_k beyond which raising max_k grows avg_experts by < threshold_percent.
-
-    Uses the BH rows of `summary_table` (one p-value method). Returns one row per alpha with the
-    saturation max_k (NaN if avg_experts still grows at the largest step) and the growth at each step.
-    """
-    import pandas as pd
-
-    rows = []
-    bh = table[(table["method"] == "bh") & (table["status"] == "ok")]
-    for (pvalue_method, alpha), group in bh.groupby(["pvalue_method", "alpha"]):
-        group = group.sort_values("max_k")
-        max_ks, averages = group["max_k"].tolist(), group["avg_experts"].tolist()
-        growth = [100.0 * (averages[i + 1] / averages[i] - 1.0) for i in range(len(averages) - 1)]
-        saturation = float("nan")
-        for i in range(len(growth)):
-            if all(g < threshold_percent for g in growth[i:]):
-                saturation = max_ks[i]
-                break
-        rows.append({
-            "pvalue_method": pvalue_method, "alpha": alpha, "saturation_max_k": saturation,
-            "avg_experts_at_largest_max_k": averages[-1],
-            "growth_percent_by_step": {f"{max_ks[i]}->{max_ks[i + 1]}": round(g, 2) for i, g in enumerate(growth)},
-        })  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def environment_info(model=None, device=None) -> dict:
-    """Versions, hardware and date, for the report and the JSON."""
-    import datetime
-    import platform
-
-    import transformers
-
-    device = str(device or (next(model.parameters()).device if model is not None else "cpu"))
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-        "hardware": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda")
-        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-    }  # fmt: skip
-    if model is not None:
-        info["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        info["model_parameters"] = sum(p.numel() for p in model.parameters())
-    return info
-
-
-def write_results(
-    results: dict[str, dict], output_dir: str | Path, metadata: dict, quality: dict[str, dict] | None = None,
-    token_analysis: dict | None = None,
-) -> dict[str, Path]:
-    """results/bh_routing_full_results.json (everything), results/bh_routing_summary.csv (one row per
-    config) and, with quality results, results/bh_routing_frontier.csv (BH against top-k/top-p)."""
-    import json
-
-    output_dir = Path(output_dir)
-    table = summary_table(results, quality)
-    saturation = saturation_analysis(table)
-    full = {
-        "metadata": metadata,
-        "summary": json.loads(table.to_json(orient="records")),
-        "saturation": json.loads(saturation.to_json(orient="records")),
-        "configs": results,
-    }
-    paths = {"json": output_dir / "bh_routing_full_results.json", "csv": output_dir / "bh_routing_summary.csv"}
-    if quality:
-        frontier = frontier_table(quality)
-        full["quality"] = quality
-        full["frontier"] = json.loads(frontier.to_json(orient="records"))
-        full["token_analysis"] = token_analysis
-        paths["frontier_csv"] = output_dir / "bh_routing_frontier.csv"
-        _atomic_write_text(paths["frontier_csv"], frontier.to_csv(index=False))
-    _atomic_write_text(paths["json"], json.dumps(full, indent=1))
-    _atomic_write_text(paths["csv"], table.to_csv(index=False))
-    return paths
-
-
-def _save_figure(figure, path: str | Path, dpi: int):
-    """Lay out and save atomically (a temporary file renamed), so a crash never leaves half a PNG."""
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
-    figure.savefig(temporary, dpi=dpi)
-    temporary.replace(path)
-    return figure
-
-
-def _use_headless_backend_unless_inline() -> None:
-    """Agg when no notebook displays the figures (headless runs, tests); the inline backend otherwise."""
-    import matplotlib
-
-    if "inline" not in matplotlib.get_backend().lower():
-        matplotlib.use("Agg")
-
-
-def _max_k_axis(ax, ticks) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(ticks), [str(k) for k in ticks])
-    ax.minorticks_off()
-
-
-def plot_analysis(results: dict[str, dict], path: str | Path, focus_max_k: int = 8):
-    """The 3 x 3 figure: (1) avg experts vs max_k per alpha, (2) ceiling hit rate, (3) reduction vs
-    baseline heatmap over max_k x alpha, (4) experts by complexity group, (5) per-layer averages,
-    (6) distribution of per-token counts, (7) expert utilisation, (8) throughput, (9) saturation.
-    Panels 4-7 show the configurations with max_k = focus_max_k. Returns the matplotlib figure."""
-    _use_headless_backend_unless_inline()
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    import numpy as np
-    import seaborn as sns
-
-    table = summary_table(results)
-    ok = table[table["status"] == "ok"]
-    bh = ok[(ok["method"] == "bh") & (ok["pvalue_method"] == DEFAULT_PVALUE_METHOD)]
-    baseline = results.get(BASELINE_CONFIG, {})
-    alphas = sorted(bh["alpha"].unique())
-    colors = dict(zip(alphas, sns.color_palette("viridis", len(alphas))))
-    focus = {a: results[bh_config_name(focus_max_k, a)] for a in alphas if bh_config_name(focus_max_k, a) in results
-             and results[bh_config_name(focus_max_k, a)]["status"] == "ok"}  # fmt: skip
-    figure, axes = plt.subplots(3, 3, figsize=(18, 15))
-    ax = axes[0, 0]
-    for alpha in alphas:
-        rows = bh[bh["alpha"] == alpha].sort_values("max_k")
-        ax.plot(rows["max_k"], rows["avg_experts"], "o-", color=colors[alpha], label=f"alpha={alpha:g}")
-    ax.axhline(NATIVE_TOP_K, color="grey", ls="--", label="native top-8")
-    ax.set(xlabel="max_k", ylabel="avg experts per token", title="1. Experts vs max_k")
-    _max_k_axis(ax, DESIGN_MAX_KS)
-    ax.legend(fontsize=8)
-    ax = axes[0, 1]
-    for alpha in alphas:
-        rows = bh[bh["alpha"] == alpha].sort_values("max_k")
-        ax.plot(rows["max_k"], rows["ceiling_hit_rate"], "o-", color=colors[alpha], label=f"alpha={alpha:g}")
-    ax.set(xlabel="max_k", ylabel="% of decisions at max_k", title="2. Ceiling hit rate")
-    _max_k_axis(ax, DESIGN_MAX_KS)
-    ax = axes[0, 2]
-    if len(bh):
-        heat = bh.pivot_table(index="max_k", columns="alpha", values="reduction_vs_baseline")
-        sns.heatmap(heat, annot=True, fmt=".1f", cmap="RdYlGn", center=0, ax=ax, cbar_kws={"label": "%"})
-    ax.set_title("3. Reduction vs native top-8 (%)")
-    ax = axes[1, 0]
-    groups = list(next((r["groups"] for r in results.values() if r["status"] == "ok"), {}))
-    width = 0.8 / (len(focus) + 1)
-    if baseline.get("status") == "ok":
-        ax.bar(np.arange(len(groups)), [baseline["groups"][g]["avg_experts"] for g in groups], width, color="grey",
-               label="native top-8")  # fmt: skip
-    for i, (alpha, result) in enumerate(focus.items(), start=1):
-        values = [result["groups"].get(g, {}).get("avg_experts", np.nan) for g in groups]
-        ax.bar(np.arange(len(groups)) + i * width, values, width, color=colors[alpha], label=f"alpha={alpha:g}")
-    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
-    ax.set(ylabel="avg experts per token", title=f"4. Experts by prompt complexity (max_k={focus_max_k})")
-    ax.legend(fontsize=8)
-    ax = axes[1, 1]
-    if baseline.get("status") == "ok":
-        ax.plot(baseline["per_layer_avg_experts"], color="grey", ls="--", label="native top-8")
-    for alpha, result in focus.items():
-        ax.plot(result["per_layer_avg_experts"], "o-", color=colors[alpha], label=f"alpha={alpha:g}")
-    ax.set(xlabel="layer", ylabel="avg experts per token", title=f"5. Per-layer experts (max_k={focus_max_k})")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=8)
-    ax = axes[1, 2]
-    bins = np.arange(0, focus_max_k + 2) - 0.5
-    for alpha, result in focus.items():
-        counts = np.concatenate([np.asarray(p["token_counts"]).ravel() for p in result["prompts"]])
-        ax.hist(counts, bins=bins, histtype="step", lw=2, density=True, color=colors[alpha], label=f"alpha={alpha:g}")
-    ax.set(xlabel="experts kept (token x layer)", ylabel="share", title=f"6. Per-token counts (max_k={focus_max_k})")
-    ax.legend(fontsize=8)
-    ax = axes[2, 0]
-    utilization_config = focus.get(0.05) or next(iter(focus.values()), None)
-    if utilization_config is not None:
-        sns.heatmap(np.asarray(utilization_config["expert_utilization_per_layer"]), cmap="magma", ax=ax,
-                    cbar_kws={"label": "share of tokens choosing the expert"})  # fmt: skip
-        ax.set(xlabel="expert", ylabel="layer", title=f"7. Expert utilisation ({utilization_config['name']})")
-    ax = axes[2, 1]
-    throughput = ok.sort_values("avg_experts")
-    ax.barh(throughput["config"], throughput["tokens_per_second"],
-            color=["grey" if c == BASELINE_CONFIG else "tab:blue" for c in throughput["config"]])  # fmt: skip
-    ax.tick_params(axis="y", labelsize=6)
-    ax.set(xlabel="generated tokens / s", title="8. Throughput (sorted by avg experts)")
-    ax = axes[2, 2]
-    for alpha in alphas:
-        rows = bh[bh["alpha"] == alpha].sort_values("max_k")
-        growth = 100 * (rows["avg_experts"].to_numpy()[1:] / rows["avg_experts"].to_numpy()[:-1] - 1)
-        ax.plot(rows["max_k"].to_numpy()[1:], growth, "o-", color=colors[alpha], label=f"alpha={alpha:g}")
-    ax.axhline(5.0, color="red", ls=":", label="5% saturation threshold")
-    ax.set(xlabel="max_k (step from the previous max_k)", ylabel="growth of avg experts (%)", title="9. Saturation")
-    _max_k_axis(ax, DESIGN_MAX_KS[1:])
-    ax.legend(fontsize=8)
-    figure.suptitle("BH routing analysis", fontsize=16)
-    return _save_figure(figure, path, dpi=110)
-
-
-def _markdown_table(frame, float_format: str = "{:.2f}") -> str:
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    lines = [header, "|" + " --- |" * len(frame.columns)]
-    for _, row in frame.iterrows():
-        cells = [float_format.format(v) if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_layer_heatmap(results: dict[str, dict], path: str | Path):
-    """Average experts per layer (rows: configurations, columns: layers), from any results dict whose
-    entries carry per_layer_avg_experts (the sweep's or the quality sweep's)."""
-    _use_headless_backend_unless_inline()
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import seaborn as sns
-
-    rows = {name: r["per_layer_avg_experts"] for name, r in results.items() if r.get("status") == "ok"}
-    figure, ax = plt.subplots(figsize=(max(6, 0.5 * len(next(iter(rows.values()), [])) + 4), 0.3 * len(rows) + 2))
-    sns.heatmap(np.asarray(list(rows.values())), yticklabels=list(rows), annot=len(rows) * len(next(iter(rows.values()))) <= 400,
-                fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": "average experts per token"})  # fmt: skip
-    ax.set(xlabel="layer", title="Average experts per layer and configuration")
-    return _save_figure(figure, path, dpi=110)
-
-
-def _quality_findings(quality: dict[str, dict], token_analysis: dict | None, results: dict[str, dict]) -> list[str]:
-    """Plain statements answering: at equal compute, does BH beat top-k and top-p, by how much, where."""
-    findings = []
-    frontier = frontier_table(quality)
-    native = quality.get(BASELINE_CONFIG, {})
-    robust = frontier[frontier["pvalue_method"] == DEFAULT_PVALUE_METHOD] if len(frontier) else frontier
-    for method, label in (("topk", "top-k"), ("topp", "top-p")):
-        if not len(robust):
-            break
-        inside = robust.dropna(subset=[f"delta_vs_{method}_percent"])
-        if not len(inside):
-            findings.append(f"No BH configuration's average experts fell inside the measured {label} range.")
-            continue
-        deltas = inside[f"delta_vs_{method}_percent"]
-        best = inside.loc[deltas.idxmin()]
-        worst = inside.loc[deltas.idxmax()]
-        findings.append(
-            f"At equal average experts, BH (robust_z) had lower perplexity than {label} in {int((deltas < 0).sum())} of "
-            f"{len(inside)} configurations inside {label}'s measured range (median difference {deltas.median():+.2f}%; "
-            f"best {best['config']} at {best['avg_experts']:.2f} experts: {best['perplexity']:.3f} vs "
-            f"{best[f'{method}_perplexity_at_equal_experts']:.3f}, {best[f'delta_vs_{method}_percent']:+.2f}%; worst "
-            f"{worst['config']}: {worst[f'delta_vs_{method}_percent']:+.2f}%)."
-        )
-    if native.get("status") == "ok" and len(robust):
-        design = robust[robust["config"].isin([bh_config_name(k, a) for k in DESIGN_MAX_KS for a in DESIGN_ALPHAS])]
-        if len(design):
-            best = design.loc[design["perplexity"].idxmin()]
-            findings.append(
-                f"Against native top-8 (perplexity {native['perplexity']:.3f} at 8 experts), the best of the design's "
-                f"BH configurations ({best['config']}, {best['avg_experts']:.2f} experts) has perplexity "
-                f"{best['perplexity']:.3f} ({100 * (best['perplexity'] / native['perplexity'] - 1):+.1f}%)."
-            )
-        floored = robust[robust["config"].str.contains("_min")].sort_values("avg_experts")
-        if len(floored):
-            findings.append("BH on a floor of min_k experts (alpha=0.2, max_k=8): " + "; ".join(
-                f"{r.config}: {r.avg_experts:.2f} experts, perplexity {r.perplexity:.3f} "
-                f"({100 * (r.perplexity / native['perplexity'] - 1):+.1f}% vs native)" for r in floored.itertuples()) + ".")
-    if token_analysis:
-        findings.append(
-            f"Token level ({token_analysis['config']}): Spearman correlation between a position's experts (mean "
-            f"over layers) and the native model's surprisal of the next token: "
-            f"{token_analysis['spearman_experts_vs_next_token_surprisal']:+.3f} over {token_analysis['num_positions']} positions."
-        )
-    return findings
-
-
-def write_report(
-    results: dict[str, dict], path: str | Path, metadata: dict, figure_path: str = "visualizations/bh_routing_analysis.png",
-    quality: dict[str, dict] | None = None, token_analysis: dict | None = None,
-) -> str:
-    """The markdown report, generated from the results only. Returns the text (also written to path)."""
-    table = summary_table(results, quality)
-    ok = table[table["status"] == "ok"]
-    failed = table[table["status"] != "ok"]
-    bh = ok[(ok["method"] == "bh") & (ok["pvalue_method"] == DEFAULT_PVALUE_METHOD)]
-    design_p = ok[(ok["method"] == "bh") & (ok["pvalue_method"] == "one_minus_prob")]
-    baseline = results.get(BASELINE_CONFIG)
-    lines = [
-        "# BH routing report",
-        "",
-        f"Generated by `bh_routing.write_report` from the run below; every number comes from "
-        f"`bh_routing_full_results.json` / `bh_routing_summary.csv` of this run.",
-        "",
-        "## Run",
-        "",
-        f"- Model: `{metadata.get('model')}` ({metadata.get('model_source', 'unknown source')}), "
-        f"{metadata.get('model_parameters', '?'):,} parameters, dtype {metadata.get('model_dtype')}",
-        f"- Hardware: {metadata.get('hardware')} (device `{metadata.get('device')}`)",
-        f"- Versions: python {metadata.get('python')}, torch {metadata.get('torch')}, transformers {metadata.get('transformers')}",
-        f"- Date: {metadata.get('date')}; seed {metadata.get('seed')}; greedy generation of "
-        f"{metadata.get('max_new_tokens')} new tokens per prompt",
-        f"- Prompts: {sum(len(v) for v in metadata.get('prompts', {}).values())} in "
-        f"{len(metadata.get('prompts', {}))} complexity groups; configurations: {len(table)} "
-        f"({len(ok)} ok, {len(failed)} failed)",
-        "- Statistics cover every routing decision (token x layer) over the prompt and the generated tokens.",
-        "",
-        "## What was found",
-        "",
-    ]
-    findings = []
-    if baseline and baseline["status"] == "ok":
-        findings.append(f"Native top-8 routing kept {baseline['summary']['avg_experts']:.2f} experts per token "
-                        f"at {baseline['summary']['tokens_per_second']:.1f} generated tokens/s.")  # fmt: skip
-    focus = bh[bh["max_k"] == 8].sort_values("alpha")
-    if len(focus):
-        spans = ", ".join(f"{r.avg_experts:.2f} at alpha={r.alpha:g}" for r in focus.itertuples())
-        findings.append(
-            f"BH with the calibrated robust_z p-value and max_k=8 kept on average {spans} experts per token "
-            f"(reduction vs top-8 from {focus['reduction_vs_baseline'].min():.1f}% to "
-            f"{focus['reduction_vs_baseline'].max():.1f}%); the count per decision ranged from "
-            f"{focus['min_experts'].min():.0f} to {focus['max_experts'].max():.0f}, with standard deviation up to "
-            f"{focus['std_experts'].max():.2f}."
-        )
-        order = []
-        for alpha in focus["alpha"]:
-            groups = results[bh_config_name(8, alpha)]["groups"]
-            ranked = sorted(groups, key=lambda g: groups[g]["avg_experts"])
-            order.append(", ".join(f"{g} {groups[g]['avg_experts']:.2f}" for g in ranked))
-        findings.append(
-            "Complexity groups ranked by average experts at max_k=8, fewest first: "
-            + "; ".join(f"alpha={a:g}: {o}" for a, o in zip(focus["alpha"], order))
-            + ". The design expected simple < medium < complex ~ technical (2-4 experts for simple prompts, "
-            "6-10 for complex ones)."
-        )
-        claim_holds = all(
-            2 <= results[bh_config_name(8, a)]["groups"].get("simple", {}).get("avg_experts", -1) <= 4
-            and 6 <= results[bh_config_name(8, a)]["groups"].get("complex", {}).get("avg_experts", -1) <= 10
-            for a in focus["alpha"]
-        )  # fmt: skip
-        findings.append("The design's claim 'simple tokens use 2-4 experts, complex tokens 6-10' "
-                        + ("holds" if claim_holds else "does not hold") + " in this run at max_k=8.")
-    if len(design_p):
-        all_floor = bool((design_p["floor_hit_rate"] == 100.0).all())
-        findings.append(
-            "The design's own p-value (1 - softmax) kept "
-            + ", ".join(f"{r.avg_experts:.2f} at alpha={r.alpha:g}" for r in design_p.sort_values("alpha").itertuples())
-            + " experts per token"
-            + (" — exactly min_k for every token, as the bound in docs/bh_routing_analysis.md proves it must for alpha < 63/64."
-               if all_floor else ".")
-        )  # fmt: skip
-    saturation = saturation_analysis(table)
-    if len(saturation):
-        robust = saturation[saturation["pvalue_method"] == DEFAULT_PVALUE_METHOD]
-        findings.append("Saturation (smallest max_k beyond which avg experts grows < 5%): " + "; ".join(
-            f"alpha={r.alpha:g}: max_k={'not reached' if r.saturation_max_k != r.saturation_max_k else int(r.saturation_max_k)}"
-            for r in robust.itertuples()) + ".")  # fmt: skip
-    if len(failed):
-        findings.append("Failed configurations: " + ", ".join(f"{r.config}" for r in failed.itertuples()) + ".")
-    if quality:
-        findings += _quality_findings(quality, token_analysis, results)
-    else:
-        findings.append("Not measured in this run: output quality (perplexity); routing counts alone do not show "
-                        "what fewer experts cost.")  # fmt: skip
-    paths = sorted({r.get("experts_implementation") or "eager" for r in results.values() if r["status"] == "ok"})
-    if VARIABLE_K_EXPERTS in paths:
-        speed = ("the routed configurations ran the variable-k experts path, which computes only the kept (token, "
-                 "expert) pairs, against the native baseline on the model's own path; generating a few tokens per "
-                 "prompt is bound by per-token launch overhead more than by expert compute (per-layer and "
-                 "per-phase speed: benchmarks/README.md)")  # fmt: skip
-    else:
-        speed = ("they include the routing overhead; the GPU speed of the variable-k experts path (the patcher's "
-                 "default on CUDA in bf16) is in benchmarks/README.md")  # fmt: skip
-    findings.append(f"Timings are end-to-end greedy generation on this hardware with the experts path "
-                    f"{', '.join(paths)}; {speed}.")  # fmt: skip
-    lines += [f"- {f}" for f in findings]
-    columns = ["config", "alpha", "max_k", "avg_experts", "std_experts", "min_experts", "max_experts", "median_experts",
-               "ceiling_hit_rate", "floor_hit_rate", "reduction_vs_baseline", "tokens_per_second", "weight_entropy",
-               "expert_utilization"]  # fmt: skip
-    if quality:
-        columns += ["perplexity", "token_accuracy"]
-    lines += ["", "## All configurations", "", _markdown_table(ok[columns].fillna("-")), ""]
-    if len(focus):
-        group_rows = []
-        for name in [BASELINE_CONFIG] + [bh_config_name(8, a) for a in focus["alpha"]]:
-            if name in results and results[name]["status"] == "ok":
-                group_rows.append({"config": name, **{g: s["avg_experts"] for g, s in results[name]["groups"].items()}})
-        import pandas as pd
-
-        lines += ["## Average experts by prompt complexity", "", _markdown_table(pd.DataFrame(group_rows)), ""]
-    if len(saturation):
-        sat = saturation.copy()
-        sat["growth_percent_by_step"] = sat["growth_percent_by_step"].astype(str)
-        lines += ["## Saturation", "", _markdown_table(sat.fillna("not reached")), ""]
-    if quality:
-        import pandas as pd
-
-        evaluated = pd.DataFrame([
-            {"config": name, "method": r["method"], "avg_experts": r["avg_experts"], "perplexity": r["perplexity"],
-             "token_accuracy": r["token_accuracy"]}
-            for name, r in quality.items() if r["status"] == "ok"
-        ]).sort_values("avg_experts")  # fmt: skip
-        settings = next(iter(quality.values())).get("settings", {})
-        lines += [
-            "## Quality at equal compute",
-            "",
-            f"Held-out text: {metadata.get('eval_text', 'unknown')}, {settings.get('num_tokens', '?')} tokens, windows "
-            f"of {settings.get('window', '?')} tokens advancing by {settings.get('stride', '?')} (each token scored once; "
-            "average experts over every routing decision of the evaluation).",
-            "",
-            _markdown_table(evaluated, "{:.3f}"),
-            "",
-            "BH against the baselines interpolated at the same average experts (negative delta: BH better):",
-            "",
-            _markdown_table(frontier_table(quality).fillna("outside range"), "{:.3f}"),
-            "",
-            "![Efficiency frontier](visualizations/bh_routing_frontier.png)",
-            "",
-        ]
-        if token_analysis:
-            lines += [
-                f"Tokens with the fewest experts under {token_analysis['config']} (token, mean experts, occurrences): "
-                + ", ".join(f"`{t!r}` {m} ({c})" for t, m, c in token_analysis["fewest_experts"]),
-                "",
-                "Tokens with the most experts: "
-                + ", ".join(f"`{t!r}` {m} ({c})" for t, m, c in token_analysis["most_experts"]),
-                "",
-                "![Experts per layer](visualizations/bh_routing_layers.png)",
-                "",
-            ]
-    sample_configs = [c for c in (BASELINE_CONFIG, bh_config_name(8, 0.05), bh_config_name(2, 0.05)) if c in results
-                      and results[c]["status"] == "ok"]  # fmt: skip
-    if sample_configs:
-        lines += ["## Sample generations", ""]
-        for index in (0, 3, 6, 9):
-            prompt = results[sample_configs[0]]["prompts"][index]["prompt"] if index < len(results[sample_configs[0]]["prompts"]) else None
-            if prompt is None:
-                continue
-            lines.append(f"**{prompt}**")
-            lines.append("")
-            for name in sample_configs:
-                text = results[name]["prompts"][index]["generated_text"].replace("\n", " ").strip()
-                lines.append(f"- `{name}`: {text}")
-            lines.append("")
-    lines += ["## Figure", "", f"![BH routing analysis]({figure_path})", ""]
-    text = "\n".join(lines)
-    _atomic_write_text(Path(path), text)
-    return text
-
-
-# ----------------------------------------------------------------------------------------------------
-# 11. Quality: perplexity at equal compute, baselines, the efficiency frontier, token-level analysis
-# ----------------------------------------------------------------------------------------------------
-
-HELDOUT_TEXT_PATH = REPO_DIR / "data" / "heldout.txt"
-BASELINE_TOP_KS = (1, 2, 3, 4, 5, 6, 7, 8)
-BASELINE_TOP_PS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-FLOORED_BH_MIN_KS = (2, 3, 4, 6)
-
-
-def baseline_configs(top_ks=BASELINE_TOP_KS, top_ps=BASELINE_TOP_PS, max_k: int = NATIVE_TOP_K) -> list[RoutingConfig]:
-    """Training-free peers to compare at equal average experts: native top-k truncated to k, and top-p
-    (fewest experts reaching probability mass p, capped at max_k like the native router)."""
-    configs = [RoutingConfig(f"topk_k{k}", "topk", (("k", k),)) for k in top_ks]
-    configs += [RoutingConfig(f"topp_p{round(p * 100):03d}", "topp", (("p", p), ("min_k", 1), ("max_k", max_k)))
-                for p in top_ps]  # fmt: skip
-    return configs
-
-
-def floored_bh_configs(min_ks=FLOORED_BH_MIN_KS, alpha: float = 0.20, max_k: int = NATIVE_TOP_K) -> list[RoutingConfig]:
-    """BH on top of a floor: every token keeps min_k experts and BH adds the significant ones up to max_k.
-    Places BH on the frontier between 2 and 8 experts, where the design's min_k = 1 configurations
-    (which keep 1-2 experts on average) cannot go."""
-    return [RoutingConfig(f"{bh_config_name(max_k, alpha)}_min{min_k}", "bh",
-                          (("alpha", alpha), ("max_k", max_k), ("min_k", min_k), ("pvalue_method", DEFAULT_PVALUE_METHOD)))
-            for min_k in min_ks]  # fmt: skip
 
 
 def load_heldout_text(source: str | Path = "embedded") -> str:
@@ -2213,7 +2005,7 @@ def load_heldout_text(source: str | Path = "embedded") -> str:
     return path.read_text()
 
 
-def _windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """Sliding windows (begin, end, num_scored): each window scores its last num_scored tokens, which no
     earlier window scored; the tokens before them are context only (the Hugging Face perplexity recipe)."""
     windows, previous_end = [], 0
@@ -2228,10 +2020,32 @@ def _windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, 
     return windows
 
 
+def _check_evaluation(token_ids: torch.Tensor, window: int, stride: int) -> None:
+    if token_ids.dim() != 1 or token_ids.numel() < 2:
+        raise ValueError(f"token_ids must be a 1-D tensor of at least 2 tokens, got shape {tuple(token_ids.shape)}")
+    if window < 2:
+        raise ValueError(f"window must be >= 2, got {window}")
+    if not (1 <= stride <= window):
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+
+
+def _score_windows(model, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position surprisal of the next token and whether the argmax predicted it: [B, length - 1] each."""
+    logits = model(inputs, use_cache=False).logits.float()  # [B, length, V]
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
+    targets = inputs[:, 1:]
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, length - 1]
+    return nll, log_probs.argmax(-1) == targets
+
+
 @torch.no_grad()
 def evaluate_language_model(
-    model, token_ids: torch.Tensor, window: int = 256, stride: int | None = None, batch_size: int = 8,
-    patcher: "OLMoERouterPatcher | None" = None,
+    model,
+    token_ids: torch.Tensor,
+    window: int = 256,
+    stride: int | None = None,
+    batch_size: int = 8,
+    patcher: OLMoERouterPatcher | None = None,
 ) -> dict:
     """Perplexity and next-token accuracy on `token_ids` ([N] int64) with sliding windows.
 
@@ -2244,16 +2058,11 @@ def evaluate_language_model(
     context; inputs[i] is the token at the position that predicts it, and expert_counts[i] the experts
     kept there in each layer.
     """
-    if token_ids.dim() != 1 or token_ids.numel() < 2:
-        raise ValueError(f"token_ids must be a 1-D tensor of at least 2 tokens, got shape {tuple(token_ids.shape)}")
-    if window < 2:
-        raise ValueError(f"window must be >= 2, got {window}")
     stride = window if stride is None else stride
-    if not (1 <= stride <= window):
-        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    _check_evaluation(token_ids, window, stride)
     device = next(model.parameters()).device
-    windows = _windows(token_ids.numel(), window, stride)
-    nll_parts, target_parts, input_parts, correct_parts, count_parts = [], [], [], [], []
+    windows = sliding_windows(token_ids.numel(), window, stride)
+    parts = {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": []}
     # Windows of equal length are batched together (all but possibly the last).
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
@@ -2262,173 +2071,135 @@ def evaluate_language_model(
             inputs = torch.stack([token_ids[begin:end] for begin, end, _ in group]).to(device)  # [B, length]
             if patcher is not None:
                 patcher.reset_stats()
-            logits = model(inputs, use_cache=False).logits.float()  # [B, length, V]
-            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
-            targets = inputs[:, 1:]
-            nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, length - 1]
-            correct = log_probs.argmax(-1) == targets
+            nll, correct = _score_windows(model, inputs)
             counts = patcher.get_stats()["token_counts"].view(len(group), length, -1) if patcher else None
             for row, (_, _, num_scored) in enumerate(group):
-                nll_parts.append(nll[row, -num_scored:].cpu())
-                target_parts.append(targets[row, -num_scored:].cpu())
-                input_parts.append(inputs[row, length - 1 - num_scored : length - 1].cpu())
-                correct_parts.append(correct[row, -num_scored:].cpu())
-                if counts is not None:  # the input positions that made these predictions
-                    count_parts.append(counts[row, length - 1 - num_scored : length - 1])
-    nll = torch.cat(nll_parts).double()
+                predicting = slice(length - 1 - num_scored, length - 1)  # the positions that made the predictions
+                parts["nll"].append(nll[row, -num_scored:].cpu())
+                parts["targets"].append(inputs[row, 1:][-num_scored:].cpu())
+                parts["inputs"].append(inputs[row, predicting].cpu())
+                parts["correct"].append(correct[row, -num_scored:].cpu())
+                if counts is not None:
+                    parts["expert_counts"].append(counts[row, predicting])
+    nll = torch.cat(parts["nll"]).double()
     return {
         "perplexity": math.exp(nll.mean().item()),
-        "token_accuracy": torch.cat(correct_parts).double().mean().item(),
+        "token_accuracy": torch.cat(parts["correct"]).double().mean().item(),
         "num_scored": nll.numel(),
         "mean_nll": nll.mean().item(),
         "nll": nll,
-        "targets": torch.cat(target_parts),
-        "inputs": torch.cat(input_parts),
-        "expert_counts": torch.cat(count_parts) if count_parts else None,
+        "targets": torch.cat(parts["targets"]),
+        "inputs": torch.cat(parts["inputs"]),
+        "expert_counts": torch.cat(parts["expert_counts"]) if parts["expert_counts"] else None,
     }
 
 
-def run_quality_sweep(
-    model, token_ids: torch.Tensor, configs: list[RoutingConfig], output_dir: str | Path = "results",
-    window: int = 256, stride: int | None = None, batch_size: int = 8, redo: bool = False, progress: bool = True,
-    metadata: dict | None = None,
-) -> dict[str, dict]:
-    """Perplexity, accuracy and average experts of every configuration on the same tokens.
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # every GPU: a model spread with device_map="auto" runs on several
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
 
-    Saved per configuration to output_dir/quality/<name>.json as soon as it finishes (resumed like
-    run_sweep; failures recorded). The per-token arrays (nll, expert counts) are kept for the baseline and
-    the BH configurations in output_dir/quality/<name>.pt for the token-level analysis.
+
+def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int, exact: bool = False):
+    """Greedy generation of `prompt` (a string), timed: (input_ids [1, P], output_ids [1, P + n], seconds).
+
+    The seconds are the wall-clock time of `generate`, with the GPUs synchronised before and after.
+
+    exact: generate exactly max_new_tokens (no stop at the end-of-text token), as a warm-up wants.
     """
-    import json
+    device = next(model.parameters()).device
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    minimum = {"min_new_tokens": max_new_tokens} if exact else {}
+    _synchronize(device)
+    start = time.perf_counter()
+    output_ids = model.generate(
+        input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, **minimum
+    )
+    _synchronize(device)
+    return input_ids, output_ids, time.perf_counter() - start
 
-    from tqdm.auto import tqdm
 
-    if not configs:
-        raise ValueError("configs must name at least one RoutingConfig")
-    quality_dir = Path(output_dir) / "quality"
-    quality_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"num_tokens": int(token_ids.numel()), "window": window, "stride": stride or window, **(metadata or {})}
-    patcher = OLMoERouterPatcher(model)
-    results = {}
-    for config in tqdm(configs, disable=not progress, desc="quality"):
-        path = quality_dir / f"{config.name}.json"
-        if path.exists() and not redo:
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == json.loads(json.dumps(settings)) and saved.get("status") == "ok":
-                results[config.name] = saved
-                continue
+# ----------------------------------------------------------------------------------------------------
+# 11. Results on disk: atomic writes, one file per configuration, resume, failures recorded
+# ----------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call write(temporary) on a temporary file beside `path`, then rename it to `path`: readers (and a
+    run that is killed) never see a half-written file. The temporary keeps the suffix (name.tmp.png), so
+    writers that pick a format from it (matplotlib) work."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        write(temporary)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write` of a string."""
+    return atomic_write(path, lambda temporary: temporary.write_text(text))
+
+
+def _as_json(value):
+    """`value` as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value))
+
+
+class ResultStore:
+    """Results of a sweep, one JSON file per configuration in `directory`, written as each finishes.
+
+    A configuration is resumed (read back instead of rerun) when its file holds status "ok" and the same
+    `settings` (the JSON of everything that changes its result, e.g. the model and the prompts). A
+    configuration that raises is recorded with status "failed" and its error, and is retried next time.
+
+        store = ResultStore("results/configs", settings={"model": "embedded", ...})
+        result = store.run(config.name, lambda: measure(config), describe={"method": config.method})
+    """
+
+    def __init__(self, directory: str | Path, settings: dict):
+        self.directory = Path(directory)
+        self.settings = _as_json(settings)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str, suffix: str = ".json") -> Path:
+        return self.directory / f"{name}{suffix}"
+
+    def load(self, name: str) -> dict | None:
+        """The saved result of `name` if it can be resumed (status ok, same settings), else None."""
+        path = self.path(name)
+        if not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        return saved if saved.get("status") == "ok" and saved.get("settings") == self.settings else None
+
+    def save(self, name: str, result: dict) -> dict:
+        """Write `result` with the store's settings; returns it as it reads back."""
+        result = _as_json({**result, "name": name, "settings": self.settings})
+        atomic_write_text(self.path(name), json.dumps(result))
+        return result
+
+    def run(self, name: str, compute: Callable[[], dict], describe: dict | None = None, redo: bool = False) -> dict:
+        """The result of `name`: resumed from disk (unless redo), else compute() saved as status "ok", or, if
+        compute raises an Exception, a "failed" record with the error (`describe` adds fields to it, e.g.
+        the method and parameters). KeyboardInterrupt and other BaseExceptions propagate, saving nothing."""
+        saved = None if redo else self.load(name)
+        if saved is not None:
+            return saved
         try:
-            config.apply(patcher)
-            evaluation = evaluate_language_model(model, token_ids, window, stride, batch_size, patcher)
-            counts = evaluation["expert_counts"]
-            result = {
-                "name": config.name, "method": config.method, "params": dict(patcher.params), "status": "ok",
-                "perplexity": evaluation["perplexity"], "token_accuracy": evaluation["token_accuracy"],
-                "mean_nll": evaluation["mean_nll"], "num_scored": evaluation["num_scored"],
-                "avg_experts": counts.double().mean().item(),
-                "per_layer_avg_experts": counts.double().mean(0).tolist(),
-            }  # fmt: skip
-            tensors = {"nll": evaluation["nll"].float(), "targets": evaluation["targets"], "inputs": evaluation["inputs"],
-                       "expert_counts": counts.to(torch.int16)}  # fmt: skip
-            temporary = quality_dir / f"{config.name}.pt.tmp"
-            torch.save(tensors, temporary)
-            temporary.replace(quality_dir / f"{config.name}.pt")
-        except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
-            result = {"name": config.name, "method": config.method, "params": config.kwargs, "status": "failed",
-                      "error": f"{type(error).__name__}: {error}"}  # fmt: skip
-        finally:
-            patcher.unpatch()
-        result["settings"] = settings
-        _atomic_write_text(path, json.dumps(result))
-        results[config.name] = json.loads(json.dumps(result))
-    return results
+            result = {**compute(), "status": "ok"}
+        except Exception as error:  # noqa: BLE001 - a failed configuration is recorded; the sweep goes on
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # e.g. after an out-of-memory error, for the next configuration
+            result = {**(describe or {}), "status": "failed", "error": f"{type(error).__name__}: {error}"}
+        return self.save(name, result)
 
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+        """Per-token arrays of `name` beside its JSON (name.pt), written atomically."""
+        return atomic_write(self.path(name, ".pt"), lambda temporary: torch.save(tensors, temporary))
 
-def frontier_table(quality: dict[str, dict]):
-    """For each BH configuration: its perplexity and the perplexity of top-k and top-p at the same average
-    experts; NaN where BH's average lies outside the baseline's measured range. Negative
-    `delta_vs_topk_percent` means BH is better at equal compute.
-
-    Between two measured baselines the log-perplexity (mean NLL) is interpolated linearly in average
-    experts: that is the mean NLL of routing a matching fraction of tokens with each of the two, whereas
-    interpolating perplexity itself would flatter BH (perplexity is convex in the experts kept)."""
-    import numpy as np
-    import pandas as pd
-
-    ok = {name: r for name, r in quality.items() if r["status"] == "ok"}
-
-    def curve(method):
-        points = sorted((r["avg_experts"], r["perplexity"]) for r in ok.values() if r["method"] == method)
-        return np.array([p[0] for p in points]), np.array([p[1] for p in points])
-
-    rows = []
-    curves = {"topk": curve("topk"), "topp": curve("topp")}
-    for name, result in ok.items():
-        if result["method"] != "bh":
-            continue
-        row = {"config": name, "pvalue_method": result["params"].get("pvalue_method"), "alpha": result["params"].get("alpha"),
-               "max_k": result["params"].get("max_k"), "avg_experts": result["avg_experts"], "perplexity": result["perplexity"]}  # fmt: skip
-        for method, (xs, ys) in curves.items():
-            inside = len(xs) >= 2 and xs[0] <= result["avg_experts"] <= xs[-1]
-            at_equal = float(np.exp(np.interp(result["avg_experts"], xs, np.log(ys)))) if inside else float("nan")
-            row[f"{method}_perplexity_at_equal_experts"] = at_equal
-            row[f"delta_vs_{method}_percent"] = 100.0 * (result["perplexity"] / at_equal - 1.0) if inside else float("nan")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def plot_frontier(quality: dict[str, dict], path: str | Path):
-    """Average experts per token (x) against perplexity (y) for BH, top-k and top-p (and native top-8)."""
-    _use_headless_backend_unless_inline()
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(8, 6))
-    ok = [r for r in quality.values() if r["status"] == "ok"]
-    styles = {"topk": ("s-", "tab:grey", "top-k (k = 1..8)"), "topp": ("^-", "tab:orange", "top-p"),
-              "bh": ("o", "tab:blue", "BH (robust_z)"), "bh1mp": ("x", "tab:red", "BH (1 - softmax, the design)")}  # fmt: skip
-    for key, (marker, color, label) in styles.items():
-        if key == "bh":
-            points = [r for r in ok if r["method"] == "bh" and r["params"].get("pvalue_method") == DEFAULT_PVALUE_METHOD]
-        elif key == "bh1mp":
-            points = [r for r in ok if r["method"] == "bh" and r["params"].get("pvalue_method") == "one_minus_prob"]
-        else:
-            points = [r for r in ok if r["method"] == key]
-        points.sort(key=lambda r: r["avg_experts"])
-        if points:
-            ax.plot([r["avg_experts"] for r in points], [r["perplexity"] for r in points], marker, color=color, label=label)
-            if key == "bh":
-                for r in points:
-                    ax.annotate(r["name"].replace("bh_", ""), (r["avg_experts"], r["perplexity"]), fontsize=6)
-    native = next((r for r in ok if r["method"] == "native"), None)
-    if native:
-        ax.plot([native["avg_experts"]], [native["perplexity"]], "*", ms=14, color="black", label="native top-8")
-    ax.set(xlabel="average experts per token (all layers)", ylabel="held-out perplexity", yscale="log",
-           title="Efficiency frontier: quality at equal compute")  # fmt: skip
-    ax.legend()
-    return _save_figure(figure, path, dpi=120)
-
-
-def token_level_analysis(output_dir: str | Path, config_name: str, tokenizer, baseline_name: str = BASELINE_CONFIG,
-                         num_tokens: int = 15, min_occurrences: int = 5) -> dict:
-    """Which tokens draw the most and fewest experts under `config_name`, and whether the count follows
-    difficulty: Spearman correlation between a position's average experts (over layers) and the baseline's
-    surprisal of the token it predicts."""
-    import pandas as pd
-    from scipy.stats import spearmanr
-
-    quality_dir = Path(output_dir) / "quality"
-    routed = torch.load(quality_dir / f"{config_name}.pt")
-    baseline = torch.load(quality_dir / f"{baseline_name}.pt")
-    experts = routed["expert_counts"].double().mean(-1)  # [S]
-    correlation = spearmanr(experts.numpy(), baseline["nll"].numpy())
-    frame = pd.DataFrame({"token": [tokenizer.decode([int(t)]) for t in routed["inputs"].tolist()], "experts": experts.numpy()})
-    per_token = frame.groupby("token")["experts"].agg(["mean", "count"])
-    per_token = per_token[per_token["count"] >= min_occurrences].sort_values("mean")
-    return {
-        "config": config_name,
-        "spearman_experts_vs_next_token_surprisal": float(correlation.statistic),
-        "spearman_p_value": float(correlation.pvalue),
-        "num_positions": int(experts.numel()),
-        "fewest_experts": [(t, round(r["mean"], 3), int(r["count"])) for t, r in per_token.head(num_tokens).iterrows()],
-        "most_experts": [(t, round(r["mean"], 3), int(r["count"])) for t, r in per_token.tail(num_tokens)[::-1].iterrows()],
-    }
+    def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return torch.load(self.path(name, ".pt"))

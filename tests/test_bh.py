@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import false_discovery_control
 
-from bh_routing import bh_reject
+from bh_routing import bh_num_rejections, bh_reject, fast_bh_count
 
 
 def textbook_bh(p_values: np.ndarray, alpha: float) -> np.ndarray:
@@ -54,7 +54,7 @@ def test_ties_are_rejected_together():
         expected = np.stack([textbook_bh(row, alpha) for row in p_values])
         np.testing.assert_array_equal(mask, expected)
         # Tied p-values share one fate.
-        for row, row_mask in zip(p_values, mask):
+        for row, row_mask in zip(p_values, mask, strict=True):
             for value in np.unique(row):
                 assert len(set(row_mask[row == value])) == 1
 
@@ -62,9 +62,25 @@ def test_ties_are_rejected_together():
 def test_published_example():
     # Benjamini & Hochberg (1995), section 4: 15 p-values, q = 0.05 -> the 4 smallest are rejected.
     p_values = torch.tensor(
-        [0.0001, 0.0004, 0.0019, 0.0095, 0.0201, 0.0278, 0.0298, 0.0344, 0.0459, 0.3240,
-         0.4262, 0.5719, 0.6528, 0.7590, 1.0000], dtype=torch.float64
-    )  # fmt: skip
+        [
+            0.0001,
+            0.0004,
+            0.0019,
+            0.0095,
+            0.0201,
+            0.0278,
+            0.0298,
+            0.0344,
+            0.0459,
+            0.3240,
+            0.4262,
+            0.5719,
+            0.6528,
+            0.7590,
+            1.0000,
+        ],
+        dtype=torch.float64,
+    )
     mask = bh_reject(p_values, 0.05)
     assert mask.tolist() == [True] * 4 + [False] * 11
 
@@ -103,3 +119,24 @@ def test_bad_alpha(alpha):
 def test_bad_p_values():
     with pytest.raises(ValueError, match="p_values"):
         bh_reject(torch.zeros(3, 8, dtype=torch.int64), 0.05)
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.05, 0.2, 1.0])
+def test_fast_count_equals_the_procedure(alpha):
+    # The hot path's sort-free count, fed each hypothesis's first passing rank (smallest j with
+    # p <= alpha*j/m), gives BH's number of rejections as bh_reject states it, ties included.
+    generator = np.random.default_rng(3)
+    p_values = np.where(
+        generator.uniform(size=(2000, 64)) < 0.3,
+        generator.uniform(size=(2000, 64)) ** 6,
+        generator.uniform(size=(2000, 64)),
+    )
+    p_values[:100] = np.round(p_values[:100], 2)  # ties
+    p = torch.from_numpy(p_values)
+    first_passing_rank = torch.ceil(64 * p / alpha).long().clamp(1, 65)
+    first_passing_rank = torch.where(
+        p <= alpha * (first_passing_rank - 1) / 64, first_passing_rank - 1, first_passing_rank
+    )
+    counts = bh_reject(p, alpha).sum(-1)
+    assert torch.equal(fast_bh_count(first_passing_rank.clamp_min(1)), counts)
+    assert torch.equal(bh_num_rejections(p, alpha), counts)

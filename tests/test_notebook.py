@@ -1,14 +1,39 @@
-"""The notebook runs headless (papermill) on the embedded model with a reduced parameter set."""
+"""The notebook is the experiment: executed headless (papermill) on the embedded model with reduced
+parameters, its outputs checked, including resume after an interrupted run."""
 
+import ast
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 import bh_routing as br
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "OLMoE_BH_Routing_Experiments.ipynb"
+SUMMARY_COLUMNS = """config method pvalue_method alpha max_k min_k status avg_experts std_experts min_experts
+    max_experts median_experts ceiling_hit_rate floor_hit_rate reduction_vs_baseline inference_time tokens_per_second
+    avg_time_per_prompt weight_entropy expert_utilization perplexity token_accuracy eval_avg_experts""".split()
+QUICK = {"max_new_tokens": 3, "eval_max_tokens": 600, "eval_window": 128, "device": "cpu"}
+
+
+def execute(tmp_path, **parameters):
+    import papermill
+
+    return papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(tmp_path / "executed.ipynb"),
+        cwd=str(REPO),
+        kernel_name="python3",
+        progress_bar=False,
+        parameters={"output_dir": str(tmp_path), **parameters},
+    )
 
 
 def test_notebook_has_a_parameters_cell():
@@ -16,49 +41,114 @@ def test_notebook_has_a_parameters_cell():
     tagged = [c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
     source = "".join(tagged[0]["source"])
-    for name in ("model_name_or_path", "device", "dtype", "config_names", "prompts_per_group", "max_new_tokens",
-                 "output_dir", "seed"):  # fmt: skip
+    for name in (
+        "model_name_or_path",
+        "device",
+        "dtype",
+        "config_names",
+        "prompts_per_group",
+        "max_new_tokens",
+        "output_dir",
+        "seed",
+    ):
         assert f"{name} =" in source
 
 
-def test_notebook_runs_headless_and_writes_the_four_outputs(tmp_path):
-    import papermill
+def test_every_code_cell_has_a_markdown_line_before_it():
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    for previous, cell in zip(cells, cells[1:], strict=False):
+        if cell["cell_type"] == "code" and "parameters" not in cell["metadata"].get("tags", []):
+            assert previous["cell_type"] == "markdown", "".join(cell["source"])[:200]
 
+
+def test_notebook_runs_with_one_prompt_per_group_and_writes_every_output(tmp_path):
     configs = ["topk_8_baseline", "bh_k4_a020", "bh_k8_a005", "bh1mp_k8_a005"]  # in the design's order
-    papermill.execute_notebook(
-        str(NOTEBOOK), str(tmp_path / "executed.ipynb"), cwd=str(REPO), kernel_name="python3", progress_bar=False,
-        parameters=dict(config_names=configs, prompts_per_group=1, max_new_tokens=3, output_dir=str(tmp_path), device="cpu",
-                        eval_max_tokens=600, eval_window=128),
-    )  # fmt: skip
+    execute(tmp_path, config_names=",".join(configs), prompts_per_group=1, **QUICK)
     table = pd.read_csv(tmp_path / "bh_routing_summary.csv")
-    assert list(table.columns) == br.SUMMARY_COLUMNS and list(table["config"]) == configs
+    assert list(table.columns) == SUMMARY_COLUMNS and list(table["config"]) == configs
     assert (table["status"] == "ok").all()
     full = json.loads((tmp_path / "bh_routing_full_results.json").read_text())
     assert full["metadata"]["model"] == "embedded" and full["metadata"]["model_source"] == "embedded"
     first_prompt = full["configs"]["bh_k8_a005"]["prompts"][0]
     assert {"group", "prompt", "generated_text", "token_counts", "time_s", "avg_experts"} <= set(first_prompt)
+    assert [p["group"] for p in full["configs"]["bh_k8_a005"]["prompts"]] == [
+        "simple",
+        "medium",
+        "complex",
+        "technical",
+    ]
     for figure in ("bh_routing_analysis", "bh_routing_frontier", "bh_routing_layers"):
-        assert (tmp_path / "visualizations" / f"{figure}.png").exists()
+        assert (tmp_path / "visualizations" / f"{figure}.png").stat().st_size > 10_000
     frontier = pd.read_csv(tmp_path / "bh_routing_frontier.csv")
-    floored = [c.name for c in br.floored_bh_configs()]
+    floored = [f"bh_k8_a020_min{k}" for k in (2, 3, 4, 6)]
     assert list(frontier["config"]) == ["bh_k4_a020", "bh_k8_a005", "bh1mp_k8_a005"] + floored
     assert table["perplexity"].notna().all() and (table["perplexity"] < 8192).all()
     report = (tmp_path / "bh_routing_report.md").read_text()
-    assert "`embedded`" in report
+    assert "`embedded`" in report and "Prompts: 4 in 4 complexity groups" in report
     for row in table.itertuples():  # the report's numbers are the CSV's
         assert f"| {row.config} |" in report and f"| {row.avg_experts:.2f} | {row.std_experts:.2f} |" in report
+    samples = report.split("## Sample generations")[1]
+    for prompt in full["configs"]["bh_k8_a005"]["prompts"]:  # every group's first prompt, with its texts
+        assert f"**{prompt['prompt']}**" in samples and prompt["generated_text"].strip() in samples
+
+
+def saved_configs(output_dir):
+    return {path.stem: path.read_text() for path in (output_dir / "configs").glob("*.json")}
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_configurations(tmp_path):
+    configs = "topk_8_baseline,bh_k2_a001,bh_k4_a005,bh_k8_a010,bh_k16_a020,bh_k32_a001,bh1mp_k8_a005"
+    arguments = [
+        "-p",
+        "config_names",
+        configs,
+        "-p",
+        "output_dir",
+        str(tmp_path),
+        "-p",
+        "run_quality",
+        "False",
+        "-p",
+        "max_new_tokens",
+        "12",
+        "-p",
+        "device",
+        "cpu",
+    ]
+    command = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(tmp_path / "first.ipynb"), "-k", "python3"]
+    process = subprocess.Popen(
+        command + arguments, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not ((tmp_path / "configs").exists() and saved_configs(tmp_path)):
+        assert process.poll() is None and time.time() < deadline, "the run ended before saving a configuration"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the kernel too: nothing may finish after this
+    process.wait()
+    finished = saved_configs(tmp_path)
+    assert 1 <= len(finished) < 7 and not list(tmp_path.rglob("*.tmp*"))
+    assert not (tmp_path / "bh_routing_summary.csv").exists()
+    execute(tmp_path, config_names=configs, run_quality=False, max_new_tokens=12, device="cpu")
+    resumed = saved_configs(tmp_path)
+    assert len(resumed) == 7 and all(resumed[name] == text for name, text in finished.items())  # read back, not rerun
+    table = pd.read_csv(tmp_path / "bh_routing_summary.csv")
+    assert list(table["config"]) == configs.split(",") and (table["status"] == "ok").all()
+
+
+def test_unknown_configuration_names_list_the_designs_configurations(tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+
+    with pytest.raises(PapermillExecutionError) as error:
+        execute(tmp_path, config_names=["bh_k8_a005", "nope"], device="cpu")
+    message = error.value.evalue  # the ValueError's own message
+    allowed = ast.literal_eval(message.split("allowed: ")[1])
+    assert "unknown names ['nope']" in message and len(allowed) == 25 + 4
+    assert allowed[0] == "topk_8_baseline" and {"bh_k2_a001", "bh_k64_a020", "bh1mp_k8_a020"} <= set(allowed)
 
 
 def test_notebook_with_the_hub_model_fails_offline_naming_the_embedded_model(tmp_path):
-    import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    try:
-        papermill.execute_notebook(
-            str(NOTEBOOK), str(tmp_path / "executed.ipynb"), cwd=str(REPO), kernel_name="python3", progress_bar=False,
-            parameters=dict(model_name_or_path="allenai/OLMoE-1B-7B-0924", output_dir=str(tmp_path), device="cpu"),
-        )  # fmt: skip
-    except PapermillExecutionError as error:
-        assert "embedded" in str(error) and "allenai/OLMoE-1B-7B-0924" in str(error)
-    else:
-        raise AssertionError("loading the hub model offline should fail")
+    with pytest.raises(PapermillExecutionError) as error:
+        execute(tmp_path, model_name_or_path=br.HUB_MODEL_ID, device="cpu")
+    assert "embedded" in str(error.value) and br.HUB_MODEL_ID in str(error.value)

@@ -61,16 +61,23 @@ def test_context_manager_and_exception_leave_model_restorable(tiny_model, input_
             raise RuntimeError("boom")
     assert torch.equal(logits_of(tiny_model, input_ids), reference)
 
-    patcher = OLMoERouterPatcher(tiny_model)
-    patcher.patch_with_bh(alpha=0.05, max_k=8)
+    class Failing(bh_routing.TopPMethod):  # routes like top-p, then fails inside the forward pass
+        name = "failing"
 
-    def failing_route(logits, native_output):
-        raise RuntimeError("boom inside the forward")
+        def router(self, params, patcher):
+            def route(logits, native_output):
+                raise RuntimeError("boom inside the forward")
 
-    patcher._route = failing_route
-    with pytest.raises(RuntimeError, match="boom inside"):
-        logits_of(tiny_model, input_ids)
-    patcher.unpatch()
+            return route
+
+    bh_routing.register_routing_method(Failing())
+    try:
+        patcher = OLMoERouterPatcher(tiny_model).patch("failing", p=0.5)
+        with pytest.raises(RuntimeError, match="boom inside"):
+            logits_of(tiny_model, input_ids)
+        patcher.unpatch()
+    finally:
+        del bh_routing.ROUTING_METHODS["failing"]
     assert torch.equal(logits_of(tiny_model, input_ids), reference)
 
 
@@ -218,7 +225,7 @@ def test_load_model_from_a_local_directory_and_offline_hub(tmp_path):
 def test_statistics_folded_in_batches_match(tiny_model, input_ids):
     def stats_with(max_pending):
         patcher = OLMoERouterPatcher(tiny_model)
-        patcher._MAX_PENDING = max_pending
+        patcher.statistics.max_pending = max_pending
         patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
         tiny_model.generate(input_ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=1)
         stats = patcher.get_stats()

@@ -76,16 +76,23 @@ def test_p_values_are_float32_for_low_precision_logits():
 def test_one_minus_prob_selects_min_k_for_every_alpha_below_63_64(alpha):
     # Rejecting k experts needs alpha >= m*(k-1)/k^2, smallest at k = m: (m-1)/m = 0.984 for m = 64.
     generator = torch.Generator().manual_seed(16)
-    logits = torch.cat([
-        5.0 * torch.randn(500, 64, generator=generator),
-        torch.zeros(10, 64),
-        torch.tensor([[30.0] + [0.0] * 63, [30.0, 30.0] + [0.0] * 62]),  # one and two dominant experts
-    ])  # fmt: skip
+    logits = torch.cat(
+        [
+            5.0 * torch.randn(500, 64, generator=generator),
+            torch.zeros(10, 64),
+            torch.tensor([[30.0] + [0.0] * 63, [30.0, 30.0] + [0.0] * 62]),  # one and two dominant experts
+        ]
+    )
     for temperature in (0.1, 1.0, 10.0):
         _, _, counts, stats = benjamini_hochberg_routing(
-            logits, alpha=alpha, temperature=temperature, min_k=1, max_k=16,
-            pvalue_method="one_minus_prob", return_stats=True,
-        )  # fmt: skip
+            logits,
+            alpha=alpha,
+            temperature=temperature,
+            min_k=1,
+            max_k=16,
+            pvalue_method="one_minus_prob",
+            return_stats=True,
+        )
         assert (stats["num_significant"] <= 1).all()
         assert (counts == 1).all()
         _, _, counts_floor0 = benjamini_hochberg_routing(

@@ -10,7 +10,7 @@ import bh_routing as br
 
 def test_windows_score_every_token_once():
     for num_tokens, window, stride in [(100, 16, 16), (100, 16, 5), (17, 16, 16), (16, 16, 4), (5, 16, 16)]:
-        windows = br._windows(num_tokens, window, stride)
+        windows = br.sliding_windows(num_tokens, window, stride)
         scored = []
         for begin, end, num_scored in windows:
             assert end - begin <= window and 0 < num_scored <= end - begin - 1
@@ -19,7 +19,9 @@ def test_windows_score_every_token_once():
         if stride < window:
             assert scored == list(range(1, num_tokens))  # overlapping windows score every token but the first
         else:
-            assert scored == [t for t in range(1, num_tokens) if t % window != 0]  # a window's first token has no context
+            assert scored == [
+                t for t in range(1, num_tokens) if t % window != 0
+            ]  # a window's first token has no context
 
 
 def test_perplexity_matches_the_models_own_loss(tiny_model):
@@ -63,31 +65,48 @@ def test_bad_evaluation_arguments(tiny_model):
         br.evaluate_language_model(tiny_model, torch.arange(10), window=1)
 
 
-def test_quality_sweep_frontier_and_token_analysis(tiny_model, word_tokenizer, tmp_path):
+def test_frontier_and_token_analysis_of_evaluated_configurations(tiny_model, word_tokenizer):
     token_ids = torch.randint(2, 512, (300,), generator=torch.Generator().manual_seed(2))
-    configs = [br.design_configs()[0]] + br.baseline_configs(top_ks=(1, 2, 4, 8), top_ps=(0.5, 0.9)) + [
-        c for c in br.design_configs() if c.name in ("bh_k8_a005", "bh_k8_a020")]
-    quality = br.run_quality_sweep(tiny_model, token_ids, configs, tmp_path, window=64, progress=False)
-    assert all(r["status"] == "ok" for r in quality.values())
+    patcher = br.OLMoERouterPatcher(tiny_model)
+    configs = [br.RoutingConfig.of("native", k=8)] + [br.RoutingConfig.of("topk", k=k) for k in (1, 2, 4, 8)]
+    configs += [br.RoutingConfig.of("topp", p=p, max_k=8) for p in (0.5, 0.9)]
+    configs += [br.RoutingConfig.of("bh", alpha=alpha, max_k=8) for alpha in (0.05, 0.2)]
+    quality, evaluations = {}, {}
+    for config in configs:
+        config.apply(patcher)
+        evaluations[config.name] = br.evaluate_language_model(tiny_model, token_ids, window=64, patcher=patcher)
+        quality[config.name] = {
+            "name": config.name,
+            "method": config.method,
+            "params": dict(patcher.params),
+            "status": "ok",
+            "perplexity": evaluations[config.name]["perplexity"],
+            "avg_experts": evaluations[config.name]["expert_counts"].double().mean().item(),
+        }
+        patcher.unpatch()
     assert quality["topk_k8"]["perplexity"] == pytest.approx(quality["topk_8_baseline"]["perplexity"])
     assert quality["topk_k2"]["avg_experts"] == 2 and quality["topk_8_baseline"]["avg_experts"] == 8
     table = br.frontier_table(quality)
-    assert list(table["config"]) == ["bh_k8_a005", "bh_k8_a020"]
+    assert list(table["config"]) == ["bh_k8_a005", "bh_k8_a020"] and set(table["series"]) == {"BH (robust_z)"}
     for row in table.itertuples():
         if 1 <= row.avg_experts <= 8:  # inside the top-k curve: interpolated between its neighbours
             lower = max(k for k in (1, 2, 4, 8) if k <= row.avg_experts)
             upper = min(k for k in (1, 2, 4, 8) if k >= row.avg_experts)
             bounds = sorted([quality[f"topk_k{lower}"]["perplexity"], quality[f"topk_k{upper}"]["perplexity"]])
             assert bounds[0] * (1 - 1e-9) <= row.topk_perplexity_at_equal_experts <= bounds[1] * (1 + 1e-9)
-    br.plot_frontier(quality, tmp_path / "frontier.png")
-    assert (tmp_path / "frontier.png").stat().st_size > 20_000
-    analysis = br.token_level_analysis(tmp_path, "bh_k8_a020", word_tokenizer, min_occurrences=1)
-    assert analysis["num_positions"] == quality["bh_k8_a020"]["num_scored"]
+    routed = evaluations["bh_k8_a020"]
+    analysis = br.token_level_analysis(
+        routed["expert_counts"],
+        routed["inputs"],
+        evaluations["topk_8_baseline"]["nll"],
+        word_tokenizer,
+        min_occurrences=1,
+    )
+    assert analysis["num_positions"] == routed["num_scored"]
     assert -1 <= analysis["spearman_experts_vs_next_token_surprisal"] <= 1
     assert analysis["fewest_experts"] and analysis["most_experts"]
-    # Resume: the saved configurations are read back, not rerun.
-    again = br.run_quality_sweep(tiny_model, token_ids, configs, tmp_path, window=64, progress=False)
-    assert again == quality
+    means = [m for _, m, _ in analysis["fewest_experts"]]
+    assert means == sorted(means)
 
 
 def test_frontier_interpolation_on_known_numbers():
@@ -95,16 +114,18 @@ def test_frontier_interpolation_on_known_numbers():
         return {"name": name, "method": method, "status": "ok", "avg_experts": avg, "perplexity": ppl, "params": params}
 
     quality = {
-        "topk_k2": entry("topk_k2", "topk", 2.0, 30.0), "topk_k4": entry("topk_k4", "topk", 4.0, 20.0),
-        "topp_a": entry("topp_a", "topp", 1.0, 40.0), "topp_b": entry("topp_b", "topp", 5.0, 16.0),
+        "topk_k2": entry("topk_k2", "topk", 2.0, 30.0),
+        "topk_k4": entry("topk_k4", "topk", 4.0, 20.0),
+        "topp_a": entry("topp_a", "topp", 1.0, 40.0),
+        "topp_b": entry("topp_b", "topp", 5.0, 16.0),
         "bh": entry("bh", "bh", 3.0, 24.0, pvalue_method="robust_z", alpha=0.05, max_k=8),
         "bh_out": entry("bh_out", "bh", 6.0, 15.0, pvalue_method="robust_z", alpha=0.2, max_k=8),
-    }  # fmt: skip
+    }
     table = br.frontier_table(quality).set_index("config")
     # Halfway between 2 and 4 experts: the geometric mean of 30 and 20 (mean NLL interpolated).
     assert table.loc["bh", "topk_perplexity_at_equal_experts"] == pytest.approx(math.sqrt(30.0 * 20.0))
     assert table.loc["bh", "delta_vs_topk_percent"] == pytest.approx(100 * (24.0 / math.sqrt(600.0) - 1))
-    assert table.loc["bh", "topp_perplexity_at_equal_experts"] == pytest.approx(40.0 ** 0.5 * 16.0 ** 0.5)
+    assert table.loc["bh", "topp_perplexity_at_equal_experts"] == pytest.approx(40.0**0.5 * 16.0**0.5)
     assert math.isnan(table.loc["bh_out", "topk_perplexity_at_equal_experts"])  # outside the measured range
 
 

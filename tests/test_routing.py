@@ -123,8 +123,16 @@ def test_summaries_and_multi_k():
     results = run_bh_multi_k(logits, max_k_values=[2, 4, 8, 16], alpha=0.1)
     table = compare_multi_k_statistics(results)
     assert isinstance(table, pd.DataFrame) and list(table.index) == [2, 4, 8, 16]
-    for column in ("avg_experts", "std_experts", "min_experts", "max_experts", "median_experts",
-                   "ceiling_hit_rate", "floor_hit_rate", "reduction_vs_baseline"):  # fmt: skip
+    for column in (
+        "avg_experts",
+        "std_experts",
+        "min_experts",
+        "max_experts",
+        "median_experts",
+        "ceiling_hit_rate",
+        "floor_hit_rate",
+        "reduction_vs_baseline",
+    ):
         assert column in table.columns
     assert table["avg_experts"].is_monotonic_increasing
     counts = results[4]["expert_counts"]
@@ -192,19 +200,24 @@ def test_cpu_shortcut_and_full_histogram_agree_including_many_strong_experts():
     # The CPU path reads BH's count off the top-16 statistics unless more than 16 experts clear the
     # loosest critical value; tokens with up to 40 strong experts exercise both branches.
     from bh_routing import (
-        _bh_count_from_first_passing_rank, _bh_count_robust_z_cpu, _robust_z_critical_statistics,
-        _robust_z_first_passing_rank, _robust_z_statistic,
-    )  # fmt: skip
+        fast_bh_count,
+        fast_bh_count_robust_z_cpu,
+        robust_z_critical_statistics,
+        robust_z_first_passing_rank,
+        robust_z_statistic,
+    )
 
     generator = torch.Generator().manual_seed(8)
     logits = torch.randn(3000, 64, generator=generator)
     planted = torch.randint(0, 41, (3000, 1), generator=generator)
-    logits = torch.where(torch.arange(64) < planted, logits + 1.0 + 5.0 * torch.rand(3000, 64, generator=generator), logits)
+    logits = torch.where(
+        torch.arange(64) < planted, logits + 1.0 + 5.0 * torch.rand(3000, 64, generator=generator), logits
+    )
     top_logits = torch.topk(logits, 16, dim=-1).values
     for alpha in (0.01, 0.05, 0.2, 0.9, 1.0):
-        critical = _robust_z_critical_statistics(alpha, 64, "cpu")
-        shortcut = _bh_count_robust_z_cpu(logits, top_logits, critical)
-        full = _bh_count_from_first_passing_rank(_robust_z_first_passing_rank(_robust_z_statistic(logits, top_logits), critical))
+        critical = robust_z_critical_statistics(alpha, 64, "cpu")
+        shortcut = fast_bh_count_robust_z_cpu(logits, top_logits, critical)
+        full = fast_bh_count(robust_z_first_passing_rank(robust_z_statistic(logits, top_logits), critical))
         assert torch.equal(shortcut, full), alpha
         if alpha == 0.2:
             assert (full > 16).any() and (full <= 16).any()

@@ -24,8 +24,9 @@ def _experts(dtype=torch.float32, hidden_size=64, intermediate_size=32):
 
 
 def _routing(num_tokens: int, slots: int, seed: int = 0, counts=None):
-    """Top-`slots` routing of random logits in which token t keeps counts[t] experts (default (t + slots) mod (slots + 1),
-    so every count 0..slots occurs, tokens with no expert included); sentinel E in the other slots."""
+    """Top-`slots` routing of random logits in which token t keeps counts[t] experts (default
+    (t + slots) mod (slots + 1), so every count 0..slots occurs, tokens with no expert included); sentinel E
+    in the other slots."""
     generator = torch.Generator().manual_seed(seed)
     weights, index = torch.softmax(torch.randn(num_tokens, NUM_EXPERTS, generator=generator), -1).topk(slots)
     counts = (torch.arange(num_tokens) + slots) % (slots + 1) if counts is None else counts
@@ -44,8 +45,9 @@ def test_torch_reference_matches_eager(dtype, tolerance, num_tokens, slots):
     weights, index, counts = _routing(num_tokens, slots)
     hidden = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
     expected = experts(hidden, index, weights)
-    actual = bh_routing._variable_k_experts_torch(hidden, index, weights, experts.gate_up_proj,
-                                                  experts.down_proj, experts.act_fn)  # fmt: skip
+    actual = bh_routing.variable_k_experts_torch(
+        hidden, index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
+    )
     assert actual.dtype == dtype and actual.shape == hidden.shape
     assert _relative_error(actual, expected) < tolerance
     assert torch.all(actual[counts == 0] == 0)  # no expert kept: the MoE output is exactly zero
@@ -65,27 +67,29 @@ def test_rows_past_the_kept_pairs_are_never_used(monkeypatch):
     model, experts = _experts()
     weights, index, counts = _routing(40, 8)
     hidden = torch.randn(40, 64)
-    expected = bh_routing._variable_k_experts_torch(hidden, index, weights, experts.gate_up_proj,
-                                                    experts.down_proj, experts.act_fn)  # fmt: skip
-    real_grouped_matmul = bh_routing._grouped_matmul
+    expected = bh_routing.variable_k_experts_torch(
+        hidden, index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
+    )
+    real_grouped_matmul = bh_routing.grouped_matmul
     kept_counts = []
 
     def poisoned(rows, expert_weights, offsets):
         output = real_grouped_matmul(rows, expert_weights, offsets).clone()
         kept_counts.append(int(offsets[-1]))
-        output[int(offsets[-1]):] = float("nan")
+        output[int(offsets[-1]) :] = float("nan")
         return output
 
-    monkeypatch.setattr(bh_routing, "_grouped_matmul", poisoned)
-    actual = bh_routing._variable_k_experts_torch(hidden, index, weights, experts.gate_up_proj,
-                                                  experts.down_proj, experts.act_fn)  # fmt: skip
+    monkeypatch.setattr(bh_routing, "grouped_matmul", poisoned)
+    actual = bh_routing.variable_k_experts_torch(
+        hidden, index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
+    )
     assert kept_counts == [int(counts.sum())] * 2
     assert torch.isfinite(actual).all() and torch.equal(actual, expected)
 
 
 def test_sort_gives_expert_groups_with_sentinels_last():
     index = torch.tensor([[3, 64, 64], [0, 3, 64], [63, 0, 3]])
-    pair_order, offsets = bh_routing._sort_pairs_by_expert(index, NUM_EXPERTS)
+    pair_order, offsets = bh_routing.sort_pairs_by_expert(index, NUM_EXPERTS)
     sorted_ids = index.reshape(-1)[pair_order]
     assert sorted_ids.tolist() == [0, 0, 3, 3, 3, 63, 64, 64, 64]
     assert offsets.dtype == torch.int32 and offsets.shape == (NUM_EXPERTS,)
@@ -107,8 +111,9 @@ def test_no_host_sync_on_the_path():
     model, experts = _experts()
     weights, index, _ = _routing(33, 8)
     with _OpRecorder() as recorder:
-        bh_routing._variable_k_experts_torch(torch.randn(33, 64), index, weights, experts.gate_up_proj,
-                                             experts.down_proj, experts.act_fn)  # fmt: skip
+        bh_routing.variable_k_experts_torch(
+            torch.randn(33, 64), index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
+        )
     assert "aten._grouped_mm" in recorder.ops  # the real grouped GEMM ran (not the per-expert fallback)
     assert not recorder.ops & {"aten._local_scalar_dense", "aten.nonzero", "aten.item"}
 
@@ -132,10 +137,11 @@ def test_each_expert_computes_exactly_its_kept_pairs(monkeypatch):
         group_sizes.append(torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()))
         return real(rows, expert_weights, offsets)
 
-    real = bh_routing._grouped_matmul
-    monkeypatch.setattr(bh_routing, "_grouped_matmul", recording)
-    bh_routing._variable_k_experts_torch(torch.randn(50, 64), index, weights, experts.gate_up_proj,
-                                         experts.down_proj, experts.act_fn)  # fmt: skip
+    real = bh_routing.grouped_matmul
+    monkeypatch.setattr(bh_routing, "grouped_matmul", recording)
+    bh_routing.variable_k_experts_torch(
+        torch.randn(50, 64), index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
+    )
     kept_per_expert = torch.bincount(index[index < NUM_EXPERTS], minlength=NUM_EXPERTS)
     assert (kept_per_expert == 0).any()  # some experts are chosen by no token here
     assert len(group_sizes) == 2 and all(torch.equal(sizes, kept_per_expert) for sizes in group_sizes)
@@ -148,8 +154,10 @@ def test_patcher_variable_k_path_matches_the_model_path(tiny_model, input_ids):
     for path in ("model", "variable_k"):
         patcher = bh_routing.OLMoERouterPatcher(tiny_model, experts_path=path)
         assert patcher.experts_path == path
-        for name, patch in {"bh": lambda p: p.patch_with_bh(alpha=0.2, min_k=1, max_k=8),
-                            "topk": lambda p: p.patch_with_topk(k=3)}.items():  # fmt: skip
+        for name, patch in {
+            "bh": lambda p: p.patch_with_bh(alpha=0.2, min_k=1, max_k=8),
+            "topk": lambda p: p.patch_with_topk(k=3),
+        }.items():
             patch(patcher)
             results[path, name] = (tiny_model(input_ids).logits, patcher.get_stats())
             assert results[path, name][1]["experts_implementation"] == ("eager" if path == "model" else "variable_k")
@@ -188,7 +196,7 @@ for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
         weights, index = torch.where(kept, weights, 0.0), torch.where(kept, index, 64)
         hidden = torch.randn(num_tokens, 96, generator=generator).to(dtype)
         expected = experts(hidden, index, weights).float()
-        actual = bh_routing._variable_k_experts_triton(hidden, index, weights, experts.gate_up_proj, experts.down_proj)
+        actual = bh_routing.variable_k_experts_triton(hidden, index, weights, experts.gate_up_proj, experts.down_proj)
         error = ((actual.float() - expected).norm() / expected.norm()).item()
         assert actual.dtype == dtype and error < tolerance, (dtype, num_tokens, slots, error)
         assert torch.all(actual[counts == 0] == 0)
@@ -204,8 +212,9 @@ def test_triton_kernels_match_eager_under_the_interpreter():
         pytest.skip("BH_TRITON_INTERPRETER_SITE not set (make test sets it)")
     assert Path(site, "triton").is_dir(), f"no Triton in {site}"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": site}
-    result = subprocess.run([sys.executable, "-c", TRITON_CHECK, str(REPO)], env=env, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK, str(REPO)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "triton interpreter ok" in result.stdout
 
@@ -214,14 +223,14 @@ def test_grouped_gemm_only_where_torch_has_a_kernel(monkeypatch):
     """The fused path (and the patcher's default) needs a grouped GEMM kernel: sm80+ in bf16, not a T4."""
     try:
         for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
-            bh_routing._grouped_mm_usable.cache_clear()
+            bh_routing.grouped_mm_usable.cache_clear()
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-            assert bh_routing._grouped_mm_usable(torch.device("cuda", 0), torch.bfloat16) is expected
-        bh_routing._grouped_mm_usable.cache_clear()
-        assert not bh_routing._grouped_mm_usable(torch.device("cuda", 0), torch.float32)
-        assert bh_routing._grouped_mm_usable(torch.device("cpu"), torch.float32)  # torch >= 2.9 here
+            assert bh_routing.grouped_mm_usable(torch.device("cuda", 0), torch.bfloat16) is expected
+        bh_routing.grouped_mm_usable.cache_clear()
+        assert not bh_routing.grouped_mm_usable(torch.device("cuda", 0), torch.float32)
+        assert bh_routing.grouped_mm_usable(torch.device("cpu"), torch.float32)  # torch >= 2.9 here
     finally:
-        bh_routing._grouped_mm_usable.cache_clear()
+        bh_routing.grouped_mm_usable.cache_clear()
 
 
 def test_per_expert_fallback_matches_the_grouped_gemm(monkeypatch):
@@ -230,6 +239,6 @@ def test_per_expert_fallback_matches_the_grouped_gemm(monkeypatch):
     weights, index, _ = _routing(29, 8)
     hidden = torch.randn(29, 64)
     arguments = (hidden, index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn)
-    expected = bh_routing._variable_k_experts_torch(*arguments)
-    monkeypatch.setattr(bh_routing, "_grouped_mm_usable", lambda device, dtype: False)
-    assert torch.allclose(bh_routing._variable_k_experts_torch(*arguments), expected, atol=1e-6)
+    expected = bh_routing.variable_k_experts_torch(*arguments)
+    monkeypatch.setattr(bh_routing, "grouped_mm_usable", lambda device, dtype: False)
+    assert torch.allclose(bh_routing.variable_k_experts_torch(*arguments), expected, atol=1e-6)

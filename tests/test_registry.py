@@ -1,0 +1,154 @@
+"""The registry of routing methods, configuration naming, and the routing statistics against a reference."""
+
+import math
+
+import pytest
+import torch
+
+import bh_routing as br
+
+
+def test_design_names_come_from_the_registry():
+    assert br.RoutingConfig.of("bh", alpha=0.05, max_k=8, min_k=1, pvalue_method="robust_z").name == "bh_k8_a005"
+    assert br.RoutingConfig.of("bh", alpha=0.2, max_k=64).name == "bh_k64_a020"
+    assert br.RoutingConfig.of("bh", alpha=0.01, max_k=8, pvalue_method="one_minus_prob").name == "bh1mp_k8_a001"
+    assert br.RoutingConfig.of("bh", alpha=0.2, max_k=8, min_k=4).name == "bh_k8_a020_min4"
+    assert br.RoutingConfig.of("native", k=8).name == "topk_8_baseline"
+    assert br.RoutingConfig.of("topk", k=3).name == "topk_k3"
+    assert br.RoutingConfig.of("topp", p=0.5, min_k=1, max_k=8).name == "topp_p050_max8"
+    assert (
+        br.RoutingConfig.of("bh", alpha=0.05, max_k=8, temperature=2.0, renormalize=True).name == "bh_k8_a005_t2_renorm"
+    )
+    with pytest.raises(ValueError, match="method must be one of"):
+        br.RoutingConfig.of("magic")
+
+
+def test_patch_by_name_equals_the_named_methods(tiny_model, input_ids):
+    patcher = br.OLMoERouterPatcher(tiny_model)
+    for method, params, named in [
+        ("bh", {"alpha": 0.1, "max_k": 8}, lambda: patcher.patch_with_bh(alpha=0.1, max_k=8)),
+        ("topp", {"p": 0.4, "max_k": 8}, lambda: patcher.patch_with_topp(p=0.4, max_k=8)),
+        ("topk", {"k": 3}, lambda: patcher.patch_with_topk(k=3)),
+    ]:
+        patcher.patch(method, **params)
+        with torch.no_grad():
+            by_name = tiny_model(input_ids).logits
+        named_params = named().params
+        with torch.no_grad():
+            assert torch.equal(tiny_model(input_ids).logits, by_name)
+        assert patcher.params == named_params and patcher.method == method
+    patcher.unpatch()
+    with pytest.raises(ValueError, match="method must be one of"):
+        patcher.patch("magic")
+
+
+class KeepTwo(br.RoutingMethod):
+    """A toy method: the two most probable experts, as top-k with k = 2, registered in one place."""
+
+    name = "keep_two"
+
+    def parameters(self, shape, temperature=1.0):
+        return {"temperature": temperature, "min_k": 2, "max_k": 2, "renormalize": False}
+
+    def route(self, logits, params, with_stats=False):
+        return br.route_topk(logits, 2, params["temperature"], False)
+
+    def config_name(self, temperature=1.0):
+        return "keep_two"
+
+
+def test_a_registered_method_is_known_everywhere(tiny_model, input_ids):
+    br.register_routing_method(KeepTwo())
+    try:
+        config = br.RoutingConfig.of("keep_two")
+        patcher = br.OLMoERouterPatcher(tiny_model)
+        with torch.no_grad():
+            patcher.patch_with_topk(k=2)
+            expected = tiny_model(input_ids).logits
+            config.apply(patcher)
+            assert torch.equal(tiny_model(input_ids).logits, expected)
+        assert patcher.get_stats()["avg_experts"] == 2 and patcher.method == "keep_two"
+        _, experts, counts = br.topk_routing(torch.randn(3, 64), k=2)
+        quality = {
+            "topk_k1": {
+                "name": "topk_k1",
+                "method": "topk",
+                "status": "ok",
+                "avg_experts": 1.0,
+                "perplexity": 40.0,
+                "params": {},
+            },
+            "topk_k4": {
+                "name": "topk_k4",
+                "method": "topk",
+                "status": "ok",
+                "avg_experts": 4.0,
+                "perplexity": 20.0,
+                "params": {},
+            },
+            "keep_two": {
+                "name": "keep_two",
+                "method": "keep_two",
+                "status": "ok",
+                "avg_experts": 2.0,
+                "perplexity": 25.0,
+                "params": {},
+            },
+        }
+        row = br.frontier_table(quality).set_index("config").loc["keep_two"]
+        assert row["series"] == "keep_two" and row["topk_perplexity_at_equal_experts"] == pytest.approx(
+            40 ** (2 / 3) * 20 ** (1 / 3)
+        )
+    finally:
+        del br.ROUTING_METHODS["keep_two"]
+
+
+def reference_statistics(records, num_experts):
+    """The statistics of a list of (weights [T, K], index [T, K], counts [T] or None) per layer, directly."""
+    token_counts, selections, entropy, decisions = [], [], 0.0, 0
+    for layer_records in records:
+        counts = torch.cat([c if c is not None else torch.full((i.shape[0],), i.shape[1]) for _, i, c in layer_records])
+        token_counts.append(counts)
+        index = torch.cat([i for _, i, _ in layer_records]).flatten()
+        selections.append(torch.bincount(index, minlength=num_experts + 1)[:num_experts].double())
+        for weights, _, _ in layer_records:
+            for row in weights.double():
+                shares = row / row.sum()
+                entropy -= sum(float(s * math.log(s)) for s in shares if s > 0)
+                decisions += 1
+    return torch.stack(token_counts, 1), torch.stack(selections), entropy / decisions
+
+
+@pytest.mark.parametrize("max_pending", [1, 3, 1000])
+def test_routing_statistics_equal_a_direct_computation(max_pending):
+    generator = torch.Generator().manual_seed(0)
+    records = [[], []]
+    for layer in range(2):
+        for num_tokens in (5, 1, 1, 7):
+            logits = torch.randn(num_tokens, 64, generator=generator) * 3
+            if layer == 0:  # BH: counts vary, sentinels in the unused slots
+                records[layer].append(br.route_bh_tensors(logits, None, 0.2, 1.0, 0, 6, "robust_z", False))
+            else:  # top-k: every slot kept, no counts passed
+                routing = br.route_topk(logits, 6, 1.0, False)
+                records[layer].append((routing.top_weights, routing.top_index, None))
+    statistics = br.RoutingStatistics(num_layers=2, num_experts=64)
+    statistics.max_pending = max_pending
+    for layer, layer_records in enumerate(records):
+        for weights, index, counts in layer_records:
+            statistics.record(layer, weights, index, counts)
+    token_counts, selections, entropy = reference_statistics(records, 64)
+    summary = statistics.summary(min_k=0, max_k=6, baseline_k=8)
+    assert torch.equal(summary["token_counts"], token_counts) and statistics.num_tokens == 14
+    assert torch.equal(statistics.selections(), selections)
+    assert summary["weight_entropy"] == pytest.approx(entropy)
+    assert summary["avg_experts"] == pytest.approx(token_counts.double().mean().item())
+    torch.testing.assert_close(
+        torch.tensor(summary["expert_utilization_per_layer"], dtype=torch.float64), selections / 14
+    )
+    without_counts = br.RoutingStatistics(num_layers=2, num_experts=64, record_token_counts=False)
+    for layer, layer_records in enumerate(records):
+        for weights, index, counts in layer_records:
+            without_counts.record(layer, weights, index, counts)
+    assert without_counts.summary(0, 6, 8)["avg_experts"] == pytest.approx(summary["avg_experts"])
+    with pytest.raises(RuntimeError, match="record_token_counts"):
+        without_counts.token_counts()

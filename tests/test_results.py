@@ -1,0 +1,93 @@
+"""Results on disk: atomic writes, resume, failure records, interrupts (the helper both notebook sweeps use)."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import bh_routing as br
+
+
+def test_store_saves_resumes_and_reruns_when_settings_change(tmp_path):
+    store = br.ResultStore(tmp_path / "configs", {"model": "m", "prompts": {"simple": ("a", "b")}})
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"method": "bh", "value": 1.5}
+
+    first = store.run("bh_k8_a005", compute)
+    assert first["status"] == "ok" and first["value"] == 1.5 and first["name"] == "bh_k8_a005"
+    assert json.loads((tmp_path / "configs" / "bh_k8_a005.json").read_text()) == first
+    assert first["settings"]["prompts"] == {"simple": ["a", "b"]}  # stored as it reads back from JSON
+    assert store.run("bh_k8_a005", compute) == first and len(calls) == 1  # resumed, not rerun
+    assert store.run("bh_k8_a005", compute, redo=True) == first and len(calls) == 2
+    other = br.ResultStore(tmp_path / "configs", {"model": "another"})
+    assert other.load("bh_k8_a005") is None  # other settings: not resumed
+    other.run("bh_k8_a005", compute)
+    assert len(calls) == 3
+
+
+def test_a_failure_is_recorded_and_retried(tmp_path):
+    store = br.ResultStore(tmp_path, {"seed": 0})
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    failed = store.run("bh_k2_a020", out_of_memory, describe={"method": "bh", "prompts": []})
+    assert failed["status"] == "failed" and "out of memory" in failed["error"] and failed["method"] == "bh"
+    assert json.loads(store.path("bh_k2_a020").read_text())["status"] == "failed"
+    assert store.load("bh_k2_a020") is None  # a failed configuration is not resumed
+    assert store.run("bh_k2_a020", lambda: {"method": "bh"})["status"] == "ok"
+
+
+def test_an_interrupt_saves_nothing_and_leaves_no_temporary_file(tmp_path):
+    store = br.ResultStore(tmp_path, {})
+    store.run("done", lambda: {"x": 1})
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.run("in_flight", interrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json"]
+
+    def failing_writer(temporary):
+        temporary.write_text("half")
+        raise OSError("disk full (simulated)")
+
+    with pytest.raises(OSError, match="disk full"):
+        br.atomic_write(tmp_path / "done.json", failing_writer)
+    assert json.loads((tmp_path / "done.json").read_text())["x"] == 1  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json"]
+
+
+def test_tensors_round_trip(tmp_path):
+    store = br.ResultStore(tmp_path, {})
+    tensors = {"nll": torch.rand(5), "expert_counts": torch.randint(0, 9, (5, 2), dtype=torch.int16)}
+    assert store.save_tensors("topk_k2", tensors).name == "topk_k2.pt"
+    loaded = store.load_tensors("topk_k2")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_saturation_analysis_on_known_numbers():
+    rows = [
+        {
+            "config": f"bh_k{k}",
+            "method": "bh",
+            "pvalue_method": "robust_z",
+            "alpha": 0.05,
+            "max_k": k,
+            "status": "ok",
+            "avg_experts": avg,
+        }
+        for k, avg in [(2, 2.0), (4, 3.0), (8, 3.1), (16, 3.12)]
+    ]
+    result = br.saturation_analysis(pd.DataFrame(rows))
+    assert result.loc[0, "saturation_max_k"] == 4  # 2->4 grows 50%, 4->8 3.3%, 8->16 0.6%
+    assert result.loc[0, "growth_percent_by_step"] == {"2->4": 50.0, "4->8": 3.33, "8->16": 0.65}
+    rows[-1]["avg_experts"] = 4.0  # growth resumes at the last step: not saturated
+    assert pd.isna(br.saturation_analysis(pd.DataFrame(rows)).loc[0, "saturation_max_k"])
+    rows[0]["status"] = "failed"  # failed rows are left out
+    assert list(br.saturation_analysis(pd.DataFrame(rows)).loc[0, "growth_percent_by_step"]) == ["4->8", "8->16"]
