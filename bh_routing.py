@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "PVALUE_METHODS",
+    "DEFAULT_PVALUE_METHOD",
     "HUB_MODEL_ID",
     "EMBEDDED_MODEL_DIR",
     "bh_reject",
@@ -146,7 +147,8 @@ def _check_alpha(alpha: float) -> None:
 
 
 def _check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+    bad_type = not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+    if bad_type or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
@@ -226,7 +228,12 @@ def bh_reject(p_values: torch.Tensor, alpha: float) -> torch.Tensor:
     """
     _check_alpha(alpha)
     if not isinstance(p_values, torch.Tensor) or not p_values.is_floating_point() or p_values.dim() < 1:
-        raise ValueError("p_values must be a floating-point torch.Tensor with at least one dimension")
+        got = (
+            f"{p_values.dtype} tensor of shape {tuple(p_values.shape)}"
+            if isinstance(p_values, torch.Tensor)
+            else (type(p_values).__name__)
+        )
+        raise ValueError(f"p_values must be a floating-point torch.Tensor with at least one dimension, got {got}")
     num_tests = p_values.shape[-1]
     num_rejections = bh_num_rejections(p_values, alpha)  # [...]
     threshold = _bh_critical_value(num_rejections, alpha, num_tests, p_values.dtype)  # [...]
@@ -580,15 +587,17 @@ def _renormalize(renormalize: bool | None, shape: RouterShape) -> bool:
 
 
 def _percent_code(value: float) -> str:
-    """0.05 -> '005': the design's way of writing alpha (and p) in configuration names."""
-    return f"{round(value * 100):03d}"
+    """0.05 -> '005': the design's way of writing alpha (and p) in configuration names; a value that is not
+    a whole percentage keeps its digits (0.001 -> '0p001'), so that different values never share a name."""
+    percent = round(value * 100)
+    return f"{percent:03d}" if math.isclose(value * 100, percent, abs_tol=1e-9) else f"{value:g}".replace(".", "p")
 
 
 class RoutingMethod:
     """A routing method: its name, its parameters, how it routes, and how its configurations are named.
 
-    Subclass, then `register_routing_method(Subclass())`; the routing functions, the patcher
-    (`OLMoERouterPatcher.patch(name, **params)`), `RoutingConfig` and `frontier_table` then know it.
+    Subclass, then `register_routing_method(Subclass())`; the patcher (`OLMoERouterPatcher.patch(name,
+    **params)`), `RoutingConfig.of(name, **params)` and `frontier_table` then know it.
     """
 
     name = ""
@@ -613,6 +622,13 @@ class RoutingMethod:
             return routing.top_weights, routing.top_index, routing.expert_counts
 
         return route
+
+    def check_names(self, given: dict) -> None:
+        """ValueError naming any parameter this method does not take, and the ones it takes."""
+        allowed = [name for name in inspect.signature(self.parameters).parameters if name != "shape"]
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise ValueError(f"method {self.name!r} takes the parameters {allowed}, got unknown {unknown}")
 
     def drops_slots(self, params: dict) -> bool:
         """Whether some tokens may keep fewer experts than the K slots (the sentinel index then appears)."""
@@ -702,6 +718,12 @@ class BenjaminiHochbergMethod(RoutingMethod):
         return f"BH ({params['pvalue_method']})"
 
 
+def _require_for_name(method: str, **needed) -> None:
+    missing = [name for name, value in needed.items() if value is None]
+    if missing:
+        raise ValueError(f"a {method!r} configuration's name needs {missing} (e.g. the model's top-k), got none")
+
+
 def _common_suffix(min_k: int, default_min_k: int, temperature: float, renormalize: bool | None) -> str:
     suffix = f"_min{min_k}" if min_k != default_min_k else ""
     suffix += f"_t{temperature:g}" if temperature != 1.0 else ""
@@ -737,7 +759,8 @@ class TopKMethod(RoutingMethod):
 
         return route
 
-    def config_name(self, k=NATIVE_TOP_K, temperature=1.0, renormalize=None) -> str:
+    def config_name(self, k=None, temperature=1.0, renormalize=None) -> str:
+        _require_for_name(self.name, k=k)
         return f"topk_k{k}" + _common_suffix(1, 1, temperature, renormalize)
 
     def series(self, params):
@@ -781,7 +804,8 @@ class NativeMethod(TopKMethod):
             raise ValueError(f"k of the native routing must be the model's top-k ({shape.native_top_k}), got {k!r}")
         return super().parameters(shape)
 
-    def config_name(self, k=NATIVE_TOP_K) -> str:
+    def config_name(self, k=None) -> str:
+        _require_for_name(self.name, k=k)
         return f"topk_{k}_baseline"
 
     def series(self, params):
@@ -803,7 +827,9 @@ class RoutingConfig:
     @classmethod
     def of(cls, method: str, **params) -> RoutingConfig:
         """A configuration named by its method's naming rule, e.g. RoutingConfig.of("bh", alpha=0.05, max_k=8)."""
-        return cls(routing_method(method).config_name(**params), method, tuple(params.items()))
+        spec = routing_method(method)
+        spec.check_names(params)
+        return cls(spec.config_name(**params), method, tuple(params.items()))
 
     @property
     def kwargs(self) -> dict:
@@ -1103,6 +1129,7 @@ def saturation_analysis(table, group_by=("pvalue_method", "alpha"), threshold_pe
     """
     import pandas as pd
 
+    columns = [*group_by, "saturation_max_k", "avg_experts_at_largest_max_k", "growth_percent_by_step"]
     rows = []
     for key, group in table[table["status"] == "ok"].groupby(list(group_by)):
         group = group.sort_values("max_k")
@@ -1117,7 +1144,7 @@ def saturation_analysis(table, group_by=("pvalue_method", "alpha"), threshold_pe
                 "growth_percent_by_step": {f"{max_ks[i]}->{max_ks[i + 1]}": round(g, 2) for i, g in enumerate(growth)},
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _baseline_curve(results: list[dict], method: str):
@@ -1129,10 +1156,11 @@ def _baseline_curve(results: list[dict], method: str):
 
 
 def frontier_table(quality: dict[str, dict]):
-    """Quality at equal compute: for each configuration of a method that is not a baseline, its
-    perplexity and that of each baseline (top-k, top-p: `RoutingMethod.is_baseline`) at the same average
-    experts; NaN where its average lies outside the baseline's measured range. A negative
-    `delta_vs_<baseline>_percent` means the configuration is better at equal compute.
+    """Quality at equal compute: for each configuration of a method that is not a baseline (one row with
+    its name, method, series and parameters), its perplexity and that of each baseline (top-k, top-p:
+    `RoutingMethod.is_baseline`) at the same average experts; NaN where its average lies outside the
+    baseline's measured range. A negative `delta_vs_<baseline>_percent` means the configuration is better
+    at equal compute.
 
     Between two measured baseline points the log-perplexity (mean NLL) is interpolated linearly in
     average experts: that is the mean NLL of routing a matching fraction of tokens with each of the two,
@@ -1154,6 +1182,7 @@ def frontier_table(quality: dict[str, dict]):
             "config": result["name"],
             "method": method.name,
             "series": method.series(result["params"]),
+            **result["params"],
             "avg_experts": result["avg_experts"],
             "perplexity": result["perplexity"],
         }
@@ -1808,7 +1837,7 @@ class OLMoERouterPatcher:
         self.num_experts, self.native_top_k = self.shape.num_experts, self.shape.native_top_k
         self.router_devices = sorted({router.weight.device for router in self.routers}, key=str)
         self.experts_path = self._choose_experts_path(experts_path)
-        on_cuda = self.router_devices[0].type == "cuda"
+        on_cuda = self.routers[0].weight.device.type == "cuda"
         if compile_routing is None:
             compile_routing = on_cuda and importlib.util.find_spec("triton") is not None
         self.compile_routing = bool(compile_routing)
@@ -1849,6 +1878,7 @@ class OLMoERouterPatcher:
         """Route with the registered method `method` ("bh", "topk", "topp", "native", ...) and its
         parameters (see the method's routing function; renormalize=None follows the model)."""
         spec = routing_method(method)
+        spec.check_names(params)
         params = spec.parameters(self.shape, **params)
         route = spec.router(params, self) if spec.changes_routing else None
         self.unpatch()
@@ -2008,6 +2038,7 @@ def load_heldout_text(source: str | Path = "embedded") -> str:
 def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """Sliding windows (begin, end, num_scored): each window scores its last num_scored tokens, which no
     earlier window scored; the tokens before them are context only (the Hugging Face perplexity recipe)."""
+    _check_windows(window, stride)
     windows, previous_end = [], 0
     for begin in range(0, num_tokens - 1, stride):
         end = min(begin + window, num_tokens)
@@ -2020,9 +2051,9 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int
     return windows
 
 
-def _check_evaluation(token_ids: torch.Tensor, window: int, stride: int) -> None:
-    if token_ids.dim() != 1 or token_ids.numel() < 2:
-        raise ValueError(f"token_ids must be a 1-D tensor of at least 2 tokens, got shape {tuple(token_ids.shape)}")
+def _check_windows(window: int, stride: int, batch_size: int = 1) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if window < 2:
         raise ValueError(f"window must be >= 2, got {window}")
     if not (1 <= stride <= window):
@@ -2059,7 +2090,9 @@ def evaluate_language_model(
     kept there in each layer.
     """
     stride = window if stride is None else stride
-    _check_evaluation(token_ids, window, stride)
+    if token_ids.dim() != 1 or token_ids.numel() < 2:
+        raise ValueError(f"token_ids must be a 1-D tensor of at least 2 tokens, got shape {tuple(token_ids.shape)}")
+    _check_windows(window, stride, batch_size)
     device = next(model.parameters()).device
     windows = sliding_windows(token_ids.numel(), window, stride)
     parts = {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": []}

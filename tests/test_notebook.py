@@ -146,6 +146,23 @@ def test_unknown_configuration_names_list_the_designs_configurations(tmp_path):
     assert allowed[0] == "topk_8_baseline" and {"bh_k2_a001", "bh_k64_a020", "bh1mp_k8_a020"} <= set(allowed)
 
 
+def test_a_run_of_the_baseline_alone_still_writes_every_output(tmp_path):
+    execute(tmp_path, config_names="topk_8_baseline", prompts_per_group=1, run_quality=False, max_new_tokens=3,
+            device="cpu")  # fmt: skip
+    report = (tmp_path / "bh_routing_report.md").read_text()
+    assert "| topk_8_baseline |" in report and "Not measured in this run" in report
+    assert (tmp_path / "visualizations" / "bh_routing_analysis.png").exists()
+
+
+def test_bad_parameters_are_refused_before_any_work(tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+
+    with pytest.raises(PapermillExecutionError) as error:
+        execute(tmp_path, prompts_per_group=0, device="cpu")
+    assert "prompts_per_group must be None or an integer >= 1, got 0" in error.value.evalue
+    assert not (tmp_path / "configs").exists()
+
+
 def test_notebook_with_the_hub_model_fails_offline_naming_the_embedded_model(tmp_path):
     from papermill.exceptions import PapermillExecutionError
 

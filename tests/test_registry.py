@@ -23,6 +23,15 @@ def test_design_names_come_from_the_registry():
         br.RoutingConfig.of("magic")
 
 
+def test_names_are_unique_and_bad_parameters_are_named():
+    names = {br.RoutingConfig.of("bh", alpha=a, max_k=8).name for a in (0.001, 0.004, 0.01, 0.015, 0.02, 0.2)}
+    assert len(names) == 6 and "bh_k8_a0p001" in names and "bh_k8_a020" in names
+    with pytest.raises(ValueError, match=r"'bh' takes the parameters \['alpha', .*got unknown \['k'\]"):
+        br.RoutingConfig.of("bh", k=8)
+    with pytest.raises(ValueError, match="needs \\['k'\\]"):
+        br.RoutingConfig.of("topk")
+
+
 def test_patch_by_name_equals_the_named_methods(tiny_model, input_ids):
     patcher = br.OLMoERouterPatcher(tiny_model)
     for method, params, named in [
@@ -40,6 +49,9 @@ def test_patch_by_name_equals_the_named_methods(tiny_model, input_ids):
     patcher.unpatch()
     with pytest.raises(ValueError, match="method must be one of"):
         patcher.patch("magic")
+    with pytest.raises(ValueError, match="got unknown \\['p'\\]"):
+        patcher.patch("topk", p=0.5)
+    assert not patcher.is_patched
 
 
 class KeepTwo(br.RoutingMethod):
