@@ -1041,7 +1041,7 @@ class RoutingStatistics:
     def record(self, layer: int, top_weights, top_index, expert_counts=None) -> None:
         """One routing call of `layer`: weights and index [..., K]; expert_counts [...] (None: all K kept)."""
         self._pending[layer].append((expert_counts, top_weights, top_index))
-        self._num_routed[layer] += top_index.reshape(-1, top_index.shape[-1]).shape[0]
+        self._num_routed[layer] += math.prod(top_index.shape[:-1])  # tokens, read off the shape: no tensor op
         if len(self._pending[layer]) >= self.max_pending:
             self._fold(layer)
 
