@@ -2105,7 +2105,7 @@ def evaluate_language_model(
             if patcher is not None:
                 patcher.reset_stats()
             nll, correct = _score_windows(model, inputs)
-            counts = patcher.get_stats()["token_counts"].view(len(group), length, -1) if patcher else None
+            counts = patcher.statistics.token_counts().view(len(group), length, -1) if patcher else None
             for row, (_, _, num_scored) in enumerate(group):
                 predicting = slice(length - 1 - num_scored, length - 1)  # the positions that made the predictions
                 parts["nll"].append(nll[row, -num_scored:].cpu())
