@@ -1,5 +1,6 @@
 # make test: lint, then all tests.  make lint: ruff alone.  make run: the main job on the embedded default model.
-# Both create .venv from requirements.txt when it is missing or older than requirements.txt.
+# Both create .venv from requirements-dev.txt (requirements.txt, the runtime, plus notebook execution, tests and
+# lint) when it is missing or older than either file.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,10 +13,10 @@ TRITON_SITE := $(VENV)/triton-interpreter
 
 .PHONY: test lint run bench clean-venv
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
 $(TRITON_SITE)/.installed: $(VENV)/.installed
@@ -30,12 +31,11 @@ lint: $(VENV)/.installed
 test: lint $(VENV)/.installed $(TRITON_SITE)/.installed
 	BH_TRITON_INTERPRETER_SITE=$(abspath $(TRITON_SITE)) $(PY) -m pytest -q tests
 
-# The notebook, headless, on the embedded model: results/ and the executed notebook. Extra papermill
-# arguments go in RUN_ARGS, e.g. make run RUN_ARGS="-p max_new_tokens 10".
+# The notebook, headless, on the embedded model: results/ and the executed notebook, which only a successful
+# default run replaces (scripts/run_notebook.py). Extra papermill arguments go in RUN_ARGS, e.g.
+# make run RUN_ARGS="-p max_new_tokens 10" (written to results/runs/<hash>/ unless output_dir is given).
 run: $(VENV)/.installed
-	mkdir -p results
-	$(PY) -m papermill OLMoE_BH_Routing_Experiments.ipynb results/OLMoE_BH_Routing_Experiments.executed.ipynb \
-		-k python3 --log-level WARNING -p output_dir results $(RUN_ARGS)
+	$(PY) scripts/run_notebook.py $(RUN_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_routing.py

@@ -36,10 +36,14 @@ import importlib.util
 import inspect
 import json
 import math
+import pickle
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +89,11 @@ __all__ = [
     "frontier_table",
     "token_level_analysis",
     "load_model",
+    "model_source",
+    "native_dtype",
+    "memory_plan",
+    "GIB",
+    "LOSS_CHUNK_ELEMENTS",
     "build_random_olmoe",
     "environment_info",
     "VARIABLE_K_EXPERTS",
@@ -106,6 +115,8 @@ __all__ = [
     "generate_timed",
     "atomic_write",
     "ResultStore",
+    "code_fingerprint",
+    "throughput_summary",
     "atomic_write_text",
 ]
 
@@ -117,6 +128,8 @@ EMBEDDED_MODEL_DIR = REPO_DIR / "models" / "tiny-olmoe"
 HELDOUT_TEXT_PATH = REPO_DIR / "data" / "heldout.txt"
 NATIVE_TOP_K = 8  # OLMoE-1B-7B routes every token to 8 experts: the default k of `topk_routing`
 MIN_TRANSFORMERS = "5.24"  # the first release whose experts paths skip the sentinel expert index
+PATCHER_ATTRIBUTE = "_bh_routing_patcher"  # set on a model while a patcher holds it
+LOSS_CHUNK_ELEMENTS = 2**26  # float32 logits per chunk of the loss (256 MiB): never a full [B, W, V] copy
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,8 +303,17 @@ _null_table_cache: dict[tuple[int, str], torch.Tensor] = {}
 _critical_statistics_cache: dict[tuple[float, int, str], torch.Tensor] = {}
 
 
+MIN_ROBUST_Z_EXPERTS = 4  # J = E/4 >= 1 trimmed logits and a bulk of E - J >= 3 to estimate its spread
+
+
 def _num_trimmed(num_experts: int) -> int:
     """J: how many of the largest logits the null estimate leaves out (E/4, 16 for OLMoE)."""
+    if num_experts < MIN_ROBUST_Z_EXPERTS:  # a Python int: free inside a traced forward
+        raise ValueError(
+            f"pvalue_method='robust_z' needs at least {MIN_ROBUST_Z_EXPERTS} experts (it estimates each token's "
+            f"null from the logits without its E/4 largest); got num_experts={num_experts}. Use "
+            "pvalue_method='one_minus_prob', or top-k / top-p routing."
+        )
     return num_experts // 4
 
 
@@ -680,6 +702,8 @@ class BenjaminiHochbergMethod(RoutingMethod):
         _check_temperature(temperature)
         _check_k_bounds(min_k, max_k, shape.num_experts)
         _check_pvalue_method(pvalue_method)
+        if pvalue_method == "robust_z":
+            _num_trimmed(shape.num_experts)  # refuses too few experts before any forward pass
         params = dict(alpha=alpha, temperature=temperature, min_k=min_k, max_k=max_k, pvalue_method=pvalue_method)
         return params | {"renormalize": _renormalize(renormalize, shape)}
 
@@ -1192,7 +1216,9 @@ def frontier_table(quality: dict[str, dict]):
             row[f"{baseline}_perplexity_at_equal_experts"] = at_equal
             row[f"delta_vs_{baseline}_percent"] = 100.0 * (result["perplexity"] / at_equal - 1.0)
         rows.append(row)
-    return pd.DataFrame(rows)
+    compared = [c for name in baselines for c in (f"{name}_perplexity_at_equal_experts", f"delta_vs_{name}_percent")]
+    columns = ["config", "method", "series", "avg_experts", "perplexity"] + compared
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)  # the same columns with no rows
 
 
 def token_level_analysis(
@@ -1293,15 +1319,47 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def native_dtype(device) -> torch.dtype:
+    """The dtype a device computes in natively: bfloat16 on GPUs of compute capability 8.0 or later (A100,
+    L4, H100), float16 on older GPUs (T4, V100: no bfloat16 units; a model trained in bfloat16 may overflow
+    in float16, in which case ask for float32), float32 on a CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
 def _resolve_dtype(dtype, device: str):
     if dtype in (None, "auto"):
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        return native_dtype(device)
     if isinstance(dtype, str):
         allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if dtype not in allowed:
             raise ValueError(f"dtype must be one of {sorted(allowed)} or 'auto', got {dtype!r}")
         return allowed[dtype]
     return dtype
+
+
+def model_source(model_name_or_path: str | Path) -> str:
+    """Where `model_name_or_path` loads from: "embedded", "local" (an existing directory) or "hub" (an id
+    such as "allenai/OLMoE-1B-7B-0924"). A name that can only be a path (absolute, relative with ./ or ../,
+    ~, or more than one "/") and does not exist raises FileNotFoundError, rather than a hub error."""
+    name = str(model_name_or_path)
+    if name == "embedded":
+        return "embedded"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "local"
+    if path.exists():
+        raise NotADirectoryError(f"model_name_or_path {name!r} is a file; give the model's directory")
+    if name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1 or not name:
+        raise FileNotFoundError(
+            f"model_name_or_path {name!r} is not an existing local directory (and cannot be a hub id, which has "
+            "the form 'organisation/name'); check the path, or use 'embedded' or a hub id such as "
+            f"{HUB_MODEL_ID!r}"
+        )
+    return "hub"
 
 
 def load_model(
@@ -1315,15 +1373,18 @@ def load_model(
     Args:
         model_name_or_path: "embedded" (the model this repository ships, models/tiny-olmoe), a local
             directory, or a hub id such as "allenai/OLMoE-1B-7B-0924".
-        device: "cuda", "cpu", ... (default: cuda if available). Ignored when device_map is given.
-        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16" or a torch dtype.
+        device: "cuda", "cuda:1", "cpu", ... (default: cuda if available). Ignored when device_map is given.
+            On a GPU the weights are loaded straight onto it, never as a full copy in host memory.
+        dtype: "auto" (`native_dtype` of the device: bfloat16 on sm80+, float16 on older GPUs, float32 on a
+            CPU), "float32", "bfloat16", "float16" or a torch dtype.
         device_map: passed to from_pretrained (e.g. "auto" to spread a model over several GPUs).
     Returns:
         (model in eval mode, tokenizer)
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if str(model_name_or_path) == "embedded":
+    source = model_source(model_name_or_path)
+    if source == "embedded":
         model_name_or_path = EMBEDDED_MODEL_DIR
         if not (EMBEDDED_MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(
@@ -1332,12 +1393,13 @@ def load_model(
             )
     device = device or _default_device()
     torch_dtype = _resolve_dtype(dtype, device if device_map is None else "cuda")
-    is_local = Path(model_name_or_path).exists()
+    if device_map is None and torch.device(device).type == "cuda":
+        device_map = str(device)  # from_pretrained then places each weight on the GPU as it reads it
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_path))
         model = AutoModelForCausalLM.from_pretrained(str(model_name_or_path), dtype=torch_dtype, device_map=device_map)
     except OSError as error:
-        if is_local:
+        if source != "hub":
             raise
         raise RuntimeError(
             f"Could not load {model_name_or_path!r} from the Hugging Face hub (no network, or not cached?). "
@@ -1347,6 +1409,33 @@ def load_model(
     if device_map is None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+GIB = 2**30
+
+
+def memory_plan(model, eval_batch_size: int, eval_window: int, generate_tokens: int) -> dict:
+    """Estimated device memory in GiB: the weights, the key/value cache of one generation of
+    `generate_tokens` tokens, and the peak of a quality-evaluation forward pass (activations of the widest
+    layer, the logits in the model's dtype and one float32 chunk of `evaluate_language_model`'s loss).
+    Estimates from the config (within a few tens of percent), printed before a run so that a batch size
+    that cannot fit is seen before it fails; `evaluate_language_model` still backs off on out-of-memory."""
+    config = model.config
+    parameters = list(model.parameters())
+    element = parameters[0].element_size()
+    weights = sum(p.numel() * p.element_size() for p in parameters)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    per_token_kv = 2 * config.num_hidden_layers * kv_heads * head_dim * element
+    tokens = eval_batch_size * eval_window
+    widest = max(config.hidden_size * 4, 2 * config.intermediate_size * config.num_experts_per_tok)
+    activations = tokens * widest * element * 2  # a layer's input, output and widest intermediate
+    logits = tokens * config.vocab_size * element + min(LOSS_CHUNK_ELEMENTS, tokens * config.vocab_size) * 4 * 3
+    return {
+        "weights_gib": weights / GIB,
+        "kv_cache_gib": per_token_kv * generate_tokens / GIB,
+        "evaluation_peak_gib": (weights + activations + logits) / GIB,
+    }
 
 
 def environment_info(model=None, device=None) -> dict:
@@ -1725,8 +1814,6 @@ def compile_once(function):
                 try:
                     return compiled(*args, **kwargs)
                 except Exception as error:  # noqa: BLE001 - e.g. no working compiler on this machine
-                    import warnings
-
                     warnings.warn(
                         f"torch.compile of {function.__name__} failed ({type(error).__name__}: {error}); "
                         "running it uncompiled",
@@ -1805,6 +1892,11 @@ class OLMoERouterPatcher:
 
     Also usable as a context manager (`with OLMoERouterPatcher(model) as patcher:`), which unpatches on
     exit. Patching again replaces the previous patch (and resets the statistics).
+
+    One patcher per model at a time: patching a model that another patcher holds raises RuntimeError, so
+    statistics always describe the routing that ran and `unpatch` restores what its own patch changed. A
+    patched model is used from the thread that patched it; a forward pass from another thread raises
+    RuntimeError (hooks and statistics are not shared safely between threads).
     """
 
     def __init__(
@@ -1844,6 +1936,7 @@ class OLMoERouterPatcher:
         self.cuda_graphs = self._choose_cuda_graphs(cuda_graphs, on_cuda)
         self.statistics = RoutingStatistics(self.num_layers, self.num_experts, record_token_counts)
         self._handles: list = []
+        self._thread: int | None = None
         self._route: Callable | None = None  # (logits, native output) -> (weights, index, counts)
         self._saved_experts_implementation: str | None = None
         self._saved_expert_parallel_flags: list[bool] | None = None
@@ -1882,10 +1975,12 @@ class OLMoERouterPatcher:
         params = spec.parameters(self.shape, **params)
         route = spec.router(params, self) if spec.changes_routing else None
         self.unpatch()
+        self._claim_model()
         self.statistics.reset()
         self.method, self.params, self._route = spec.name, params, route
         self._prepare_experts(spec, params)
         self.experts_implementation = self._current_experts_implementation()
+        self._handles.append(self.model.register_forward_pre_hook(self._check_thread))
         for layer, router in enumerate(self.routers):
             self._handles.append(router.register_forward_hook(self._make_hook(layer)))
         return self
@@ -1910,10 +2005,13 @@ class OLMoERouterPatcher:
         return self.patch("native")
 
     def unpatch(self) -> OLMoERouterPatcher:
-        """Remove the hooks and restore the experts implementation. Safe to call any number of times."""
+        """Remove the hooks and restore the experts implementation and every flag the patch changed. Safe to
+        call any number of times; the statistics of the last patch stay readable."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if getattr(self.model, PATCHER_ATTRIBUTE, None) is self:
+            delattr(self.model, PATCHER_ATTRIBUTE)
         if self._saved_expert_parallel_flags is not None:
             for experts, flag in zip(self.experts, self._saved_expert_parallel_flags, strict=True):
                 experts._is_expert_parallel = flag
@@ -1935,6 +2033,29 @@ class OLMoERouterPatcher:
     def __exit__(self, *exc_info) -> bool:
         self.unpatch()
         return False
+
+    # --- one patcher per model, one thread per patch -----------------------------------------------------
+
+    def _claim_model(self) -> None:
+        """Mark the model as patched by this patcher; refuse if another patcher holds it (two patchers would
+        each record, and restore, the other's routing)."""
+        owner = getattr(self.model, PATCHER_ATTRIBUTE, None)
+        if owner is not None and owner is not self:
+            raise RuntimeError(
+                f"this model is already patched by another {type(self).__name__} (method {owner.method!r}): "
+                "call that patcher's unpatch() first; one patcher per model at a time"
+            )
+        setattr(self.model, PATCHER_ATTRIBUTE, self)
+        self._thread = threading.get_ident()
+
+    def _check_thread(self, module, args) -> None:
+        """A patched model runs in the thread that patched it: the hooks and statistics are not shared
+        safely between threads, so a forward pass from another thread is refused."""
+        if threading.get_ident() != self._thread:
+            raise RuntimeError(
+                f"this model was patched (method {self.method!r}) in another thread; a patched model is not "
+                "thread-safe: patch, run and unpatch it in one thread, or give each thread its own model"
+            )
 
     # --- the experts path ----------------------------------------------------------------------------
 
@@ -2061,12 +2182,65 @@ def _check_windows(window: int, stride: int, batch_size: int = 1) -> None:
 
 
 def _score_windows(model, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position surprisal of the next token and whether the argmax predicted it: [B, length - 1] each."""
-    logits = model(inputs, use_cache=False).logits.float()  # [B, length, V]
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
-    targets = inputs[:, 1:]
-    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, length - 1]
-    return nll, log_probs.argmax(-1) == targets
+    """Per-position surprisal of the next token and whether the argmax predicted it: [B, length - 1] each.
+
+    The logits stay in the model's dtype; the loss is computed in float32 over chunks of positions of at
+    most LOSS_CHUNK_ELEMENTS logits, as logsumexp minus the target's logit (= -log_softmax[target])."""
+    logits = model(inputs, use_cache=False).logits  # [B, length, V]
+    targets = inputs[:, 1:]  # position t predicts token t + 1
+    batch, length, vocab = logits.shape
+    step = max(1, LOSS_CHUNK_ELEMENTS // (batch * vocab))
+    nll, correct = [], []
+    for begin in range(0, length - 1, step):
+        chunk = logits[:, begin : min(begin + step, length - 1)].float()  # [B, c, V]
+        target = targets[:, begin : begin + chunk.shape[1]]
+        nll.append(torch.logsumexp(chunk, dim=-1) - chunk.gather(-1, target.unsqueeze(-1)).squeeze(-1))
+        correct.append(chunk.argmax(-1) == target)
+    return torch.cat(nll, dim=1), torch.cat(correct, dim=1)
+
+
+def _score_batch(model, token_ids, batch, device, patcher) -> dict[str, list]:
+    """The scored positions of a batch of windows (equal lengths share a forward pass): lists per field."""
+    parts = {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": []}
+    for length in sorted({end - begin for begin, end, _ in batch}, reverse=True):
+        group = [w for w in batch if w[1] - w[0] == length]
+        inputs = torch.stack([token_ids[begin:end] for begin, end, _ in group]).to(device)  # [B, length]
+        if patcher is not None:
+            patcher.reset_stats()
+        nll, correct = _score_windows(model, inputs)
+        counts = patcher.statistics.token_counts().view(len(group), length, -1) if patcher else None
+        for row, (_, _, num_scored) in enumerate(group):
+            predicting = slice(length - 1 - num_scored, length - 1)  # the positions that made the predictions
+            parts["nll"].append(nll[row, -num_scored:].cpu())
+            parts["targets"].append(inputs[row, 1:][-num_scored:].cpu())
+            parts["inputs"].append(inputs[row, predicting].cpu())
+            parts["correct"].append(correct[row, -num_scored:].cpu())
+            if counts is not None:
+                parts["expert_counts"].append(counts[row, predicting])
+    return parts
+
+
+def _score_all(model, token_ids, windows, batch_size, patcher) -> tuple[dict[str, list], int]:
+    """Every window scored, `batch_size` windows per forward pass; on out-of-memory the batch is halved and
+    retried (its partial results are dropped). Returns the parts and the batch size that ran last."""
+    device = next(model.parameters()).device
+    parts = {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": []}
+    position = 0
+    while position < len(windows):
+        batch = windows[position : position + batch_size]
+        try:
+            scored = _score_batch(model, token_ids, batch, device, patcher)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            warnings.warn(f"out of memory: evaluating with batch_size={batch_size}", stacklevel=3)
+            continue
+        for name, values in scored.items():
+            parts[name] += values
+        position += len(batch)
+    return parts, batch_size
 
 
 @torch.no_grad()
@@ -2081,45 +2255,28 @@ def evaluate_language_model(
     """Perplexity and next-token accuracy on `token_ids` ([N] int64) with sliding windows.
 
     Windows of `window` tokens advance by `stride` (default: window, i.e. disjoint windows; a smaller
-    stride gives every scored token more context). Each token is scored once. With a patched `patcher`,
-    the routing decisions of the scored tokens' positions are returned too.
+    stride gives every scored token more context). Each token is scored once. Up to `batch_size` windows
+    share a forward pass; on out-of-memory the batch size is halved (down to 1) and the run goes on. With a
+    patched `patcher`, the routing decisions of the scored tokens' positions are returned too.
 
-    Returns {"perplexity", "token_accuracy", "num_scored", "mean_nll", "nll" [S], "targets" [S],
-    "inputs" [S], "expert_counts" [S, L] or None}: nll[i] is the surprisal (nats) of targets[i] given its
-    context; inputs[i] is the token at the position that predicts it, and expert_counts[i] the experts
-    kept there in each layer.
+    Returns {"perplexity", "token_accuracy", "num_scored", "mean_nll", "batch_size" (the one that ran last),
+    "nll" [S], "targets" [S], "inputs" [S], "expert_counts" [S, L] or None}: nll[i] is the surprisal
+    (nats) of targets[i] given its context; inputs[i] is the token at the position that predicts it, and
+    expert_counts[i] the experts kept there in each layer.
     """
     stride = window if stride is None else stride
     if token_ids.dim() != 1 or token_ids.numel() < 2:
         raise ValueError(f"token_ids must be a 1-D tensor of at least 2 tokens, got shape {tuple(token_ids.shape)}")
     _check_windows(window, stride, batch_size)
-    device = next(model.parameters()).device
     windows = sliding_windows(token_ids.numel(), window, stride)
-    parts = {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": []}
-    # Windows of equal length are batched together (all but possibly the last).
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size]
-        for length in sorted({end - begin for begin, end, _ in batch}, reverse=True):
-            group = [w for w in batch if w[1] - w[0] == length]
-            inputs = torch.stack([token_ids[begin:end] for begin, end, _ in group]).to(device)  # [B, length]
-            if patcher is not None:
-                patcher.reset_stats()
-            nll, correct = _score_windows(model, inputs)
-            counts = patcher.statistics.token_counts().view(len(group), length, -1) if patcher else None
-            for row, (_, _, num_scored) in enumerate(group):
-                predicting = slice(length - 1 - num_scored, length - 1)  # the positions that made the predictions
-                parts["nll"].append(nll[row, -num_scored:].cpu())
-                parts["targets"].append(inputs[row, 1:][-num_scored:].cpu())
-                parts["inputs"].append(inputs[row, predicting].cpu())
-                parts["correct"].append(correct[row, -num_scored:].cpu())
-                if counts is not None:
-                    parts["expert_counts"].append(counts[row, predicting])
+    parts, batch_size = _score_all(model, token_ids, windows, batch_size, patcher)
     nll = torch.cat(parts["nll"]).double()
     return {
         "perplexity": math.exp(nll.mean().item()),
         "token_accuracy": torch.cat(parts["correct"]).double().mean().item(),
         "num_scored": nll.numel(),
         "mean_nll": nll.mean().item(),
+        "batch_size": batch_size,
         "nll": nll,
         "targets": torch.cat(parts["targets"]),
         "inputs": torch.cat(parts["inputs"]),
@@ -2152,6 +2309,20 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int, exact: bo
     return input_ids, output_ids, time.perf_counter() - start
 
 
+def throughput_summary(new_tokens: int, seconds_per_repeat: list[float]) -> dict:
+    """Generated tokens per second over repeated timed runs of the same work (`new_tokens` each time): the
+    median and the range (min, max) across repeats, which is the noise a difference must exceed."""
+    if not seconds_per_repeat or min(seconds_per_repeat) <= 0:
+        raise ValueError(f"seconds_per_repeat must be a non-empty list of positive times, got {seconds_per_repeat}")
+    rates = sorted(new_tokens / seconds for seconds in seconds_per_repeat)
+    return {
+        "tokens_per_second": median(rates),
+        "tokens_per_second_min": rates[0],
+        "tokens_per_second_max": rates[-1],
+        "timing_repeats": len(rates),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------
 # 11. Results on disk: atomic writes, one file per configuration, resume, failures recorded
 # ----------------------------------------------------------------------------------------------------
@@ -2182,12 +2353,30 @@ def _as_json(value):
     return json.loads(json.dumps(value))
 
 
+def code_fingerprint() -> dict:
+    """What a saved result depends on besides its settings: a hash of this module's source and the versions
+    of Python, torch and transformers. A result saved under another fingerprint is recomputed."""
+    import hashlib
+    import platform
+
+    import transformers
+
+    return {
+        "bh_routing_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
 class ResultStore:
     """Results of a sweep, one JSON file per configuration in `directory`, written as each finishes.
 
-    A configuration is resumed (read back instead of rerun) when its file holds status "ok" and the same
-    `settings` (the JSON of everything that changes its result, e.g. the model and the prompts). A
-    configuration that raises is recorded with status "failed" and its error, and is retried next time.
+    A configuration is resumed (read back instead of rerun) when its file holds status "ok", the same
+    `settings` (the JSON of everything that changes its result, e.g. the model and the prompts) and the same
+    `code_fingerprint()`. A configuration that raises is recorded with status "failed" and its error, and
+    is retried next time. A saved file that cannot be read (truncated, corrupted) is named in a warning,
+    moved aside (name.corrupt.json) and recomputed; so is a configuration whose tensors (name.pt) cannot be.
 
         store = ResultStore("results/configs", settings={"model": "embedded", ...})
         result = store.run(config.name, lambda: measure(config), describe={"method": config.method})
@@ -2195,18 +2384,39 @@ class ResultStore:
 
     def __init__(self, directory: str | Path, settings: dict):
         self.directory = Path(directory)
-        self.settings = _as_json(settings)
+        self.settings = _as_json({**settings, "code": code_fingerprint()})
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str, suffix: str = ".json") -> Path:
         return self.directory / f"{name}{suffix}"
 
+    def _move_aside(self, name: str, error: Exception) -> None:
+        """Warn, naming the unreadable file, and move the configuration's files aside (*.corrupt*)."""
+        for suffix in (".json", ".pt"):
+            path = self.path(name, suffix)
+            if path.exists():
+                path.replace(path.with_name(f"{name}.corrupt{suffix}"))
+        warnings.warn(
+            f"{self.path(name)}: saved result unreadable ({type(error).__name__}: {error}); moved aside as "
+            f"{name}.corrupt.* and recomputed",
+            stacklevel=3,
+        )
+
     def load(self, name: str) -> dict | None:
-        """The saved result of `name` if it can be resumed (status ok, same settings), else None."""
+        """The saved result of `name` if it can be resumed (status ok, same settings and code, its tensors
+        readable), else None."""
         path = self.path(name)
         if not path.exists():
             return None
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError(f"expected a JSON object, found {type(saved).__name__}")
+            if saved.get("status") == "ok" and saved.get("settings") == self.settings and saved.get("tensors"):
+                self.load_tensors(name)
+        except (ValueError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+            self._move_aside(name, error)
+            return None
         return saved if saved.get("status") == "ok" and saved.get("settings") == self.settings else None
 
     def save(self, name: str, result: dict) -> dict:
@@ -2222,17 +2432,23 @@ class ResultStore:
         saved = None if redo else self.load(name)
         if saved is not None:
             return saved
+        self.path(name, ".pt").unlink(missing_ok=True)  # an older run's tensors must not pass for this one's
         try:
             result = {**compute(), "status": "ok"}
         except Exception as error:  # noqa: BLE001 - a failed configuration is recorded; the sweep goes on
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # e.g. after an out-of-memory error, for the next configuration
             result = {**(describe or {}), "status": "failed", "error": f"{type(error).__name__}: {error}"}
-        return self.save(name, result)
+        return self.save(name, {**result, "tensors": self.path(name, ".pt").exists()})
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
         """Per-token arrays of `name` beside its JSON (name.pt), written atomically."""
         return atomic_write(self.path(name, ".pt"), lambda temporary: torch.save(tensors, temporary))
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return torch.load(self.path(name, ".pt"))
+        """The per-token arrays saved by `save_tensors` (RuntimeError naming the file if it is unreadable)."""
+        path = self.path(name, ".pt")
+        try:
+            return torch.load(path, weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            raise RuntimeError(f"{path}: saved tensors unreadable ({type(error).__name__}: {error})") from error

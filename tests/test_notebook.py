@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import bh_routing as br
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "OLMoE_BH_Routing_Experiments.ipynb"
-SUMMARY_COLUMNS = """config method pvalue_method alpha max_k min_k status avg_experts std_experts min_experts
-    max_experts median_experts ceiling_hit_rate floor_hit_rate reduction_vs_baseline inference_time tokens_per_second
-    avg_time_per_prompt weight_entropy expert_utilization perplexity token_accuracy eval_avg_experts""".split()
+SUMMARY_COLUMNS = """config method pvalue_method alpha max_k min_k status quality_status error avg_experts std_experts
+    min_experts max_experts median_experts ceiling_hit_rate floor_hit_rate reduction_vs_baseline inference_time
+    tokens_per_second tokens_per_second_min tokens_per_second_max timing_repeats avg_time_per_prompt weight_entropy
+    expert_utilization perplexity token_accuracy eval_avg_experts""".split()
 QUICK = {"max_new_tokens": 3, "eval_max_tokens": 600, "eval_window": 128, "device": "cpu"}
 
 
@@ -139,19 +141,99 @@ def test_unknown_configuration_names_list_the_designs_configurations(tmp_path):
     from papermill.exceptions import PapermillExecutionError
 
     with pytest.raises(PapermillExecutionError) as error:
-        execute(tmp_path, config_names=["bh_k8_a005", "nope"], device="cpu")
+        execute(tmp_path, config_names=["bh_k8_a005", "bh_k128_a005"], device="cpu")
     message = error.value.evalue  # the ValueError's own message
     allowed = ast.literal_eval(message.split("allowed: ")[1])
-    assert "unknown names ['nope']" in message and len(allowed) == 25 + 4
+    assert "unknown names ['bh_k128_a005']" in message and len(allowed) == 25 + 4
     assert allowed[0] == "topk_8_baseline" and {"bh_k2_a001", "bh_k64_a020", "bh1mp_k8_a020"} <= set(allowed)
 
 
-def test_a_run_of_the_baseline_alone_still_writes_every_output(tmp_path):
-    execute(tmp_path, config_names="topk_8_baseline", prompts_per_group=1, run_quality=False, max_new_tokens=3,
-            device="cpu")  # fmt: skip
+def test_a_run_of_the_baseline_alone_through_make_runs_script_writes_every_output(tmp_path):
+    parameters = {"output_dir": tmp_path, "config_names": "topk_8_baseline", "prompts_per_group": 1,
+                  "run_quality": False, "max_new_tokens": 3, "device": "cpu"}  # fmt: skip
+    arguments = [item for name, value in parameters.items() for item in ("-p", name, str(value))]
+    subprocess.run([sys.executable, "scripts/run_notebook.py", *arguments], cwd=REPO, check=True)
     report = (tmp_path / "bh_routing_report.md").read_text()
     assert "| topk_8_baseline |" in report and "Not measured in this run" in report
     assert (tmp_path / "visualizations" / "bh_routing_analysis.png").exists()
+    executed = json.loads((tmp_path / "OLMoE_BH_Routing_Experiments.executed.ipynb").read_text())
+    assert executed["metadata"]["papermill"]["exception"] is None
+    assert not list(tmp_path.glob("*.running.ipynb")) and not list(tmp_path.glob("*.failed.ipynb"))
+
+
+def test_a_failed_run_leaves_the_executed_notebook_as_it_was(tmp_path):
+    executed = tmp_path / "OLMoE_BH_Routing_Experiments.executed.ipynb"
+    executed.write_text("the previous good run")
+    arguments = ["-p", "output_dir", str(tmp_path), "-p", "prompts_per_group", "0"]
+    finished = subprocess.run([sys.executable, "scripts/run_notebook.py", *arguments], cwd=REPO, capture_output=True)
+    assert finished.returncode == 1 and b"the run failed" in finished.stderr
+    assert executed.read_text() == "the previous good run"
+    assert (tmp_path / "OLMoE_BH_Routing_Experiments.failed.ipynb").exists()
+
+
+def run_in_process(tmp_path, monkeypatch, **parameters):
+    """The notebook's cells in this process (so that a test can replace a function of bh_routing)."""
+    monkeypatch.chdir(REPO)
+    sys.path.insert(0, str(REPO / "scripts"))
+    from run_notebook_cells import run_cells
+
+    return run_cells({"output_dir": str(tmp_path), **parameters}, log=lambda line: None)
+
+
+@pytest.mark.parametrize("failing", ["bh", "every"])
+def test_failed_quality_configurations_still_give_every_output(tmp_path, monkeypatch, failing):
+    evaluate = br.evaluate_language_model
+
+    def out_of_memory_for_some(model, token_ids, window, stride, batch_size, patcher):
+        if failing == "every" or patcher.method == failing:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return evaluate(model, token_ids, window, stride, batch_size, patcher)
+
+    monkeypatch.setattr(br, "evaluate_language_model", out_of_memory_for_some)
+    configs = ["topk_8_baseline", "bh_k8_a005", "bh_k16_a005"]
+    run_in_process(tmp_path, monkeypatch, config_names=configs, prompts_per_group=1, **QUICK)
+    table = pd.read_csv(tmp_path / "bh_routing_summary.csv")
+    failed = table["method"] == "bh" if failing == "bh" else table["method"].notna()
+    assert (table["status"] == "ok").all() and (table.loc[failed, "quality_status"] == "failed").all()
+    assert table.loc[failed, "error"].str.contains("OutOfMemoryError").all()
+    assert table.loc[failed, "perplexity"].isna().all()
+    assert (table.loc[~failed, "quality_status"] == "ok").all()
+    report = (tmp_path / "bh_routing_report.md").read_text()
+    assert "## Failures" in report and "- `bh_k8_a005 (quality)`: OutOfMemoryError" in report
+    for figure in ("bh_routing_analysis", "bh_routing_frontier"):
+        assert (tmp_path / "visualizations" / f"{figure}.png").exists()
+    assert (tmp_path / "bh_routing_frontier.csv").exists() and (tmp_path / "bh_routing_full_results.json").exists()
+    if failing == "every":
+        assert "No configuration's quality was measured: all failed" in report
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"eval_text": "/nonexistent.txt"}, "eval_text must be 'embedded', 'wikitext2' or an existing text file"),
+        ({"model_name_or_path": "./no/such/model"}, "'./no/such/model' is not an existing local directory"),
+        ({"config_names": 5}, "config_names must be None, a list of names or a comma-separated string"),
+        ({"config_names": "bh_k8_a005,bh-k8"}, r"names not of the design's form .*\['bh-k8'\]"),
+        ({"timing_repeats": 0}, "timing_repeats must be an integer >= 1, got 0"),
+        ({"dtype": "fp8"}, "dtype must be one of"),
+        ({"run_quality": "yes"}, "run_quality must be True or False"),
+        ({"device": "tpu"}, "device must be"),
+    ],
+)
+def test_every_parameter_is_checked_before_any_work(tmp_path, monkeypatch, parameters, message):
+    monkeypatch.setattr(br, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the checks"))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run_in_process(tmp_path, monkeypatch, **parameters)
+    assert not (tmp_path / "configs").exists()
+
+
+def test_in_colab_the_placeholder_address_stops_with_what_to_set(tmp_path, monkeypatch):
+    cells = {cell["id"]: "".join(cell["source"]) for cell in json.loads(NOTEBOOK.read_text())["cells"]}
+    monkeypatch.chdir(tmp_path)  # a fresh Colab runtime: no repository here
+    namespace = {"IN_COLAB": True, "os": os, "subprocess": subprocess, "sys": sys}
+    with pytest.raises(RuntimeError, match="REPO_URL in this cell is still the placeholder: set it to"):
+        exec(cells["cell-04"], namespace)  # noqa: S102 - the repository's own notebook
+    assert not (tmp_path / "repo").exists()
 
 
 def test_bad_parameters_are_refused_before_any_work(tmp_path):

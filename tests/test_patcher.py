@@ -169,6 +169,7 @@ def test_renormalize_follows_the_model(tiny_model, input_ids):
     patcher = OLMoERouterPatcher(tiny_model)
     assert patcher.patch_with_bh().params["renormalize"] is False  # OLMoE: norm_topk_prob=false
     assert patcher.patch_with_bh(renormalize=True).params["renormalize"] is True
+    patcher.unpatch()
     tiny_model.config.norm_topk_prob = True
     for router in tiny_model.model.layers:
         router.mlp.gate.norm_topk_prob = True
@@ -257,3 +258,97 @@ def test_sentinel_handling_only_when_counts_can_fall_short(tiny_model, input_ids
     assert all(e._is_expert_parallel for e in patcher.experts)
     patcher.unpatch()
     assert not any(e._is_expert_parallel for e in patcher.experts)
+
+
+def test_one_patcher_per_model_and_unpatch_in_any_order(tiny_model, input_ids):
+    reference = logits_of(tiny_model, input_ids)
+    first, second = OLMoERouterPatcher(tiny_model), OLMoERouterPatcher(tiny_model)
+    first.patch_with_bh(alpha=0.1, min_k=1, max_k=8)  # grouped_mm flagged to skip sentinels
+    with pytest.raises(RuntimeError, match="already patched by another OLMoERouterPatcher.*unpatch"):
+        second.patch_with_topk(2)
+    assert not second.is_patched and first.is_patched
+    logits_of(tiny_model, input_ids)
+    assert first.get_stats()["method"] == "bh" and first.get_stats()["max_experts"] > 1  # BH ran, not top-2
+    for order in ([second, first], [first, second]):
+        for patcher in order:
+            patcher.unpatch()
+        assert torch.equal(logits_of(tiny_model, input_ids), reference)  # no NaN, bit for bit
+        assert not any(getattr(e, "_is_expert_parallel", False) for e in first.experts)
+        assert tiny_model.config._experts_implementation == "grouped_mm"
+        first.patch_with_bh(alpha=0.1, min_k=1, max_k=8)
+    first.unpatch()
+    second.patch_with_topk(2)  # free once the first let go
+    logits_of(tiny_model, input_ids)
+    assert second.get_stats()["avg_experts"] == 2
+    second.unpatch()
+
+
+def test_a_patched_model_refuses_another_thread(tiny_model, input_ids):
+    import threading
+
+    patcher = OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_bh(alpha=0.1, max_k=8)
+    errors = []
+
+    def other_thread():
+        try:
+            logits_of(tiny_model, input_ids)
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "patched (method 'bh') in another thread" in errors[0]
+    with pytest.raises(RuntimeError, match="no tokens were routed"):
+        patcher.get_stats()  # the refused forward recorded nothing
+    patcher.unpatch()
+    thread = threading.Thread(target=other_thread)  # unpatched, the model is free again
+    thread.start()
+    thread.join()
+    assert len(errors) == 1
+
+
+def test_too_few_experts_for_robust_z_are_refused_clearly(input_ids):
+    model = bh_routing.build_random_olmoe(num_experts=3, num_experts_per_tok=2)
+    patcher = OLMoERouterPatcher(model)
+    with pytest.raises(ValueError, match="needs at least 4 experts.*num_experts=3.*one_minus_prob"):
+        patcher.patch_with_bh(alpha=0.1, max_k=2)
+    with pytest.raises(ValueError, match="needs at least 4 experts"):
+        bh_routing.benjamini_hochberg_routing(torch.randn(5, 3), alpha=0.1, max_k=2)
+    patcher.patch_with_bh(alpha=0.1, max_k=2, pvalue_method="one_minus_prob")  # the other p-value works
+    logits_of(model, input_ids[:, :4] % 3 + 2)
+    assert patcher.get_stats()["avg_experts"] == 1
+    patcher.unpatch()
+
+
+def test_load_model_places_weights_on_the_gpu_while_reading_them(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+    original = AutoModelForCausalLM.from_pretrained
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **{**kwargs, "device_map": None})  # this machine has no GPU
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: pytest.fail("a host copy was moved"))
+    bh_routing.load_model("embedded", device="cuda:0", dtype="bfloat16")
+    assert seen["device_map"] == "cuda:0" and seen["dtype"] == torch.bfloat16
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
+def test_auto_dtype_follows_what_the_gpu_computes_natively(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert bh_routing.native_dtype("cuda") == dtype  # T4 (sm75): float16; A100/H100 (sm80+): bfloat16
+    assert bh_routing.native_dtype("cpu") == torch.float32
+
+
+def test_a_missing_local_model_directory_is_named(tmp_path):
+    for missing in (str(tmp_path / "nope"), "./models/nope", "../nope", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="not an existing local directory"):
+            bh_routing.load_model(missing, device="cpu")
+    assert bh_routing.model_source("allenai/OLMoE-1B-7B-0924") == "hub"
+    assert bh_routing.model_source(bh_routing.EMBEDDED_MODEL_DIR) == "local"
+    assert bh_routing.model_source("embedded") == "embedded"

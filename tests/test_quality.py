@@ -56,6 +56,48 @@ def test_expert_counts_are_aligned_with_the_predicting_positions(tiny_model):
     assert torch.equal(counts[:39], direct[:39].to(counts.dtype))
 
 
+def plain_scores(model, token_ids, window):
+    """The loss without chunks: the full [B, W, V] float32 log-softmax."""
+    inputs = token_ids.view(-1, window)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(inputs).logits.float()[:, :-1], dim=-1)
+    return -log_probs.gather(-1, inputs[:, 1:, None]).squeeze(-1).reshape(-1)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 512 * 7, 512 * 1000])  # one position, 7 positions, all at once
+def test_the_chunked_loss_equals_the_plain_loss(tiny_model, monkeypatch, chunk_elements):
+    monkeypatch.setattr(br, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+    token_ids = torch.randint(2, 512, (4 * 32,), generator=torch.Generator().manual_seed(3))
+    result = br.evaluate_language_model(tiny_model, token_ids, window=32, batch_size=4)
+    torch.testing.assert_close(result["nll"].float(), plain_scores(tiny_model, token_ids, 32), atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_result(tiny_model, monkeypatch):
+    token_ids = torch.randint(2, 512, (8 * 24,), generator=torch.Generator().manual_seed(4))
+    patcher = br.OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_bh(alpha=0.2, min_k=0, max_k=16)
+    reference = br.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=8, patcher=patcher)
+    forward = type(tiny_model).forward
+    attempts = []
+
+    def small_memory(model, input_ids, **kwargs):
+        attempts.append(input_ids.shape[0])
+        if input_ids.shape[0] > 2:  # the routers ran before the simulated failure: their records must go
+            forward(model, input_ids[:1], **kwargs)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(model, input_ids, **kwargs)
+
+    monkeypatch.setattr(type(tiny_model), "forward", small_memory)
+    with pytest.warns(UserWarning, match="out of memory: evaluating with batch_size=2"):
+        backed_off = br.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=8, patcher=patcher)
+    assert attempts[:3] == [8, 4, 2] and backed_off["batch_size"] == 2
+    torch.testing.assert_close(backed_off["nll"], reference["nll"])
+    assert torch.equal(backed_off["expert_counts"], reference["expert_counts"])
+    monkeypatch.setattr(type(tiny_model), "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(UserWarning):
+        br.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=2)
+
+
 def test_bad_evaluation_arguments(tiny_model):
     with pytest.raises(ValueError, match="token_ids"):
         br.evaluate_language_model(tiny_model, torch.tensor([5]))

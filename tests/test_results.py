@@ -71,6 +71,69 @@ def test_tensors_round_trip(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
 
 
+def test_a_result_saved_by_other_code_or_library_versions_is_recomputed(tmp_path, monkeypatch):
+    store = br.ResultStore(tmp_path, {"seed": 0})
+    assert store.settings["code"] == br.code_fingerprint()  # module hash and versions are in the resume key
+    store.run("bh_k8_a005", lambda: {"value": 1})
+    edited = {**br.code_fingerprint(), "bh_routing_sha256": "0" * 16}  # as after a change to bh_routing.py
+    monkeypatch.setattr(br, "code_fingerprint", lambda: edited)
+    after_change = br.ResultStore(tmp_path, {"seed": 0})
+    assert after_change.load("bh_k8_a005") is None
+    assert after_change.run("bh_k8_a005", lambda: {"value": 2})["value"] == 2
+
+
+def test_the_fingerprint_follows_the_module_source(tmp_path, monkeypatch):
+    copy = tmp_path / "bh_routing.py"
+    copy.write_text(open(br.__file__).read())
+    monkeypatch.setattr(br, "__file__", str(copy))
+    before = br.code_fingerprint()
+    copy.write_text(copy.read_text() + "\n# an edit\n")
+    assert br.code_fingerprint()["bh_routing_sha256"] != before["bh_routing_sha256"]
+
+
+def measured(store, name):
+    store.save_tensors(name, {"nll": torch.arange(4.0)})
+    return {"perplexity": 2.0}
+
+
+@pytest.mark.parametrize("damage", ["truncated json", "not an object", "truncated tensors", "missing tensors"])
+def test_a_corrupted_saved_result_is_named_moved_aside_and_recomputed(tmp_path, damage):
+    store = br.ResultStore(tmp_path, {"seed": 0})
+    first = store.run("topk_k2", lambda: measured(store, "topk_k2"))
+    assert first["tensors"] is True
+    json_path, tensor_path = store.path("topk_k2"), store.path("topk_k2", ".pt")
+    if damage == "truncated json":
+        json_path.write_text(json_path.read_text()[:25])
+    elif damage == "not an object":
+        json_path.write_text("[1, 2]")
+    elif damage == "truncated tensors":
+        tensor_path.write_bytes(tensor_path.read_bytes()[:40])
+    else:
+        tensor_path.unlink()
+    calls = []
+    with pytest.warns(UserWarning, match=r"topk_k2\.json: saved result unreadable") as warned:
+        again = store.run("topk_k2", lambda: calls.append(1) or measured(store, "topk_k2"))
+    assert "moved aside" in str(warned[0].message) and calls == [1]
+    assert again["status"] == "ok" and store.load_tensors("topk_k2")["nll"].tolist() == [0, 1, 2, 3]
+    assert (tmp_path / "topk_k2.corrupt.json").exists()
+    assert store.run("topk_k2", lambda: calls.append(1) or measured(store, "topk_k2")) == again and calls == [1]
+
+
+def test_unreadable_tensors_name_their_file(tmp_path):
+    store = br.ResultStore(tmp_path, {})
+    store.path("x", ".pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"x\.pt: saved tensors unreadable"):
+        store.load_tensors("x")
+
+
+def test_throughput_is_the_median_of_repeats_with_its_range():
+    timing = br.throughput_summary(100, [2.0, 1.0, 4.0])
+    assert timing == {"tokens_per_second": 50.0, "tokens_per_second_min": 25.0, "tokens_per_second_max": 100.0,
+                      "timing_repeats": 3}  # fmt: skip
+    with pytest.raises(ValueError, match="seconds_per_repeat"):
+        br.throughput_summary(100, [])
+
+
 def test_saturation_analysis_on_known_numbers():
     rows = [
         {

@@ -1,0 +1,104 @@
+"""The notebook end to end on the OLMoE-1B-7B shape on a GPU, as Colab would run it (issue 11): a random-weight
+checkpoint of the real shape (vocabulary 50304, the embedded tokenizer) saved locally and loaded with
+`load_model` as the notebook does, with the README's hub parameters, under a T4-sized cap of GPU memory or
+on the full card.
+
+    python benchmarks/colab_gpu_run.py build DIR                 # the checkpoint (bf16, random weights)
+    python benchmarks/colab_gpu_run.py load DIR OUT.json          # peak host memory while load_model reads it
+    python benchmarks/colab_gpu_run.py notebook DIR OUT_DIR [--cap-gib 15] [name=JSON ...]
+
+`notebook` runs the notebook's cells (scripts/run_notebook_cells.py) with model_name_or_path=DIR,
+eval_window=1024 and the given overrides, GPU memory capped with torch.cuda.set_per_process_memory_fraction,
+and writes OUT_DIR/gpu_run.json: wall time, peak GPU memory allocated and reserved, peak host memory, card,
+versions and parameters.
+"""
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bh_routing as br  # noqa: E402
+
+REAL_SHAPE = REPO / "benchmarks" / "olmoe-1b-7b-0924.config.json"
+HUB_PARAMETERS = {"eval_window": 1024}  # the README's hub settings (eval_text: the embedded text, offline here)
+
+
+def peak_host_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / br.GIB  # ru_maxrss is in KiB on Linux
+
+
+def build(directory: Path) -> None:
+    model = br.build_random_olmoe(REAL_SHAPE, device="cuda", dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(br.EMBEDDED_MODEL_DIR / name, directory / name)
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) / br.GIB
+    print(json.dumps({"checkpoint": str(directory), "weights_gib": size}))
+
+
+def load(directory: Path, output: Path) -> None:
+    started = time.perf_counter()
+    model, _ = br.load_model(directory)
+    seconds = time.perf_counter() - started
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / br.GIB
+    record = {"load_seconds": seconds, "weights_gib": weights, "peak_host_rss_gib": peak_host_gib(),
+              "device": str(model.device), "dtype": str(model.dtype), **br.environment_info(model)}  # fmt: skip
+    output.write_text(json.dumps(record, indent=1))
+    print(json.dumps(record))
+
+
+def notebook(directory: Path, output_dir: Path, cap_gib: float | None, overrides: dict) -> None:
+    from run_notebook_cells import run_cells
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    if cap_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(cap_gib * br.GIB / total)
+    parameters = {**HUB_PARAMETERS, "model_name_or_path": str(directory), "output_dir": str(output_dir), **overrides}
+    started = time.perf_counter()
+    namespace = run_cells(parameters, log=lambda line: print(line, flush=True))
+    record = {
+        "wall_seconds": time.perf_counter() - started,
+        "cap_gib": cap_gib,
+        "card_total_gib": total / br.GIB,
+        "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / br.GIB,
+        "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / br.GIB,
+        "peak_host_rss_gib": peak_host_gib(),
+        "parameters": parameters,
+        "memory_plan_gib": namespace["plan"],
+        "quality_batch_sizes": {name: r.get("batch_size") for name, r in namespace["quality"].items()},
+        "failed": namespace["failed"] + [f"{name} (quality)" for name in namespace["quality_failed"]],
+        **br.environment_info(namespace["model"]),
+    }
+    (output_dir / "gpu_run.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps({k: v for k, v in record.items() if k != "quality_batch_sizes"}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=("build", "load", "notebook"))
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("output", type=Path, nargs="?")
+    parser.add_argument("--cap-gib", type=float, default=None)
+    parser.add_argument("overrides", nargs="*", help="notebook parameters as name=JSON")
+    arguments = parser.parse_args()
+    if arguments.step == "build":
+        build(arguments.directory)
+    elif arguments.step == "load":
+        load(arguments.directory, arguments.output)
+    else:
+        overrides = {name: json.loads(value) for name, _, value in (o.partition("=") for o in arguments.overrides)}
+        notebook(arguments.directory, arguments.output, arguments.cap_gib, overrides)
+
+
+if __name__ == "__main__":
+    main()

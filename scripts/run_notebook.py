@@ -1,0 +1,65 @@
+"""`make run`: execute the notebook headless with papermill, without ever replacing a good executed notebook
+by a failed or different run's.
+
+    python scripts/run_notebook.py [papermill arguments, e.g. -p max_new_tokens 10 -y "config_names: [a, b]"]
+
+The default run (no arguments) writes results/ and results/OLMoE_BH_Routing_Experiments.executed.ipynb.
+A run with other parameters and no output_dir of its own writes to results/runs/<hash of its arguments>/,
+so that it neither mixes with nor replaces the committed default run's results (the same arguments resume
+in the same directory). The executed notebook is written under a temporary name and renamed only when every
+cell succeeded; a failed run leaves <output_dir>/OLMoE_BH_Routing_Experiments.failed.ipynb and exits 1.
+"""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = REPO / "OLMoE_BH_Routing_Experiments.ipynb"
+DEFAULT_OUTPUT_DIR = "results"
+
+
+def given_output_dir(arguments: list[str]) -> str | None:
+    """The output_dir the papermill arguments set (-p/--parameters, -y/--parameters_yaml; the last wins)."""
+    found = None
+    for index, argument in enumerate(arguments):
+        if argument in ("-p", "--parameters") and arguments[index + 1 : index + 2] == ["output_dir"]:
+            found = arguments[index + 2]
+        elif argument in ("-y", "--parameters_yaml"):
+            found = (yaml.safe_load(arguments[index + 1]) or {}).get("output_dir", found)
+    return found
+
+
+def plan(arguments: list[str]) -> tuple[Path, list[str]]:
+    """(output directory, papermill arguments with it set) for the given papermill arguments."""
+    output_dir = given_output_dir(arguments)
+    if output_dir is None:
+        digest = hashlib.sha256("\0".join(arguments).encode()).hexdigest()[:10]
+        output_dir = DEFAULT_OUTPUT_DIR if not arguments else f"{DEFAULT_OUTPUT_DIR}/runs/{digest}"
+        arguments = [*arguments, "-p", "output_dir", output_dir]
+    return REPO / output_dir, arguments
+
+
+def main(arguments: list[str]) -> int:
+    output_dir, arguments = plan(arguments)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    executed = output_dir / f"{NOTEBOOK.stem}.executed.ipynb"
+    running = output_dir / f"{NOTEBOOK.stem}.running.ipynb"
+    command = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(running), "-k", "python3"]
+    print(f"output_dir: {output_dir}", flush=True)
+    status = subprocess.run([*command, "--log-level", "WARNING", *arguments], cwd=REPO).returncode
+    if status != 0:
+        failed = running.with_name(f"{NOTEBOOK.stem}.failed.ipynb")
+        if running.exists():
+            running.replace(failed)
+        print(f"the run failed: its notebook is {failed}; {executed.name} was left as it was", file=sys.stderr)
+        return 1
+    running.replace(executed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,41 @@
+"""The scripts around the notebook: where `make run` writes, and the repository address in every place."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import run_notebook  # noqa: E402
+import set_repository  # noqa: E402
+
+
+def test_only_the_default_run_writes_to_results():
+    assert run_notebook.plan([]) == (REPO / "results", ["-p", "output_dir", "results"])
+    output_dir, arguments = run_notebook.plan(["-p", "max_new_tokens", "3"])
+    assert output_dir.parent == REPO / "results" / "runs" and arguments[:3] == ["-p", "max_new_tokens", "3"]
+    assert arguments[3:] == ["-p", "output_dir", f"results/runs/{output_dir.name}"]
+    assert run_notebook.plan(["-p", "max_new_tokens", "3"])[0] == output_dir  # the same arguments resume there
+    assert run_notebook.plan(["-p", "max_new_tokens", "4"])[0] != output_dir
+    assert run_notebook.plan(["-y", "output_dir: /tmp/mine\nseed: 1"])[0] == Path("/tmp/mine")
+    assert run_notebook.plan(["-p", "output_dir", "/tmp/a", "-p", "seed", "1"]) == (
+        Path("/tmp/a"),
+        ["-p", "output_dir", "/tmp/a", "-p", "seed", "1"],
+    )
+
+
+def test_the_repository_address_is_written_alike_in_every_place(tmp_path):
+    found = set_repository.addresses()
+    assert set(found) == {"README badge", "notebook badge", "REPO_URL"}
+    assert all(len(written) == 1 for written in found.values())
+    assert len({written[0] for written in found.values()}) == 1  # the README and the notebook agree
+    readme, notebook = tmp_path / "README.md", tmp_path / "notebook.ipynb"
+    shutil.copy(set_repository.README, readme)
+    shutil.copy(set_repository.NOTEBOOK, notebook)
+    set_repository.set_repository("someone/bh-routing", readme, notebook)
+    assert all(written == ["someone/bh-routing"] for written in set_repository.addresses(readme, notebook).values())
+    with pytest.raises(ValueError, match="OWNER/NAME"):
+        set_repository.set_repository("https://github.com/someone/bh-routing", readme, notebook)
