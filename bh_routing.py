@@ -94,6 +94,7 @@ __all__ = [
     "memory_plan",
     "GIB",
     "LOSS_CHUNK_ELEMENTS",
+    "PATCHER_ATTRIBUTE",
     "build_random_olmoe",
     "environment_info",
     "VARIABLE_K_EXPERTS",

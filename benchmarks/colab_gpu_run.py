@@ -37,9 +37,37 @@ def peak_host_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / br.GIB  # ru_maxrss is in KiB on Linux
 
 
+def anonymous_gib() -> float:
+    """Resident memory not backed by a file (RssAnon): what a load needs free, unlike the pages of a mapped
+    safetensors file, which count in RSS but are page cache the kernel can drop."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024 / br.GIB
+    return float("nan")
+
+
+def sampled_peak(function, interval: float = 0.01):
+    """(function(), peak RssAnon in GiB sampled every `interval` seconds while it ran)."""
+    import threading
+
+    peak, done = [anonymous_gib()], threading.Event()
+
+    def sample():
+        while not done.wait(interval):
+            peak.append(anonymous_gib())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        return function(), max(peak)
+    finally:
+        done.set()
+        sampler.join()
+
+
 def build(directory: Path) -> None:
     model = br.build_random_olmoe(REAL_SHAPE, device="cuda", dtype=torch.bfloat16)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size="5GB")  # shards of the hub checkpoint's size
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(br.EMBEDDED_MODEL_DIR / name, directory / name)
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / br.GIB
@@ -47,12 +75,20 @@ def build(directory: Path) -> None:
 
 
 def load(directory: Path, output: Path) -> None:
-    started = time.perf_counter()
-    model, _ = br.load_model(directory)
+    started, before = time.perf_counter(), anonymous_gib()
+    (model, _), peak_anonymous = sampled_peak(lambda: br.load_model(directory))
     seconds = time.perf_counter() - started
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / br.GIB
-    record = {"load_seconds": seconds, "weights_gib": weights, "peak_host_rss_gib": peak_host_gib(),
-              "device": str(model.device), "dtype": str(model.dtype), **br.environment_info(model)}  # fmt: skip
+    files = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / br.GIB
+    record = {
+        "load_seconds": seconds,
+        "weights_gib": weights,
+        "checkpoint_files_gib": files,
+        "peak_host_rss_gib": peak_host_gib(),
+        "peak_anonymous_rss_gib": peak_anonymous,
+        "anonymous_rss_before_gib": before,
+        **br.environment_info(model),
+    }
     output.write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
 
@@ -90,7 +126,7 @@ def main() -> None:
     parser.add_argument("output", type=Path, nargs="?")
     parser.add_argument("--cap-gib", type=float, default=None)
     parser.add_argument("overrides", nargs="*", help="notebook parameters as name=JSON")
-    arguments = parser.parse_args()
+    arguments = parser.parse_intermixed_args()
     if arguments.step == "build":
         build(arguments.directory)
     elif arguments.step == "load":

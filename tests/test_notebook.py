@@ -207,6 +207,25 @@ def test_failed_quality_configurations_still_give_every_output(tmp_path, monkeyp
         assert "No configuration's quality was measured: all failed" in report
 
 
+def test_failed_generation_configurations_still_give_every_output(tmp_path, monkeypatch):
+    generate = br.generate_timed
+
+    def out_of_memory_under_bh(model, *args, **kwargs):
+        patcher = getattr(model, br.PATCHER_ATTRIBUTE, None)
+        if patcher is not None and patcher.method == "bh":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(br, "generate_timed", out_of_memory_under_bh)
+    configs = ["topk_8_baseline", "bh_k8_a005", "bh1mp_k8_a005"]
+    run_in_process(tmp_path, monkeypatch, config_names=configs, prompts_per_group=1, run_quality=False, **QUICK)
+    table = pd.read_csv(tmp_path / "bh_routing_summary.csv")
+    assert list(table["status"]) == ["ok", "failed", "failed"] and table["error"][1:].str.contains("OutOfMemory").all()
+    report = (tmp_path / "bh_routing_report.md").read_text()
+    assert "Configurations: 3 (1 ok, 2 failed" in report and "- `bh1mp_k8_a005`: OutOfMemoryError" in report
+    assert (tmp_path / "visualizations" / "bh_routing_analysis.png").exists()
+
+
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
