@@ -89,6 +89,7 @@ __all__ = [
     "frontier_table",
     "token_level_analysis",
     "load_model",
+    "load_config",
     "model_source",
     "native_dtype",
     "memory_plan",
@@ -1363,6 +1364,35 @@ def model_source(model_name_or_path: str | Path) -> str:
     return "hub"
 
 
+def _from_pretrained(model_name_or_path, read: Callable[[str], object]):
+    """read(location) for the embedded model, a local directory or a hub id, with errors that say which."""
+    source = model_source(model_name_or_path)
+    location = str(EMBEDDED_MODEL_DIR if source == "embedded" else model_name_or_path)
+    if source == "embedded" and not (EMBEDDED_MODEL_DIR / "config.json").exists():
+        raise FileNotFoundError(
+            f"The embedded model is missing from {EMBEDDED_MODEL_DIR}; this checkout is incomplete "
+            "(it is committed in the repository; scripts/train_tiny_olmoe.py rebuilds it)."
+        )
+    try:
+        return read(location)
+    except OSError as error:
+        if source != "hub":
+            raise
+        raise RuntimeError(
+            f"Could not load {location!r} from the Hugging Face hub (no network, or not cached?). "
+            f"Original error: {error}. Offline, use the embedded model instead: "
+            f"load_model('embedded') (files in {EMBEDDED_MODEL_DIR})."
+        ) from error
+
+
+def load_config(model_name_or_path: str | Path = "embedded"):
+    """The model's transformers config alone, without its weights (e.g. its experts and native top-k before
+    anything is loaded). Same sources and errors as `load_model`."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(model_name_or_path, AutoConfig.from_pretrained)
+
+
 def load_model(
     model_name_or_path: str | Path = "embedded",
     device: str | None = None,
@@ -1384,29 +1414,16 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = model_source(model_name_or_path)
-    if source == "embedded":
-        model_name_or_path = EMBEDDED_MODEL_DIR
-        if not (EMBEDDED_MODEL_DIR / "config.json").exists():
-            raise FileNotFoundError(
-                f"The embedded model is missing from {EMBEDDED_MODEL_DIR}; this checkout is incomplete "
-                "(it is committed in the repository; scripts/train_tiny_olmoe.py rebuilds it)."
-            )
     device = device or _default_device()
     torch_dtype = _resolve_dtype(dtype, device if device_map is None else "cuda")
     if device_map is None and torch.device(device).type == "cuda":
         device_map = str(device)  # from_pretrained then places each weight on the GPU as it reads it
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(str(model_name_or_path), dtype=torch_dtype, device_map=device_map)
-    except OSError as error:
-        if source != "hub":
-            raise
-        raise RuntimeError(
-            f"Could not load {model_name_or_path!r} from the Hugging Face hub (no network, or not cached?). "
-            f"Original error: {error}. Offline, use the embedded model instead: "
-            f"load_model('embedded') (files in {EMBEDDED_MODEL_DIR})."
-        ) from error
+
+    def read(location: str):
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        return AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, device_map=device_map), tokenizer
+
+    model, tokenizer = _from_pretrained(model_name_or_path, read)
     if device_map is None:
         model = model.to(device)
     return model.eval(), tokenizer
@@ -2044,7 +2061,8 @@ class OLMoERouterPatcher:
         if owner is not None and owner is not self:
             raise RuntimeError(
                 f"this model is already patched by another {type(self).__name__} (method {owner.method!r}): "
-                "call that patcher's unpatch() first; one patcher per model at a time"
+                f"call that patcher's unpatch() first (it is model.{PATCHER_ATTRIBUTE}); one patcher per model "
+                "at a time"
             )
         setattr(self.model, PATCHER_ATTRIBUTE, self)
         self._thread = threading.get_ident()

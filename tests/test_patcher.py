@@ -349,6 +349,12 @@ def test_a_missing_local_model_directory_is_named(tmp_path):
     for missing in (str(tmp_path / "nope"), "./models/nope", "../nope", "a/b/c"):
         with pytest.raises(FileNotFoundError, match="not an existing local directory"):
             bh_routing.load_model(missing, device="cpu")
+    with pytest.raises(FileNotFoundError, match="not an existing local directory"):
+        bh_routing.load_config("./models/nope")
+    config = bh_routing.load_config("embedded")  # the geometry without the weights
+    assert (config.num_experts, config.num_experts_per_tok) == (64, 8)
+    with pytest.raises(RuntimeError, match="embedded"):
+        bh_routing.load_config(bh_routing.HUB_MODEL_ID)  # offline: the same message as load_model's
     assert bh_routing.model_source("allenai/OLMoE-1B-7B-0924") == "hub"
     assert bh_routing.model_source(bh_routing.EMBEDDED_MODEL_DIR) == "local"
     assert bh_routing.model_source("embedded") == "embedded"
