@@ -118,6 +118,7 @@ __all__ = [
     "atomic_write",
     "ResultStore",
     "code_fingerprint",
+    "function_fingerprint",
     "throughput_summary",
     "atomic_write_text",
 ]
@@ -2252,6 +2253,8 @@ def _score_all(model, token_ids, windows, batch_size, patcher) -> tuple[dict[str
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
+            scored = None
+        if scored is None:  # outside the except block, where the failed batch's tensors are already released
             batch_size //= 2
             torch.cuda.empty_cache()
             warnings.warn(f"out of memory: evaluating with batch_size={batch_size}", stacklevel=3)
@@ -2388,6 +2391,30 @@ def code_fingerprint() -> dict:
     }
 
 
+def function_fingerprint(*functions: Callable) -> str:
+    """A hash of functions' compiled code (bytecode, names, constants, nested functions): it changes when
+    their code does, whether they are defined in a file, a notebook cell or exec'd text (line numbers and
+    comments do not count). The notebook adds its measuring functions' fingerprint to its resume key."""
+    import hashlib
+
+    digest = hashlib.sha256()
+
+    def feed(code) -> None:
+        digest.update(code.co_code)
+        digest.update(repr(code.co_names).encode())
+        for constant in code.co_consts:
+            if hasattr(constant, "co_code"):
+                feed(constant)
+            elif isinstance(constant, frozenset):  # its order follows string hashing, which varies by process
+                digest.update(repr(sorted(map(repr, constant))).encode())
+            else:
+                digest.update(repr(constant).encode())
+
+    for function in functions:
+        feed(function.__code__)
+    return digest.hexdigest()[:16]
+
+
 class ResultStore:
     """Results of a sweep, one JSON file per configuration in `directory`, written as each finishes.
 
@@ -2455,9 +2482,9 @@ class ResultStore:
         try:
             result = {**compute(), "status": "ok"}
         except Exception as error:  # noqa: BLE001 - a failed configuration is recorded; the sweep goes on
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # e.g. after an out-of-memory error, for the next configuration
             result = {**(describe or {}), "status": "failed", "error": f"{type(error).__name__}: {error}"}
+        if result["status"] == "failed" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # e.g. after an out-of-memory error, once its tensors are released
         return self.save(name, {**result, "tensors": self.path(name, ".pt").exists()})
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:

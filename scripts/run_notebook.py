@@ -10,6 +10,7 @@ in the same directory). The executed notebook is written under a temporary name 
 cell succeeded; a failed run leaves <output_dir>/OLMoE_BH_Routing_Experiments.failed.ipynb and exits 1.
 """
 
+import base64
 import hashlib
 import subprocess
 import sys
@@ -23,14 +24,23 @@ DEFAULT_OUTPUT_DIR = "results"
 
 
 def given_output_dir(arguments: list[str]) -> str | None:
-    """The output_dir the papermill arguments set (-p/--parameters, -y/--parameters_yaml; the last wins)."""
-    found = None
+    """The output_dir the papermill arguments set, with papermill's precedence (base64 YAML -b, then a
+    parameters file -f, then YAML -y, then -p, then -r, each overriding the ones before; the last of each
+    kind wins)."""
+    found = {}
     for index, argument in enumerate(arguments):
-        if argument in ("-p", "--parameters") and arguments[index + 1 : index + 2] == ["output_dir"]:
-            found = arguments[index + 2]
+        value = arguments[index + 1] if index + 1 < len(arguments) else None
+        if argument in ("-f", "--parameters_file"):
+            found["f"] = (yaml.safe_load(Path(value).read_text()) or {}).get("output_dir", found.get("f"))
         elif argument in ("-y", "--parameters_yaml"):
-            found = (yaml.safe_load(arguments[index + 1]) or {}).get("output_dir", found)
-    return found
+            found["y"] = (yaml.safe_load(value) or {}).get("output_dir", found.get("y"))
+        elif argument in ("-b", "--parameters_base64"):
+            found["b"] = (yaml.safe_load(base64.b64decode(value)) or {}).get("output_dir", found.get("b"))
+        elif argument in ("-p", "--parameters") and value == "output_dir":
+            found["p"] = arguments[index + 2]
+        elif argument in ("-r", "--parameters_raw") and value == "output_dir":
+            found["r"] = arguments[index + 2]
+    return next((found[kind] for kind in "rpyfb" if found.get(kind) is not None), None)
 
 
 def plan(arguments: list[str]) -> tuple[Path, list[str]]:

@@ -85,6 +85,10 @@ def test_notebook_runs_with_one_prompt_per_group_and_writes_every_output(tmp_pat
     floored = [f"bh_k8_a020_min{k}" for k in (2, 3, 4, 6)]
     assert list(frontier["config"]) == ["bh_k4_a020", "bh_k8_a005", "bh1mp_k8_a005"] + floored
     assert table["perplexity"].notna().all() and (table["perplexity"] < 8192).all()
+    for store in ("configs", "quality"):  # what the resume key holds
+        settings = json.loads(next((tmp_path / store).glob("*.json")).read_text())["settings"]
+        assert {"model", "dtype", "device", "hardware", "measuring_code", "code"} <= set(settings)
+        assert settings["dtype"] == "float32" and settings["device"] == "cpu"
     report = (tmp_path / "bh_routing_report.md").read_text()
     assert "`embedded`" in report and "Prompts: 4 in 4 complexity groups" in report
     for row in table.itertuples():  # the report's numbers are the CSV's
@@ -207,22 +211,27 @@ def test_failed_quality_configurations_still_give_every_output(tmp_path, monkeyp
         assert "No configuration's quality was measured: all failed" in report
 
 
-def test_failed_generation_configurations_still_give_every_output(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["bh", "every"])
+def test_failed_generation_configurations_still_give_every_output(tmp_path, monkeypatch, failing):
     generate = br.generate_timed
 
-    def out_of_memory_under_bh(model, *args, **kwargs):
+    def out_of_memory_when_patched(model, *args, **kwargs):
         patcher = getattr(model, br.PATCHER_ATTRIBUTE, None)
-        if patcher is not None and patcher.method == "bh":
+        if patcher is not None and failing in (patcher.method, "every"):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return generate(model, *args, **kwargs)
 
-    monkeypatch.setattr(br, "generate_timed", out_of_memory_under_bh)
+    monkeypatch.setattr(br, "generate_timed", out_of_memory_when_patched)
     configs = ["topk_8_baseline", "bh_k8_a005", "bh1mp_k8_a005"]
     run_in_process(tmp_path, monkeypatch, config_names=configs, prompts_per_group=1, run_quality=False, **QUICK)
     table = pd.read_csv(tmp_path / "bh_routing_summary.csv")
-    assert list(table["status"]) == ["ok", "failed", "failed"] and table["error"][1:].str.contains("OutOfMemory").all()
+    failed = table["method"] == "bh" if failing == "bh" else table["method"].notna()
+    assert (table.loc[failed, "status"] == "failed").all() and (table.loc[~failed, "status"] == "ok").all()
+    assert table.loc[failed, "error"].str.contains("OutOfMemory").all()
     report = (tmp_path / "bh_routing_report.md").read_text()
-    assert "Configurations: 3 (1 ok, 2 failed" in report and "- `bh1mp_k8_a005`: OutOfMemoryError" in report
+    assert f"Configurations: 3 ({(~failed).sum()} ok, {failed.sum()} failed" in report
+    assert "- `bh1mp_k8_a005`: OutOfMemoryError" in report
+    assert ("Timings are end-to-end" in report) == (failing == "bh")  # nothing said of timings that never ran
     assert (tmp_path / "visualizations" / "bh_routing_analysis.png").exists()
 
 
@@ -234,6 +243,8 @@ def test_failed_generation_configurations_still_give_every_output(tmp_path, monk
         ({"config_names": 5}, "config_names must be None, a list of names or a comma-separated string"),
         ({"config_names": "bh_k8_a005,bh-k8"}, r"config_names has unknown names \['bh-k8'\]; allowed: \['topk_8"),
         ({"timing_repeats": 0}, "timing_repeats must be an integer >= 1, got 0"),
+        ({"eval_max_tokens": 1}, "eval_max_tokens must be None or an integer >= 2, got 1"),
+        ({"config_names": ","}, "config_names names no configuration"),
         ({"dtype": "fp8"}, "dtype must be one of"),
         ({"run_quality": "yes"}, "run_quality must be True or False"),
         ({"device": "tpu"}, "device must be"),

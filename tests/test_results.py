@@ -1,6 +1,10 @@
 """Results on disk: atomic writes, resume, failure records, interrupts (the helper both notebook sweeps use)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -89,6 +93,36 @@ def test_the_fingerprint_follows_the_module_source(tmp_path, monkeypatch):
     before = br.code_fingerprint()
     copy.write_text(copy.read_text() + "\n# an edit\n")
     assert br.code_fingerprint()["bh_routing_sha256"] != before["bh_routing_sha256"]
+
+
+def function_from(body):
+    namespace = {}
+    exec(f"def measure(x):\n{body}\n", namespace)  # noqa: S102 - test code
+    return br.function_fingerprint(namespace["measure"])
+
+
+def test_function_fingerprints_follow_the_code_not_its_layout():
+    plain = function_from("    return x in {'a', 'b', 'c'} and x * 2")
+    assert plain == function_from("    return x in {'a', 'b', 'c'} and x * 2")
+    assert plain == function_from("\n    # a comment and a blank line\n    return x in {'a', 'b', 'c'} and x * 2")
+    assert plain != function_from("    return x in {'a', 'b', 'c'} and x * 3")
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); sys.path.insert(0, '.'); import test_results; "
+        "print(test_results.function_from(\"    return x in {'a', 'b', 'c'}\"))"
+    )
+    repo = Path(br.__file__).parent
+    seeds = [
+        subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=repo,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout  # fmt: skip
+        for seed in ("1", "2", "3")
+    ]
+    assert len(set(seeds)) == 1 and seeds[0].strip()  # set constants' order varies with string hashing
 
 
 def measured(store, name):

@@ -21,6 +21,9 @@ def test_only_the_default_run_writes_to_results():
     assert run_notebook.plan(["-p", "max_new_tokens", "3"])[0] == output_dir  # the same arguments resume there
     assert run_notebook.plan(["-p", "max_new_tokens", "4"])[0] != output_dir
     assert run_notebook.plan(["-y", "output_dir: /tmp/mine\nseed: 1"])[0] == Path("/tmp/mine")
+    assert run_notebook.given_output_dir(["-p", "output_dir", "/tmp/p", "-y", "output_dir: /tmp/y"]) == "/tmp/p"
+    assert run_notebook.given_output_dir(["-y", "output_dir: /tmp/y", "-b", "b3V0cHV0X2RpcjogL3RtcC9i"]) == "/tmp/y"
+    assert run_notebook.given_output_dir(["-b", "b3V0cHV0X2RpcjogL3RtcC9i"]) == "/tmp/b"  # output_dir: /tmp/b
     assert run_notebook.plan(["-p", "output_dir", "/tmp/a", "-p", "seed", "1"]) == (
         Path("/tmp/a"),
         ["-p", "output_dir", "/tmp/a", "-p", "seed", "1"],
