@@ -1047,7 +1047,9 @@ class RoutingStatistics:
     kept weights, and (optionally) every token's count.
 
     `record` only keeps references, so that a forward pass launches no extra kernels; the decisions are
-    folded into the accumulators in batches of `max_pending` calls per layer, and when read.
+    folded into the accumulators in batches of `max_pending` calls per layer, and when read. A call may
+    name the rows that count (`keep`, e.g. the positions an attention mask marks as real, not padding):
+    the others are left out of every statistic.
     """
 
     max_pending = 256  # routing calls kept per layer before they are folded in
@@ -1063,14 +1065,32 @@ class RoutingStatistics:
         self._token_counts: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
         self._selections: list[torch.Tensor | None] = [None] * self.num_layers  # [E+1] per layer
         self._entropy_sums: list[torch.Tensor | None] = [None] * self.num_layers
-        self._num_routed: list[int] = [0] * self.num_layers
+        self._num_routed: list[int | torch.Tensor] = [0] * self.num_layers  # a device count where masked
 
-    def record(self, layer: int, top_weights, top_index, expert_counts=None) -> None:
-        """One routing call of `layer`: weights and index [..., K]; expert_counts [...] (None: all K kept)."""
-        self._pending[layer].append((expert_counts, top_weights, top_index))
-        self._num_routed[layer] += math.prod(top_index.shape[:-1])  # tokens, read off the shape: no tensor op
+    def record(self, layer: int, top_weights, top_index, expert_counts=None, keep=None) -> None:
+        """One routing call of `layer`: weights and index [..., K]; expert_counts [...] (None: all K kept);
+        keep: None (every row counts) or (rows [N] bool over the flattened leading dimensions, their number
+        as a device scalar), so that nothing here waits for the device."""
+        self._pending[layer].append((expert_counts, top_weights, top_index, None if keep is None else keep[0]))
+        routed = math.prod(top_index.shape[:-1]) if keep is None else keep[1]  # no tensor op when unmasked
+        self._num_routed[layer] = self._num_routed[layer] + routed
         if len(self._pending[layer]) >= self.max_pending:
             self._fold(layer)
+
+    @staticmethod
+    def _kept_rows(pending) -> torch.Tensor | None:
+        """The rows of the concatenated pending calls that count, or None if all do."""
+        if all(keep is None for *_, keep in pending):
+            return None
+        device = pending[0][2].device
+        return torch.cat(
+            [
+                torch.ones(math.prod(index.shape[:-1]), dtype=torch.bool, device=device)
+                if keep is None
+                else keep.to(device)
+                for _, _, index, keep in pending
+            ]
+        )
 
     @torch.no_grad()
     def _fold(self, layer: int) -> None:
@@ -1083,8 +1103,11 @@ class RoutingStatistics:
             self._selections[layer] = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
             self._entropy_sums[layer] = torch.zeros((), dtype=torch.float64, device=device)
         # One batch of kernels for all pending calls (a patch keeps its slot width K, so they concatenate).
-        top_index = torch.cat([index.reshape(-1, index.shape[-1]) for _, _, index in pending])  # [N, K]
-        weights = torch.cat([w.reshape(-1, w.shape[-1]) for _, w, _ in pending]).float()  # [N, K]
+        top_index = torch.cat([index.reshape(-1, index.shape[-1]) for _, _, index, _ in pending])  # [N, K]
+        weights = torch.cat([w.reshape(-1, w.shape[-1]) for _, w, _, _ in pending]).float()  # [N, K]
+        kept = self._kept_rows(pending)
+        if kept is not None:
+            top_index, weights = top_index[kept], weights[kept]
         flat_index = top_index.reshape(-1)
         # Sentinel slots (index E) land in the last bin, which `selections` drops.
         self._selections[layer].scatter_add_(0, flat_index, torch.ones_like(flat_index))
@@ -1094,13 +1117,14 @@ class RoutingStatistics:
             if pending[0][0] is None:  # a method without counts keeps all K slots (top-k, native)
                 counts = torch.full((top_index.shape[0],), top_index.shape[-1], device=device)
             else:
-                counts = torch.cat([expert_counts.reshape(-1) for expert_counts, _, _ in pending])
+                counts = torch.cat([expert_counts.reshape(-1) for expert_counts, *_ in pending])
+                counts = counts if kept is None else counts[kept]
             self._token_counts[layer].append(counts.to(torch.int16))
 
     @property
     def num_tokens(self) -> int:
-        """Tokens routed so far (by the first layer)."""
-        return self._num_routed[0]
+        """Tokens routed so far (by the first layer), padding left out where a mask said so."""
+        return int(self._num_routed[0])
 
     def _fold_all(self) -> None:
         if self.num_tokens == 0:
@@ -1138,7 +1162,7 @@ class RoutingStatistics:
             stats.update(avg_experts=avg, reduction_vs_baseline=100.0 * (1 - avg / baseline_k))
             stats["per_layer_avg_experts"] = per_layer
         return stats | {
-            "weight_entropy": sum(e.item() for e in self._entropy_sums) / sum(self._num_routed),
+            "weight_entropy": sum(e.item() for e in self._entropy_sums) / sum(int(n) for n in self._num_routed),
             "expert_utilization": expert_load_balance(selections),
             "expert_utilization_per_layer": (selections / self.num_tokens).tolist(),
             "num_tokens": self.num_tokens,
@@ -1912,6 +1936,9 @@ class OLMoERouterPatcher:
     Also usable as a context manager (`with OLMoERouterPatcher(model) as patcher:`), which unpatches on
     exit. Patching again replaces the previous patch (and resets the statistics).
 
+    Statistics count real tokens only: a forward pass's 2-D attention_mask (or one given with
+    `set_attention_mask`) leaves padding positions out.
+
     One patcher per model at a time: patching a model that another patcher holds raises RuntimeError, so
     statistics always describe the routing that ran and `unpatch` restores what its own patch changed. A
     patched model is used from the thread that patched it; a forward pass from another thread raises
@@ -1956,6 +1983,8 @@ class OLMoERouterPatcher:
         self.statistics = RoutingStatistics(self.num_layers, self.num_experts, record_token_counts)
         self._handles: list = []
         self._thread: int | None = None
+        self._keep: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's real positions
+        self.attention_mask: torch.Tensor | None = None  # set_attention_mask
         self._route: Callable | None = None  # (logits, native output) -> (weights, index, counts)
         self._saved_experts_implementation: str | None = None
         self._saved_expert_parallel_flags: list[bool] | None = None
@@ -1999,7 +2028,8 @@ class OLMoERouterPatcher:
         self.method, self.params, self._route = spec.name, params, route
         self._prepare_experts(spec, params)
         self.experts_implementation = self._current_experts_implementation()
-        self._handles.append(self.model.register_forward_pre_hook(self._check_thread))
+        self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_forward))
         for layer, router in enumerate(self.routers):
             self._handles.append(router.register_forward_hook(self._make_hook(layer)))
         return self
@@ -2068,14 +2098,38 @@ class OLMoERouterPatcher:
         setattr(self.model, PATCHER_ATTRIBUTE, self)
         self._thread = threading.get_ident()
 
-    def _check_thread(self, module, args) -> None:
-        """A patched model runs in the thread that patched it: the hooks and statistics are not shared
-        safely between threads, so a forward pass from another thread is refused."""
+    def _before_forward(self, module, args, kwargs) -> None:
+        """Before each forward pass of the patched model: refuse another thread (the hooks and statistics
+        are not shared safely between threads), and read which positions are real tokens."""
         if threading.get_ident() != self._thread:
             raise RuntimeError(
                 f"this model was patched (method {self.method!r}) in another thread; a patched model is not "
                 "thread-safe: patch, run and unpatch it in one thread, or give each thread its own model"
             )
+        self._keep = self._real_positions(args, kwargs)
+
+    def _after_forward(self, module, args, output) -> None:
+        self._keep = None  # a submodule called on its own later gets no stale mask
+
+    def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Count only the positions this [batch, length] mask marks with 1, in forward passes that get no
+        attention_mask of their own (e.g. a harness that right-pads a batch and calls model(input_ids));
+        None: count every position. A forward pass's own 2-D attention_mask takes precedence."""
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be [batch, length], got shape {tuple(attention_mask.shape)}")
+        self.attention_mask = attention_mask
+
+    def _real_positions(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(this forward's positions [batch x length] that are not padding, their number), or None for all.
+        Only the mask's last `length` columns belong to this pass (a cache holds the earlier ones)."""
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else self.attention_mask
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+        if mask is None or inputs is None:
+            return None
+        keep = mask[:, -inputs.shape[1] :].reshape(-1).bool()
+        return keep, keep.sum()
 
     # --- the experts path ----------------------------------------------------------------------------
 
@@ -2111,11 +2165,12 @@ class OLMoERouterPatcher:
     def _make_hook(self, layer: int):
         def hook(module, args, output):
             router_logits = output[0]  # [T, E] in the model's dtype
+            keep = self._keep if self._keep is not None and self._keep[0].numel() == router_logits.shape[0] else None
             if self._route is None:  # the native routing, unchanged
-                self.statistics.record(layer, output[1], output[2])
+                self.statistics.record(layer, output[1], output[2], keep=keep)
                 return None
             top_weights, top_index, expert_counts = self._route(router_logits, output)
-            self.statistics.record(layer, top_weights, top_index, expert_counts)
+            self.statistics.record(layer, top_weights, top_index, expert_counts, keep=keep)
             return router_logits, top_weights.to(router_logits.dtype), top_index
 
         return hook

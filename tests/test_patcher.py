@@ -358,3 +358,45 @@ def test_a_missing_local_model_directory_is_named(tmp_path):
     assert bh_routing.model_source("allenai/OLMoE-1B-7B-0924") == "hub"
     assert bh_routing.model_source(bh_routing.EMBEDDED_MODEL_DIR) == "local"
     assert bh_routing.model_source("embedded") == "embedded"
+
+
+def test_statistics_leave_padding_positions_out(tiny_model):
+    generator = torch.Generator().manual_seed(5)
+    long, short = torch.randint(2, 512, (11,), generator=generator), torch.randint(2, 512, (6,), generator=generator)
+    padded = torch.stack([long, torch.cat([short, torch.full((5,), 1)])])  # right-padded with the pad id
+    mask = torch.stack([torch.ones(11, dtype=torch.long), torch.cat([torch.ones(6), torch.zeros(5)]).long()])
+    patcher = OLMoERouterPatcher(tiny_model)
+    patcher.patch_with_bh(alpha=0.2, min_k=0, max_k=16)
+
+    def stats_of(*calls):
+        patcher.reset_stats()
+        with torch.no_grad():
+            for ids, kwargs in calls:
+                tiny_model(ids, **kwargs)
+        return patcher.get_stats()
+
+    alone = stats_of((long[None], {}), (short[None], {}))  # no padding at all
+    masked = stats_of((padded, {"attention_mask": mask}))
+    unmasked = stats_of((padded, {}))
+    assert masked["num_tokens"] == alone["num_tokens"] == 17 and unmasked["num_tokens"] == 22
+    assert torch.equal(masked["token_counts"], alone["token_counts"])  # the real tokens, in order
+    assert masked["avg_experts"] == alone["avg_experts"] != unmasked["avg_experts"]
+    assert masked["expert_utilization_per_layer"] == alone["expert_utilization_per_layer"]
+    patcher.set_attention_mask(mask)  # for a caller whose forward passes no mask (lm-eval's right padding)
+    assert torch.equal(stats_of((padded, {}))["token_counts"], alone["token_counts"])
+    patcher.set_attention_mask(None)
+    assert stats_of((padded, {}))["num_tokens"] == 22
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, length\]"):
+        patcher.set_attention_mask(mask[0])
+    patcher.unpatch()
+
+
+def test_generation_with_a_padded_batch_counts_real_tokens_only(tiny_model):
+    prompts = torch.tensor([[1, 1, 7, 8, 9], [3, 4, 5, 6, 7]])  # the first left-padded, as generate wants
+    mask = (prompts != 1).long()
+    patcher = OLMoERouterPatcher(tiny_model)
+    patcher.observe()
+    tiny_model.generate(prompts, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=1)
+    stats = patcher.get_stats()
+    assert stats["num_tokens"] == 3 + 5 + 2 * 2  # real prompt tokens, then one token per row and new step
+    patcher.unpatch()
