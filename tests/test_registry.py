@@ -164,3 +164,24 @@ def test_routing_statistics_equal_a_direct_computation(max_pending):
     assert without_counts.summary(0, 6, 8)["avg_experts"] == pytest.approx(summary["avg_experts"])
     with pytest.raises(RuntimeError, match="record_token_counts"):
         without_counts.token_counts()
+
+
+@pytest.mark.parametrize("max_pending", [1, 3, 1000])
+def test_masked_records_equal_the_statistics_of_the_kept_rows(max_pending):
+    generator = torch.Generator().manual_seed(1)
+    kept_records = [[], []]
+    statistics = br.RoutingStatistics(num_layers=2, num_experts=64)
+    statistics.max_pending = max_pending
+    for num_tokens, masked in ((5, True), (1, False), (4, True), (7, False)):
+        keep = torch.rand(num_tokens, generator=generator) < 0.6 if masked else None
+        for layer in range(2):
+            logits = torch.randn(num_tokens, 64, generator=generator) * 3
+            weights, index, counts = br.route_bh_tensors(logits, None, 0.2, 1.0, 0, 6, "robust_z", False)
+            statistics.record(layer, weights, index, counts, keep=None if keep is None else (keep, keep.sum()))
+            rows = slice(None) if keep is None else keep
+            kept_records[layer].append((weights[rows], index[rows], counts[rows]))
+    token_counts, selections, entropy = reference_statistics(kept_records, 64)
+    summary = statistics.summary(min_k=0, max_k=6, baseline_k=8)
+    assert statistics.num_tokens == token_counts.shape[0] < 17
+    assert torch.equal(summary["token_counts"], token_counts) and torch.equal(statistics.selections(), selections)
+    assert summary["weight_entropy"] == pytest.approx(entropy)
