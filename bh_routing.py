@@ -94,6 +94,7 @@ __all__ = [
     "native_dtype",
     "memory_plan",
     "GIB",
+    "weights_gib",
     "LOSS_CHUNK_ELEMENTS",
     "PATCHER_ATTRIBUTE",
     "build_random_olmoe",
@@ -1065,15 +1066,15 @@ class RoutingStatistics:
         self._token_counts: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
         self._selections: list[torch.Tensor | None] = [None] * self.num_layers  # [E+1] per layer
         self._entropy_sums: list[torch.Tensor | None] = [None] * self.num_layers
-        self._num_routed: list[int | torch.Tensor] = [0] * self.num_layers  # a device count where masked
+        self._num_routed: list[int] = [0] * self.num_layers
 
     def record(self, layer: int, top_weights, top_index, expert_counts=None, keep=None) -> None:
         """One routing call of `layer`: weights and index [..., K]; expert_counts [...] (None: all K kept);
-        keep: None (every row counts) or (rows [N] bool over the flattened leading dimensions, their number
-        as a device scalar), so that nothing here waits for the device."""
-        self._pending[layer].append((expert_counts, top_weights, top_index, None if keep is None else keep[0]))
-        routed = math.prod(top_index.shape[:-1]) if keep is None else keep[1]  # no tensor op when unmasked
-        self._num_routed[layer] = self._num_routed[layer] + routed
+        keep: None (every row counts) or [N] bool over the flattened leading dimensions, the rows that count.
+        No tensor op here: the rows a mask keeps are counted when the call is folded in."""
+        self._pending[layer].append((expert_counts, top_weights, top_index, keep))
+        if keep is None:
+            self._num_routed[layer] += math.prod(top_index.shape[:-1])  # read off the shape
         if len(self._pending[layer]) >= self.max_pending:
             self._fold(layer)
 
@@ -1108,6 +1109,8 @@ class RoutingStatistics:
         kept = self._kept_rows(pending)
         if kept is not None:
             top_index, weights = top_index[kept], weights[kept]
+            unmasked = sum(math.prod(index.shape[:-1]) for _, _, index, keep in pending if keep is None)
+            self._num_routed[layer] += int(kept.sum()) - unmasked  # those were counted by `record`
         flat_index = top_index.reshape(-1)
         # Sentinel slots (index E) land in the last bin, which `selections` drops.
         self._selections[layer].scatter_add_(0, flat_index, torch.ones_like(flat_index))
@@ -1124,7 +1127,9 @@ class RoutingStatistics:
     @property
     def num_tokens(self) -> int:
         """Tokens routed so far (by the first layer), padding left out where a mask said so."""
-        return int(self._num_routed[0])
+        if any(keep is not None for *_, keep in self._pending[0]):
+            self._fold(0)  # masked calls are counted as they fold
+        return self._num_routed[0]
 
     def _fold_all(self) -> None:
         if self.num_tokens == 0:
@@ -1162,7 +1167,7 @@ class RoutingStatistics:
             stats.update(avg_experts=avg, reduction_vs_baseline=100.0 * (1 - avg / baseline_k))
             stats["per_layer_avg_experts"] = per_layer
         return stats | {
-            "weight_entropy": sum(e.item() for e in self._entropy_sums) / sum(int(n) for n in self._num_routed),
+            "weight_entropy": sum(e.item() for e in self._entropy_sums) / sum(self._num_routed),
             "expert_utilization": expert_load_balance(selections),
             "expert_utilization_per_layer": (selections / self.num_tokens).tolist(),
             "num_tokens": self.num_tokens,
@@ -1457,6 +1462,11 @@ def load_model(
 GIB = 2**30
 
 
+def weights_gib(model) -> float:
+    """The model's parameters in GiB, in the dtypes they are stored in."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+
+
 def memory_plan(model, eval_batch_size: int, eval_window: int, generate_tokens: int) -> dict:
     """Estimated device memory in GiB: the weights, the key/value cache of one generation of
     `generate_tokens` tokens, and the peak of a quality-evaluation forward pass (activations of the widest
@@ -1464,9 +1474,7 @@ def memory_plan(model, eval_batch_size: int, eval_window: int, generate_tokens: 
     Estimates from the config (within a few tens of percent), printed before a run so that a batch size
     that cannot fit is seen before it fails; `evaluate_language_model` still backs off on out-of-memory."""
     config = model.config
-    parameters = list(model.parameters())
-    element = parameters[0].element_size()
-    weights = sum(p.numel() * p.element_size() for p in parameters)
+    element = next(model.parameters()).element_size()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     per_token_kv = 2 * config.num_hidden_layers * kv_heads * head_dim * element
@@ -1474,10 +1482,11 @@ def memory_plan(model, eval_batch_size: int, eval_window: int, generate_tokens: 
     widest = max(config.hidden_size * 4, 2 * config.intermediate_size * config.num_experts_per_tok)
     activations = tokens * widest * element * 2  # a layer's input, output and widest intermediate
     logits = tokens * config.vocab_size * element + min(LOSS_CHUNK_ELEMENTS, tokens * config.vocab_size) * 4 * 3
+    weights = weights_gib(model)
     return {
-        "weights_gib": weights / GIB,
+        "weights_gib": weights,
         "kv_cache_gib": per_token_kv * generate_tokens / GIB,
-        "evaluation_peak_gib": (weights + activations + logits) / GIB,
+        "evaluation_peak_gib": weights + (activations + logits) / GIB,
     }
 
 
@@ -1983,7 +1992,7 @@ class OLMoERouterPatcher:
         self.statistics = RoutingStatistics(self.num_layers, self.num_experts, record_token_counts)
         self._handles: list = []
         self._thread: int | None = None
-        self._keep: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's real positions
+        self._keep: torch.Tensor | None = None  # this forward's real positions
         self.attention_mask: torch.Tensor | None = None  # set_attention_mask
         self._route: Callable | None = None  # (logits, native output) -> (weights, index, counts)
         self._saved_experts_implementation: str | None = None
@@ -2119,17 +2128,16 @@ class OLMoERouterPatcher:
             raise ValueError(f"attention_mask must be [batch, length], got shape {tuple(attention_mask.shape)}")
         self.attention_mask = attention_mask
 
-    def _real_positions(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(this forward's positions [batch x length] that are not padding, their number), or None for all.
-        Only the mask's last `length` columns belong to this pass (a cache holds the earlier ones)."""
+    def _real_positions(self, args, kwargs) -> torch.Tensor | None:
+        """This forward's positions [batch x length] that are not padding, or None for all. Only the mask's
+        last `length` columns belong to this pass (a cache holds the earlier ones)."""
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else self.attention_mask
         inputs = kwargs.get("input_ids", args[0] if args else None)
         inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
         if mask is None or inputs is None:
             return None
-        keep = mask[:, -inputs.shape[1] :].reshape(-1).bool()
-        return keep, keep.sum()
+        return mask[:, -inputs.shape[1] :].reshape(-1).bool()
 
     # --- the experts path ----------------------------------------------------------------------------
 
@@ -2165,7 +2173,7 @@ class OLMoERouterPatcher:
     def _make_hook(self, layer: int):
         def hook(module, args, output):
             router_logits = output[0]  # [T, E] in the model's dtype
-            keep = self._keep if self._keep is not None and self._keep[0].numel() == router_logits.shape[0] else None
+            keep = self._keep if self._keep is not None and self._keep.numel() == router_logits.shape[0] else None
             if self._route is None:  # the native routing, unchanged
                 self.statistics.record(layer, output[1], output[2], keep=keep)
                 return None
@@ -2274,9 +2282,13 @@ def _score_windows(model, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(nll, dim=1), torch.cat(correct, dim=1)
 
 
+def _empty_parts() -> dict[str, list]:
+    return {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": []}
+
+
 def _score_batch(model, token_ids, batch, device, patcher) -> dict[str, list]:
     """The scored positions of a batch of windows (equal lengths share a forward pass): lists per field."""
-    parts = {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": []}
+    parts = _empty_parts()
     for length in sorted({end - begin for begin, end, _ in batch}, reverse=True):
         group = [w for w in batch if w[1] - w[0] == length]
         inputs = torch.stack([token_ids[begin:end] for begin, end, _ in group]).to(device)  # [B, length]
@@ -2299,7 +2311,7 @@ def _score_all(model, token_ids, windows, batch_size, patcher) -> tuple[dict[str
     """Every window scored, `batch_size` windows per forward pass; on out-of-memory the batch is halved and
     retried (its partial results are dropped). Returns the parts and the batch size that ran last."""
     device = next(model.parameters()).device
-    parts = {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": []}
+    parts = _empty_parts()
     position = 0
     while position < len(windows):
         batch = windows[position : position + batch_size]
@@ -2513,12 +2525,13 @@ class ResultStore:
             saved = json.loads(path.read_text())
             if not isinstance(saved, dict):
                 raise ValueError(f"expected a JSON object, found {type(saved).__name__}")
-            if saved.get("status") == "ok" and saved.get("settings") == self.settings and saved.get("tensors"):
+            resumable = saved.get("status") == "ok" and saved.get("settings") == self.settings
+            if resumable and saved.get("tensors"):
                 self.load_tensors(name)
         except (ValueError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
             self._move_aside(name, error)
             return None
-        return saved if saved.get("status") == "ok" and saved.get("settings") == self.settings else None
+        return saved if resumable else None
 
     def save(self, name: str, result: dict) -> dict:
         """Write `result` with the store's settings; returns it as it reads back."""

@@ -70,19 +70,17 @@ def build(directory: Path) -> None:
     model.save_pretrained(directory, max_shard_size="5GB")  # shards of the hub checkpoint's size
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(br.EMBEDDED_MODEL_DIR / name, directory / name)
-    size = sum(p.numel() * p.element_size() for p in model.parameters()) / br.GIB
-    print(json.dumps({"checkpoint": str(directory), "weights_gib": size}))
+    print(json.dumps({"checkpoint": str(directory), "weights_gib": br.weights_gib(model)}))
 
 
 def load(directory: Path, output: Path) -> None:
     started, before = time.perf_counter(), anonymous_gib()
     (model, _), peak_anonymous = sampled_peak(lambda: br.load_model(directory))
     seconds = time.perf_counter() - started
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / br.GIB
     files = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / br.GIB
     record = {
         "load_seconds": seconds,
-        "weights_gib": weights,
+        "weights_gib": br.weights_gib(model),
         "checkpoint_files_gib": files,
         "peak_host_rss_gib": peak_host_gib(),
         "peak_anonymous_rss_gib": peak_anonymous,

@@ -177,7 +177,7 @@ def test_masked_records_equal_the_statistics_of_the_kept_rows(max_pending):
         for layer in range(2):
             logits = torch.randn(num_tokens, 64, generator=generator) * 3
             weights, index, counts = br.route_bh_tensors(logits, None, 0.2, 1.0, 0, 6, "robust_z", False)
-            statistics.record(layer, weights, index, counts, keep=None if keep is None else (keep, keep.sum()))
+            statistics.record(layer, weights, index, counts, keep=keep)
             rows = slice(None) if keep is None else keep
             kept_records[layer].append((weights[rows], index[rows], counts[rows]))
     token_counts, selections, entropy = reference_statistics(kept_records, 64)
