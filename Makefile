@@ -1,6 +1,8 @@
 # make test: lint, then all tests.  make lint: ruff alone.  make run: the main job on the embedded default model.
-# Both create .venv from requirements-dev.txt (requirements.txt, the runtime, plus notebook execution, tests and
-# lint) when it is missing or older than either file.
+# make eval: routing configurations on lm-evaluation-harness tasks (offline tasks on the embedded model by default).
+# All create .venv from requirements-dev.txt (requirements.txt, the runtime, plus notebook execution, tests and
+# lint) when it is missing or older than either file; make test and make eval add requirements-eval.txt
+# (lm-eval, optional: make run does not need it).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,13 +12,18 @@ TORCH_SPEC ?= torch==2.13.0
 # rest of the suite runs on a plain CPU install as users have it.
 TRITON_SPEC ?= triton==3.9.0
 TRITON_SITE := $(VENV)/triton-interpreter
+EVAL_INSTALLED := $(VENV)/.eval-installed
 
-.PHONY: test lint run bench clean-venv
+.PHONY: test lint run eval bench clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(EVAL_INSTALLED): $(VENV)/.installed requirements-eval.txt
+	$(PY) -m pip install --quiet -r requirements-eval.txt
 	touch $@
 
 $(TRITON_SITE)/.installed: $(VENV)/.installed
@@ -28,7 +35,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint $(VENV)/.installed $(TRITON_SITE)/.installed
+test: lint $(VENV)/.installed $(TRITON_SITE)/.installed $(EVAL_INSTALLED)
 	BH_TRITON_INTERPRETER_SITE=$(abspath $(TRITON_SITE)) $(PY) -m pytest -q tests
 
 # The notebook, headless, on the embedded model: results/ and the executed notebook, which only a successful
@@ -36,6 +43,11 @@ test: lint $(VENV)/.installed $(TRITON_SITE)/.installed
 # make run RUN_ARGS="-p max_new_tokens 10" (written to results/runs/<hash>/ unless output_dir is given).
 run: $(VENV)/.installed
 	$(PY) scripts/run_notebook.py $(RUN_ARGS)
+
+# Downstream accuracy (scripts/run_downstream.py): results/downstream/ (CSV, figure, report section, one JSON
+# per configuration, resumable). Arguments in EVAL_ARGS, e.g. make eval EVAL_ARGS="--limit 100 --tasks heldout_continuation".
+eval: $(EVAL_INSTALLED)
+	$(PY) scripts/run_downstream.py $(EVAL_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_routing.py

@@ -23,6 +23,10 @@ The routing science and its integration with transformers, readable top to botto
    module computes only the selected pairs, and records routing statistics.
 10. Evaluation: `load_heldout_text`, `sliding_windows`, `evaluate_language_model`, `generate_timed`.
 11. Results on disk: `atomic_write`, `ResultStore` (one file per configuration, resumable, failures recorded).
+12. Downstream accuracy through lm-evaluation-harness (optional dependency, requirements-eval.txt):
+    `evaluate_downstream` runs routing configurations on lm-eval tasks (the offline `OFFLINE_TASKS` built
+    from the held-out text, or any named task), with routing statistics over real tokens only;
+    `downstream_table`, `plot_downstream`, `downstream_markdown`, `paired_difference`.
 
 Shapes use E for the number of experts (64 for OLMoE), K for a method's slot width (max_k, or k for top-k),
 L for the number of MoE layers, and "..." for leading token dimensions ([tokens] inside the model,
@@ -31,12 +35,15 @@ L for the number of MoE layers, and "..." for leading token dimensions ([tokens]
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import functools
 import importlib.util
 import inspect
 import json
 import math
 import pickle
+import random
 import threading
 import time
 import warnings
@@ -99,6 +106,7 @@ __all__ = [
     "PATCHER_ATTRIBUTE",
     "build_random_olmoe",
     "environment_info",
+    "run_settings",
     "VARIABLE_K_EXPERTS",
     "variable_k_experts_forward",
     "variable_k_experts_torch",
@@ -122,6 +130,26 @@ __all__ = [
     "function_fingerprint",
     "throughput_summary",
     "atomic_write_text",
+    "OFFLINE_TASKS",
+    "STANDARD_TASKS",
+    "PRIMARY_METRICS",
+    "DownstreamTaskError",
+    "heldout_documents",
+    "continuation_items",
+    "offline_task_configs",
+    "lm_eval_task_manager",
+    "check_lm_eval_tasks",
+    "harness_padding_masked",
+    "harness_model",
+    "task_metrics",
+    "primary_metric",
+    "paired_difference",
+    "evaluate_task",
+    "evaluate_downstream",
+    "downstream_table",
+    "plot_downstream",
+    "downstream_markdown",
+    "write_downstream_outputs",
 ]
 
 PVALUE_METHODS = ("robust_z", "one_minus_prob")
@@ -859,6 +887,25 @@ class RoutingConfig:
         spec.check_names(params)
         return cls(spec.config_name(**params), method, tuple(params.items()))
 
+    @classmethod
+    def parse(cls, spec: str) -> RoutingConfig:
+        """A configuration from text, "method" or "method:name=value,...": e.g. "bh:alpha=0.05,max_k=8",
+        "topk:k=2", "native:k=8". Values are read as Python literals (0.05, 8, True, None); other text stays
+        a string ("pvalue_method=robust_z")."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"spec must be 'method' or 'method:name=value,...', got {spec!r}")
+        method, _, given = spec.partition(":")
+        params = {}
+        for item in filter(None, (part.strip() for part in given.split(","))):
+            name, equals, text = item.partition("=")
+            if not equals or not name.strip():
+                raise ValueError(f"spec must be 'method' or 'method:name=value,...', got {spec!r} (at {item!r})")
+            try:
+                params[name.strip()] = ast.literal_eval(text.strip())
+            except (ValueError, SyntaxError):
+                params[name.strip()] = text.strip()
+        return cls.of(method.strip(), **params)
+
     @property
     def kwargs(self) -> dict:
         return dict(self.params)
@@ -1512,6 +1559,18 @@ def environment_info(model=None, device=None) -> dict:
         info["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
         info["model_parameters"] = sum(p.numel() for p in model.parameters())
     return info
+
+
+def run_settings(model, model_name_or_path, device: str) -> dict:
+    """What every measurement of `model` depends on besides its own settings and this module (the key that
+    `ResultStore` resumes by): the model's name or path, its dtype, the device as the caller placed it
+    (e.g. "cpu", "cuda", "auto (spread over GPUs)") and the hardware."""
+    return {
+        "model": str(model_name_or_path),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "device": device,
+        "hardware": environment_info(model)["hardware"],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2566,3 +2625,465 @@ class ResultStore:
             return torch.load(path, weights_only=True)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
             raise RuntimeError(f"{path}: saved tensors unreadable ({type(error).__name__}: {error})") from error
+
+
+# ----------------------------------------------------------------------------------------------------
+# 12. Downstream accuracy: routing configurations on lm-evaluation-harness tasks
+# ----------------------------------------------------------------------------------------------------
+
+LM_EVAL_REQUIREMENTS = "requirements-eval.txt"  # lm-eval is optional: make eval and the tests install it
+OFFLINE_TASKS = ("heldout_continuation", "heldout_perplexity")  # built from data/heldout.txt, no download
+STANDARD_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "lambada_openai", "mmlu")  # need the hub
+# The metric a task is plotted and summarised by: the first of these that it reports.
+PRIMARY_METRICS = ("acc_norm", "acc", "word_perplexity", "perplexity", "exact_match")
+LOWER_IS_BETTER = ("word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity")
+CONTINUATION_SEED = 20261126
+CONTINUATION_CHOICES = 4
+CONTINUATION_WORDS = (10, 40)  # lines of this many words (inclusive) become items
+CONTINUATION_MAX_ITEMS = 400
+
+
+class DownstreamTaskError(RuntimeError):
+    """An lm-evaluation-harness task could not be loaded (an unknown name, or its dataset unreachable)."""
+
+
+def _require_lm_eval():
+    """The lm_eval package, or ImportError saying how to install it."""
+    try:
+        import lm_eval
+    except ImportError as error:
+        raise ImportError(
+            f"downstream evaluation needs lm-evaluation-harness: pip install -r {LM_EVAL_REQUIREMENTS}"
+        ) from error
+    return lm_eval
+
+
+def heldout_documents(source: str | Path = "embedded") -> list[str]:
+    """The documents of a held-out text (`load_heldout_text`), split at lines holding only <|endoftext|>."""
+    documents = load_heldout_text(source).split("\n<|endoftext|>\n")
+    return [doc.strip() for doc in documents if doc.strip() and doc.strip() != "<|endoftext|>"]
+
+
+def _line_halves(line: str) -> tuple[str, str] | None:
+    """(first half, second half) of a line of prose split at its middle word, or None for other lines."""
+    words = line.split()
+    letters = sum(character.isalpha() for character in line)
+    if not CONTINUATION_WORDS[0] <= len(words) <= CONTINUATION_WORDS[1] or letters < 0.7 * len(line):
+        return None
+    middle = len(words) // 2
+    return " ".join(words[:middle]), " ".join(words[middle:])
+
+
+def continuation_items(documents: list[str], seed: int = CONTINUATION_SEED) -> list[dict]:
+    """The multiple-choice items of the `heldout_continuation` task: the first half of a line of prose,
+    and CONTINUATION_CHOICES candidate second halves: its own and those of other lines of the same document
+    (same source, same topic, so that style alone does not give the answer away). At most
+    CONTINUATION_MAX_ITEMS items, {"context", "choices", "label", "document"}, shuffled with `seed`."""
+    rng = random.Random(seed)
+    items = []
+    for doc_index, doc in enumerate(documents):
+        pairs = [pair for pair in map(_line_halves, doc.splitlines()) if pair is not None]
+        for index, (context, continuation) in enumerate(pairs):
+            others = {pairs[j][1] for j in range(len(pairs)) if j != index} - {continuation}
+            if len(others) < CONTINUATION_CHOICES - 1:
+                continue
+            choices = [continuation, *rng.sample(sorted(others), CONTINUATION_CHOICES - 1)]
+            rng.shuffle(choices)
+            items.append(
+                {"context": context, "choices": choices, "label": choices.index(continuation), "document": doc_index}
+            )
+    rng.shuffle(items)
+    return items[:CONTINUATION_MAX_ITEMS]
+
+
+def _test_split(rows: list[dict]):
+    import datasets
+
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def offline_task_configs() -> dict[str, dict]:
+    """The lm-eval task configurations of OFFLINE_TASKS, built from data/heldout.txt when loaded (never
+    trained on: data/CORPUS.md): `heldout_continuation` (multiple choice, accuracy) and
+    `heldout_perplexity` (every document scored whole, as lm-eval scores WikiText: word and byte
+    perplexity, bits per byte)."""
+    metric = {"aggregation": "mean", "higher_is_better": True}
+    common = {"test_split": "test", "metadata": {"version": 1.0}}
+    return {
+        "heldout_continuation": common
+        | {
+            "task": "heldout_continuation",
+            "custom_dataset": lambda **_: _test_split(continuation_items(heldout_documents())),
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{context}}",
+            "doc_to_choice": "choices",
+            "doc_to_target": "label",
+            "metric_list": [{"metric": "acc"} | metric, {"metric": "acc_norm"} | metric],
+        },
+        "heldout_perplexity": common
+        | {
+            "task": "heldout_perplexity",
+            "custom_dataset": lambda **_: _test_split([{"text": doc} for doc in heldout_documents()]),
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [
+                {"metric": name, "aggregation": aggregation, "higher_is_better": False}
+                for name, aggregation in (
+                    ("word_perplexity", "weighted_perplexity"),
+                    ("byte_perplexity", "weighted_perplexity"),
+                    ("bits_per_byte", "bits_per_byte"),
+                )
+            ],
+        },
+    }
+
+
+def _task_specs(tasks) -> list:
+    """Each task name as lm-eval takes it: an OFFLINE_TASKS name as its configuration, any other as the name."""
+    if isinstance(tasks, str):
+        tasks = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not tasks or not all(isinstance(name, str) and name for name in tasks):
+        raise ValueError(f"tasks must be a non-empty list of lm-eval task names (or 'a,b'), got {tasks!r}")
+    offline = offline_task_configs()
+    return [offline.get(name, name) for name in tasks]
+
+
+@functools.cache
+def lm_eval_task_manager():
+    """lm-eval's task index (built once per process: indexing its thousands of task files takes seconds)."""
+    _require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def check_lm_eval_tasks(tasks) -> list[str]:
+    """Load every task once (downloading a standard task's dataset into the Hugging Face cache) and return
+    the names; DownstreamTaskError naming the task, and why, if one is unknown or cannot be loaded."""
+    names = []
+    for spec in _task_specs(tasks):
+        name = spec["task"] if isinstance(spec, dict) else spec
+        if not isinstance(spec, dict) and name not in lm_eval_task_manager().all_tasks:
+            raise DownstreamTaskError(
+                f"unknown lm-eval task {name!r}: give one of this repository's {OFFLINE_TASKS} or a task of "
+                "lm-eval's registry (`lm-eval ls tasks` lists them; e.g. " + ", ".join(STANDARD_TASKS) + ")"
+            )
+        try:
+            lm_eval_task_manager().load([spec])
+        except Exception as error:  # noqa: BLE001 - lm-eval and datasets raise many types; all are reported
+            raise DownstreamTaskError(
+                f"lm-eval task {name!r} could not be loaded ({type(error).__name__}: {error}). Standard tasks "
+                f"(e.g. {', '.join(STANDARD_TASKS)}) download their data from the Hugging Face hub and need "
+                f"internet; offline, use {', '.join(OFFLINE_TASKS)}"
+            ) from error
+        names.append(name)
+    return names
+
+
+@contextlib.contextmanager
+def harness_padding_masked(patcher: OLMoERouterPatcher):
+    """While active, the patcher's statistics leave out the padding of lm-eval's log-likelihood batches.
+
+    lm-eval's HFLM (0.4.x) right-pads a batch of (context + continuation) inputs with zeros and calls
+    model(input_ids) with no attention mask (padding cannot change a causal model's real positions, so it
+    needs none); the routing statistics would count the padding. Its `pad_and_concat` sees each sequence's
+    length: wrapped here, it also hands the patcher the batch's mask (`set_attention_mask`). Generation
+    batches carry their own attention mask, which the patcher reads anyway."""
+    _require_lm_eval()
+    from lm_eval.models import huggingface as harness_module
+
+    original = harness_module.pad_and_concat
+
+    def pad_and_mask(max_length: int, tensors: list[torch.Tensor], padding_side: str = "right"):
+        lengths = torch.tensor([tensor.shape[-1] for tensor in tensors])  # before pad_and_concat pads in place
+        batch = original(max_length, tensors, padding_side=padding_side)
+        positions = torch.arange(max_length)
+        real = positions < lengths[:, None] if padding_side == "right" else positions >= (max_length - lengths)[:, None]
+        patcher.set_attention_mask(real.to(batch.device))
+        return batch
+
+    harness_module.pad_and_concat = pad_and_mask
+    try:
+        yield patcher
+    finally:
+        harness_module.pad_and_concat = original
+        patcher.set_attention_mask(None)
+
+
+def harness_model(model, tokenizer, batch_size: int = 8, max_length: int | None = None):
+    """An lm-eval HFLM around an already loaded (and possibly patched) model: lm-eval then evaluates the
+    routing the patcher sets."""
+    _require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def task_metrics(task_results: dict) -> dict[str, dict]:
+    """{metric: {"value", "stderr"}} from one task's entry of lm-eval's results ("acc,none": 0.5,
+    "acc_stderr,none": 0.02, ...); stderr is None where lm-eval gives none (e.g. perplexities)."""
+    metrics = {}
+    for key, value in task_results.items():
+        metric, _, _filter = key.partition(",")
+        if not _ or metric.endswith("_stderr") or not isinstance(value, int | float):
+            continue
+        stderr = task_results.get(f"{metric}_stderr,{_filter}")
+        metrics[metric] = {"value": float(value), "stderr": float(stderr) if isinstance(stderr, int | float) else None}
+    return metrics
+
+
+def primary_metric(metrics: dict) -> str | None:
+    """The metric a task is summarised by: the first of PRIMARY_METRICS it reports."""
+    return next((name for name in PRIMARY_METRICS if name in metrics), None)
+
+
+def _sample_values(output: dict, metric: str | None) -> dict[str, object]:
+    """{"<task>/<doc_id>": value of `metric`} for every sample lm-eval logged (a group's subtasks included):
+    a number (accuracy) or [log-likelihood, words or bytes] (perplexities)."""
+    values = {}
+    for task, samples in (output.get("samples") or {}).items():
+        for sample in samples:
+            if metric in sample:
+                value = sample[metric]
+                values[f"{task}/{sample['doc_id']}"] = (
+                    [float(v) for v in value] if isinstance(value, tuple | list) else float(value)
+                )
+    return values
+
+
+def _aggregate(values) -> float:
+    """A task's metric from per-sample values: the mean of numbers; the weighted perplexity
+    exp(-sum log-likelihood / sum of words or bytes) of [log-likelihood, count] pairs (lm-eval's aggregation)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()) if values.ndim == 1 else float(np.exp(-values[:, 0].sum() / values[:, 1].sum()))
+
+
+def paired_difference(samples: dict, reference: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """The difference of a task's metric between two configurations evaluated on the same samples
+    ({sample id: value}, as `evaluate_task` saves them), with a paired bootstrap 95% interval: samples are
+    resampled with replacement, the same draw for both, and the metric re-aggregated (`_aggregate`). The
+    interval assumes the samples are independent draws from the task's population (Efron & Tibshirani 1993,
+    ch. 13, percentile interval). Returns {"difference", "low", "high", "num_samples"}."""
+    import numpy as np
+
+    shared = sorted(set(samples) & set(reference))
+    if len(shared) < 2:
+        raise ValueError(f"samples and reference must share at least 2 sample ids, got {len(shared)}")
+    ours = np.asarray([samples[key] for key in shared], dtype=np.float64)
+    theirs = np.asarray([reference[key] for key in shared], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(resamples):  # one draw at a time: [resamples, n] indices would not fit for MMLU's 14k
+        draw = rng.integers(0, len(shared), size=len(shared))
+        boot.append(_aggregate(ours[draw]) - _aggregate(theirs[draw]))
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {
+        "difference": _aggregate(ours) - _aggregate(theirs),
+        "low": float(low),
+        "high": float(high),
+        "num_samples": len(shared),
+    }
+
+
+def evaluate_task(harness, patcher: OLMoERouterPatcher, config: RoutingConfig, task, limit=None, bootstrap_iters=1000):
+    """One routing configuration on one lm-eval task: patch, `simple_evaluate`, unpatch.
+
+    Returns {"metrics": {metric: {"value", "stderr"}}, "primary_metric", "samples" (each sample's value of
+    the primary metric, for `paired_difference`), "num_samples", "seconds", and the routing statistics of
+    the evaluation's forward passes over real tokens only (padding left out): "avg_experts",
+    "per_layer_avg_experts", "num_tokens"}. lm-eval's stderr of a mean is its standard error under
+    independent samples; bootstrap_iters sets the resamples for metrics it bootstraps."""
+    from lm_eval import simple_evaluate
+
+    spec = _task_specs([task])[0]
+    name = spec["task"] if isinstance(spec, dict) else spec
+    config.apply(patcher)
+    try:
+        with harness_padding_masked(patcher):
+            start = time.perf_counter()
+            output = simple_evaluate(
+                model=harness,
+                tasks=[spec],
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=True,
+                task_manager=lm_eval_task_manager(),
+            )
+            seconds = time.perf_counter() - start
+        stats = patcher.get_stats()
+    finally:
+        patcher.unpatch()
+    metrics = task_metrics(output["results"][name])
+    primary = primary_metric(metrics)
+    samples = _sample_values(output, primary)
+    return {
+        "metrics": metrics,
+        "primary_metric": primary,
+        "samples": samples,
+        "num_samples": len(samples),
+        "seconds": seconds,
+        "avg_experts": stats["avg_experts"],
+        "per_layer_avg_experts": stats["per_layer_avg_experts"],
+        "num_tokens": stats["num_tokens"],
+    }
+
+
+def evaluate_downstream(
+    model,
+    tokenizer,
+    configs: list[RoutingConfig],
+    tasks,
+    output_dir: str | Path,
+    settings: dict | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    bootstrap_iters: int = 1000,
+    patcher: OLMoERouterPatcher | None = None,
+    redo: bool = False,
+) -> dict[str, dict]:
+    """Every routing configuration on every lm-eval task, one result file per configuration.
+
+    configs: `RoutingConfig`s (e.g. `RoutingConfig.parse("bh:alpha=0.05,max_k=8")`); tasks: lm-eval task
+    names (OFFLINE_TASKS need no download). Each configuration's result (per task: `evaluate_task`) is
+    saved to output_dir/configs/<name>.json as it finishes, resumed on a rerun with the same `settings`
+    (e.g. the model), tasks, limit and batch size, and recorded as "failed" with its error if it raises
+    (`ResultStore`). Every task is loaded once first, so that an unreachable one fails before any work.
+    patcher: the model's patcher (None: a new one); redo: recompute saved configurations. Returns
+    {config name: result}."""
+    if not configs or not all(isinstance(config, RoutingConfig) for config in configs):
+        raise ValueError(f"configs must be a non-empty list of RoutingConfig, got {configs!r}")
+    names = check_lm_eval_tasks(tasks)
+    harness = harness_model(model, tokenizer, batch_size)
+    store_settings = (settings or {}) | {"tasks": names, "limit": limit, "batch_size": batch_size}
+    store = ResultStore(Path(output_dir) / "configs", store_settings | {"bootstrap_iters": bootstrap_iters})
+    patcher = patcher or OLMoERouterPatcher(model)
+    described = {c.name: {"method": c.method, "params": routing_method(c.method).parameters(patcher.shape, **c.kwargs)}
+                 for c in configs}  # fmt: skip
+    results = {}
+    for config in configs:
+
+        def compute(config=config):
+            per_task = {task: evaluate_task(harness, patcher, config, task, limit, bootstrap_iters) for task in names}
+            return described[config.name] | {"tasks": per_task}
+
+        results[config.name] = store.run(config.name, compute, describe=described[config.name], redo=redo)
+    return results
+
+
+def _task_row(evaluation: dict, native: dict | None) -> dict:
+    """The columns of one (configuration, task) row of `downstream_table`."""
+    metric = evaluation["primary_metric"]
+    value = evaluation["metrics"].get(metric, {})
+    row = {
+        "metric": metric,
+        "value": value.get("value"),
+        "stderr": value.get("stderr"),
+        "avg_experts": evaluation["avg_experts"],
+        "num_tokens": evaluation["num_tokens"],
+        "num_samples": evaluation["num_samples"],
+    }
+    if native is not None and metric is not None:
+        difference = paired_difference(evaluation["samples"], native["samples"])
+        row |= {"difference_vs_native": difference["difference"], "low_vs_native": difference["low"],
+                "high_vs_native": difference["high"]}  # fmt: skip
+    return row
+
+
+def downstream_table(results: dict[str, dict]):
+    """One row per (configuration, task): config, method, series, its parameters, status, error, task,
+    primary metric, its value and lm-eval's stderr, average experts per real token, tokens, samples, and
+    the difference to the native configuration with its paired bootstrap 95% interval
+    (`paired_difference`; absent without an ok native configuration). A failed configuration has one row."""
+    import pandas as pd
+
+    native = next((r for r in results.values() if r.get("status") == "ok" and r["method"] == "native"), None)
+    rows = []
+    for name, result in results.items():
+        method = routing_method(result["method"])
+        head = {"config": name, "method": method.name, "series": method.series(result.get("params", {}))}
+        head |= {**result.get("params", {}), "status": result["status"], "error": result.get("error", "")}
+        for task, evaluation in result.get("tasks", {}).items():
+            reference = native["tasks"].get(task) if native is not None and native is not result else None
+            rows.append(head | {"task": task} | _task_row(evaluation, reference))
+        if not result.get("tasks"):
+            rows.append(head)
+    return pd.DataFrame(rows)
+
+
+def plot_downstream(table, path: str | Path | None = None):
+    """Each task's primary metric against average experts per token, one panel per task and one line per
+    method series, with +-1 stderr bars where lm-eval gives one. Saved to `path` (atomically) if given."""
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"] if len(table) else table
+    tasks = list(dict.fromkeys(ok["task"])) if len(ok) else []
+    figure, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        rows = ok[ok["task"] == task].sort_values("avg_experts")
+        for series, points in rows.groupby("series", sort=False):
+            stderr = points["stderr"].astype(float)
+            ax.errorbar(points["avg_experts"], points["value"], yerr=None if stderr.isna().all() else stderr,
+                        marker="o", capsize=3, label=series)  # fmt: skip
+        metric = rows["metric"].iloc[0]
+        ax.set(xlabel="average experts per token", ylabel=metric, title=task)
+        ax.set_yscale("log" if metric in LOWER_IS_BETTER else "linear")
+        ax.legend(fontsize=8)
+    if not tasks:
+        axes[0][0].text(0.5, 0.5, "no configuration evaluated", ha="center", va="center")
+    failed = sorted(set(table.loc[table["status"] != "ok", "config"])) if len(table) else []
+    if failed:
+        figure.text(0.01, 0.005, "Failed (not shown): " + ", ".join(failed), fontsize=8, color="firebrick")
+    figure.tight_layout()
+    if path is not None:
+        atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, bbox_inches="tight"))
+    return figure
+
+
+def _signed(value: float, low: float, high: float) -> str:
+    return f"{value:+.4g} [{low:+.4g}, {high:+.4g}]"
+
+
+def downstream_markdown(table, title: str = "## Downstream accuracy (lm-evaluation-harness)") -> str:
+    """The report's section from `downstream_table`: per task, each configuration's primary metric (with
+    lm-eval's stderr), average experts per real token, and the difference to the native configuration with
+    its paired bootstrap 95% interval; then the failed configurations with their errors."""
+    ok = table[table["status"] == "ok"] if len(table) else table
+    lines = [title, ""]
+    for task, rows in ok.groupby("task", sort=False) if len(ok) else []:
+        metric = rows["metric"].iloc[0]
+        better = "lower" if metric in LOWER_IS_BETTER else "higher"
+        lines += [f"### {task}: {metric} ({better} is better; {int(rows['num_samples'].iloc[0])} samples)", ""]
+        lines += [
+            "| config | avg experts | " + metric + " | difference to native [95% interval] |",
+            "| --- | --- | --- | --- |",
+        ]
+        for row in rows.sort_values("avg_experts").itertuples():
+            stderr = "" if row.stderr is None or math.isnan(row.stderr) else f" +- {row.stderr:.4f}"
+            low = getattr(row, "low_vs_native", float("nan"))
+            versus = "" if math.isnan(low) else _signed(row.difference_vs_native, low, row.high_vs_native)
+            lines.append(f"| {row.config} | {row.avg_experts:.2f} | {row.value:.4f}{stderr} | {versus} |")
+        lines.append("")
+    failed = table[table["status"] != "ok"].drop_duplicates("config") if len(table) else table
+    lines += [f"- {row.config} failed: {row.error}" for row in failed.itertuples()]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_downstream_outputs(results: dict[str, dict], output_dir: str | Path) -> dict[str, Path]:
+    """The table (downstream.csv), the figure (downstream.png) and the markdown section (downstream.md) of
+    `evaluate_downstream`'s results, written atomically to output_dir. Returns their paths."""
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    table = downstream_table(results)
+    paths = {
+        "csv": atomic_write(output_dir / "downstream.csv", lambda temporary: table.to_csv(temporary, index=False)),
+        "markdown": atomic_write_text(output_dir / "downstream.md", downstream_markdown(table)),
+    }
+    figure = plot_downstream(table, output_dir / "downstream.png")
+    plt.close(figure)
+    return paths | {"figure": output_dir / "downstream.png"}
