@@ -248,6 +248,8 @@ def test_failed_generation_configurations_still_give_every_output(tmp_path, monk
         ({"dtype": "fp8"}, "dtype must be one of"),
         ({"run_quality": "yes"}, "run_quality must be True or False"),
         ({"device": "tpu"}, "device must be"),
+        ({"downstream_limit": 0}, "downstream_limit must be None or an integer >= 1, got 0"),
+        ({"run_downstream": "yes"}, "run_downstream must be True or False"),
     ],
 )
 def test_every_parameter_is_checked_before_any_work(tmp_path, monkeypatch, parameters, message):
@@ -281,3 +283,36 @@ def test_notebook_with_the_hub_model_fails_offline_naming_the_embedded_model(tmp
     with pytest.raises(PapermillExecutionError) as error:
         execute(tmp_path, model_name_or_path=br.HUB_MODEL_ID, device="cpu")
     assert "embedded" in str(error.value) and br.HUB_MODEL_ID in str(error.value)
+
+
+def test_the_downstream_section_runs_offline_tasks_and_reports_them(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="make test installs requirements-eval.txt")
+    configs = ["topk_8_baseline", "bh_k8_a020"]
+    downstream = {"run_downstream": True, "downstream_tasks": "heldout_continuation", "downstream_limit": 8}
+    run_in_process(tmp_path, monkeypatch, config_names=configs, prompts_per_group=1, **downstream, **QUICK)
+    table = pd.read_csv(tmp_path / "downstream" / "downstream.csv")
+    assert (table["status"] == "ok").all() and set(table["task"]) == {"heldout_continuation"}
+    assert list(table["method"][:2]) == ["native", "bh"] and set(table["method"][2:]) == {"topk", "topp"}
+    report = (tmp_path / "bh_routing_report.md").read_text()
+    section = report.split("## Downstream accuracy (lm-evaluation-harness)")[1]
+    assert (tmp_path / "downstream" / "downstream.md").read_text().split("\n", 2)[2].strip() in section
+    assert "![Downstream accuracy](downstream/downstream.png)" in section
+    assert (tmp_path / "downstream" / "downstream.png").exists()
+
+
+def test_the_downstream_section_fails_offline_with_its_message_after_writing_everything(tmp_path, monkeypatch):
+    from papermill.exceptions import PapermillExecutionError
+
+    pytest.importorskip("lm_eval", reason="make test installs requirements-eval.txt")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as without internet, minus the retries
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    parameters = {"run_downstream": True, "downstream_tasks": "hellaswag", "run_quality": False}
+    with pytest.raises(PapermillExecutionError) as error:
+        execute(tmp_path, config_names="topk_8_baseline", prompts_per_group=1, **parameters, **QUICK)
+    assert "run_downstream: lm-eval task 'hellaswag' could not be loaded" in str(error.value)
+    assert "need internet" in str(error.value)
+    report = (tmp_path / "bh_routing_report.md").read_text()
+    assert "Not measured: lm-eval task 'hellaswag' could not be loaded" in report
+    assert "- `downstream tasks`: lm-eval task 'hellaswag'" in report
+    assert (pd.read_csv(tmp_path / "bh_routing_summary.csv")["status"] == "ok").all()
+    assert (tmp_path / "visualizations" / "bh_routing_analysis.png").exists()
