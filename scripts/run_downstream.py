@@ -4,10 +4,11 @@
     python scripts/run_downstream.py --model allenai/OLMoE-1B-7B-0924 --tasks hellaswag,arc_easy --limit 500 \
         --configs native:k=8 bh:alpha=0.05,max_k=8 topk:k=2 topp:p=0.5,max_k=8
 
-Each configuration's result is saved to <output-dir>/configs/<name>.json as it finishes and resumed by a
-rerun with the same settings; then <output-dir>/downstream.csv, downstream.png and downstream.md (the
-report section) are written from every configuration's result. Exits 1 if a task cannot be loaded or a
-configuration failed (its error is in the CSV and the markdown); what finished is kept either way.
+Each (configuration, task) result is saved to <output-dir>/configs/<config>.<task>.json as it finishes and
+resumed by a rerun with the same settings; then <output-dir>/downstream.csv, downstream.png and
+downstream.md (the report section) are written from every result (default output-dir: results/lm_eval;
+the notebook writes its own to <its output_dir>/downstream). Exits 1 if a task cannot be loaded or an
+evaluation failed (its error is in the CSV and the markdown); what finished is kept either way.
 Needs lm-eval: pip install -r requirements-eval.txt.
 """
 
@@ -34,14 +35,21 @@ def default_configs(native_k: int) -> list[str]:
 
 def limit(text: str) -> int | float | None:
     """--limit: None, a number of samples per task (>= 1) or a fraction of each task (0 < f < 1)."""
-    if text.lower() == "none":
-        return None
-    value = float(text)
-    if value.is_integer() and value >= 1:
-        return int(value)
-    if 0 < value < 1:
-        return value
-    raise argparse.ArgumentTypeError(f"--limit must be None, an integer >= 1 or a fraction in (0, 1), got {text!r}")
+    try:
+        value = None if text.lower() == "none" else float(text)
+    except ValueError:
+        value = text  # not a number: check_limit names it
+    try:
+        return br.check_limit(int(value) if isinstance(value, float) and value.is_integer() else value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--{error}") from error
+
+
+def batch_size(text: str) -> int:
+    """--batch-size: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--batch-size must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def parse_arguments(arguments: list[str]) -> argparse.Namespace:
@@ -50,10 +58,10 @@ def parse_arguments(arguments: list[str]) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(br.OFFLINE_TASKS), help="lm-eval task names, comma-separated")
     parser.add_argument("--configs", nargs="+", help="method:name=value,... (default: default_configs)")
     parser.add_argument("--limit", type=limit, default=None, help="samples per task (default: all)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=batch_size, default=8)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--output-dir", default="results/downstream")
+    parser.add_argument("--output-dir", default="results/lm_eval")
     parser.add_argument("--redo", action="store_true", help="recompute configurations already saved")
     return parser.parse_args(arguments)
 
@@ -76,9 +84,11 @@ def main(arguments: list[str]) -> int:
     paths = br.write_downstream_outputs(results, options.output_dir)
     print(paths["markdown"].read_text())
     print("Written:", ", ".join(str(path) for path in paths.values()))
-    failed = [name for name, result in results.items() if result["status"] != "ok"]
+    failed = [
+        f"{name} ({task})" for name, r in results.items() for task, t in r["tasks"].items() if t["status"] != "ok"
+    ]
     if failed:
-        print(f"run_downstream.py: failed configurations: {failed}", file=sys.stderr)
+        print(f"run_downstream.py: failed: {failed}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -250,6 +250,7 @@ def test_failed_generation_configurations_still_give_every_output(tmp_path, monk
         ({"device": "tpu"}, "device must be"),
         ({"downstream_limit": 0}, "downstream_limit must be None or an integer >= 1, got 0"),
         ({"run_downstream": "yes"}, "run_downstream must be True or False"),
+        ({"run_downstream": True, "downstream_tasks": "arc_easy,nosuch"}, "unknown lm-eval task 'nosuch'"),
     ],
 )
 def test_every_parameter_is_checked_before_any_work(tmp_path, monkeypatch, parameters, message):
