@@ -2646,7 +2646,7 @@ CONTINUATION_MAX_ITEMS = 400
 
 
 class DownstreamTaskError(RuntimeError):
-    """An lm-evaluation-harness task could not be loaded (an unknown name, or its dataset unreachable)."""
+    """An lm-evaluation-harness task could not be loaded (e.g. its dataset is on the hub, unreachable offline)."""
 
 
 def _require_lm_eval():
@@ -3028,10 +3028,16 @@ def evaluate_downstream(
     settings = _downstream_settings(model, settings, names, check_limit(limit), batch_size, bootstrap_iters)
     store = ResultStore(Path(output_dir) / "configs", settings)
     patcher = patcher or OLMoERouterPatcher(model)
-    results = {}
+    # Every configuration's parameters checked (and completed) before any work.
+    results = {
+        c.name: {
+            "method": c.method,
+            "params": routing_method(c.method).parameters(patcher.shape, **c.kwargs),
+            "tasks": {},
+        }
+        for c in configs
+    }
     for config in configs:
-        params = routing_method(config.method).parameters(patcher.shape, **config.kwargs)
-        results[config.name] = {"method": config.method, "params": params, "tasks": {}}
         for task in names:
             compute = functools.partial(evaluate_task, harness, patcher, config, task, limit, bootstrap_iters)
             saved = store.run(f"{config.name}.{task}", compute, describe={"task": task}, redo=redo)

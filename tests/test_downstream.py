@@ -250,3 +250,10 @@ def test_make_evals_script_writes_every_output_and_reports_a_bad_task(tmp_path):
     assert finished.returncode == 1 and "unknown lm-eval task 'no_such_task'" in finished.stderr
     finished = subprocess.run([*script, "--limit", "0"], cwd=REPO, capture_output=True, text=True)
     assert finished.returncode == 2 and "--limit must be None, an integer >= 1" in finished.stderr
+
+
+def test_a_bad_configuration_is_refused_before_any_evaluation(embedded, tmp_path):
+    configs = [br.RoutingConfig.parse("native:k=8"), br.RoutingConfig.parse("topk:k=99")]
+    with pytest.raises(ValueError, match="k must be"):
+        br.evaluate_downstream(*embedded, configs, ["heldout_continuation"], tmp_path, limit=2)
+    assert not list((tmp_path / "configs").glob("*.json"))
