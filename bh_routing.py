@@ -130,6 +130,8 @@ __all__ = [
     "function_fingerprint",
     "throughput_summary",
     "atomic_write_text",
+    "note_failures",
+    "save_figure",
     "OFFLINE_TASKS",
     "STANDARD_TASKS",
     "PRIMARY_METRICS",
@@ -1568,11 +1570,12 @@ def run_settings(model, model_name_or_path, device: str) -> dict:
     """What every measurement of `model` depends on besides its own settings and this module (the key that
     `ResultStore` resumes by): the model's name or path, its dtype, the device as the caller placed it
     (e.g. "cpu", "cuda", "auto (spread over GPUs)") and the hardware."""
+    info = environment_info(model)
     return {
         "model": str(model_name_or_path),
-        "dtype": str(model.dtype).replace("torch.", ""),
+        "dtype": info["model_dtype"],
         "device": device,
-        "hardware": environment_info(model)["hardware"],
+        "hardware": info["hardware"],
     }
 
 
@@ -2499,6 +2502,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda temporary: temporary.write_text(text))
 
 
+def note_failures(figure, names: list[str]) -> None:
+    """Name the configurations a figure does not show because they failed, in a strip along its bottom."""
+    if names:
+        figure.text(0.01, 0.005, "Failed (not shown): " + ", ".join(names), fontsize=8, color="tab:red", wrap=True)
+
+
+def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:
+    """Lay a figure out (keeping `note_failures`' bottom strip clear) and save it to `path` atomically."""
+    figure.tight_layout(rect=(0, 0.02, 1, 1))
+    return atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=dpi))
+
+
 def _as_json(value):
     """`value` as it reads back from JSON (tuples become lists, keys strings)."""
     return json.loads(json.dumps(value))
@@ -3106,12 +3121,9 @@ def plot_downstream(table, path: str | Path | None = None):
         ax.legend(fontsize=8)
     if not tasks:
         axes[0][0].text(0.5, 0.5, "no configuration evaluated", ha="center", va="center")
-    failed = sorted({f"{r.config} ({r.task})" for r in table.itertuples() if r.status != "ok"}) if len(table) else []
-    if failed:
-        figure.text(0.01, 0.005, "Failed (not shown): " + ", ".join(failed), fontsize=8, color="firebrick")
-    figure.tight_layout()
+    note_failures(figure, sorted({f"{r.config} ({r.task})" for r in table.itertuples() if r.status != "ok"}))
     if path is not None:
-        atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, bbox_inches="tight"))
+        save_figure(figure, path, dpi=120)
     return figure
 
 
