@@ -94,6 +94,37 @@ __all__ = [
     "RoutingStatistics",
     "saturation_analysis",
     "frontier_table",
+    "FRONTIER_RESAMPLES",
+    "window_sums",
+    "bootstrap_window_weights",
+    "BUDGETS",
+    "best_at_budget",
+    "count_correlation",
+    "CALIBRATION_ALPHAS",
+    "null_rejection_rates",
+    "bulk_shape",
+    "null_pvalue_quantiles",
+    "CALIBRATED_PVALUE_METHODS",
+    "NullTable",
+    "robust_z_null",
+    "permute_experts",
+    "RoutingCalibration",
+    "fit_routing_calibration",
+    "ENTROPY_QUANTILES",
+    "higher_criticism",
+    "route_hc",
+    "route_skip",
+    "route_entropy",
+    "router_entropy",
+    "route_logits",
+    "HigherCriticismMethod",
+    "DynamicSkipMethod",
+    "EntropyMethod",
+    "collect_router_logits",
+    "oracle_drop_effects",
+    "oracle_table",
+    "HELDOUT_SOURCES",
+    "EMBEDDED_TEXTS",
     "token_level_analysis",
     "load_model",
     "load_config",
@@ -157,7 +188,8 @@ __all__ = [
     "write_downstream_outputs",
 ]
 
-PVALUE_METHODS = ("robust_z", "one_minus_prob")
+PVALUE_METHODS = ("robust_z", "one_minus_prob", "empirical", "pooled")
+CALIBRATED_PVALUE_METHODS = ("empirical", "pooled")  # their null is fitted per layer (`fit_routing_calibration`)
 DEFAULT_PVALUE_METHOD = "robust_z"
 HUB_MODEL_ID = "allenai/OLMoE-1B-7B-0924"  # the model the project studies; needs the hub and a GPU
 REPO_DIR = Path(__file__).resolve().parent
@@ -336,7 +368,7 @@ def fast_bh_count(first_passing_rank: torch.Tensor) -> torch.Tensor:
 _NULL_SIMULATED_TOKENS = 2**17  # 131072 simulated tokens x E experts: p resolves to ~1e-7 at E=64
 _NULL_SEED = 20240902
 _NULL_GRID = (-40.0, 80.0, 1.0 / 64)  # s grid (first, last, step) of the tabulated log survival function
-_null_table_cache: dict[tuple[int, str], torch.Tensor] = {}
+_null_table_cache: dict[int, NullTable] = {}
 _critical_statistics_cache: dict[tuple[float, int, str], torch.Tensor] = {}
 
 
@@ -384,58 +416,90 @@ def robust_z_statistic(logits: torch.Tensor, top_logits: torch.Tensor | None = N
     return torch.addcmul(-center * inverse_std, logits, inverse_std)  # (z - center) / std in one pass
 
 
-def robust_z_null_table(num_experts: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """log P(S >= s) of the robust_z statistic under H0 on the grid _NULL_GRID: [num_knots] float32.
+@dataclass(frozen=True)
+class NullTable:
+    """The upper tail of a null distribution: log P(S >= s) at the knots first + i * step, i = 0..n-1.
 
-    Deterministic (fixed seed, CPU generator), built once per (E, device) in about a second, then cached.
+    Between knots the log survival is interpolated linearly; below the first knot p = 1 is read off the
+    first knot, above the last the smallest tabulated p (the sample's resolution) is used.
     """
-    key = (num_experts, str(device))
-    if key not in _null_table_cache:
-        cpu_key = (num_experts, "cpu")
-        if cpu_key not in _null_table_cache:
-            generator = torch.Generator().manual_seed(_NULL_SEED)
-            null_logits = torch.randn(_NULL_SIMULATED_TOKENS, num_experts, generator=generator)
-            null_sorted = torch.sort(robust_z_statistic(null_logits).flatten()).values.double()
-            first, last, step = _NULL_GRID
-            knots = torch.arange(round((last - first) / step) + 1, dtype=torch.float64) * step + first
-            num_at_least = null_sorted.numel() - torch.searchsorted(null_sorted, knots)
-            survival = (num_at_least + 1).double() / (null_sorted.numel() + 1)
-            _null_table_cache[cpu_key] = survival.log().float()
-        _null_table_cache[key] = _null_table_cache[cpu_key].to(device)
-    return _null_table_cache[key]
+
+    first: float
+    step: float
+    log_survival: torch.Tensor  # [n] float32, non-increasing
+
+    def to(self, device) -> NullTable:
+        return NullTable(self.first, self.step, self.log_survival.to(device))
+
+    @classmethod
+    def from_sample(cls, sample: torch.Tensor, num_knots: int = 4097, first=None, last=None) -> NullTable:
+        """The empirical null of `sample` (any shape, flattened): P(S >= s) = (1 + #{sample >= s}) / (1 + N),
+        the add-one estimate that keeps p-values valid (never 0). Knots span [first, last] (default: the
+        sample's range)."""
+        values = torch.sort(sample.detach().flatten().double().cpu()).values
+        first = values[0].item() if first is None else first
+        last = values[-1].item() if last is None else last
+        step = max(last - first, 1e-6) / (num_knots - 1)
+        knots = torch.arange(num_knots, dtype=torch.float64) * step + first
+        num_at_least = values.numel() - torch.searchsorted(values, knots)
+        survival = (num_at_least + 1).double() / (values.numel() + 1)
+        return cls(float(first), float(step), survival.log().float())
+
+    def p_values(self, statistics: torch.Tensor) -> torch.Tensor:
+        """P(S >= s) for each statistic s: [...] -> [...], same dtype (float32 or better)."""
+        log_survival = self.log_survival.to(statistics.device)  # [num_knots]
+        position = ((statistics - self.first) / self.step).clamp(0, log_survival.numel() - 1)
+        lower = position.floor().long().clamp_max(log_survival.numel() - 2)
+        fraction = (position - lower).to(log_survival.dtype)
+        return torch.lerp(log_survival[lower], log_survival[lower + 1], fraction).exp().to(statistics.dtype)
+
+    def critical_statistics(self, alpha: float, num_tests: int) -> torch.Tensor:
+        """c_j with p(s) <= alpha*j/m  <=>  s >= c_j, for j = 1..m: [m] float32 on the CPU, non-increasing
+        (+inf: no statistic passes; -inf: every statistic does).
+
+        Inverts the piecewise-linear log survival at the BH critical values, so that the routing hot path
+        compares statistics with c_j instead of computing every p-value."""
+        log_survival = self.log_survival.double().cpu()  # [num_knots], non-increasing
+        log_critical = torch.log(alpha * torch.arange(1, num_tests + 1, dtype=torch.float64) / num_tests)
+        index = torch.searchsorted(-log_survival, -log_critical)  # first knot with log S <= log(alpha*j/m)
+        below_grid = index == 0  # every statistic on the grid passes
+        beyond_grid = index == log_survival.numel()  # below the table's resolution: none passes
+        index = index.clamp(1, log_survival.numel() - 1)
+        left, right = log_survival[index - 1], log_survival[index]
+        fraction = ((left - log_critical) / (left - right).clamp_min(1e-300)).clamp(0, 1)
+        critical = self.first + (index - 1 + fraction) * self.step
+        critical = torch.where(below_grid, torch.tensor(-math.inf, dtype=torch.float64), critical)
+        return torch.where(beyond_grid, torch.tensor(math.inf, dtype=torch.float64), critical).float()
+
+
+def robust_z_null(num_experts: int) -> NullTable:
+    """The robust_z statistic's null (E i.i.d. N(0, 1) logits per token), simulated once per E with a fixed
+    seed on the CPU generator (about a second), then cached."""
+    if num_experts not in _null_table_cache:
+        generator = torch.Generator().manual_seed(_NULL_SEED)
+        null_logits = torch.randn(_NULL_SIMULATED_TOKENS, num_experts, generator=generator)
+        first, last, step = _NULL_GRID
+        num_knots = round((last - first) / step) + 1
+        _null_table_cache[num_experts] = NullTable.from_sample(robust_z_statistic(null_logits), num_knots, first, last)
+    return _null_table_cache[num_experts]
+
+
+def robust_z_null_table(num_experts: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """log P(S >= s) of the robust_z statistic under H0 on the grid _NULL_GRID: [num_knots] float32."""
+    return robust_z_null(num_experts).log_survival.to(device)
 
 
 def _robust_z_p_values(statistics: torch.Tensor) -> torch.Tensor:
     """p-values of robust_z statistics from the tabulated null. [..., E] -> [..., E], same dtype."""
-    log_survival = robust_z_null_table(statistics.shape[-1], statistics.device)  # [num_knots]
-    first, _, step = _NULL_GRID
-    position = ((statistics - first) / step).clamp(0, log_survival.numel() - 1)
-    lower = position.floor().long().clamp_max(log_survival.numel() - 2)
-    fraction = (position - lower).to(log_survival.dtype)
-    return torch.lerp(log_survival[lower], log_survival[lower + 1], fraction).exp().to(statistics.dtype)
+    return robust_z_null(statistics.shape[-1]).p_values(statistics)
 
 
 def robust_z_critical_statistics(alpha: float, num_experts: int, device) -> torch.Tensor:
-    """c_j with p(s) <= alpha*j/E  <=>  s >= c_j, for j = 1..E: [E] float32, decreasing (+inf: never).
-
-    Inverts the tabulated log survival function (piecewise linear in s) at the BH critical values, so the
-    routing hot path compares statistics with c_j instead of computing every p-value.
-    """
+    """c_j with p(s) <= alpha*j/E  <=>  s >= c_j, for j = 1..E: [E] float32, decreasing (+inf: never)."""
     key = (float(alpha), num_experts, str(device))
     if key not in _critical_statistics_cache:
-        log_survival = robust_z_null_table(num_experts, "cpu").double()  # [num_knots], non-increasing
-        first, _, step = _NULL_GRID
-        log_critical = torch.log(alpha * torch.arange(1, num_experts + 1, dtype=torch.float64) / num_experts)
-        index = torch.searchsorted(-log_survival, -log_critical)  # first knot with log S <= log(alpha*j/E)
-        below_grid = index == 0  # every statistic on the grid passes
-        beyond_grid = index == log_survival.numel()  # below the simulation's resolution: none passes
-        index = index.clamp(1, log_survival.numel() - 1)
-        left, right = log_survival[index - 1], log_survival[index]
-        fraction = ((left - log_critical) / (left - right).clamp_min(1e-300)).clamp(0, 1)
-        critical = first + (index - 1 + fraction) * step
-        critical = torch.where(below_grid, torch.tensor(-math.inf, dtype=torch.float64), critical)
-        critical = torch.where(beyond_grid, torch.tensor(math.inf, dtype=torch.float64), critical)
-        _critical_statistics_cache[key] = critical.float().to(device)
+        critical = robust_z_null(num_experts).critical_statistics(alpha, num_experts)
+        _critical_statistics_cache[key] = critical.to(device)
     return _critical_statistics_cache[key]
 
 
@@ -484,15 +548,38 @@ def _work_logits(router_logits: torch.Tensor, temperature: float) -> torch.Tenso
     return router_logits.to(work_dtype) / temperature
 
 
+def _standardised(pvalue_method: str) -> bool:
+    """Whether the p-value reads the robust_z statistic s (robust_z, empirical) rather than the logit itself."""
+    return pvalue_method in ("robust_z", "empirical")
+
+
+def _null_of(pvalue_method: str, num_experts: int, null: NullTable | None) -> NullTable:
+    """The null table a p-value method reads: robust_z's simulated one, or the calibrated one given."""
+    if pvalue_method == "robust_z":
+        return robust_z_null(num_experts)
+    if null is None:
+        raise ValueError(
+            f"pvalue_method={pvalue_method!r} needs a fitted null table (null=, from a RoutingCalibration: "
+            "fit_routing_calibration); robust_z and one_minus_prob need none"
+        )
+    return null
+
+
 def compute_p_values(
-    router_logits: torch.Tensor, pvalue_method: str = DEFAULT_PVALUE_METHOD, temperature: float = 1.0
+    router_logits: torch.Tensor,
+    pvalue_method: str = DEFAULT_PVALUE_METHOD,
+    temperature: float = 1.0,
+    null: NullTable | None = None,
 ) -> torch.Tensor:
     """Per-expert p-values for "expert i is not relevant to this token".
 
     Args:
         router_logits: [..., E] router logits (any float dtype; computed in float32, or float64 if given).
-        pvalue_method: "robust_z" (calibrated, default) or "one_minus_prob" (the design's formula).
+        pvalue_method: one of PVALUE_METHODS: "robust_z" (default), "one_minus_prob" (the design's formula),
+            "empirical" (robust_z's statistic against the layer's fitted null), "pooled" (the raw logit
+            against the layer's pooled logits); see the notes of section 3.
         temperature: softmax temperature; only "one_minus_prob" depends on it.
+        null: the layer's fitted NullTable for "empirical" and "pooled" (`RoutingCalibration.null`).
     Returns:
         [..., E] p-values in (0, 1], float32 (float64 for float64 input), in expert order.
     """
@@ -501,7 +588,91 @@ def compute_p_values(
     scaled_logits = _work_logits(router_logits, temperature)  # [..., E]
     if pvalue_method == "one_minus_prob":
         return 1.0 - torch.softmax(scaled_logits, dim=-1)
-    return _robust_z_p_values(robust_z_statistic(scaled_logits))
+    table = _null_of(pvalue_method, router_logits.shape[-1], null)
+    if _standardised(pvalue_method):
+        return table.p_values(robust_z_statistic(scaled_logits))
+    return table.p_values(_work_logits(router_logits, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3b. Tables fitted on the model's own routers (calibration text disjoint from evaluation)
+# ----------------------------------------------------------------------------------------------------
+#
+# empirical: robust_z's statistic, but its null is the layer's own bulk shape rather than a Gaussian: the
+#   statistic of calibration logits whose token-specific signal is removed (each expert's logit permuted
+#   across tokens, `permute_experts`), pooled over experts. Under that null, p-values are uniform by
+#   construction (pooled over experts), whatever the shape of the layer's logits.
+# pooled: the public attempt's p-value, P(Z >= z) with Z drawn from every raw logit of the layer on the
+#   calibration text, all experts pooled (signal included; not standardised per token).
+# skip_beta: each layer's median over calibration tokens of w2 / w1 (dynamic skipping, beta="median").
+# entropy_knots: each layer's quantiles of the router entropy (entropy-adaptive k).
+
+
+def permute_experts(router_logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each expert's column permuted independently across tokens: [N, E] -> [N, E]. Keeps every expert's
+    marginal distribution and removes what is specific to a token (the null of "no token-specific signal")."""
+    order = torch.rand(router_logits.shape, generator=generator).argsort(dim=0).to(router_logits.device)
+    return router_logits.gather(0, order)
+
+
+ENTROPY_QUANTILES = 256  # the entropy-adaptive k's resolution: bands of 1/256 of the calibration tokens
+
+
+@dataclass
+class RoutingCalibration:
+    """Per-layer tables fitted on calibration text (`fit_routing_calibration`) for the methods that read the
+    model's own routers: BH and HC with pvalue_method "empirical" or "pooled", dynamic skipping with
+    beta="median", entropy-adaptive k. Saved and loaded with `save` / `load` (a small torch file)."""
+
+    empirical: list[NullTable]  # per layer: robust_z statistic of permuted calibration logits
+    pooled: list[NullTable]  # per layer: raw calibration logits, all experts pooled
+    skip_beta: list[float]  # per layer: median of w2 / w1
+    entropy_knots: torch.Tensor  # [L, ENTROPY_QUANTILES + 1] router-entropy quantiles (nats)
+    info: dict  # num_tokens, num_experts, seed and what the caller adds (text, model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.empirical)
+
+    def null(self, pvalue_method: str, layer: int) -> NullTable:
+        """The layer's fitted null of a calibrated p-value method ("empirical" or "pooled")."""
+        if pvalue_method not in CALIBRATED_PVALUE_METHODS:
+            raise ValueError(f"pvalue_method must be one of {CALIBRATED_PVALUE_METHODS}, got {pvalue_method!r}")
+        return getattr(self, pvalue_method)[layer]
+
+    def save(self, path: str | Path) -> Path:
+        state = {
+            name: [(t.first, t.step, t.log_survival) for t in getattr(self, name)] for name in ("empirical", "pooled")
+        }
+        state |= {"skip_beta": self.skip_beta, "entropy_knots": self.entropy_knots, "info": self.info}
+        return atomic_write(path, lambda target: torch.save(state, target))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RoutingCalibration:
+        state = torch.load(path, weights_only=True)
+        tables = {name: [NullTable(*table) for table in state[name]] for name in ("empirical", "pooled")}
+        return cls(**tables, skip_beta=state["skip_beta"], entropy_knots=state["entropy_knots"], info=state["info"])
+
+
+def fit_routing_calibration(router_logits: list[torch.Tensor], seed: int = 0, info: dict | None = None):
+    """A RoutingCalibration from each layer's router logits on calibration text ([N, E] per layer; use
+    `collect_router_logits`). Deterministic for a given seed (the permutation of the empirical null)."""
+    if not router_logits or any(t.dim() != 2 or t.shape[0] < 2 for t in router_logits):
+        raise ValueError("router_logits must be a non-empty list of [tokens >= 2, num_experts] tensors, one per layer")
+    generator = torch.Generator().manual_seed(seed)
+    empirical, pooled, skip_beta, knots = [], [], [], []
+    levels = torch.linspace(0, 1, ENTROPY_QUANTILES + 1, dtype=torch.float64)
+    for logits in router_logits:
+        logits = logits.detach().float().cpu()
+        empirical.append(NullTable.from_sample(robust_z_statistic(permute_experts(logits, generator))))
+        pooled.append(NullTable.from_sample(logits))
+        top = torch.topk(torch.softmax(logits, dim=-1), 2, dim=-1).values  # [N, 2]
+        skip_beta.append(float((top[:, 1] / top[:, 0]).median()))
+        entropy = router_entropy(torch.softmax(logits.double(), dim=-1))
+        knots.append(torch.quantile(entropy, levels).float())
+    num_tokens, num_experts = router_logits[0].shape
+    info = {"num_tokens": int(num_tokens), "num_experts": int(num_experts), "seed": seed} | (info or {})
+    return RoutingCalibration(empirical, pooled, skip_beta, torch.stack(knots), info)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -547,43 +718,61 @@ def _keep_top(
     return top_weights, torch.where(kept, top_index, torch.full_like(top_index, num_experts))
 
 
-def _bh_count(scaled_logits, top_logits, probabilities, alpha, pvalue_method, critical, with_stats):
-    """BH's number of rejections per token, and (when the full path ran) each expert's first passing rank.
+def _bh_count(logits, scaled_logits, top_logits, probabilities, alpha, pvalue_method, critical, with_stats):
+    """BH's number of rejections per token, and (when the full path ran) each expert's first passing rank
+    and the statistics.
 
     The p-values are never materialised: each expert's first passing rank j (smallest j with
-    p <= alpha*j/E) is read off the logits, and `fast_bh_count` turns ranks into counts.
+    p <= alpha*j/E) is read off its statistic against the critical statistics, and `fast_bh_count` turns
+    ranks into counts.
     """
     num_experts = scaled_logits.shape[-1]
     if pvalue_method == "one_minus_prob":
         # 1 - prob_i <= alpha*j/m  <=>  j >= m * (1 - prob_i) / alpha
         first_passing_rank = torch.ceil(num_experts * (1.0 - probabilities) / alpha).long().clamp(1, num_experts + 1)
         return fast_bh_count(first_passing_rank), first_passing_rank, None
-    if critical is None:
-        critical = robust_z_critical_statistics(alpha, num_experts, scaled_logits.device)  # [E], decreasing
-    if scaled_logits.device.type == "cpu" and not with_stats:
+    if _standardised(pvalue_method) and scaled_logits.device.type == "cpu" and not with_stats:
         return fast_bh_count_robust_z_cpu(scaled_logits, top_logits, critical), None, None
     # No data-dependent branch here: no host synchronisation on a GPU.
-    statistics = robust_z_statistic(scaled_logits, top_logits)  # [..., E]
+    if _standardised(pvalue_method):
+        statistics = robust_z_statistic(scaled_logits, top_logits)  # [..., E]
+    else:
+        statistics = logits.to(scaled_logits.dtype)  # the pooled null is a null of the raw logit
     first_passing_rank = robust_z_first_passing_rank(statistics, critical)
     return fast_bh_count(first_passing_rank), first_passing_rank, statistics
 
 
 def route_bh(
-    logits, alpha, temperature, min_k, max_k, pvalue_method, renormalize, with_stats=False, critical=None
+    logits,
+    alpha,
+    temperature,
+    min_k,
+    max_k,
+    pvalue_method,
+    renormalize,
+    with_stats=False,
+    critical=None,
+    null=None,
 ) -> Routing:
     """BH routing of [..., E] logits (arguments as `benjamini_hochberg_routing`, unchecked).
 
-    critical: the robust_z critical statistics for (alpha, E) on this device, if already at hand (the
-    patcher passes them so that a compiled call touches no cache).
+    critical: the critical statistics for (alpha, E) and this layer's null on this device, if already at
+    hand (the patcher passes them so that a compiled call touches no cache); null: the layer's fitted
+    NullTable for the calibrated p-values ("empirical", "pooled").
     """
     num_experts = logits.shape[-1]
     scaled_logits = _work_logits(logits, temperature)  # [..., E]
     probabilities = torch.softmax(scaled_logits, dim=-1)  # [..., E]
     # One top-k gives the experts to keep (most probable first) and the logits the null estimate trims.
-    width = max(max_k, _num_trimmed(num_experts)) if pvalue_method == "robust_z" else max_k
+    width = max(max_k, _num_trimmed(num_experts)) if _standardised(pvalue_method) else max_k
     top_logits, top_index = torch.topk(scaled_logits, width, dim=-1)  # [..., width]
+    if critical is None and pvalue_method == "robust_z":
+        critical = robust_z_critical_statistics(alpha, num_experts, logits.device)  # [E], cached
+    elif critical is None and pvalue_method != "one_minus_prob":
+        critical = _null_of(pvalue_method, num_experts, null).critical_statistics(alpha, num_experts)
+        critical = critical.to(logits.device)  # [E], non-increasing
     num_significant, first_passing_rank, statistics = _bh_count(
-        scaled_logits, top_logits, probabilities, alpha, pvalue_method, critical, with_stats
+        logits, scaled_logits, top_logits, probabilities, alpha, pvalue_method, critical, with_stats
     )
     expert_counts = num_significant.clamp(min_k, max_k)
     top_probabilities = probabilities.gather(-1, top_index[..., :max_k])
@@ -592,7 +781,10 @@ def route_bh(
     )
     extra_stats = {}
     if with_stats:
-        p_values = 1.0 - probabilities if statistics is None else _robust_z_p_values(statistics)
+        if statistics is None:
+            p_values = 1.0 - probabilities
+        else:
+            p_values = _null_of(pvalue_method, num_experts, null).p_values(statistics)
         extra_stats = {
             "p_values": p_values,
             "bh_threshold": _bh_critical_value(num_significant, alpha, num_experts, p_values.dtype),
@@ -632,6 +824,87 @@ def route_topp(logits, p, temperature, min_k, max_k, renormalize) -> Routing:
     return Routing(top_weights, top_index, expert_counts, probabilities, {"num_needed": num_needed})
 
 
+def _top_p_values(logits, scaled_logits, top_logits, top_index, probabilities, pvalue_method, null) -> torch.Tensor:
+    """p-values of the experts in `top_index` (most probable first, so ascending p): [..., W]."""
+    if pvalue_method == "one_minus_prob":
+        return 1.0 - probabilities.gather(-1, top_index)
+    table = _null_of(pvalue_method, logits.shape[-1], null)
+    if _standardised(pvalue_method):
+        center, inverse_std = _robust_location_scale(scaled_logits, top_logits)
+        return table.p_values((top_logits - center) * inverse_std)
+    return table.p_values(logits.to(scaled_logits.dtype).gather(-1, top_index))
+
+
+def higher_criticism(sorted_p_values: torch.Tensor, num_tests: int) -> torch.Tensor:
+    """HC_i = sqrt(m) * (i/m - p_(i)) / sqrt(p_(i) * (1 - p_(i))), i = 1..n, for p-values sorted ascending.
+
+    Donoho & Jin (2004), "Higher criticism for detecting sparse heterogeneous mixtures", Ann. Statist.
+    32(3), the HC objective over the smallest n = alpha0 * m p-values; p is clamped into (0, 1) so that the
+    objective stays finite. [..., n] -> [..., n]."""
+    num_searched = sorted_p_values.shape[-1]
+    ranks = torch.arange(1, num_searched + 1, device=sorted_p_values.device, dtype=sorted_p_values.dtype)
+    eps = torch.finfo(sorted_p_values.dtype).eps
+    p = sorted_p_values.clamp(eps, 1.0 - eps)
+    return math.sqrt(num_tests) * (ranks / num_tests - p) / torch.sqrt(p * (1.0 - p))
+
+
+def _hc_searched(beta: float, num_experts: int) -> int:
+    return max(1, math.floor(beta * num_experts + 1e-9))
+
+
+def route_hc(logits, beta, temperature, min_k, max_k, pvalue_method, renormalize, null=None, with_stats=False):
+    """Higher Criticism thresholding: keep the i most probable experts, i the argmax of HC over the
+    smallest floor(beta * E) p-values (Donoho & Jin 2008, "Higher criticism thresholding", PNAS 105(39)),
+    clamped to [min_k, max_k]."""
+    num_experts = logits.shape[-1]
+    searched = _hc_searched(beta, num_experts)
+    scaled_logits = _work_logits(logits, temperature)  # [..., E]
+    probabilities = torch.softmax(scaled_logits, dim=-1)
+    width = max(max_k, searched, _num_trimmed(num_experts) if _standardised(pvalue_method) else 1)
+    top_logits, top_index = torch.topk(scaled_logits, width, dim=-1)  # [..., width]
+    sorted_p = _top_p_values(logits, scaled_logits, top_logits, top_index, probabilities, pvalue_method, null)
+    objective = higher_criticism(sorted_p[..., :searched], num_experts)  # [..., searched]
+    num_selected = objective.argmax(dim=-1) + 1  # the first maximum
+    expert_counts = num_selected.clamp(min_k, max_k)
+    top_probabilities = probabilities.gather(-1, top_index[..., :max_k])
+    top_weights, kept_index = _keep_top(
+        top_probabilities, top_index[..., :max_k], expert_counts, num_experts, renormalize
+    )
+    extra = {"higher_criticism": objective, "num_selected": num_selected} if with_stats else {}
+    return Routing(top_weights, kept_index, expert_counts, probabilities, extra)
+
+
+def route_skip(logits, beta, k, temperature, min_k, renormalize) -> Routing:
+    """Dynamic skipping (Lu et al. 2024): of the k most probable experts, keep expert j while
+    w_j >= beta * w_1 (w sorted descending), at least min_k."""
+    probabilities = torch.softmax(_work_logits(logits, temperature), dim=-1)  # [..., E]
+    top_probabilities, top_index = torch.topk(probabilities, k, dim=-1)  # [..., k], descending
+    expert_counts = (top_probabilities >= beta * top_probabilities[..., :1]).sum(dim=-1).clamp(min_k, k)
+    top_weights, top_index = _keep_top(top_probabilities, top_index, expert_counts, logits.shape[-1], renormalize)
+    return Routing(top_weights, top_index, expert_counts, probabilities, {})
+
+
+def router_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each token's routing distribution: [..., E] -> [...]."""
+    return -torch.xlogy(probabilities, probabilities).sum(dim=-1)
+
+
+def route_entropy(logits, knots, temperature, min_k, max_k, renormalize) -> Routing:
+    """Entropy-adaptive k: a token whose router entropy lies at quantile q of the layer's calibration
+    entropies (knots: [Q + 1] quantiles at 0, 1/Q, ..., 1) keeps min_k + floor(q * (max_k - min_k + 1))
+    experts, clamped to max_k: the max_k - min_k + 1 counts split the calibration tokens evenly, the more
+    uncertain router getting more experts."""
+    probabilities = torch.softmax(_work_logits(logits, temperature), dim=-1)  # [..., E]
+    entropy = router_entropy(probabilities).contiguous()  # [...]
+    below = torch.searchsorted(knots.to(entropy.dtype), entropy, right=True)  # knots <= entropy
+    quantile = ((below - 1).clamp_min(0) / (knots.numel() - 1)).to(entropy.dtype)  # [...] in [0, 1]
+    num_bands = max_k - min_k + 1
+    expert_counts = (min_k + torch.floor(quantile * num_bands).long()).clamp(min_k, max_k)
+    top_probabilities, top_index = torch.topk(probabilities, max_k, dim=-1)
+    top_weights, top_index = _keep_top(top_probabilities, top_index, expert_counts, logits.shape[-1], renormalize)
+    return Routing(top_weights, top_index, expert_counts, probabilities, {"entropy": entropy})
+
+
 @dataclass(frozen=True)
 class RouterShape:
     """What a routing method needs to know of the routers it replaces."""
@@ -668,16 +941,41 @@ class RoutingMethod:
         has at least min_k, max_k (the slot width K), temperature and renormalize."""
         raise NotImplementedError
 
-    def route(self, logits: torch.Tensor, params: dict, with_stats: bool = False) -> Routing:
-        """Route [..., E] logits with checked parameters (from `parameters`)."""
+    def route(
+        self, logits: torch.Tensor, params: dict, with_stats: bool = False, tables: dict | None = None
+    ) -> Routing:
+        """Route [..., E] logits with checked parameters (from `parameters`) and, for a method fitted to the
+        model, the layer's tables (from `layer_tables`)."""
         raise NotImplementedError
 
-    def router(self, params: dict, patcher: OLMoERouterPatcher) -> Callable:
-        """The patcher's per-layer function (router_logits [T, E], the router's own output) ->
-        (top_weights [T, K], top_index [T, K], expert_counts [T] or None when every token keeps K)."""
+    def calibration_use(self, params: dict) -> str | None:
+        """What this configuration reads from a RoutingCalibration (for the error when none is given), or
+        None when it needs none."""
+        return None
 
-        def route(router_logits, native_output):
-            routing = self.route(router_logits, params)
+    def layer_tables(self, params: dict, calibration: RoutingCalibration | None, layer: int) -> dict:
+        """The constants a configuration routes layer `layer` with, from the calibration ({} if none)."""
+        use = self.calibration_use(params)
+        if use is not None and calibration is None:
+            raise ValueError(
+                f"method {self.name!r} with {params} uses {use}: give a RoutingCalibration "
+                "(calibration=fit_routing_calibration(...), e.g. OLMoERouterPatcher(model, calibration=...))"
+            )
+        if use is not None and not 0 <= layer < calibration.num_layers:
+            raise ValueError(f"layer must be in [0, {calibration.num_layers}) for this calibration, got {layer!r}")
+        return {}
+
+    def router(self, params: dict, patcher: OLMoERouterPatcher) -> Callable:
+        """The patcher's function (router_logits [T, E], the router's own output, layer index) ->
+        (top_weights [T, K], top_index [T, K], expert_counts [T] or None when every token keeps K)."""
+        tables = [
+            _tables_to(self.layer_tables(params, patcher.calibration, layer), router.weight.device)
+            for layer, router in enumerate(patcher.routers)
+        ]
+
+        def route(router_logits, native_output, layer):
+            # A method that reads no tables may define route(logits, params, with_stats=False) without them.
+            routing = self.route(router_logits, params, **({"tables": tables[layer]} if tables[layer] else {}))
             return routing.top_weights, routing.top_index, routing.expert_counts
 
         return route
@@ -702,6 +1000,11 @@ class RoutingMethod:
         return self.name
 
 
+def _tables_to(tables: dict, device) -> dict:
+    """A layer's tables with every tensor (and NullTable) on `device`."""
+    return {name: value.to(device) if hasattr(value, "to") else value for name, value in tables.items()}
+
+
 ROUTING_METHODS: dict[str, RoutingMethod] = {}
 
 
@@ -718,6 +1021,22 @@ def routing_method(name: str) -> RoutingMethod:
     if name not in ROUTING_METHODS:
         raise ValueError(f"method must be one of {sorted(ROUTING_METHODS)}, got {name!r}")
     return ROUTING_METHODS[name]
+
+
+_PVALUE_CODES = {"robust_z": "", "one_minus_prob": "1mp", "empirical": "emp", "pooled": "pool"}  # in names
+
+
+def _check_pvalue_params(pvalue_method: str, num_experts: int) -> None:
+    _check_pvalue_method(pvalue_method)
+    if _standardised(pvalue_method):
+        _num_trimmed(num_experts)  # refuses too few experts before any forward pass
+
+
+def _null_tables(params: dict, calibration: RoutingCalibration | None, layer: int) -> dict:
+    """{"null": the layer's fitted NullTable} for a calibrated p-value, else {}."""
+    if params["pvalue_method"] not in CALIBRATED_PVALUE_METHODS:
+        return {}
+    return {"null": calibration.null(params["pvalue_method"], layer)}
 
 
 class BenjaminiHochbergMethod(RoutingMethod):
@@ -738,41 +1057,54 @@ class BenjaminiHochbergMethod(RoutingMethod):
         _check_alpha(alpha)
         _check_temperature(temperature)
         _check_k_bounds(min_k, max_k, shape.num_experts)
-        _check_pvalue_method(pvalue_method)
-        if pvalue_method == "robust_z":
-            _num_trimmed(shape.num_experts)  # refuses too few experts before any forward pass
+        _check_pvalue_params(pvalue_method, shape.num_experts)
         params = dict(alpha=alpha, temperature=temperature, min_k=min_k, max_k=max_k, pvalue_method=pvalue_method)
         return params | {"renormalize": _renormalize(renormalize, shape)}
 
-    def route(self, logits, params, with_stats=False):
-        return route_bh(logits, with_stats=with_stats, **params)
+    def calibration_use(self, params):
+        calibrated = params["pvalue_method"] in CALIBRATED_PVALUE_METHODS
+        return f"the layer's fitted {params['pvalue_method']!r} null" if calibrated else None
+
+    def layer_tables(self, params, calibration, layer):
+        return RoutingMethod.layer_tables(self, params, calibration, layer) | _null_tables(params, calibration, layer)
+
+    def route(self, logits, params, with_stats=False, tables=None):
+        return route_bh(logits, with_stats=with_stats, null=(tables or {}).get("null"), **params)
+
+    def _critical(self, params, patcher, layer: int, device) -> torch.Tensor | None:
+        """The layer's critical statistics on its router's device, built now rather than in a timed forward."""
+        alpha, method = params["alpha"], params["pvalue_method"]
+        if method == "one_minus_prob":
+            return None
+        if method == "robust_z":
+            return robust_z_critical_statistics(alpha, patcher.num_experts, device)
+        null = self.layer_tables(params, patcher.calibration, layer)["null"]
+        return null.critical_statistics(alpha, patcher.num_experts).to(device)
 
     def router(self, params, patcher):
-        # Critical values per router device, built now rather than inside a timed forward.
-        critical = {
-            device: robust_z_critical_statistics(params["alpha"], patcher.num_experts, device)
-            if params["pvalue_method"] == "robust_z"
-            else None
-            for device in patcher.router_devices
-        }
+        critical = [self._critical(params, patcher, i, r.weight.device) for i, r in enumerate(patcher.routers)]
         route = compile_once(route_bh_tensors) if patcher.compile_routing else route_bh_tensors
-        if patcher.cuda_graphs:
-            route = CudaGraphed(route)
+        if patcher.cuda_graphs:  # one graph set per critical tensor: a graph replays the constants it captured
+            graphed = {id(c): CudaGraphed(route) for c in critical}
+            routes = [graphed[id(c)] for c in critical]
+        else:
+            routes = [route] * len(critical)
         constants = tuple(
             params[name] for name in ("alpha", "temperature", "min_k", "max_k", "pvalue_method", "renormalize")
         )
 
-        def run(router_logits, native_output):
-            return route(router_logits, critical[router_logits.device], *constants)
+        def run(router_logits, native_output, layer):
+            return routes[layer](router_logits, critical[layer], *constants)
 
         return run
 
     def config_name(
         self, alpha=0.05, max_k=16, min_k=1, pvalue_method=DEFAULT_PVALUE_METHOD, temperature=1.0, renormalize=None
     ) -> str:
-        """The design's bh_k{max_k}_a{alpha*100:03d}; 'bh1mp' for the design's own p-value; a suffix for
-        each other parameter that differs from its default (e.g. _min4 for min_k = 4)."""
-        prefix = "bh" if pvalue_method == DEFAULT_PVALUE_METHOD else "bh1mp"
+        """The design's bh_k{max_k}_a{alpha*100:03d}; 'bh1mp' for the design's own p-value, 'bhemp' and
+        'bhpool' for the fitted nulls; a suffix for each other parameter that differs from its default
+        (e.g. _min4 for min_k = 4)."""
+        prefix = "bh" + _PVALUE_CODES.get(pvalue_method, str(pvalue_method))
         return f"{prefix}_k{max_k}_a{_percent_code(alpha)}" + _common_suffix(min_k, 1, temperature, renormalize)
 
     def series(self, params):
@@ -804,7 +1136,7 @@ class TopKMethod(RoutingMethod):
         renormalize = _renormalize(renormalize, shape)
         return dict(k=k, temperature=temperature, min_k=k, max_k=k, renormalize=renormalize)
 
-    def route(self, logits, params, with_stats=False):
+    def route(self, logits, params, with_stats=False, tables=None):
         return route_topk(logits, params["k"], params["temperature"], params["renormalize"])
 
     def router(self, params, patcher):
@@ -813,10 +1145,10 @@ class TopKMethod(RoutingMethod):
         reuse_native = params["temperature"] == 1.0 and not renormalize and not patcher.shape.norm_topk_prob
         routed = super().router(params, patcher)
 
-        def route(router_logits, native_output):
+        def route(router_logits, native_output, layer):
             if reuse_native and k <= native_output[2].shape[-1]:
                 return native_output[1][..., :k], native_output[2][..., :k], None
-            return routed(router_logits, native_output)[:2] + (None,)
+            return routed(router_logits, native_output, layer)[:2] + (None,)
 
         return route
 
@@ -842,7 +1174,7 @@ class TopPMethod(RoutingMethod):
         renormalize = _renormalize(renormalize, shape)
         return dict(p=p, temperature=temperature, min_k=min_k, max_k=max_k, renormalize=renormalize)
 
-    def route(self, logits, params, with_stats=False):
+    def route(self, logits, params, with_stats=False, tables=None):
         return route_topp(logits, **params)
 
     def config_name(self, p=0.5, temperature=1.0, min_k=1, max_k=None, renormalize=None) -> str:
@@ -873,7 +1205,140 @@ class NativeMethod(TopKMethod):
         return f"native top-{params['k']}"
 
 
-for _method in (BenjaminiHochbergMethod(), TopKMethod(), TopPMethod(), NativeMethod()):
+def _check_fraction(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+class HigherCriticismMethod(RoutingMethod):
+    """Higher Criticism thresholding of the experts' p-values (`route_hc`; the public attempt's rule)."""
+
+    name = "hc"
+
+    def parameters(
+        self,
+        shape,
+        beta=0.3,
+        min_k=1,
+        max_k=None,
+        pvalue_method=DEFAULT_PVALUE_METHOD,
+        temperature=1.0,
+        renormalize=None,
+    ) -> dict:
+        _check_fraction("beta", beta)
+        max_k = shape.native_top_k if max_k is None else max_k
+        _check_k_bounds(min_k, max_k, shape.num_experts)
+        _check_pvalue_params(pvalue_method, shape.num_experts)
+        _check_temperature(temperature)
+        params = dict(beta=beta, min_k=min_k, max_k=max_k, pvalue_method=pvalue_method, temperature=temperature)
+        return params | {"renormalize": _renormalize(renormalize, shape)}
+
+    calibration_use = BenjaminiHochbergMethod.calibration_use
+    layer_tables = BenjaminiHochbergMethod.layer_tables
+
+    def route(self, logits, params, with_stats=False, tables=None):
+        return route_hc(logits, with_stats=with_stats, null=(tables or {}).get("null"), **params)
+
+    def config_name(
+        self, beta=0.3, max_k=None, min_k=1, pvalue_method=DEFAULT_PVALUE_METHOD, temperature=1.0, renormalize=None
+    ) -> str:
+        name = "hc" + _PVALUE_CODES.get(pvalue_method, str(pvalue_method)) + f"_b{_percent_code(beta)}"
+        return name + ("" if max_k is None else f"_k{max_k}") + _common_suffix(min_k, 1, temperature, renormalize)
+
+    def series(self, params):
+        return f"HC ({params['pvalue_method']})"
+
+
+class DynamicSkipMethod(RoutingMethod):
+    """Dynamic skipping (`route_skip`): beta a number, or "median" for each layer's calibrated median of
+    w2 / w1 (Lu et al. 2024, "Not All Experts are Equal", ACL 2024, section 4)."""
+
+    name = "skip"
+
+    def parameters(self, shape, beta=0.3, k=None, min_k=1, temperature=1.0, renormalize=None) -> dict:
+        if beta != "median":
+            _check_fraction("beta", beta)
+        k = shape.native_top_k if k is None else k
+        _check_top_k(k, shape.num_experts)
+        _check_k_bounds(min_k, k, shape.num_experts)
+        _check_temperature(temperature)
+        renormalize = _renormalize(renormalize, shape)
+        return dict(beta=beta, k=k, min_k=min_k, max_k=k, temperature=temperature, renormalize=renormalize)
+
+    def calibration_use(self, params):
+        return "each layer's median w2 / w1 (beta='median')" if params["beta"] == "median" else None
+
+    def layer_tables(self, params, calibration, layer):
+        tables = super().layer_tables(params, calibration, layer)
+        return tables | ({"beta": calibration.skip_beta[layer]} if params["beta"] == "median" else {})
+
+    def route(self, logits, params, with_stats=False, tables=None):
+        beta = (tables or {}).get("beta", params["beta"])
+        if isinstance(beta, str):
+            raise ValueError("beta='median' needs the layer's tables (layer_tables with a RoutingCalibration)")
+        return route_skip(logits, beta, params["k"], params["temperature"], params["min_k"], params["renormalize"])
+
+    def config_name(self, beta=0.3, k=None, min_k=1, temperature=1.0, renormalize=None) -> str:
+        code = "med" if beta == "median" else _percent_code(beta)
+        return f"skip_b{code}" + ("" if k is None else f"_k{k}") + _common_suffix(min_k, 1, temperature, renormalize)
+
+    def series(self, params):
+        return "dynamic skip (median beta)" if params["beta"] == "median" else "dynamic skip"
+
+
+class EntropyMethod(RoutingMethod):
+    """Entropy-adaptive k (`route_entropy`), with each layer's calibrated entropy quantiles."""
+
+    name = "entropy"
+
+    def parameters(self, shape, min_k=1, max_k=None, temperature=1.0, renormalize=None) -> dict:
+        max_k = shape.native_top_k if max_k is None else max_k
+        _check_k_bounds(min_k, max_k, shape.num_experts)
+        _check_temperature(temperature)
+        renormalize = _renormalize(renormalize, shape)
+        return dict(min_k=min_k, max_k=max_k, temperature=temperature, renormalize=renormalize)
+
+    def calibration_use(self, params):
+        return "each layer's router-entropy quantiles"
+
+    def layer_tables(self, params, calibration, layer):
+        return super().layer_tables(params, calibration, layer) | {"knots": calibration.entropy_knots[layer]}
+
+    def route(self, logits, params, with_stats=False, tables=None):
+        if not tables or "knots" not in tables:
+            raise ValueError("method 'entropy' needs the layer's tables (layer_tables with a RoutingCalibration)")
+        return route_entropy(logits, tables["knots"], **params)
+
+    def config_name(self, max_k=None, min_k=1, temperature=1.0, renormalize=None) -> str:
+        return "entropy" + ("" if max_k is None else f"_k{max_k}") + _common_suffix(min_k, 1, temperature, renormalize)
+
+    def series(self, params):
+        return "entropy k"
+
+
+def route_logits(
+    method: str,
+    router_logits: torch.Tensor,
+    layer: int = 0,
+    calibration: RoutingCalibration | None = None,
+    with_stats: bool = False,
+    num_experts_per_tok: int = NATIVE_TOP_K,
+    **params,
+) -> Routing:
+    """Route [..., E] logits of layer `layer` with any registered method, its parameters checked and its
+    per-layer tables read from `calibration` where it needs them (e.g. route_logits("hc", logits, beta=0.3,
+    pvalue_method="empirical", layer=2, calibration=calibration))."""
+    _check_logits(router_logits)
+    spec = routing_method(method)
+    spec.check_names(params)
+    params = spec.parameters(RouterShape(router_logits.shape[-1], num_experts_per_tok), **params)
+    tables = spec.layer_tables(params, calibration, layer)
+    return spec.route(router_logits, params, with_stats, **({"tables": tables} if tables else {}))
+
+
+_ALL_METHODS = (BenjaminiHochbergMethod(), TopKMethod(), TopPMethod(), NativeMethod())
+_ALL_METHODS += (HigherCriticismMethod(), DynamicSkipMethod(), EntropyMethod())
+for _method in _ALL_METHODS:
     register_routing_method(_method)
 
 
@@ -1255,6 +1720,81 @@ def saturation_analysis(table, group_by=("pvalue_method", "alpha"), threshold_pe
     return pd.DataFrame(rows, columns=columns)
 
 
+FRONTIER_RESAMPLES = 1000  # paired bootstrap resamples of the evaluation windows
+FRONTIER_LEVEL = 0.95
+
+
+def window_sums(nll: torch.Tensor, window_ids: torch.Tensor, expert_counts: torch.Tensor | None) -> dict:
+    """Per evaluation window, sums of what the frontier's bootstrap resamples: "window_nll" (surprisal),
+    "window_tokens" and "window_experts" (experts per position, mean over layers). nll: [S]; window_ids:
+    [S] the window that scored each position (any labels; windows ordered by label); expert_counts:
+    [S, L] or None (then every window's experts sum is NaN)."""
+    labels, inverse = torch.unique(window_ids, sorted=True, return_inverse=True)
+    num_windows = labels.numel()
+    tokens = torch.zeros(num_windows, dtype=torch.float64).index_add_(
+        0, inverse, torch.ones_like(nll, dtype=torch.float64)
+    )
+    sums = torch.zeros(num_windows, dtype=torch.float64).index_add_(0, inverse, nll.double())
+    if expert_counts is None:
+        experts = torch.full((num_windows,), math.nan, dtype=torch.float64)
+    else:
+        per_position = expert_counts.double().mean(dim=-1)
+        experts = torch.zeros(num_windows, dtype=torch.float64).index_add_(0, inverse, per_position)
+    return {"window_nll": sums.tolist(), "window_tokens": tokens.tolist(), "window_experts": experts.tolist()}
+
+
+def bootstrap_window_weights(num_windows: int, resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
+    """[1 + resamples, W] multiplicities of each window: row 0 all ones (the point estimate), then
+    `resamples` draws of W windows with replacement (the paired bootstrap: every configuration is
+    resampled with the same windows)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(num_windows, np.full(num_windows, 1.0 / num_windows), size=resamples)
+    return np.vstack([np.ones((1, num_windows)), draws]).astype(np.float64)
+
+
+def _resampled(results: list[dict], weights):
+    """(mean NLL, average experts) of each result under each row of bootstrap weights: [R, C] each; None
+    when some result lacks per-window sums or the results' windows differ."""
+    import numpy as np
+
+    if not results or any("window_nll" not in r for r in results):
+        return None
+    tokens = np.asarray(results[0]["window_tokens"])
+    if weights.shape[1] != tokens.size or any(r["window_tokens"] != results[0]["window_tokens"] for r in results):
+        return None
+    scored = weights @ tokens  # [R]
+    nll = weights @ np.asarray([r["window_nll"] for r in results]).T / scored[:, None]
+    experts = weights @ np.asarray([r["window_experts"] for r in results]).T / scored[:, None]
+    return nll, experts
+
+
+def _interpolate_rows(x, xs, ys):
+    """Row-wise linear interpolation, NaN outside each row's [min xs, max xs]: x [R, C], xs/ys [R, n]."""
+    import numpy as np
+
+    out = np.full(x.shape, np.nan)
+    for row in range(x.shape[0]):
+        order = np.argsort(xs[row], kind="stable")
+        curve_x, curve_y = xs[row][order], ys[row][order]
+        inside = (x[row] >= curve_x[0]) & (x[row] <= curve_x[-1])
+        out[row] = np.where(inside, np.interp(x[row], curve_x, curve_y), np.nan)
+    return out
+
+
+def _percentile_interval(samples, level: float = FRONTIER_LEVEL) -> tuple[float, float]:
+    """Percentile interval of bootstrap samples [R - 1, C] -> ([C], [C]), NaN where more than half are NaN."""
+    import numpy as np
+
+    low, high = np.full(samples.shape[1], np.nan), np.full(samples.shape[1], np.nan)
+    enough = np.isfinite(samples).mean(axis=0) > 0.5
+    if enough.any():
+        tail = 100 * (1 - level) / 2
+        low[enough], high[enough] = np.nanpercentile(samples[:, enough], [tail, 100 - tail], axis=0)
+    return low, high
+
+
 def _baseline_curve(results: list[dict], method: str):
     """(average experts, mean NLL) of one baseline's measured points, sorted by average experts."""
     import numpy as np
@@ -1263,12 +1803,40 @@ def _baseline_curve(results: list[dict], method: str):
     return np.array([p[0] for p in points]), np.array([p[1] for p in points])
 
 
-def frontier_table(quality: dict[str, dict]):
+def _versus_baselines(ok: list[dict], resamples: int, seed: int) -> dict:
+    """For every result and baseline: the delta to the baseline at equal average experts (percent of
+    perplexity), as point estimate [C] and bootstrap samples [R, C] (None without per-window sums)."""
+    import numpy as np
+
+    baselines = [name for name, method in ROUTING_METHODS.items() if method.is_baseline]
+    weights = (
+        None
+        if not ok or "window_tokens" not in ok[0]
+        else bootstrap_window_weights(len(ok[0]["window_tokens"]), resamples, seed)
+    )
+    resampled = None if weights is None else _resampled(ok, weights)
+    nll = np.log([[r["perplexity"] for r in ok]]) if resampled is None else resampled[0]
+    experts = np.asarray([[r["avg_experts"] for r in ok]]) if resampled is None else resampled[1]
+    nll[0], experts[0] = np.log([r["perplexity"] for r in ok]), [r["avg_experts"] for r in ok]  # as measured
+    found = {}
+    for baseline in baselines:
+        members = [i for i, r in enumerate(ok) if r["method"] == baseline]
+        if len(members) < 2:
+            found[baseline] = np.full(nll.shape, np.nan)
+            continue
+        at_equal = _interpolate_rows(experts, experts[:, members], nll[:, members])
+        found[baseline] = 100.0 * np.expm1(nll - at_equal)  # [R, C]
+    return {"deltas": found, "nll": nll, "experts": experts}
+
+
+def frontier_table(quality: dict[str, dict], resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
     """Quality at equal compute: for each configuration of a method that is not a baseline (one row with
     its name, method, series and parameters), its perplexity and that of each baseline (top-k, top-p:
     `RoutingMethod.is_baseline`) at the same average experts; NaN where its average lies outside the
     baseline's measured range. A negative `delta_vs_<baseline>_percent` means the configuration is better
-    at equal compute.
+    at equal compute; `..._low` / `..._high` bound its paired bootstrap 95% interval over evaluation
+    windows (every configuration and baseline point resampled with the same windows, the baseline curve
+    re-interpolated in each resample), when the results carry per-window sums (`window_sums`).
 
     Between two measured baseline points the log-perplexity (mean NLL) is interpolated linearly in
     average experts: that is the mean NLL of routing a matching fraction of tokens with each of the two,
@@ -1279,10 +1847,9 @@ def frontier_table(quality: dict[str, dict]):
     import pandas as pd
 
     ok = [r for r in quality.values() if r["status"] == "ok"]
-    baselines = [name for name, method in ROUTING_METHODS.items() if method.is_baseline]
-    curves = {name: _baseline_curve(ok, name) for name in baselines}
+    compared = _versus_baselines(ok, resamples, seed) if ok else {"deltas": {}}
     rows = []
-    for result in ok:
+    for column, result in enumerate(ok):
         method = routing_method(result["method"])
         if method.is_baseline or not method.changes_routing:
             continue
@@ -1294,15 +1861,173 @@ def frontier_table(quality: dict[str, dict]):
             "avg_experts": result["avg_experts"],
             "perplexity": result["perplexity"],
         }
-        for baseline, (xs, log_ys) in curves.items():
-            inside = len(xs) >= 2 and xs[0] <= result["avg_experts"] <= xs[-1]
-            at_equal = float(np.exp(np.interp(result["avg_experts"], xs, log_ys))) if inside else float("nan")
-            row[f"{baseline}_perplexity_at_equal_experts"] = at_equal
-            row[f"delta_vs_{baseline}_percent"] = 100.0 * (result["perplexity"] / at_equal - 1.0)
+        for baseline, deltas in compared["deltas"].items():
+            delta = deltas[0, column]
+            row[f"{baseline}_perplexity_at_equal_experts"] = result["perplexity"] / (1 + delta / 100)
+            row[f"delta_vs_{baseline}_percent"] = delta
+            low, high = _percentile_interval(deltas[1:, [column]]) if len(deltas) > 1 else ([np.nan], [np.nan])
+            row[f"delta_vs_{baseline}_low"], row[f"delta_vs_{baseline}_high"] = float(low[0]), float(high[0])
         rows.append(row)
-    compared = [c for name in baselines for c in (f"{name}_perplexity_at_equal_experts", f"delta_vs_{name}_percent")]
-    columns = ["config", "method", "series", "avg_experts", "perplexity"] + compared
+    baselines = [name for name, method in ROUTING_METHODS.items() if method.is_baseline]
+    compared_columns = [
+        f"{prefix}{name}{suffix}"
+        for name in baselines
+        for prefix, suffix in (
+            ("", "_perplexity_at_equal_experts"),
+            ("delta_vs_", "_percent"),
+            ("delta_vs_", "_low"),
+            ("delta_vs_", "_high"),
+        )
+    ]
+    columns = ["config", "method", "series", "avg_experts", "perplexity"] + compared_columns
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)  # the same columns with no rows
+
+
+BUDGETS = (1, 2, 3, 4, 6)  # experts per token at which the best method is named
+
+
+def best_at_budget(
+    quality: dict[str, dict],
+    budgets=BUDGETS,
+    tolerance: float = 0.01,
+    resamples: int = FRONTIER_RESAMPLES,
+    seed: int = 0,
+):
+    """For each compute budget b and each series (method and variant): its configuration with the lowest
+    perplexity among those averaging at most b * (1 + tolerance) experts, ranked; with the difference to
+    top-k at k = b (measured, paired) and to top-p at the configuration's own average (interpolated), each
+    with its paired bootstrap 95% interval over windows. Rank 1 is the best method at that budget.
+
+    The interval is that of the chosen configuration; choosing the best of many configurations on the same
+    windows favours it (winner's curse), which the interval does not account for.
+    """
+    import numpy as np
+    import pandas as pd
+
+    ok = [r for r in quality.values() if r["status"] == "ok" and routing_method(r["method"]).changes_routing]
+    if not ok:
+        return pd.DataFrame()
+    compared = _versus_baselines(ok, resamples, seed)
+    nll, topp = compared["nll"], compared["deltas"].get("topp")
+    rows = []
+    for budget in budgets:
+        reference = [i for i, r in enumerate(ok) if r["method"] == "topk" and r["params"].get("k") == budget]
+        within = [i for i, r in enumerate(ok) if r["avg_experts"] <= budget * (1 + tolerance)]
+        best = {}
+        for i in within:
+            series = routing_method(ok[i]["method"]).series(ok[i]["params"])
+            if series not in best or ok[i]["perplexity"] < ok[best[series]]["perplexity"]:
+                best[series] = i
+        for rank, (series, i) in enumerate(sorted(best.items(), key=lambda item: ok[item[1]]["perplexity"]), 1):
+            row = {"budget": budget, "rank": rank, "series": series, "config": ok[i]["name"]}
+            row |= {"avg_experts": ok[i]["avg_experts"], "perplexity": ok[i]["perplexity"]}
+            vs_topk = 100.0 * np.expm1(nll[:, i] - nll[:, reference[0]]) if reference else np.full(len(nll), np.nan)
+            for name, delta in (("topk_at_budget", vs_topk), ("topp", None if topp is None else topp[:, i])):
+                delta = np.full(len(nll), np.nan) if delta is None else delta
+                low, high = _percentile_interval(delta[1:, None]) if len(delta) > 1 else ([np.nan], [np.nan])
+                row |= {
+                    f"delta_vs_{name}_percent": delta[0],
+                    f"delta_vs_{name}_low": low[0],
+                    f"delta_vs_{name}_high": high[0],
+                }
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+CALIBRATION_ALPHAS = (0.01, 0.05, 0.10, 0.20)
+
+
+def null_rejection_rates(
+    router_logits, alphas=CALIBRATION_ALPHAS, pvalue_methods=PVALUE_METHODS, calibration=None, seed=0
+):
+    """BH's observed false discovery rate under a null with the token-specific signal removed.
+
+    Each layer's logits ([N, E], one tensor per layer) get each expert's column permuted across tokens
+    (`permute_experts`): no expert is relevant to any token, every rejection is false, and the FDR is the
+    share of tokens with at least one rejection. BH guarantees FDR <= alpha only when the p-values of the
+    irrelevant experts are uniform and independent (or PRDS): this measures whether that holds. A
+    calibrated p-value method needs `calibration`, which must come from other text than these logits.
+
+    Returns a DataFrame: layer, pvalue_method, alpha, tokens, rejection_rate, standard_error (binomial),
+    ratio_to_alpha, mean_rejections.
+    """
+    import pandas as pd
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for layer, logits in enumerate(router_logits):
+        permuted = permute_experts(logits.float(), generator)
+        num_tokens, num_experts = permuted.shape
+        for method in pvalue_methods:
+            for alpha in alphas:
+                params = dict(alpha=alpha, min_k=0, max_k=num_experts, pvalue_method=method)
+                counts = route_logits("bh", permuted, layer, calibration, **params).expert_counts.double()
+                rate = (counts > 0).double().mean().item()
+                rows.append(
+                    {"layer": layer, "pvalue_method": method, "alpha": alpha, "tokens": num_tokens,
+                     "rejection_rate": rate, "standard_error": math.sqrt(rate * (1 - rate) / num_tokens),
+                     "ratio_to_alpha": rate / alpha, "mean_rejections": counts.mean().item()}
+                )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _bulk_moments(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(skewness, excess kurtosis) of each token's bulk, its logits without the E/4 largest: [N, E] -> [N] each."""
+    num_experts = logits.shape[-1]
+    bulk = torch.sort(logits.double(), dim=-1).values[..., : num_experts - _num_trimmed(num_experts)]
+    centered = bulk - bulk.mean(dim=-1, keepdim=True)
+    variance = centered.square().mean(dim=-1).clamp_min(1e-300)
+    skew = centered.pow(3).mean(dim=-1) / variance.pow(1.5)
+    return skew, centered.pow(4).mean(dim=-1) / variance.square() - 3.0
+
+
+def bulk_shape(router_logits, seed: int = 0):
+    """Per layer: the mean over tokens of the skewness and excess kurtosis of each token's bulk (its logits
+    without the E/4 largest, which robust_z's null estimate leaves out), next to the same for E i.i.d.
+    Gaussian logits, the bulk robust_z assumes (not 0: the trimming and E's small size bias both).
+    A DataFrame: layer, tokens, skew, excess_kurtosis, gaussian_skew, gaussian_excess_kurtosis."""
+    import pandas as pd
+
+    num_experts = router_logits[0].shape[-1]
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = _bulk_moments(torch.randn(_NULL_SIMULATED_TOKENS // 4, num_experts, generator=generator))
+    rows = []
+    for layer, logits in enumerate(router_logits):
+        skew, kurtosis = _bulk_moments(logits)
+        row = {"layer": layer, "tokens": logits.shape[0], "skew": skew.mean().item()}
+        row |= {"excess_kurtosis": kurtosis.mean().item(), "gaussian_skew": gaussian[0].mean().item()}
+        rows.append(row | {"gaussian_excess_kurtosis": gaussian[1].mean().item()})
+    return pd.DataFrame(rows)
+
+
+def null_pvalue_quantiles(router_logits, pvalue_methods=PVALUE_METHODS, calibration=None, seed=0, num_levels=60):
+    """The p-values of permuted logits (as in `null_rejection_rates`, all experts) against the uniform they
+    should follow: per layer and p-value method, observed quantiles at log-spaced levels from 1/(N E) to 1.
+    A DataFrame: layer, pvalue_method, expected, observed (a QQ plot on log axes shows the tail BH uses)."""
+    import numpy as np
+    import pandas as pd
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for layer, logits in enumerate(router_logits):
+        permuted = permute_experts(logits.float(), generator)
+        levels = np.geomspace(1.0 / permuted.numel(), 1.0, num_levels)
+        for method in pvalue_methods:
+            null = calibration.null(method, layer) if method in CALIBRATED_PVALUE_METHODS and calibration else None
+            p_values = compute_p_values(permuted, method, null=null).flatten().double()
+            observed = torch.quantile(p_values[torch.randperm(p_values.numel(), generator=generator)[: 2**24]],
+                                      torch.from_numpy(levels))  # fmt: skip
+            rows += [{"layer": layer, "pvalue_method": method, "expected": e, "observed": o}
+                     for e, o in zip(levels, observed.tolist(), strict=True)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def count_correlation(counts_a: torch.Tensor, counts_b: torch.Tensor) -> float:
+    """Spearman correlation of two methods' experts per position (mean over layers) on the same positions:
+    [S, L] each -> float (whether they spend their experts on the same tokens)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(counts_a.double().mean(-1).numpy(), counts_b.double().mean(-1).numpy()).statistic)
 
 
 def token_level_analysis(
@@ -2026,6 +2751,7 @@ class OLMoERouterPatcher:
         compile_routing: bool | None = None,
         cuda_graphs: bool | None = None,
         experts_path: str | None = None,
+        calibration: RoutingCalibration | None = None,
     ):
         """record_token_counts: keep every token's count per layer (get_stats()["token_counts"]).
         compile_routing: fuse the BH routing into a few kernels with torch.compile (None: on when the model
@@ -2038,7 +2764,10 @@ class OLMoERouterPatcher:
         experts_path: "variable_k" (the experts compute only the kept pairs with `variable_k_experts_forward`)
             or "model" (the model's own experts implementation). None: "variable_k" where its fused path runs
             (CUDA, Triton, bfloat16, a GPU with a grouped GEMM kernel: sm80+, not a T4), else "model" (on a
-            CPU, eager or grouped_mm are as fast as the torch reference)."""
+            CPU, eager or grouped_mm are as fast as the torch reference).
+        calibration: the model's RoutingCalibration (`fit_routing_calibration`), for the methods that read
+            per-layer tables (BH / HC with a fitted null, dynamic skipping with beta="median", entropy k);
+            may also be set later (patcher.calibration = ...), before `patch`."""
         _require_transformers()
         self.model = model
         self.routers, self.experts = _find_moe_layers(model)
@@ -2055,6 +2784,11 @@ class OLMoERouterPatcher:
         self.compile_routing = bool(compile_routing)
         self.cuda_graphs = self._choose_cuda_graphs(cuda_graphs, on_cuda)
         self.statistics = RoutingStatistics(self.num_layers, self.num_experts, record_token_counts)
+        if calibration is not None and calibration.num_layers != self.num_layers:
+            raise ValueError(
+                f"calibration has {calibration.num_layers} layers, this model {self.num_layers} MoE layers"
+            )
+        self.calibration = calibration
         self._handles: list = []
         self._thread: int | None = None
         self._keep: torch.Tensor | None = None  # this forward's real positions
@@ -2242,7 +2976,7 @@ class OLMoERouterPatcher:
             if self._route is None:  # the native routing, unchanged
                 self.statistics.record(layer, output[1], output[2], keep=keep)
                 return None
-            top_weights, top_index, expert_counts = self._route(router_logits, output)
+            top_weights, top_index, expert_counts = self._route(router_logits, output, layer)
             self.statistics.record(layer, top_weights, top_index, expert_counts, keep=keep)
             return router_logits, top_weights.to(router_logits.dtype), top_index
 
@@ -2283,11 +3017,31 @@ class OLMoERouterPatcher:
 # ----------------------------------------------------------------------------------------------------
 
 
+HELDOUT_SOURCES = (("wordnet", 47), ("kjv", 19), ("pydoc", 13), ("devil", 1))  # documents per source, in file order
+EMBEDDED_TEXTS = ("embedded", *(f"embedded:{name}" for name, _ in HELDOUT_SOURCES))
+
+
+def _heldout_source_text(source: str) -> str:
+    """The held-out documents of one source of data/heldout.txt (data/CORPUS.md: sources in this order)."""
+    documents = heldout_documents("embedded")
+    if len(documents) != sum(count for _, count in HELDOUT_SOURCES):
+        raise RuntimeError(f"{HELDOUT_TEXT_PATH} has {len(documents)} documents; HELDOUT_SOURCES expects another split")
+    begin = 0
+    for name, count in HELDOUT_SOURCES:
+        if name == source:
+            return "\n<|endoftext|>\n".join(documents[begin : begin + count]) + "\n"
+        begin += count
+    raise ValueError(f"source must be one of {list(EMBEDDED_TEXTS)}, 'wikitext2' or a file, got 'embedded:{source}'")
+
+
 def load_heldout_text(source: str | Path = "embedded") -> str:
-    """Evaluation text: "embedded" (data/heldout.txt, never trained on), "wikitext2" (WikiText-2 raw test
-    split through `datasets`, needs internet), or a path to a text file."""
+    """Evaluation text: "embedded" (data/heldout.txt, never trained on), "embedded:<source>" (its documents
+    of one source, e.g. "embedded:pydoc": HELDOUT_SOURCES), "wikitext2" (WikiText-2 raw test split through
+    `datasets`, needs internet), or a path to a text file."""
     if str(source) == "embedded":
         return HELDOUT_TEXT_PATH.read_text()
+    if str(source).startswith("embedded:"):
+        return _heldout_source_text(str(source).partition(":")[2])
     if str(source) == "wikitext2":
         try:
             from datasets import load_dataset
@@ -2348,7 +3102,7 @@ def _score_windows(model, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _empty_parts() -> dict[str, list]:
-    return {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": []}
+    return {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": [], "window_ids": []}
 
 
 def _score_batch(model, token_ids, batch, device, patcher) -> dict[str, list]:
@@ -2361,8 +3115,9 @@ def _score_batch(model, token_ids, batch, device, patcher) -> dict[str, list]:
             patcher.reset_stats()
         nll, correct = _score_windows(model, inputs)
         counts = patcher.statistics.token_counts().view(len(group), length, -1) if patcher else None
-        for row, (_, _, num_scored) in enumerate(group):
+        for row, (begin, _, num_scored) in enumerate(group):
             predicting = slice(length - 1 - num_scored, length - 1)  # the positions that made the predictions
+            parts["window_ids"].append(torch.full((num_scored,), begin, dtype=torch.int64))
             parts["nll"].append(nll[row, -num_scored:].cpu())
             parts["targets"].append(inputs[row, 1:][-num_scored:].cpu())
             parts["inputs"].append(inputs[row, predicting].cpu())
@@ -2414,9 +3169,10 @@ def evaluate_language_model(
     patched `patcher`, the routing decisions of the scored tokens' positions are returned too.
 
     Returns {"perplexity", "token_accuracy", "num_scored", "mean_nll", "batch_size" (the one that ran last),
-    "nll" [S], "targets" [S], "inputs" [S], "expert_counts" [S, L] or None}: nll[i] is the surprisal
-    (nats) of targets[i] given its context; inputs[i] is the token at the position that predicts it, and
-    expert_counts[i] the experts kept there in each layer.
+    "nll" [S], "targets" [S], "inputs" [S], "expert_counts" [S, L] or None, "window_ids" [S]}: nll[i] is
+    the surprisal (nats) of targets[i] given its context; inputs[i] is the token at the position that
+    predicts it, expert_counts[i] the experts kept there in each layer, and window_ids[i] the first token
+    of the window that scored it (`window_sums` folds them per window, for bootstrap intervals).
     """
     stride = window if stride is None else stride
     if token_ids.dim() != 1 or token_ids.numel() < 2:
@@ -2435,7 +3191,128 @@ def evaluate_language_model(
         "targets": torch.cat(parts["targets"]),
         "inputs": torch.cat(parts["inputs"]),
         "expert_counts": torch.cat(parts["expert_counts"]) if parts["expert_counts"] else None,
+        "window_ids": torch.cat(parts["window_ids"]),
     }
+
+
+@torch.no_grad()
+def collect_router_logits(model, token_ids: torch.Tensor, window: int = 256, batch_size: int = 8) -> list[torch.Tensor]:
+    """Every MoE layer's router logits on `token_ids` ([N] int64, disjoint windows of `window` tokens, the
+    model's own routing): a list of L float32 tensors [positions, E] on the CPU."""
+    _check_windows(window, window, batch_size)
+    routers, _ = _find_moe_layers(model)
+    collected: list[list[torch.Tensor]] = [[] for _ in routers]
+
+    def keep(layer):
+        return lambda module, args, output: collected[layer].append(output[0].detach().float().cpu())
+
+    handles = [router.register_forward_hook(keep(layer)) for layer, router in enumerate(routers)]
+    device = next(model.parameters()).device
+    try:
+        spans = [(begin, end) for begin, end, _ in sliding_windows(token_ids.numel(), window, window)]
+        full = [token_ids[begin:end] for begin, end in spans if end - begin == window]
+        batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
+        batches += [token_ids[begin:end].unsqueeze(0) for begin, end in spans if end - begin != window]  # the tail
+        for inputs in batches:
+            model(inputs.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(parts) for parts in collected]
+
+
+def _drop_last_position_slots(num_slots: int, length: int, captured: list):
+    """A router hook for `oracle_drop_effects`: rows come in groups of num_slots + 1 copies of one prefix;
+    copy 0 keeps the routing (its last position's logits are captured), copy v zeroes the weight of slot
+    v - 1 at the last position only. A zero weight removes the expert's contribution exactly."""
+
+    def hook(module, args, output):
+        router_logits, weights, index = output[:3]
+        weights = weights.reshape(-1, length, weights.shape[-1]).clone()  # [R, length, k]
+        variant = torch.arange(weights.shape[0], device=weights.device) % (num_slots + 1)
+        rows = (variant > 0).nonzero().squeeze(-1)
+        weights[rows, -1, variant[rows] - 1] = 0
+        captured.append(router_logits.reshape(weights.shape[0], length, -1)[variant == 0, -1].float().cpu())
+        return router_logits, weights.reshape(-1, weights.shape[-1]), index
+
+    return hook
+
+
+@torch.no_grad()
+def oracle_drop_effects(
+    model, token_ids: torch.Tensor, layer: int, positions, context: int = 64, batch_positions: int = 16
+):
+    """The loss each native top-k expert of one layer is worth, one routing decision at a time.
+
+    For each position t (context - 1 <= t < N - 1): the increase in the surprisal of token t + 1 when the
+    expert in slot s (s = 0..k-1, most probable first) of layer `layer` is dropped at position t alone, with
+    the previous `context` tokens as context. Only the last position of each prefix is changed, so the
+    effect is that decision's alone. Returns {"layer", "positions" [P], "router_logits" [P, E] (the
+    layer's logits at t under the model's own routing), "loss_increase" [P, k]}.
+    """
+    routers, _ = _find_moe_layers(model)
+    if not 0 <= layer < len(routers):
+        raise ValueError(f"layer must be in [0, {len(routers)}), got {layer!r}")
+    positions = [int(t) for t in positions]
+    if any(not context - 1 <= t < token_ids.numel() - 1 for t in positions):
+        raise ValueError(f"positions must lie in [context - 1, {token_ids.numel() - 1}) = [{context - 1}, ...)")
+    num_slots, device = routers[layer].top_k, next(model.parameters()).device
+    captured, increases = [], []
+    handle = routers[layer].register_forward_hook(_drop_last_position_slots(num_slots, context, captured))
+    try:
+        for start in range(0, len(positions), batch_positions):
+            chunk = positions[start : start + batch_positions]
+            prefixes = torch.stack([token_ids[t - context + 1 : t + 1] for t in chunk])  # [P, context]
+            inputs = prefixes.repeat_interleave(num_slots + 1, dim=0).to(device)  # [P (k + 1), context]
+            logits = model(inputs, use_cache=False).logits[:, -1].float()  # [P (k + 1), V]
+            targets = token_ids[torch.tensor(chunk) + 1].repeat_interleave(num_slots + 1).to(device)
+            nll = torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)
+            nll = nll.view(len(chunk), num_slots + 1).cpu()
+            increases.append(nll[:, 1:] - nll[:, :1])
+    finally:
+        handle.remove()
+    return {
+        "layer": layer,
+        "positions": torch.tensor(positions),
+        "router_logits": torch.cat(captured),
+        "loss_increase": torch.cat(increases).double(),
+    }
+
+
+def oracle_table(effects: list[dict], configs, calibration=None, num_experts_per_tok: int = NATIVE_TOP_K):
+    """Whether each configuration keeps the experts that matter (`oracle_drop_effects` per layer): over every
+    (position, native slot) pair, the Spearman correlation between "the method keeps it" and the loss its
+    drop costs, the share kept, and the mean loss increase of the experts it drops (what its choices would
+    cost if the drops added up). The first row ranks by the router's own order (slot k - s) for reference.
+    """
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    increase = torch.cat([e["loss_increase"] for e in effects]).flatten().numpy()  # [P k]
+    slots = torch.arange(num_experts_per_tok).expand(len(increase) // num_experts_per_tok, -1)
+    rank = spearmanr(-slots.flatten().numpy(), increase).statistic
+    rows = [{"config": "router order", "series": "reference", "spearman_kept_vs_loss": rank, "kept_share": math.nan,
+             "avg_kept": math.nan, "mean_loss_of_dropped": math.nan}]  # fmt: skip
+    for config in configs:
+        method = routing_method(config.method)
+        if not method.changes_routing:
+            continue
+        route = functools.partial(route_logits, config.method, calibration=calibration, **config.kwargs)
+        counts = torch.cat(
+            [
+                route(e["router_logits"], e["layer"], num_experts_per_tok=num_experts_per_tok).expert_counts
+                for e in effects
+            ]
+        )
+        kept = (slots < counts.clamp_max(num_experts_per_tok)[:, None]).flatten().numpy()
+        varies = 0 < kept.mean() < 1
+        shape = RouterShape(effects[0]["router_logits"].shape[-1], num_experts_per_tok)
+        series = method.series(method.parameters(shape, **config.kwargs))
+        row = {"config": config.name, "series": series, "kept_share": float(kept.mean())}
+        row["spearman_kept_vs_loss"] = spearmanr(kept, increase).statistic if varies else math.nan
+        row["avg_kept"] = counts.double().mean().item()
+        rows.append(row | {"mean_loss_of_dropped": float(increase[~kept].mean()) if (~kept).any() else 0.0})
+    return pd.DataFrame(rows)
 
 
 def _synchronize(device: torch.device) -> None:

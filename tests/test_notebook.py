@@ -22,7 +22,18 @@ SUMMARY_COLUMNS = """config method pvalue_method alpha max_k min_k status qualit
     min_experts max_experts median_experts ceiling_hit_rate floor_hit_rate reduction_vs_baseline inference_time
     tokens_per_second tokens_per_second_min tokens_per_second_max timing_repeats avg_time_per_prompt weight_entropy
     expert_utilization perplexity token_accuracy eval_avg_experts""".split()
-QUICK = {"max_new_tokens": 3, "eval_max_tokens": 600, "eval_window": 128, "device": "cpu"}
+QUICK = {
+    "max_new_tokens": 3,
+    "eval_max_tokens": 600,
+    "eval_window": 128,
+    "device": "cpu",
+    "calibration_tokens": 1024,
+    "eval_max_tokens_2": 300,
+    "oracle_positions": 8,
+    "bootstrap_resamples": 100,
+}
+QUALITY_TABLES = """bh_routing_frontier bh_routing_frontier_second_slice bh_routing_best_by_budget
+    bh_routing_best_by_budget_second_slice bh_routing_calibration bh_routing_bulk_shape bh_routing_oracle""".split()
 
 
 def execute(tmp_path, **parameters):
@@ -79,11 +90,19 @@ def test_notebook_runs_with_one_prompt_per_group_and_writes_every_output(tmp_pat
         "complex",
         "technical",
     ]
-    for figure in ("bh_routing_analysis", "bh_routing_frontier", "bh_routing_layers"):
-        assert (tmp_path / "visualizations" / f"{figure}.png").stat().st_size > 10_000
+    figures = "analysis frontier frontier_intervals layers calibration".split()
+    for figure in figures:
+        assert (tmp_path / "visualizations" / f"bh_routing_{figure}.png").stat().st_size > 10_000
+    assert all((tmp_path / f"{name}.csv").stat().st_size > 100 for name in QUALITY_TABLES)
     frontier = pd.read_csv(tmp_path / "bh_routing_frontier.csv")
     floored = [f"bh_k8_a020_min{k}" for k in (2, 3, 4, 6)]
-    assert list(frontier["config"]) == ["bh_k4_a020", "bh_k8_a005", "bh1mp_k8_a005"] + floored
+    assert list(frontier["config"][:7]) == ["bh_k4_a020", "bh_k8_a005", "bh1mp_k8_a005"] + floored
+    assert {"bh", "hc", "skip", "entropy"} == set(frontier["method"])
+    assert {"BH (empirical)", "BH (pooled)", "HC (pooled)", "dynamic skip (median beta)"} <= set(frontier["series"])
+    inside = frontier.dropna(subset=["delta_vs_topk_percent"])
+    assert (inside["delta_vs_topk_low"] <= inside["delta_vs_topk_percent"] + 1e-9).all()
+    assert (inside["delta_vs_topk_percent"] <= inside["delta_vs_topk_high"] + 1e-9).all()
+    assert len(pd.read_csv(tmp_path / "bh_routing_frontier_second_slice.csv")) == len(frontier)
     assert table["perplexity"].notna().all() and (table["perplexity"] < 8192).all()
     for store in ("configs", "quality"):  # what the resume key holds
         settings = json.loads(next((tmp_path / store).glob("*.json")).read_text())["settings"]
@@ -93,6 +112,16 @@ def test_notebook_runs_with_one_prompt_per_group_and_writes_every_output(tmp_pat
     assert "`embedded`" in report and "Prompts: 4 in 4 complexity groups" in report
     for row in table.itertuples():  # the report's numbers are the CSV's
         assert f"| {row.config} |" in report and f"| {row.avg_experts:.2f} | {row.std_experts:.2f} |" in report
+    best = pd.read_csv(tmp_path / "bh_routing_best_by_budget.csv")
+    for row in best[best["rank"] <= 3].itertuples():  # the report's best-per-budget table is the CSV's
+        interval = f"{row.delta_vs_topk_at_budget_percent:+.2f}% [{row.delta_vs_topk_at_budget_low:+.2f}, "
+        assert f"| {row.budget} | {row.rank} | {row.series} | {row.config} | {row.avg_experts:.3f} |" in report
+        assert interval in report
+    calibration = pd.read_csv(tmp_path / "bh_routing_calibration.csv")
+    for row in calibration.itertuples():
+        assert f"{row.rejection_rate:.4f} ({row.standard_error:.4f})" in report
+    oracle = pd.read_csv(tmp_path / "bh_routing_oracle.csv")
+    assert oracle["config"][0] == "router order" and set(frontier["config"]) <= set(oracle["config"])
     samples = report.split("## Sample generations")[1]
     for prompt in full["configs"]["bh_k8_a005"]["prompts"]:  # every group's first prompt, with its texts
         assert f"**{prompt['prompt']}**" in samples and prompt["generated_text"].strip() in samples
@@ -238,7 +267,10 @@ def test_failed_generation_configurations_still_give_every_output(tmp_path, monk
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
-        ({"eval_text": "/nonexistent.txt"}, "eval_text must be 'embedded', 'wikitext2' or an existing text file"),
+        ({"eval_text": "/nonexistent.txt"}, r"eval_text must be one of \('embedded', 'embedded:wordnet'"),
+        ({"eval_text_2": "embedded:nosuch"}, r"eval_text_2 must be one of .* or an existing text file \(or None\)"),
+        ({"bootstrap_resamples": 5}, "bootstrap_resamples must be an integer >= 10, got 5"),
+        ({"oracle_positions": -1}, "oracle_positions must be an integer >= 0, got -1"),
         ({"model_name_or_path": "./no/such/model"}, "'./no/such/model' is not an existing local directory"),
         ({"config_names": 5}, "config_names must be None, a list of names or a comma-separated string"),
         ({"config_names": "bh_k8_a005,bh-k8"}, r"config_names has unknown names \['bh-k8'\]; allowed: \['topk_8"),

@@ -65,7 +65,7 @@ def test_context_manager_and_exception_leave_model_restorable(tiny_model, input_
         name = "failing"
 
         def router(self, params, patcher):
-            def route(logits, native_output):
+            def route(logits, native_output, layer):
                 raise RuntimeError("boom inside the forward")
 
             return route
