@@ -99,6 +99,10 @@ __all__ = [
     "bootstrap_window_weights",
     "BUDGETS",
     "best_at_budget",
+    "paired_perplexity_difference",
+    "layer_matched_table",
+    "LayerBudgetMethod",
+    "route_layer_budget",
     "count_correlation",
     "CALIBRATION_ALPHAS",
     "null_rejection_rates",
@@ -368,7 +372,7 @@ def fast_bh_count(first_passing_rank: torch.Tensor) -> torch.Tensor:
 _NULL_SIMULATED_TOKENS = 2**17  # 131072 simulated tokens x E experts: p resolves to ~1e-7 at E=64
 _NULL_SEED = 20240902
 _NULL_GRID = (-40.0, 80.0, 1.0 / 64)  # s grid (first, last, step) of the tabulated log survival function
-_null_table_cache: dict[int, NullTable] = {}
+_null_table_cache: dict[tuple[int, str], NullTable] = {}
 _critical_statistics_cache: dict[tuple[float, int, str], torch.Tensor] = {}
 
 
@@ -379,9 +383,9 @@ def _num_trimmed(num_experts: int) -> int:
     """J: how many of the largest logits the null estimate leaves out (E/4, 16 for OLMoE)."""
     if num_experts < MIN_ROBUST_Z_EXPERTS:  # a Python int: free inside a traced forward
         raise ValueError(
-            f"pvalue_method='robust_z' needs at least {MIN_ROBUST_Z_EXPERTS} experts (it estimates each token's "
-            f"null from the logits without its E/4 largest); got num_experts={num_experts}. Use "
-            "pvalue_method='one_minus_prob', or top-k / top-p routing."
+            f"the robust_z statistic (pvalue_method 'robust_z' or 'empirical') needs at least {MIN_ROBUST_Z_EXPERTS} "
+            f"experts (it estimates each token's bulk from the logits without its E/4 largest); got "
+            f"num_experts={num_experts}. Use pvalue_method='one_minus_prob' or 'pooled', or top-k / top-p routing."
         )
     return num_experts // 4
 
@@ -472,26 +476,30 @@ class NullTable:
         return torch.where(beyond_grid, torch.tensor(math.inf, dtype=torch.float64), critical).float()
 
 
-def robust_z_null(num_experts: int) -> NullTable:
+def robust_z_null(num_experts: int, device: torch.device | str = "cpu") -> NullTable:
     """The robust_z statistic's null (E i.i.d. N(0, 1) logits per token), simulated once per E with a fixed
-    seed on the CPU generator (about a second), then cached."""
-    if num_experts not in _null_table_cache:
-        generator = torch.Generator().manual_seed(_NULL_SEED)
-        null_logits = torch.randn(_NULL_SIMULATED_TOKENS, num_experts, generator=generator)
-        first, last, step = _NULL_GRID
-        num_knots = round((last - first) / step) + 1
-        _null_table_cache[num_experts] = NullTable.from_sample(robust_z_statistic(null_logits), num_knots, first, last)
-    return _null_table_cache[num_experts]
+    seed on the CPU generator (about a second), then cached per device (a forward pass copies nothing)."""
+    key = (num_experts, str(device))
+    if key not in _null_table_cache:
+        if (num_experts, "cpu") not in _null_table_cache:
+            generator = torch.Generator().manual_seed(_NULL_SEED)
+            null_logits = torch.randn(_NULL_SIMULATED_TOKENS, num_experts, generator=generator)
+            first, last, step = _NULL_GRID
+            num_knots = round((last - first) / step) + 1
+            table = NullTable.from_sample(robust_z_statistic(null_logits), num_knots, first, last)
+            _null_table_cache[(num_experts, "cpu")] = table
+        _null_table_cache[key] = _null_table_cache[(num_experts, "cpu")].to(device)
+    return _null_table_cache[key]
 
 
 def robust_z_null_table(num_experts: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """log P(S >= s) of the robust_z statistic under H0 on the grid _NULL_GRID: [num_knots] float32."""
-    return robust_z_null(num_experts).log_survival.to(device)
+    return robust_z_null(num_experts, device).log_survival
 
 
 def _robust_z_p_values(statistics: torch.Tensor) -> torch.Tensor:
     """p-values of robust_z statistics from the tabulated null. [..., E] -> [..., E], same dtype."""
-    return robust_z_null(statistics.shape[-1]).p_values(statistics)
+    return robust_z_null(statistics.shape[-1], statistics.device).p_values(statistics)
 
 
 def robust_z_critical_statistics(alpha: float, num_experts: int, device) -> torch.Tensor:
@@ -553,10 +561,10 @@ def _standardised(pvalue_method: str) -> bool:
     return pvalue_method in ("robust_z", "empirical")
 
 
-def _null_of(pvalue_method: str, num_experts: int, null: NullTable | None) -> NullTable:
-    """The null table a p-value method reads: robust_z's simulated one, or the calibrated one given."""
+def _null_of(pvalue_method: str, num_experts: int, null: NullTable | None, device) -> NullTable:
+    """The null table a p-value method reads: robust_z's simulated one (on `device`), or the fitted one given."""
     if pvalue_method == "robust_z":
-        return robust_z_null(num_experts)
+        return robust_z_null(num_experts, device)
     if null is None:
         raise ValueError(
             f"pvalue_method={pvalue_method!r} needs a fitted null table (null=, from a RoutingCalibration: "
@@ -588,7 +596,7 @@ def compute_p_values(
     scaled_logits = _work_logits(router_logits, temperature)  # [..., E]
     if pvalue_method == "one_minus_prob":
         return 1.0 - torch.softmax(scaled_logits, dim=-1)
-    table = _null_of(pvalue_method, router_logits.shape[-1], null)
+    table = _null_of(pvalue_method, router_logits.shape[-1], null, router_logits.device)
     if _standardised(pvalue_method):
         return table.p_values(robust_z_statistic(scaled_logits))
     return table.p_values(_work_logits(router_logits, 1.0))
@@ -600,8 +608,10 @@ def compute_p_values(
 #
 # empirical: robust_z's statistic, but its null is the layer's own bulk shape rather than a Gaussian: the
 #   statistic of calibration logits whose token-specific signal is removed (each expert's logit permuted
-#   across tokens, `permute_experts`), pooled over experts. Under that null, p-values are uniform by
-#   construction (pooled over experts), whatever the shape of the layer's logits.
+#   across tokens, `permute_experts`), pooled over experts. On text like the calibration text and with no
+#   token-specific signal, p-values are uniform pooled over experts, whatever the shape of the layer's
+#   logits; per expert they are not (an expert whose logits run high gets small p-values more often), which
+#   BH's guarantee would need.
 # pooled: the public attempt's p-value, P(Z >= z) with Z drawn from every raw logit of the layer on the
 #   calibration text, all experts pooled (signal included; not standardised per token).
 # skip_beta: each layer's median over calibration tokens of w2 / w1 (dynamic skipping, beta="median").
@@ -769,7 +779,7 @@ def route_bh(
     if critical is None and pvalue_method == "robust_z":
         critical = robust_z_critical_statistics(alpha, num_experts, logits.device)  # [E], cached
     elif critical is None and pvalue_method != "one_minus_prob":
-        critical = _null_of(pvalue_method, num_experts, null).critical_statistics(alpha, num_experts)
+        critical = _null_of(pvalue_method, num_experts, null, "cpu").critical_statistics(alpha, num_experts)
         critical = critical.to(logits.device)  # [E], non-increasing
     num_significant, first_passing_rank, statistics = _bh_count(
         logits, scaled_logits, top_logits, probabilities, alpha, pvalue_method, critical, with_stats
@@ -784,7 +794,7 @@ def route_bh(
         if statistics is None:
             p_values = 1.0 - probabilities
         else:
-            p_values = _null_of(pvalue_method, num_experts, null).p_values(statistics)
+            p_values = _null_of(pvalue_method, num_experts, null, logits.device).p_values(statistics)
         extra_stats = {
             "p_values": p_values,
             "bh_threshold": _bh_critical_value(num_significant, alpha, num_experts, p_values.dtype),
@@ -828,7 +838,7 @@ def _top_p_values(logits, scaled_logits, top_logits, top_index, probabilities, p
     """p-values of the experts in `top_index` (most probable first, so ascending p): [..., W]."""
     if pvalue_method == "one_minus_prob":
         return 1.0 - probabilities.gather(-1, top_index)
-    table = _null_of(pvalue_method, logits.shape[-1], null)
+    table = _null_of(pvalue_method, logits.shape[-1], null, logits.device)
     if _standardised(pvalue_method):
         center, inverse_std = _robust_location_scale(scaled_logits, top_logits)
         return table.p_values((top_logits - center) * inverse_std)
@@ -903,6 +913,24 @@ def route_entropy(logits, knots, temperature, min_k, max_k, renormalize) -> Rout
     top_probabilities, top_index = torch.topk(probabilities, max_k, dim=-1)
     top_weights, top_index = _keep_top(top_probabilities, top_index, expert_counts, logits.shape[-1], renormalize)
     return Routing(top_weights, top_index, expert_counts, probabilities, {"entropy": entropy})
+
+
+_GOLDEN = 0.6180339887498949  # frac(r * golden ratio): an evenly spread, content-free sequence in [0, 1)
+
+
+def route_layer_budget(logits, budget: float, temperature, renormalize) -> Routing:
+    """A fixed budget of experts per token for one layer, unrelated to the token: floor(budget) experts, one
+    more for a share frac(budget) of the tokens chosen by position (row r of the call gets it when
+    frac(r * 0.618...) < frac(budget)), the most probable ones. The baseline at equal per-layer budget, for
+    evaluation: in one-token decode steps every token is row 0 and gets the extra expert."""
+    probabilities = torch.softmax(_work_logits(logits, temperature), dim=-1)  # [..., E]
+    rows = torch.arange(math.prod(logits.shape[:-1]), device=logits.device, dtype=torch.float64)
+    extra = torch.remainder(rows * _GOLDEN, 1.0) < (budget - math.floor(budget))
+    expert_counts = (math.floor(budget) + extra.long()).reshape(logits.shape[:-1]).clamp_min(0)
+    width = max(1, math.ceil(budget))
+    top_probabilities, top_index = torch.topk(probabilities, width, dim=-1)
+    top_weights, top_index = _keep_top(top_probabilities, top_index, expert_counts, logits.shape[-1], renormalize)
+    return Routing(top_weights, top_index, expert_counts, probabilities, {})
 
 
 @dataclass(frozen=True)
@@ -1205,6 +1233,14 @@ class NativeMethod(TopKMethod):
         return f"native top-{params['k']}"
 
 
+def _check_fitted_temperature(temperature) -> None:
+    """Tables fitted on the router's own probabilities (at temperature 1) do not hold at another temperature."""
+    if temperature != 1.0:
+        raise ValueError(
+            f"temperature must be 1.0 with tables fitted at temperature 1 (median beta, entropy k), got {temperature!r}"
+        )
+
+
 def _check_fraction(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
@@ -1256,8 +1292,12 @@ class DynamicSkipMethod(RoutingMethod):
     name = "skip"
 
     def parameters(self, shape, beta=0.3, k=None, min_k=1, temperature=1.0, renormalize=None) -> dict:
-        if beta != "median":
-            _check_fraction("beta", beta)
+        if beta != "median" and (not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta <= 1):
+            raise ValueError(
+                f"beta must be a number in (0, 1] or 'median' (each layer's calibrated w2/w1), got {beta!r}"
+            )
+        if beta == "median":
+            _check_fitted_temperature(temperature)
         k = shape.native_top_k if k is None else k
         _check_top_k(k, shape.num_experts)
         _check_k_bounds(min_k, k, shape.num_experts)
@@ -1294,7 +1334,7 @@ class EntropyMethod(RoutingMethod):
     def parameters(self, shape, min_k=1, max_k=None, temperature=1.0, renormalize=None) -> dict:
         max_k = shape.native_top_k if max_k is None else max_k
         _check_k_bounds(min_k, max_k, shape.num_experts)
-        _check_temperature(temperature)
+        _check_fitted_temperature(temperature)
         renormalize = _renormalize(renormalize, shape)
         return dict(min_k=min_k, max_k=max_k, temperature=temperature, renormalize=renormalize)
 
@@ -1316,6 +1356,49 @@ class EntropyMethod(RoutingMethod):
         return "entropy k"
 
 
+class LayerBudgetMethod(RoutingMethod):
+    """Top-k at a given average per layer (`route_layer_budget`): budgets[l] experts per token in layer l,
+    e.g. another configuration's per-layer averages, to compare it at equal per-layer budget."""
+
+    name = "layerk"
+    is_baseline = False
+
+    def parameters(self, shape, budgets=(), temperature=1.0, renormalize=None) -> dict:
+        budgets = tuple(budgets) if isinstance(budgets, (list, tuple)) else budgets
+        valid = (
+            isinstance(budgets, tuple)
+            and budgets
+            and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b <= shape.num_experts for b in budgets
+            )
+        )
+        if not valid:
+            raise ValueError(
+                f"budgets must be a non-empty tuple of numbers in [0, {shape.num_experts}] (one per layer), "
+                f"got {budgets!r}"
+            )
+        _check_temperature(temperature)
+        renormalize = _renormalize(renormalize, shape)
+        min_k, max_k = math.floor(min(budgets)), max(1, math.ceil(max(budgets)))
+        return dict(budgets=budgets, min_k=min_k, max_k=max_k, temperature=temperature, renormalize=renormalize)
+
+    def layer_tables(self, params, calibration, layer):
+        if not 0 <= layer < len(params["budgets"]):
+            raise ValueError(f"layer {layer} has no budget: budgets has {len(params['budgets'])} layers")
+        return {"budget": float(params["budgets"][layer])}
+
+    def route(self, logits, params, with_stats=False, tables=None):
+        if not tables or "budget" not in tables:
+            raise ValueError("method 'layerk' routes one layer at a time: give the layer (route_logits(..., layer=))")
+        return route_layer_budget(logits, tables["budget"], params["temperature"], params["renormalize"])
+
+    def config_name(self, budgets=(), temperature=1.0, renormalize=None) -> str:
+        return "layerk_" + "_".join(f"{b:.2f}" for b in budgets) + _common_suffix(1, 1, temperature, renormalize)
+
+    def series(self, params):
+        return "top-k at equal per-layer budget"
+
+
 def route_logits(
     method: str,
     router_logits: torch.Tensor,
@@ -1332,12 +1415,12 @@ def route_logits(
     spec = routing_method(method)
     spec.check_names(params)
     params = spec.parameters(RouterShape(router_logits.shape[-1], num_experts_per_tok), **params)
-    tables = spec.layer_tables(params, calibration, layer)
+    tables = _tables_to(spec.layer_tables(params, calibration, layer), router_logits.device)
     return spec.route(router_logits, params, with_stats, **({"tables": tables} if tables else {}))
 
 
 _ALL_METHODS = (BenjaminiHochbergMethod(), TopKMethod(), TopPMethod(), NativeMethod())
-_ALL_METHODS += (HigherCriticismMethod(), DynamicSkipMethod(), EntropyMethod())
+_ALL_METHODS += (HigherCriticismMethod(), DynamicSkipMethod(), EntropyMethod(), LayerBudgetMethod())
 for _method in _ALL_METHODS:
     register_routing_method(_method)
 
@@ -1784,11 +1867,13 @@ def _interpolate_rows(x, xs, ys):
 
 
 def _percentile_interval(samples, level: float = FRONTIER_LEVEL) -> tuple[float, float]:
-    """Percentile interval of bootstrap samples [R - 1, C] -> ([C], [C]), NaN where more than half are NaN."""
+    """Percentile interval of bootstrap samples [R - 1, C] -> ([C], [C]); NaN where more than (1 - level) / 2
+    of the resamples are NaN (a point that leaves the baseline's range in them: dropping those resamples
+    would narrow the interval)."""
     import numpy as np
 
     low, high = np.full(samples.shape[1], np.nan), np.full(samples.shape[1], np.nan)
-    enough = np.isfinite(samples).mean(axis=0) > 0.5
+    enough = np.isfinite(samples).mean(axis=0) >= 1 - (1 - level) / 2
     if enough.any():
         tail = 100 * (1 - level) / 2
         low[enough], high[enough] = np.nanpercentile(samples[:, enough], [tail, 100 - tail], axis=0)
@@ -1883,6 +1968,44 @@ def frontier_table(quality: dict[str, dict], resamples: int = FRONTIER_RESAMPLES
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)  # the same columns with no rows
 
 
+def paired_perplexity_difference(result: dict, reference: dict, resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
+    """Perplexity of `result` against `reference`, both evaluated on the same windows (`window_sums`), in
+    percent, with its paired bootstrap 95% interval: {"percent", "low", "high"}."""
+    import numpy as np
+
+    weights = bootstrap_window_weights(len(result["window_tokens"]), resamples, seed)
+    resampled = _resampled([result, reference], weights)
+    if resampled is None:
+        raise ValueError("result and reference must carry per-window sums over the same windows (window_sums)")
+    delta = 100.0 * np.expm1(resampled[0][:, 0] - resampled[0][:, 1])  # [R]
+    low, high = _percentile_interval(delta[1:, None])
+    return {"percent": float(delta[0]), "low": float(low[0]), "high": float(high[0])}
+
+
+def layer_matched_table(quality: dict, matched: dict, frontier, resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
+    """Configurations at equal per-layer budget: for each name in `matched` (its `layerk` evaluation with the
+    configuration's own per-layer averages), the range of its per-layer averages, its difference to top-k
+    at equal average experts (from `frontier`) and to top-k at equal per-layer budget, each with its paired
+    bootstrap 95% interval."""
+    import pandas as pd
+
+    by_config = frontier.set_index("config") if len(frontier) else None
+    rows = []
+    for name, reference in matched.items():
+        result = quality.get(name, {})
+        if reference.get("status") != "ok" or result.get("status") != "ok":
+            continue
+        layers = result["per_layer_avg_experts"]
+        row = {"config": name, "series": routing_method(result["method"]).series(result["params"])}
+        row |= {"avg_experts": result["avg_experts"], "layer_min": min(layers), "layer_max": max(layers)}
+        for part in ("percent", "low", "high"):
+            at_equal = by_config is not None and name in by_config.index
+            row[f"delta_vs_topk_{part}"] = by_config.loc[name, f"delta_vs_topk_{part}"] if at_equal else math.nan
+        paired = paired_perplexity_difference(result, reference, resamples, seed)
+        rows.append(row | {f"delta_vs_layer_matched_{part}": value for part, value in paired.items()})
+    return pd.DataFrame(rows)
+
+
 BUDGETS = (1, 2, 3, 4, 6)  # experts per token at which the best method is named
 
 
@@ -1894,9 +2017,9 @@ def best_at_budget(
     seed: int = 0,
 ):
     """For each compute budget b and each series (method and variant): its configuration with the lowest
-    perplexity among those averaging at most b * (1 + tolerance) experts, ranked; with the difference to
-    top-k at k = b (measured, paired) and to top-p at the configuration's own average (interpolated), each
-    with its paired bootstrap 95% interval over windows. Rank 1 is the best method at that budget.
+    perplexity among those averaging at most b * (1 + tolerance) experts, ranked (rank 1: the best method
+    at that budget); with its difference to top-k and to top-p at its own average experts, as in
+    `frontier_table`, each with its paired bootstrap 95% interval over windows.
 
     The interval is that of the chosen configuration; choosing the best of many configurations on the same
     windows favours it (winner's curse), which the interval does not account for.
@@ -1907,28 +2030,24 @@ def best_at_budget(
     ok = [r for r in quality.values() if r["status"] == "ok" and routing_method(r["method"]).changes_routing]
     if not ok:
         return pd.DataFrame()
-    compared = _versus_baselines(ok, resamples, seed)
-    nll, topp = compared["nll"], compared["deltas"].get("topp")
+    deltas = _versus_baselines(ok, resamples, seed)["deltas"]
     rows = []
     for budget in budgets:
-        reference = [i for i, r in enumerate(ok) if r["method"] == "topk" and r["params"].get("k") == budget]
-        within = [i for i, r in enumerate(ok) if r["avg_experts"] <= budget * (1 + tolerance)]
         best = {}
-        for i in within:
-            series = routing_method(ok[i]["method"]).series(ok[i]["params"])
-            if series not in best or ok[i]["perplexity"] < ok[best[series]]["perplexity"]:
+        for i, result in enumerate(ok):
+            series = routing_method(result["method"]).series(result["params"])
+            within = result["avg_experts"] <= budget * (1 + tolerance)
+            if within and (series not in best or result["perplexity"] < ok[best[series]]["perplexity"]):
                 best[series] = i
         for rank, (series, i) in enumerate(sorted(best.items(), key=lambda item: ok[item[1]]["perplexity"]), 1):
             row = {"budget": budget, "rank": rank, "series": series, "config": ok[i]["name"]}
             row |= {"avg_experts": ok[i]["avg_experts"], "perplexity": ok[i]["perplexity"]}
-            vs_topk = 100.0 * np.expm1(nll[:, i] - nll[:, reference[0]]) if reference else np.full(len(nll), np.nan)
-            for name, delta in (("topk_at_budget", vs_topk), ("topp", None if topp is None else topp[:, i])):
-                delta = np.full(len(nll), np.nan) if delta is None else delta
-                low, high = _percentile_interval(delta[1:, None]) if len(delta) > 1 else ([np.nan], [np.nan])
+            for baseline, delta in deltas.items():
+                low, high = _percentile_interval(delta[1:, [i]]) if len(delta) > 1 else ([np.nan], [np.nan])
                 row |= {
-                    f"delta_vs_{name}_percent": delta[0],
-                    f"delta_vs_{name}_low": low[0],
-                    f"delta_vs_{name}_high": high[0],
+                    f"delta_vs_{baseline}_percent": delta[0, i],
+                    f"delta_vs_{baseline}_low": low[0],
+                    f"delta_vs_{baseline}_high": high[0],
                 }
             rows.append(row)
     return pd.DataFrame(rows)
@@ -1940,13 +2059,15 @@ CALIBRATION_ALPHAS = (0.01, 0.05, 0.10, 0.20)
 def null_rejection_rates(
     router_logits, alphas=CALIBRATION_ALPHAS, pvalue_methods=PVALUE_METHODS, calibration=None, seed=0
 ):
-    """BH's observed false discovery rate under a null with the token-specific signal removed.
+    """BH's observed false discovery rate under a global null with the token-specific signal removed.
 
     Each layer's logits ([N, E], one tensor per layer) get each expert's column permuted across tokens
     (`permute_experts`): no expert is relevant to any token, every rejection is false, and the FDR is the
-    share of tokens with at least one rejection. BH guarantees FDR <= alpha only when the p-values of the
-    irrelevant experts are uniform and independent (or PRDS): this measures whether that holds. A
-    calibrated p-value method needs `calibration`, which must come from other text than these logits.
+    share of tokens with at least one rejection (there equal to the family-wise error rate). BH keeps the
+    FDR <= alpha when the p-values of the irrelevant experts are uniform and independent (or PRDS); a rate
+    above alpha shows that those conditions fail for this model's logits. A rate at alpha does not show
+    that the FDR holds on real tokens, and for a fitted null it shows that the null carries over from the
+    calibration text (`calibration`, which must come from other text than these logits) to this one.
 
     Returns a DataFrame: layer, pvalue_method, alpha, tokens, rejection_rate, standard_error (binomial),
     ratio_to_alpha, mean_rejections.

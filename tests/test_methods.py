@@ -98,7 +98,8 @@ def test_skip_with_the_calibrated_beta_uses_each_layers_median(calibration):
         direct = br.route_logits("skip", logits, beta=calibration.skip_beta[layer])
         assert torch.equal(routed.expert_counts, direct.expert_counts)
     top = torch.topk(torch.softmax(heavy_tailed_logits(4000, 0), -1), 2).values
-    assert 0 < calibration.skip_beta[0] < 1 and abs(calibration.skip_beta[0] - (top[:, 1] / top[:, 0]).median()) < 0.05
+    assert calibration.skip_beta[0] == pytest.approx((top[:, 1] / top[:, 0]).median().item(), rel=1e-6)
+    assert 0 < min(calibration.skip_beta) < max(calibration.skip_beta) < 1
 
 
 def test_entropy_counts_match_the_reference_and_split_calibration_tokens_evenly(calibration):
@@ -140,8 +141,10 @@ def test_methods_that_read_tables_say_what_they_need():
     for method, params in [("bh", {"pvalue_method": "empirical"}), ("skip", {"beta": "median"}), ("entropy", {})]:
         with pytest.raises(ValueError, match="RoutingCalibration"):
             br.route_logits(method, logits, **params)
-    with pytest.raises(ValueError, match="beta must be a number in \\(0, 1\\]"):
-        br.route_logits("skip", logits, beta=1.5)
+    with pytest.raises(ValueError, match="beta must be a number in \\(0, 1\\] or 'median'"):
+        br.route_logits("skip", logits, beta="mean")
+    with pytest.raises(ValueError, match="temperature must be 1.0 with tables fitted at temperature 1"):
+        br.route_logits("entropy", logits, temperature=2.0)
     with pytest.raises(ValueError, match="pvalue_method must be one of"):
         br.route_logits("hc", logits, pvalue_method="gaussian")
 
@@ -158,27 +161,49 @@ def test_a_calibration_saves_loads_and_must_match_the_model(calibration, tmp_pat
         br.OLMoERouterPatcher(tiny_model, calibration=three_layers)
 
 
-def test_every_method_runs_through_the_patcher_and_routes_only_its_kept_pairs(tiny_model):
+def routed_logits_per_layer(model):
+    """Hooks that keep each router's logits as the patched model computes them (after the layers before it
+    were routed by the patch), and their handles."""
+    kept = [[] for _ in model.model.layers]
+    handles = [
+        layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: kept[i].append(out[0].detach().clone()))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    return kept, handles
+
+
+def test_every_method_runs_through_the_patcher_with_each_layers_own_tables(tiny_model):
     token_ids = torch.randint(0, tiny_model.config.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
     logits = br.collect_router_logits(tiny_model, token_ids[:400], window=100)
     assert len(logits) == tiny_model.config.num_hidden_layers and logits[0].shape == (400, NUM_EXPERTS)
     calibration = br.fit_routing_calibration(logits)
+    assert calibration.skip_beta[0] != calibration.skip_beta[1]  # the layers' tables differ
     patcher = br.OLMoERouterPatcher(tiny_model, calibration=calibration)
-    specs = ["hc:beta=0.3,pvalue_method=empirical", "skip:beta=median", "entropy:max_k=4", "bh:pvalue_method=pooled"]
-    for spec in specs:
-        br.RoutingConfig.parse(spec).apply(patcher)
-        evaluation = br.evaluate_language_model(tiny_model, token_ids[400:], window=100, patcher=patcher)
-        stats = patcher.get_stats()
+    specs = ["hc:beta=0.3,pvalue_method=empirical", "hc:beta=0.2", "skip:beta=median", "entropy:max_k=4",
+             "bh:pvalue_method=pooled", "bh:pvalue_method=empirical,alpha=0.2"]  # fmt: skip
+    configs = [br.RoutingConfig.parse(spec) for spec in specs] + [br.RoutingConfig.of("layerk", budgets=(1.5, 3.25))]
+    for config in configs:
+        spec = config.name
+        config.apply(patcher)
+        kept, handles = routed_logits_per_layer(tiny_model)  # after the patch: sees the logits it routed
+        try:
+            with torch.no_grad():
+                tiny_model(token_ids[400:].unsqueeze(0))
+        finally:
+            for handle in handles:
+                handle.remove()
+        counts = patcher.get_stats()["token_counts"]  # [200, L]
         patcher.unpatch()
-        counts = evaluation["expert_counts"]
-        assert counts.min() >= 1 and counts.double().std() > 0, spec  # variable counts
-        assert abs(stats["avg_experts"] - counts.double().mean().item()) < 0.5
+        assert counts.double().std() > 0, spec  # variable counts
+        for layer, layer_logits in enumerate(kept):
+            expected = br.route_logits(config.method, layer_logits[0], layer, calibration, **config.kwargs)
+            assert torch.equal(counts[:, layer], expected.expert_counts), (spec, layer)
 
 
 # --- calibration on the embedded model -------------------------------------------------------------
 
 
-def test_the_empirical_null_controls_the_fdr_on_the_embedded_models_permuted_null(embedded_model):
+def test_the_empirical_null_keeps_the_rejection_rate_at_alpha_on_the_embedded_models_permuted_null(embedded_model):
     model, tokenizer = embedded_model
     ids = tokenizer(br.load_heldout_text("embedded"), return_tensors="pt").input_ids[0]
     calibration = br.fit_routing_calibration(br.collect_router_logits(model, ids[16384 : 16384 + 8192]))
@@ -221,6 +246,10 @@ def test_bootstrap_intervals_cover_a_known_difference():
         assert row["delta_vs_topk_low"] <= row["delta_vs_topk_percent"] <= row["delta_vs_topk_high"]
         covered.append(row["delta_vs_topk_low"] <= true_delta <= row["delta_vs_topk_high"])
     assert 0.85 <= np.mean(covered) <= 1.0  # nominal 95%; 60 data sets
+    # width: about 2 x 1.96 standard errors of the mean over 40 windows of noise 0.05 (in log perplexity)
+    assert 100 * (row["delta_vs_topk_high"] - row["delta_vs_topk_low"]) / 100 == pytest.approx(
+        2 * 1.96 * 0.05 / math.sqrt(40) * 100 * math.exp(0.02), rel=0.35
+    )
     assert math.isnan(row["delta_vs_topp_low"])  # no top-p points: no comparison
 
 
@@ -230,7 +259,7 @@ def test_best_at_budget_ranks_within_each_budget_with_paired_intervals():
     at_two = table[table["budget"] == 2]
     assert list(at_two["series"]) == ["BH (robust_z)", "top-k"] and list(at_two["rank"]) == [1, 2]
     best = at_two.iloc[0]
-    assert best["delta_vs_topk_at_budget_high"] < 0 and best["delta_vs_topk_at_budget_percent"] == pytest.approx(
+    assert best["delta_vs_topk_high"] < 0 and best["delta_vs_topk_percent"] == pytest.approx(
         100 * math.expm1(math.log(quality["bh"]["perplexity"] / quality["topk_k2"]["perplexity"]))
     )
     assert table[table["budget"] == 3].iloc[0]["config"] == "topk_k3"  # more experts win at budget 3
@@ -280,3 +309,29 @@ def test_oracle_effects_are_those_of_dropping_one_expert_at_one_position(tiny_mo
     table = br.oracle_table([effects], [br.RoutingConfig.of("topk", k=2)], num_experts_per_tok=top_k)
     assert table.set_index("config").loc["topk_k2", "kept_share"] == pytest.approx(2 / top_k)
     assert table.iloc[0]["config"] == "router order"
+
+
+def test_layer_budget_keeps_each_layers_average_whatever_the_token():
+    logits = random_logits(tokens=1000, seed=9)
+    budgets = (1.25, 3.5, 2.0)
+    for layer, budget in enumerate(budgets):
+        routing = br.route_logits("layerk", logits, layer, budgets=budgets)
+        assert routing.expert_counts.double().mean().item() == pytest.approx(budget, abs=0.01)
+        assert set(routing.expert_counts.tolist()) <= {math.floor(budget), math.ceil(budget)}
+        shuffled = br.route_logits("layerk", logits[torch.randperm(1000)], layer, budgets=budgets)
+        assert torch.equal(shuffled.expert_counts, routing.expert_counts)  # by position, not by content
+    assert br.RoutingConfig.of("layerk", budgets=budgets).name == "layerk_1.25_3.50_2.00"
+    with pytest.raises(ValueError, match="budgets must be a non-empty tuple of numbers in \\[0, 64\\]"):
+        br.route_logits("layerk", logits, budgets=(1.0, 65.0))
+    with pytest.raises(ValueError, match="layer 3 has no budget"):
+        br.route_logits("layerk", logits, 3, budgets=budgets)
+
+
+def test_paired_perplexity_difference_of_two_results_on_the_same_windows():
+    quality = synthetic_quality(0.03, 1)
+    paired = br.paired_perplexity_difference(quality["bh"], quality["topk_k2"], resamples=300)
+    expected = 100 * (quality["bh"]["perplexity"] / quality["topk_k2"]["perplexity"] - 1)
+    assert paired["percent"] == pytest.approx(expected) and paired["low"] < paired["percent"] < paired["high"]
+    assert paired["low"] > 0  # the 3% difference with small noise is resolved
+    with pytest.raises(ValueError, match="per-window sums over the same windows"):
+        br.paired_perplexity_difference(quality["bh"], {**quality["topk_k2"], "window_tokens": [1.0]})

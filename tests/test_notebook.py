@@ -114,7 +114,7 @@ def test_notebook_runs_with_one_prompt_per_group_and_writes_every_output(tmp_pat
         assert f"| {row.config} |" in report and f"| {row.avg_experts:.2f} | {row.std_experts:.2f} |" in report
     best = pd.read_csv(tmp_path / "bh_routing_best_by_budget.csv")
     for row in best[best["rank"] <= 3].itertuples():  # the report's best-per-budget table is the CSV's
-        interval = f"{row.delta_vs_topk_at_budget_percent:+.2f}% [{row.delta_vs_topk_at_budget_low:+.2f}, "
+        interval = f"{row.delta_vs_topk_percent:+.2f}% [{row.delta_vs_topk_low:+.2f}, "
         assert f"| {row.budget} | {row.rank} | {row.series} | {row.config} | {row.avg_experts:.3f} |" in report
         assert interval in report
     calibration = pd.read_csv(tmp_path / "bh_routing_calibration.csv")
