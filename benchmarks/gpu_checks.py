@@ -6,6 +6,9 @@
    in bf16.
 2. Restoring: after unpatch the model's logits are bit-identical to before patching.
 3. CUDA-graph routing (the patcher's default on CUDA) and torch.compile give the same counts as plain.
+4. The methods that read per-layer tables (BH and HC with fitted nulls, dynamic skipping with the median
+   beta, entropy k, top-k at a per-layer budget), patched with CUDA graphs and compilation, keep in every
+   layer the counts that `route_logits` gives for that layer's logits, and decode like the plain patcher.
 """
 
 import copy
@@ -116,6 +119,49 @@ def check_graphs_and_compile(model, input_ids) -> None:
     print(f"CUDA-graph decode generations identical to plain: {torch.equal(generations[0], generations[1])}")
 
 
+FITTED = ["bh:pvalue_method=empirical,alpha=0.1", "bh:pvalue_method=pooled,alpha=0.1", "hc:beta=0.3",
+          "hc:beta=0.3,pvalue_method=empirical", "skip:beta=median", "entropy:max_k=8"]  # fmt: skip
+
+
+def layer_counts_agree(model, patcher, config, input_ids) -> float:
+    """Share of (token, layer) counts of the patched forward equal to `route_logits` on that layer's logits."""
+    config.apply(patcher)
+    kept = [[] for _ in patcher.routers]
+    hooks = [r.register_forward_hook(lambda m, a, out, i=i: kept[i].append(out[0].detach())) for i, r in
+             enumerate(patcher.routers)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    counts = patcher.get_stats()["token_counts"]  # [T, L] on the CPU
+    patcher.unpatch()
+    route = [bh_routing.route_logits(config.method, kept[layer][0], layer, patcher.calibration, **config.kwargs)
+             for layer in range(len(kept))]  # fmt: skip
+    expected = torch.stack([r.expert_counts.cpu() for r in route], dim=1)
+    return (counts == expected).double().mean().item()
+
+
+def check_fitted_methods(model, input_ids) -> None:
+    """Check 4, on a calibration fitted to other random tokens of the same model."""
+    other = torch.randint(2, 512, (4096,), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    calibration = bh_routing.fit_routing_calibration(bh_routing.collect_router_logits(model, other, 256))
+    graphed = OLMoERouterPatcher(model, calibration=calibration)  # CUDA graphs and compiled routing on
+    configs = [bh_routing.RoutingConfig.parse(spec) for spec in FITTED]
+    configs.append(bh_routing.RoutingConfig.of("layerk", budgets=(1.5, 2.25, 3.0, 4.75)))
+    for config in configs:
+        share = layer_counts_agree(model, graphed, config, input_ids)
+        print(f"{config.name}: per-layer counts equal to route_logits for {100 * share:.3f}% of decisions")
+    plain = OLMoERouterPatcher(model, calibration=calibration, cuda_graphs=False, compile_routing=False)
+    generations = []
+    for candidate in (plain, graphed):
+        configs[0].apply(candidate)
+        generations.append(model.generate(input_ids[:1], max_new_tokens=12, do_sample=False, pad_token_id=1))
+        candidate.unpatch()
+    print(f"{configs[0].name}: graphed decode identical to plain: {torch.equal(generations[0], generations[1])}")
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA device"
     model = bh_routing.build_random_olmoe(
@@ -130,6 +176,7 @@ def main() -> None:
     check_against_float32(model, input_ids)
     compare_with_eager(results)
     check_graphs_and_compile(model, input_ids)
+    check_fitted_methods(model, input_ids)
     with torch.no_grad():
         restored = model(input_ids).logits
     print(f"unpatched logits bit-identical to before patching: {torch.equal(restored, reference)}")
