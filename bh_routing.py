@@ -7,21 +7,27 @@ The routing science and its integration with transformers, readable top to botto
 1. Argument checks shared by every routing method.
 2. The Benjamini-Hochberg step-up procedure: `bh_reject` (the procedure as stated), and the sort-free
    fast count `fast_bh_count` used on the hot path (tested equal to it).
-3. Per-expert p-values from router logits: the design's `one_minus_prob` and the calibrated default
-   `robust_z` (a per-token Gaussian bulk null, calibrated by simulation of its pivotal statistic).
-4. Routing methods, one object per method in a registry (`ROUTING_METHODS`: BH, top-k, top-p and the
-   model's own routing): parameters, how it routes, how a configuration of it is named (`RoutingConfig`).
+3. Per-expert p-values from router logits: the design's `one_minus_prob`, the default `robust_z` (a
+   per-token Gaussian bulk null, calibrated by simulation of its pivotal statistic), and (3b) the nulls
+   fitted to each layer on calibration text (`fit_routing_calibration`: "empirical", "pooled", with the
+   tables of dynamic skipping and entropy-adaptive k).
+4. Routing methods, one object per method in a registry (`ROUTING_METHODS`: BH, Higher Criticism, dynamic
+   skipping, entropy-adaptive k, top-k, top-p, top-k at a per-layer budget and the model's own routing):
+   parameters, how it routes, how a configuration of it is named (`RoutingConfig`); `route_logits`.
 5. Routing functions with one return contract: `benjamini_hochberg_routing`, `topk_routing`,
    `topp_routing`, and the design's `run_bh_multi_k` / `compare_multi_k_statistics`.
 6. Statistics: `summarize_expert_counts`, `RoutingStatistics` (the patcher's accumulators),
-   `saturation_analysis`, `frontier_table` (quality at equal compute), `token_level_analysis`.
+   `saturation_analysis`, `frontier_table` and `best_at_budget` (quality at equal compute, with paired
+   bootstrap intervals over windows), `layer_matched_table`, the calibration diagnostics
+   (`null_rejection_rates`, `bulk_shape`, `null_pvalue_quantiles`), `token_level_analysis`.
 7. Models: `load_model` (hub id, local path, or the embedded default), `build_random_olmoe`,
    `environment_info`.
 8. Variable-k experts (`variable_k_experts_forward`, experts_implementation="variable_k"): only the
    kept (token, expert) pairs are computed, so fewer experts take less time on a GPU.
 9. `OLMoERouterPatcher`: swaps a model's top-k router for any registered method, so that the experts
    module computes only the selected pairs, and records routing statistics.
-10. Evaluation: `load_heldout_text`, `sliding_windows`, `evaluate_language_model`, `generate_timed`.
+10. Evaluation: `load_heldout_text`, `sliding_windows`, `evaluate_language_model`, `collect_router_logits`,
+    the oracle check (`oracle_drop_effects`, `oracle_table`), `generate_timed`.
 11. Results on disk: `atomic_write`, `ResultStore` (one file per configuration, resumable, failures recorded).
 12. Downstream accuracy through lm-evaluation-harness (optional dependency, requirements-eval.txt):
     `evaluate_downstream` runs routing configurations on lm-eval tasks (the offline `OFFLINE_TASKS` built

@@ -117,6 +117,10 @@ def test_notebook_runs_with_one_prompt_per_group_and_writes_every_output(tmp_pat
         interval = f"{row.delta_vs_topk_percent:+.2f}% [{row.delta_vs_topk_low:+.2f}, "
         assert f"| {row.budget} | {row.rank} | {row.series} | {row.config} | {row.avg_experts:.3f} |" in report
         assert interval in report
+    for row in frontier.dropna(subset=["delta_vs_topp_low"]).itertuples():  # the frontier table is the CSV's
+        shown = f"{row.delta_vs_topp_percent:+.2f}% [{row.delta_vs_topp_low:+.2f}, {row.delta_vs_topp_high:+.2f}]"
+        assert f"| {row.config} | {row.series} | {row.avg_experts:.3f} | {row.perplexity:.3f} |" in report
+        assert shown in report
     calibration = pd.read_csv(tmp_path / "bh_routing_calibration.csv")
     for row in calibration.itertuples():
         assert f"{row.rejection_rate:.4f} ({row.standard_error:.4f})" in report
