@@ -503,11 +503,6 @@ def robust_z_null_table(num_experts: int, device: torch.device | str = "cpu") ->
     return robust_z_null(num_experts, device).log_survival
 
 
-def _robust_z_p_values(statistics: torch.Tensor) -> torch.Tensor:
-    """p-values of robust_z statistics from the tabulated null. [..., E] -> [..., E], same dtype."""
-    return robust_z_null(statistics.shape[-1], statistics.device).p_values(statistics)
-
-
 def robust_z_critical_statistics(alpha: float, num_experts: int, device) -> torch.Tensor:
     """c_j with p(s) <= alpha*j/E  <=>  s >= c_j, for j = 1..E: [E] float32, decreasing (+inf: never)."""
     key = (float(alpha), num_experts, str(device))
@@ -1886,14 +1881,6 @@ def _percentile_interval(samples, level: float = FRONTIER_LEVEL) -> tuple[float,
     return low, high
 
 
-def _baseline_curve(results: list[dict], method: str):
-    """(average experts, mean NLL) of one baseline's measured points, sorted by average experts."""
-    import numpy as np
-
-    points = sorted((r["avg_experts"], math.log(r["perplexity"])) for r in results if r["method"] == method)
-    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
-
-
 def _versus_baselines(ok: list[dict], resamples: int, seed: int) -> dict:
     """For every result and baseline: the delta to the baseline at equal average experts (percent of
     perplexity), as point estimate [C] and bootstrap samples [R, C] (None without per-window sums)."""
@@ -1906,9 +1893,9 @@ def _versus_baselines(ok: list[dict], resamples: int, seed: int) -> dict:
         else bootstrap_window_weights(len(ok[0]["window_tokens"]), resamples, seed)
     )
     resampled = None if weights is None else _resampled(ok, weights)
-    nll = np.log([[r["perplexity"] for r in ok]]) if resampled is None else resampled[0]
-    experts = np.asarray([[r["avg_experts"] for r in ok]]) if resampled is None else resampled[1]
-    nll[0], experts[0] = np.log([r["perplexity"] for r in ok]), [r["avg_experts"] for r in ok]  # as measured
+    measured = np.log([r["perplexity"] for r in ok]), np.asarray([r["avg_experts"] for r in ok], dtype=float)
+    nll, experts = (measured[0][None], measured[1][None]) if resampled is None else resampled
+    nll[0], experts[0] = measured  # row 0 as measured (the resampled row 0 equals it up to rounding)
     found = {}
     for baseline in baselines:
         members = [i for i, r in enumerate(ok) if r["method"] == baseline]
@@ -3324,8 +3311,9 @@ def evaluate_language_model(
 
 @torch.no_grad()
 def collect_router_logits(model, token_ids: torch.Tensor, window: int = 256, batch_size: int = 8) -> list[torch.Tensor]:
-    """Every MoE layer's router logits on `token_ids` ([N] int64, disjoint windows of `window` tokens, the
-    model's own routing): a list of L float32 tensors [positions, E] on the CPU."""
+    """Every MoE layer's router logits on `token_ids` ([N] int64, disjoint windows of `window` tokens, up to
+    `batch_size` windows per forward pass), under the routing the model runs (its own, or a patcher's: the
+    logits each patched router received): a list of L float32 tensors [positions, E] on the CPU."""
     _check_windows(window, window, batch_size)
     routers, _ = _find_moe_layers(model)
     collected: list[list[torch.Tensor]] = [[] for _ in routers]

@@ -126,18 +126,10 @@ FITTED = ["bh:pvalue_method=empirical,alpha=0.1", "bh:pvalue_method=pooled,alpha
 def layer_counts_agree(model, patcher, config, input_ids) -> float:
     """Share of (token, layer) counts of the patched forward equal to `route_logits` on that layer's logits."""
     config.apply(patcher)
-    kept = [[] for _ in patcher.routers]
-    hooks = [r.register_forward_hook(lambda m, a, out, i=i: kept[i].append(out[0].detach())) for i, r in
-             enumerate(patcher.routers)]  # fmt: skip
-    try:
-        with torch.no_grad():
-            model(input_ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    kept = bh_routing.collect_router_logits(model, input_ids.flatten(), input_ids.shape[1], input_ids.shape[0])
     counts = patcher.get_stats()["token_counts"]  # [T, L] on the CPU
     patcher.unpatch()
-    route = [bh_routing.route_logits(config.method, kept[layer][0], layer, patcher.calibration, **config.kwargs)
+    route = [bh_routing.route_logits(config.method, kept[layer].cuda(), layer, patcher.calibration, **config.kwargs)
              for layer in range(len(kept))]  # fmt: skip
     expected = torch.stack([r.expert_counts.cpu() for r in route], dim=1)
     return (counts == expected).double().mean().item()
