@@ -24,8 +24,9 @@ The routing science and its integration with transformers, readable top to botto
    `environment_info`.
 8. Variable-k experts (`variable_k_experts_forward`, experts_implementation="variable_k"): only the
    kept (token, expert) pairs are computed, so fewer experts take less time on a GPU.
-9. `OLMoERouterPatcher`: swaps a model's top-k router for any registered method, so that the experts
-   module computes only the selected pairs, and records routing statistics.
+9. `MoERouterPatcher` (alias `OLMoERouterPatcher`): swaps the top-k router of any transformers MoE family
+   (`find_moe_layers`, `RouterSpec`) for any registered method, so that the experts module computes only the
+   selected pairs, and records routing statistics (routed and shared experts apart).
 10. Evaluation: `load_heldout_text`, `sliding_windows`, `evaluate_language_model`, `collect_router_logits`,
     the oracle check (`oracle_drop_effects`, `oracle_table`), `generate_timed`.
 11. Results on disk: `atomic_write`, `ResultStore` (one file per configuration, resumable, failures recorded).
@@ -57,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +159,13 @@ __all__ = [
     "grouped_matmul",
     "register_variable_k_experts",
     "OLMoERouterPatcher",
+    "MoERouterPatcher",
+    "MoELayer",
+    "RouterSpec",
+    "describe_router",
+    "find_moe_layers",
+    "moe_shape",
+    "build_random_moe",
     "CudaGraphed",
     "capture_cuda_graph",
     "compile_once",
@@ -957,7 +966,7 @@ def _percent_code(value: float) -> str:
 class RoutingMethod:
     """A routing method: its name, its parameters, how it routes, and how its configurations are named.
 
-    Subclass, then `register_routing_method(Subclass())`; the patcher (`OLMoERouterPatcher.patch(name,
+    Subclass, then `register_routing_method(Subclass())`; the patcher (`MoERouterPatcher.patch(name,
     **params)`), `RoutingConfig.of(name, **params)` and `frontier_table` then know it.
     """
 
@@ -988,13 +997,13 @@ class RoutingMethod:
         if use is not None and calibration is None:
             raise ValueError(
                 f"method {self.name!r} with {params} uses {use}: give a RoutingCalibration "
-                "(calibration=fit_routing_calibration(...), e.g. OLMoERouterPatcher(model, calibration=...))"
+                "(calibration=fit_routing_calibration(...), e.g. MoERouterPatcher(model, calibration=...))"
             )
         if use is not None and not 0 <= layer < calibration.num_layers:
             raise ValueError(f"layer must be in [0, {calibration.num_layers}) for this calibration, got {layer!r}")
         return {}
 
-    def router(self, params: dict, patcher: OLMoERouterPatcher) -> Callable:
+    def router(self, params: dict, patcher: MoERouterPatcher) -> Callable:
         """The patcher's function (router_logits [T, E], the router's own output, layer index) ->
         (top_weights [T, K], top_index [T, K], expert_counts [T] or None when every token keeps K)."""
         tables = [
@@ -1106,9 +1115,9 @@ class BenjaminiHochbergMethod(RoutingMethod):
         if method == "one_minus_prob":
             return None
         if method == "robust_z":
-            return robust_z_critical_statistics(alpha, patcher.num_experts, device)
+            return robust_z_critical_statistics(alpha, patcher.shape.num_experts, device)
         null = self.layer_tables(params, patcher.calibration, layer)["null"]
-        return null.critical_statistics(alpha, patcher.num_experts).to(device)
+        return null.critical_statistics(alpha, patcher.shape.num_experts).to(device)
 
     def router(self, params, patcher):
         critical = [self._critical(params, patcher, i, r.weight.device) for i, r in enumerate(patcher.routers)]
@@ -1170,13 +1179,20 @@ class TopKMethod(RoutingMethod):
 
     def router(self, params, patcher):
         k, renormalize = params["k"], params["renormalize"]
-        # The router's own top-k is sorted and holds the same float32 softmax values: reuse it.
-        reuse_native = params["temperature"] == 1.0 and not renormalize and not patcher.shape.norm_topk_prob
+        # The router's own output is this routing at its own k (any family: same slots, same weights, bit for
+        # bit), and its first k slots are at a smaller k for a plain softmax router, sorted, not renormalised.
+        native = params["temperature"] == 1.0 and renormalize == patcher.shape.norm_topk_prob
+        sliceable = native and not renormalize and patcher.spec.plain and patcher.spec.sorted_output
+        if native and (k == patcher.native_top_k or (sliceable and k < patcher.native_top_k)):
+
+            def reuse(router_logits, native_output, layer):
+                return native_output[1][..., :k], native_output[2][..., :k], None
+
+            reuse.reuses_native = True  # in expert space already: the patcher applies no family transform
+            return reuse
         routed = super().router(params, patcher)
 
         def route(router_logits, native_output, layer):
-            if reuse_native and k <= native_output[2].shape[-1]:
-                return native_output[1][..., :k], native_output[2][..., :k], None
             return routed(router_logits, native_output, layer)[:2] + (None,)
 
         return route
@@ -1464,7 +1480,7 @@ class RoutingConfig:
     def kwargs(self) -> dict:
         return dict(self.params)
 
-    def apply(self, patcher: OLMoERouterPatcher) -> OLMoERouterPatcher:
+    def apply(self, patcher: MoERouterPatcher) -> MoERouterPatcher:
         """Patch (or, for the native routing, observe) the patcher's model with this configuration."""
         return patcher.patch(self.method, **self.kwargs)
 
@@ -1754,7 +1770,7 @@ class RoutingStatistics:
         """The design's metrics over every (token, layer) decision (`summarize_expert_counts`; without
         token counts only avg_experts and reduction_vs_baseline), plus weight_entropy,
         expert_utilization, per_layer_avg_experts, expert_utilization_per_layer, token_counts (with
-        token counts), num_tokens and num_layers (see `OLMoERouterPatcher.get_stats`)."""
+        token counts), num_tokens and num_layers (see `MoERouterPatcher.get_stats`)."""
         selections = self.selections()  # [L, E]
         stats = {}
         if self.record_token_counts:
@@ -2186,56 +2202,120 @@ def token_level_analysis(
 # ----------------------------------------------------------------------------------------------------
 
 
-def build_random_olmoe(config=None, seed: int = 0, device: str = "cpu", dtype=torch.float32, **config_overrides):
-    """A randomly initialised `OlmoeForCausalLM` (eval mode) with OLMoE's routing geometry.
+_TINY_MOE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    pad_token_id=1,
+    eos_token_id=0,
+    bos_token_id=None,
+)
+_DEEPSEEK_ATTENTION = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+_GROUPED = dict(n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, first_k_dense_replace=0,
+                n_group=4, topk_group=2, n_shared_experts=1)  # fmt: skip
+_JAMBA = dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=1, attn_layer_offset=0, mamba_d_state=4,
+              mamba_dt_rank=4, use_mamba_kernels=False)  # fmt: skip
+# Small instances of each family (2 layers, hidden 64): its routing geometry at a size a CPU builds in seconds.
+TINY_MOE_CONFIGS = {
+    "olmoe": dict(num_experts=64, num_experts_per_tok=8, norm_topk_prob=False),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, shared_expert_intermediate_size=64
+    ),
+    "qwen3_moe": dict(
+        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, norm_topk_prob=True, head_dim=16
+    ),
+    "deepseek_v2": _GROUPED
+    | _DEEPSEEK_ATTENTION
+    | dict(n_shared_experts=2, topk_method="group_limited_greedy", routed_scaling_factor=1.5),
+    "deepseek_v3": _GROUPED | _DEEPSEEK_ATTENTION | dict(routed_scaling_factor=2.5),
+    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, layer_types=["full_attention"] * 2),
+    "jamba": dict(num_experts=8, num_experts_per_tok=2, **_JAMBA),
+    "glm4_moe": _GROUPED | dict(head_dim=16),
+    "dots1": _GROUPED | dict(head_dim=16),
+}
+
+
+def _moe_config(model_type: str, config, overrides: dict):
+    """A transformers config of `model_type` from None (`TINY_MOE_CONFIGS`), a dict, a config.json path or
+    a config object, with `overrides` applied."""
+    from transformers import AutoConfig
+
+    if config is None:
+        if model_type not in TINY_MOE_CONFIGS:
+            raise ValueError(
+                f"model_type must be one of {sorted(TINY_MOE_CONFIGS)} without a config, got {model_type!r}"
+            )
+        config = _TINY_MOE | TINY_MOE_CONFIGS[model_type]
+    elif isinstance(config, (str, Path)):
+        config = json.loads(Path(config).read_text())
+    if isinstance(config, dict):
+        fields = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype", "model_type")}
+        return AutoConfig.for_model(config.get("model_type", model_type), **{**fields, **overrides})
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def build_random_moe(model_type: str = "olmoe", config=None, seed: int = 0, device: str = "cpu", dtype=torch.float32,
+                     **config_overrides):  # fmt: skip
+    """A randomly initialised causal LM (eval mode) of any transformers MoE family.
 
     Args:
-        config: None (a small model: 2 layers, hidden 64, 64 experts, top-8), an `OlmoeConfig`, a dict,
-            or the path of a config.json (e.g. ../shared/olmoe-1b-7b-0924.config.json for the real shape).
+        model_type: the family ("olmoe", "mixtral", "qwen2_moe", "deepseek_v3", ...; `TINY_MOE_CONFIGS`).
+        config: None (the family's small instance in `TINY_MOE_CONFIGS`: 2 layers, hidden 64), a dict, a
+            config object, or the path of a config.json (its model_type wins; e.g.
+            benchmarks/qwen3-30b-a3b.config.json with num_hidden_layers=4 for the real shape, fewer layers).
         seed: torch seed for the initialisation.
-        device, dtype: where and in which dtype the weights are created (initialising the 7B shape on a
-            GPU in bf16 takes seconds; on a CPU in float32 it needs 28 GB).
+        device, dtype: where and in which dtype the weights are created (a hub-sized shape: on a GPU in bf16).
         config_overrides: fields to override (e.g. num_hidden_layers=1).
     """
-    import json
+    from transformers import AutoModelForCausalLM
 
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-
-    small = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_experts=64,
-        num_experts_per_tok=8,
-        norm_topk_prob=False,
-        max_position_embeddings=512,
-        pad_token_id=1,
-        eos_token_id=0,
-        bos_token_id=None,
-    )
-    if config is None:
-        config = OlmoeConfig(**{**small, **config_overrides})
-    elif isinstance(config, (str, Path)):
-        fields = json.loads(Path(config).read_text())
-        fields.pop("architectures", None), fields.pop("torch_dtype", None), fields.pop("model_type", None)
-        config = OlmoeConfig(**{**fields, **config_overrides})
-    elif isinstance(config, dict):
-        config = OlmoeConfig(**{**config, **config_overrides})
-    else:
-        for name, value in config_overrides.items():
-            setattr(config, name, value)
+    config = _moe_config(model_type, config, config_overrides)
     torch.manual_seed(seed)
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = OlmoeForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous_dtype)
     return model.eval()
+
+
+def build_random_olmoe(config=None, seed: int = 0, device: str = "cpu", dtype=torch.float32, **config_overrides):
+    """A randomly initialised `OlmoeForCausalLM` (`build_random_moe("olmoe", ...)`): None gives a small
+    model (2 layers, hidden 64, 64 experts, top-8); a config.json path such as
+    benchmarks/olmoe-1b-7b-0924.config.json gives the real shape."""
+    return build_random_moe("olmoe", config, seed, device, dtype, **config_overrides)
+
+
+class MoEShape(NamedTuple):
+    """A model's routing geometry from its config: experts per layer, native top-k, and the experts a token
+    may choose from (fewer than E for group-limited routers)."""
+
+    num_experts: int
+    top_k: int
+    selectable: int
+
+
+def moe_shape(config) -> MoEShape:
+    """`MoEShape` of a transformers MoE config, whichever names its family gives the fields."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    names = ("num_experts", "num_local_experts", "n_routed_experts")
+    num_experts = next((getattr(config, n) for n in names if getattr(config, n, None)), None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not num_experts or not top_k:
+        raise TypeError(f"{type(config).__name__} describes no mixture-of-experts model (no experts and top-k fields)")
+    groups, allowed = getattr(config, "n_group", None), getattr(config, "topk_group", None)
+    limited = groups and allowed and allowed < groups and getattr(config, "topk_method", None) != "greedy"
+    return MoEShape(num_experts, top_k, num_experts // groups * allowed if limited else num_experts)
 
 
 def _default_device() -> str:
@@ -2370,7 +2450,8 @@ def memory_plan(model, eval_batch_size: int, eval_window: int, generate_tokens: 
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     per_token_kv = 2 * config.num_hidden_layers * kv_heads * head_dim * element
     tokens = eval_batch_size * eval_window
-    widest = max(config.hidden_size * 4, 2 * config.intermediate_size * config.num_experts_per_tok)
+    expert_width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    widest = max(config.hidden_size * 4, 2 * expert_width * moe_shape(config).top_k)
     activations = tokens * widest * element * 2  # a layer's input, output and widest intermediate
     logits = tokens * config.vocab_size * element + min(LOSS_CHUNK_ELEMENTS, tokens * config.vocab_size) * 4 * 3
     weights = weights_gib(model)
@@ -2421,6 +2502,245 @@ def run_settings(model, model_name_or_path, device: str) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # 8. Variable-k expert execution: compute only the kept (token, expert) pairs
 # ----------------------------------------------------------------------------------------------------
+# 8b. MoE families: finding a model's MoE layers and how each family's router routes
+# ----------------------------------------------------------------------------------------------------
+# transformers' MoE families share one contract: a block holds an experts module decorated with
+# `use_experts_implementation` (forward(hidden [T, H], top_k_index [T, K], top_k_weights [T, K]), the
+# sentinel index E skipped by the eager and grouped_mm paths) and a router module whose forward returns
+# (router_logits [T, E], top_k_weights [T, K], top_k_index [T, K]). The routers differ in how they score
+# and weight experts; a `RouterSpec` says how, is read off the router's attributes and is checked against
+# the router's own output before anything is patched.
+
+ROUTER_SCORES = ("softmax", "softmax_kept", "sigmoid")
+SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")  # block children always computed
+
+
+class RouterSpec:
+    """How one router turns its logits [T, E] into a top-k routing, so that a routing method can replace it.
+
+    score:
+        "softmax": top-k of softmax(logits) (OLMoE, Mixtral, Qwen2/3-MoE, Jamba, DeepSeek-V2);
+        "softmax_kept": top-k of the logits, softmax over the kept logits (GraniteMoE, gpt-oss);
+        "sigmoid": top-k of sigmoid(logits) + a score-correction bias, weights sigmoid(logits) of the kept
+            experts (DeepSeek-V3, GLM4-MoE, Dots1).
+    renormalize: the kept weights are divided by their sum (norm_topk_prob); scale: routed_scaling_factor;
+    groups: None or (n_group, topk_group, group score "max" | "top2sum"): only experts in the topk_group best
+        groups are selectable (DeepSeek-V2 group_limited_greedy, DeepSeek-V3).
+
+    A routing method sees each token's `selection` logits [T, E'] over its E' selectable experts, whose
+    softmax is the family's selection distribution (the logits themselves for the softmax families,
+    log(sigmoid + bias) for the sigmoid ones), and picks slots; the kept weights then follow the family's own
+    weighting (`weights`), so that top-k at the native k gives the native routing.
+    """
+
+    def __init__(self, router, score: str, renormalize: bool, scale: float = 1.0, groups: tuple | None = None):
+        if score not in ROUTER_SCORES:
+            raise ValueError(f"score must be one of {ROUTER_SCORES}, got {score!r}")
+        self.router, self.score, self.renormalize, self.scale, self.groups = router, score, renormalize, scale, groups
+        self.num_experts, self.top_k = int(router.weight.shape[0]), int(router.top_k)
+        self.sorted_output = True  # set by `describe_router` from the router's own output
+
+    @property
+    def selectable(self) -> int:
+        """Experts a token may choose from: E, or those of the topk_group allowed groups."""
+        if self.groups is None:
+            return self.num_experts
+        num_groups, allowed_groups, _ = self.groups
+        return self.num_experts // num_groups * allowed_groups
+
+    @property
+    def plain(self) -> bool:
+        """A routing method's own weights (softmax probabilities of the kept experts) are the family's."""
+        return self.score == "softmax" and self.scale == 1.0 and self.groups is None
+
+    def describe(self) -> str:
+        groups = "" if self.groups is None else f", top {self.groups[1]} of {self.groups[0]} groups ({self.groups[2]})"
+        scale = "" if self.scale == 1.0 else f", weights x {self.scale:g}"
+        norm = ", renormalised" if self.renormalize else ""
+        return f"{self.score} top-{self.top_k} of {self.num_experts}{groups}{norm}{scale}"
+
+    def _choice_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """[T, E] float32 scores the family ranks experts by."""
+        if self.score == "sigmoid":
+            bias = getattr(self.router, "e_score_correction_bias", None)
+            scores = logits.float().sigmoid()
+            return scores if bias is None else scores + bias.float()
+        return torch.softmax(logits.float(), dim=-1)
+
+    def _allowed(self, choice: torch.Tensor) -> torch.Tensor:
+        """[T, E'] ascending ids of each token's selectable experts (its topk_group best groups)."""
+        num_groups, allowed_groups, group_score = self.groups
+        per_group = self.num_experts // num_groups
+        grouped = choice.view(-1, num_groups, per_group)
+        best = grouped.max(-1).values if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+        groups = best.topk(allowed_groups, dim=-1).indices.sort(dim=-1).values  # [T, G']
+        members = torch.arange(per_group, device=choice.device)
+        return (groups[..., None] * per_group + members).flatten(-2)  # [T, G' x per_group]
+
+    def selection(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(selection logits [T, E'] a routing method routes, allowed [T, E'] expert ids or None for all)."""
+        if self.score == "sigmoid":
+            choice = self._choice_scores(logits)
+            selection = choice.clamp_min(torch.finfo(torch.float32).tiny).log()
+        else:
+            choice, selection = (None, logits)
+        if self.groups is None:
+            return selection, None
+        allowed = self._allowed(self._choice_scores(logits) if choice is None else choice)
+        return selection.float().gather(-1, allowed), allowed
+
+    def expand(self, index: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Slots over the selectable experts [T, K] -> expert ids [T, K] (sentinel E' -> E)."""
+        if allowed is None:
+            return index
+        kept = index < allowed.shape[-1]
+        experts = allowed.gather(-1, index.clamp_max(allowed.shape[-1] - 1))
+        return torch.where(kept, experts, torch.full_like(experts, self.num_experts))
+
+    def weights(self, logits: torch.Tensor, index: torch.Tensor, renormalize: bool) -> torch.Tensor:
+        """The family's weights [T, K] of the kept experts `index` [T, K] (0 in sentinel slots)."""
+        kept = index < self.num_experts
+        safe = index.clamp_max(self.num_experts - 1)
+        if self.score == "softmax_kept" and renormalize:  # as the router: softmax over the kept logits
+            kept_logits = logits.gather(-1, safe).masked_fill(~kept, float("-inf"))
+            weights = torch.softmax(kept_logits, dim=-1).nan_to_num(0.0)  # a token with no kept slot: zeros
+            return weights * self.scale if self.scale != 1.0 else weights
+        scores = logits.float().sigmoid() if self.score == "sigmoid" else torch.softmax(logits.float(), dim=-1)
+        weights = torch.where(kept, scores.gather(-1, safe), torch.zeros((), device=scores.device))
+        if renormalize and self.score == "sigmoid":
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # as DeepSeek-V3's router
+        elif renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return weights * self.scale if self.scale != 1.0 else weights
+
+    def native(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's own top-k (weights [T, k], index [T, k]) from its logits: what `describe_router`
+        checks against the router's output."""
+        selection, allowed = self.selection(logits)
+        index = self.expand(selection.float().topk(self.top_k, dim=-1).indices, allowed)
+        return self.weights(logits, index, self.renormalize), index
+
+
+def _router_candidates(router) -> list[RouterSpec]:
+    """The specs a router's attributes allow, most specific first."""
+    scale = float(getattr(router, "routed_scaling_factor", 1.0) or 1.0)
+    num_groups, allowed_groups = getattr(router, "num_group", None), getattr(router, "topk_group", None)
+    if hasattr(router, "e_score_correction_bias"):  # DeepSeek-V3's router and its descendants
+        groups = (num_groups, allowed_groups, "top2sum") if num_groups and allowed_groups < num_groups else None
+        return [RouterSpec(router, "sigmoid", bool(getattr(router, "norm_topk_prob", True)), scale, groups)]
+    if hasattr(router, "topk_method"):  # DeepSeek-V2: greedy or group-limited greedy, never renormalised
+        limited = router.topk_method == "group_limited_greedy" and allowed_groups < num_groups
+        return [RouterSpec(router, "softmax", False, scale, (num_groups, allowed_groups, "max") if limited else None)]
+    norms = [bool(router.norm_topk_prob)] if hasattr(router, "norm_topk_prob") else [False, True]
+    return [RouterSpec(router, "softmax", norm, scale) for norm in norms] + [RouterSpec(router, "softmax_kept", True)]
+
+
+@torch.no_grad()
+def _matches(spec: RouterSpec, logits, weights, index) -> str | None:
+    """ "exact", "close" or None: how the spec's top-k reproduces the router's (weights, index) on rows whose
+    k-th and (k+1)-th choices are not tied."""
+    selection, _ = spec.selection(logits)
+    decided = torch.ones(selection.shape[0], dtype=torch.bool, device=selection.device)
+    if selection.shape[-1] > spec.top_k:
+        ranked = selection.float().topk(spec.top_k + 1, dim=-1).values
+        decided = ranked[:, spec.top_k] < ranked[:, spec.top_k - 1]
+    if not bool(decided.any()):
+        return None
+    own_weights, own_index = spec.native(logits)
+    order, own_order = index.argsort(-1), own_index.argsort(-1)
+    same_index = torch.equal(index.gather(-1, order)[decided], own_index.gather(-1, own_order)[decided])
+    ours = own_weights.to(weights.dtype).gather(-1, own_order)[decided]
+    theirs = weights.gather(-1, order)[decided]
+    if not same_index or not torch.allclose(ours.float(), theirs.float(), rtol=2e-2, atol=1e-4):
+        return None
+    return "exact" if torch.equal(ours, theirs) else "close"
+
+
+def describe_router(router: torch.nn.Module) -> RouterSpec:
+    """The `RouterSpec` of a router of the shared contract, checked against the router's own output on a
+    probe batch: the exact reproduction if one exists, else one equal within rounding. TypeError naming the
+    router if none reproduces it (e.g. PhiMoE's sparsemixer)."""
+    weight = router.weight
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(32, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        output = router.forward(probe)  # not __call__: a patch's hook must not answer
+    if not (isinstance(output, tuple) and len(output) >= 3):
+        raise TypeError(f"{type(router).__name__} does not return (router_logits, top_k_weights, top_k_index)")
+    logits, weights, index = output[:3]
+    found = [(_matches(spec, logits, weights, index), spec) for spec in _router_candidates(router)]
+    chosen = next((s for m, s in found if m == "exact"), None) or next((s for m, s in found if m == "close"), None)
+    if chosen is None:
+        raise TypeError(
+            f"{type(router).__name__}'s routing is none of the supported families ({', '.join(ROUTER_SCORES)} "
+            "top-k, optionally renormalised, scaled and group-limited): it cannot be patched"
+        )
+    chosen.sorted_output = bool((weights.float().diff(dim=-1) <= 0).all()) if chosen.plain else False
+    return chosen
+
+
+@dataclass
+class MoELayer:
+    """One MoE block of a model: its router, its experts module, how the router routes, and the shared
+    experts it always computes besides the routed ones."""
+
+    block: torch.nn.Module
+    router: torch.nn.Module
+    experts: torch.nn.Module
+    spec: RouterSpec
+    shared_experts: int = 0
+
+
+def _is_contract_experts(module) -> bool:
+    """An experts module decorated with transformers' `use_experts_implementation`."""
+    return all(hasattr(module, name) for name in ("has_gate", "is_transposed", "_is_expert_parallel", "num_experts"))
+
+
+def _router_of(block, experts) -> torch.nn.Module | None:
+    """The block's child that routes to `experts`: a module with a top_k and a [E, H] weight."""
+    for child in block.children():
+        weight = getattr(child, "weight", None)
+        if child is not experts and hasattr(child, "top_k") and isinstance(weight, torch.Tensor):
+            if weight.dim() == 2 and weight.shape[0] == experts.num_experts:
+                return child
+    return None
+
+
+def _shared_experts(block, config) -> int:
+    """How many shared experts the block always computes: n_shared_experts (DeepSeek) or 1 per module."""
+    modules = [name for name in SHARED_EXPERT_NAMES if isinstance(getattr(block, name, None), torch.nn.Module)]
+    if not modules:
+        return 0
+    return int(getattr(config, "n_shared_experts", None) or getattr(config, "num_shared_experts", None) or len(modules))
+
+
+def find_moe_layers(model: torch.nn.Module) -> list[MoELayer]:
+    """Every MoE block of `model` of the shared router/experts contract, in module order.
+
+    TypeError when there is none, naming why: no MoE layer at all, or experts that transformers'
+    experts interface does not dispatch (e.g. DBRX's, Llama4's)."""
+    layers, other_experts = [], []
+    for name, block in model.named_modules():
+        experts = getattr(block, "experts", None)
+        if not isinstance(experts, torch.nn.Module) or block is experts:
+            continue
+        router = _router_of(block, experts) if _is_contract_experts(experts) else None
+        if router is None:
+            other_experts.append(f"{name} ({type(experts).__name__})")
+            continue
+        layers.append(MoELayer(block, router, experts, describe_router(router), _shared_experts(block, model.config)))
+    if not layers:
+        reason = (
+            f"its experts modules {other_experts[:2]} are not dispatched by transformers' experts interface "
+            "(@use_experts_implementation) with a top-k router beside them"
+            if other_experts
+            else "it has no mixture-of-experts layer"
+        )
+        raise TypeError(f"{type(model).__name__} cannot be patched: {reason}")
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------------
 #
 # transformers' experts paths take a fixed slot width K: "eager" loops over experts in Python with a
 # host sync per layer, and "grouped_mm" runs its gather, activation and combine passes over all T x K
@@ -2432,7 +2752,7 @@ def run_settings(model, model_name_or_path, device: str) -> dict:
 # No pass reads a count back to the host, so the path has no per-layer sync and can be CUDA-graphed.
 
 VARIABLE_K_EXPERTS = "variable_k"  # the name registered in transformers' ExpertsInterface
-EXPERTS_PATHS = (VARIABLE_K_EXPERTS, "model")  # OLMoERouterPatcher(experts_path=...)
+EXPERTS_PATHS = (VARIABLE_K_EXPERTS, "model")  # MoERouterPatcher(experts_path=...)
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs use the torch reference below.
     import triton
@@ -2494,14 +2814,53 @@ def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Ten
     return output
 
 
-def variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn):
-    """The reference (and CPU) variable-k experts forward. Shapes as in `variable_k_experts_forward`."""
+def variable_k_unsupported(experts: torch.nn.Module) -> str | None:
+    """Why the variable-k path cannot run this experts module (None: it can). It serves every layout of the
+    experts interface (gate/up concatenated or interleaved through the module's own `_apply_gate`, weights
+    transposed or not, biases, no gate) except a norm after each expert."""
+    if getattr(experts, "has_post_expert_norm", False):
+        return f"{type(experts).__name__} (a norm after each expert)"
+    if not _is_contract_experts(experts):
+        return f"{type(experts).__name__} (not an experts module of transformers' experts interface)"
+    return None
+
+
+@functools.cache
+def _eager_skips_sentinels(experts_class: type) -> bool:
+    forward = getattr(experts_class.forward, "__wrapped__", experts_class.forward)
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+    return "num_experts + 1" in source  # its one-hot has a class for the sentinel, whose loop skips it
+
+
+def eager_skips_sentinels(experts: torch.nn.Module) -> bool:
+    """Whether the family's own (eager) experts forward skips the sentinel index E (OLMoE's, Mixtral's,
+    DeepSeek's do; gpt-oss's one-hot has no class for it)."""
+    return _eager_skips_sentinels(type(experts))
+
+
+def _expert_linear(experts, name: str, rows, offsets, sorted_experts) -> torch.Tensor:
+    """rows [S, in] sorted by expert through the experts' projection `name` (its layout and bias)."""
+    weights = getattr(experts, name)
+    weights = weights.transpose(-2, -1) if experts.is_transposed else weights  # [E, out, in], a view
+    output = grouped_matmul(rows, weights, offsets)
+    return output + getattr(experts, f"{name}_bias")[sorted_experts] if experts.has_bias else output
+
+
+def variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts):
+    """The reference (and CPU) variable-k experts forward, for any layout `variable_k_unsupported` accepts.
+    Shapes as in `variable_k_experts_forward`."""
     num_tokens, slots = top_k_index.shape
-    num_experts = gate_up_proj.shape[0]
+    num_experts = experts.num_experts
     pair_order, offsets = sort_pairs_by_expert(top_k_index, num_experts)
+    sorted_experts = top_k_index.reshape(-1)[pair_order].clamp_max(num_experts - 1)  # [S]: for the biases
     sorted_hidden = hidden_states[pair_order // slots]  # [S, H]
-    gate, up = grouped_matmul(sorted_hidden, gate_up_proj, offsets).chunk(2, dim=-1)  # [S, I] each
-    expert_outputs = grouped_matmul(act_fn(gate) * up, down_proj, offsets)  # [S, H]; tail rows undefined
+    first = "gate_up_proj" if experts.has_gate else "up_proj"
+    projected = _expert_linear(experts, first, sorted_hidden, offsets, sorted_experts)
+    activated = experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)  # [S, I]
+    expert_outputs = _expert_linear(experts, "down_proj", activated, offsets, sorted_experts)  # tail undefined
     sorted_rows = torch.arange(pair_order.numel(), device=pair_order.device)  # [S]
     # Rows past the kept pairs are undefined (may hold NaN): zero them before any weighted sum.
     expert_outputs = torch.where((sorted_rows < offsets[-1])[:, None], expert_outputs, 0.0)
@@ -2635,11 +2994,25 @@ def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up
     return output
 
 
+def _olmoe_layout(experts: torch.nn.Module) -> bool:
+    """Concatenated [E, 2I, H] gate/up with the default gate, [E, H, I] down, no bias, no post norm."""
+    layout = tuple(
+        getattr(experts, name, None) for name in ("has_gate", "has_bias", "is_transposed", "is_concatenated")
+    )
+    default_gate = getattr(type(experts), "_apply_gate", None)
+    return (
+        layout == (True, False, False, True)
+        and not getattr(experts, "has_post_expert_norm", False)
+        and getattr(default_gate, "__name__", "") == "_default_apply_gate"
+    )
+
+
 def _triton_path_supported(experts: torch.nn.Module, device: torch.device) -> bool:
-    """The fused path: CUDA with Triton, bf16 weights, SiLU gating and a grouped GEMM kernel."""
+    """The fused path: CUDA with Triton, the OLMoE layout in bf16, SiLU gating and a grouped GEMM kernel."""
     return (
         triton is not None
         and device.type == "cuda"
+        and _olmoe_layout(experts)
         and getattr(experts.config, "hidden_act", None) == "silu"
         and grouped_mm_usable(device, experts.gate_up_proj.dtype)
     )
@@ -2650,38 +3023,28 @@ def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     experts_implementation="variable_k" (`model.set_experts_implementation("variable_k")`).
 
     Args:
-        experts: an OLMoE-layout experts module (`OlmoeExperts`: gate_up_proj [E, 2I, H], down_proj [E, H, I],
-            gated activation `act_fn`, no biases).
+        experts: an experts module of transformers' experts interface (`variable_k_unsupported` is None):
+            e.g. `OlmoeExperts` (gate_up_proj [E, 2I, H], down_proj [E, H, I]) or `GptOssExperts`
+            (transposed, interleaved gate/up, biases).
         hidden_states: [T, H].
         top_k_index: [T, K] expert ids; the sentinel E marks an unused slot (any number per token, 0..K).
         top_k_weights: [T, K] routing weights (ignored in sentinel slots).
     Returns:
         [T, H] in hidden_states' dtype: sum over kept slots of weight * expert(hidden_state).
-    Where `_triton_path_supported` (CUDA, Triton, bf16, SiLU, a grouped GEMM kernel) the Triton path runs;
-    otherwise the torch reference (on a GPU without a grouped GEMM kernel, one matmul per expert).
+    Where `_triton_path_supported` (CUDA, Triton, the OLMoE layout in bf16, SiLU, a grouped GEMM kernel) the
+    Triton path runs; otherwise the torch reference (on a GPU without a grouped GEMM kernel, one matmul per
+    expert).
     """
-    layout = (
-        getattr(experts, "has_gate", True),
-        getattr(experts, "has_bias", False),
-        getattr(experts, "is_transposed", False),
-        getattr(experts, "is_concatenated", True),
-        getattr(experts, "has_post_expert_norm", False),
-    )
-    if layout != (True, False, False, True, False):
-        raise NotImplementedError(
-            f"experts_implementation={VARIABLE_K_EXPERTS!r} supports OLMoE-layout experts (concatenated gate/up "
-            f"projections, no bias, no post-expert norm); {type(experts).__name__} has (has_gate, has_bias, "
-            f"is_transposed, is_concatenated, has_post_expert_norm) = {layout}"
-        )
+    unsupported = variable_k_unsupported(experts)
+    if unsupported is not None:
+        raise NotImplementedError(f"experts_implementation={VARIABLE_K_EXPERTS!r} cannot serve {unsupported}")
     if _triton_path_supported(experts, hidden_states.device):
         arguments = (hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj)
         if hidden_states.device.index == torch.cuda.current_device():
             return variable_k_experts_triton(*arguments)
         with torch.cuda.device(hidden_states.device):  # Triton launches on the current device
             return variable_k_experts_triton(*arguments)
-    return variable_k_experts_torch(
-        hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
-    )
+    return variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts)
 
 
 def register_variable_k_experts() -> None:
@@ -2796,43 +3159,28 @@ def grouped_mm_masks_sentinels() -> bool:
     return forward is not None and "_is_expert_parallel" in inspect.getsource(forward)
 
 
-def _find_moe_layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
-    """(routers, experts) of every OLMoE MoE block (a module with an `OlmoeTopKRouter` gate and experts)."""
-    from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
-
-    routers, experts = [], []
-    for _, module in model.named_modules():
-        gate = getattr(module, "gate", None)
-        if isinstance(gate, OlmoeTopKRouter) and hasattr(module, "experts"):
-            routers.append(gate)
-            experts.append(module.experts)
-    if not routers:
-        raise TypeError(
-            "model has no OLMoE MoE layers (OlmoeSparseMoeBlock with an OlmoeTopKRouter `gate`); "
-            f"got {type(model).__name__}. Load it with transformers' OlmoeForCausalLM (transformers >= 5)."
-        )
-    return routers, experts
-
-
 def _require_transformers() -> None:
     import transformers
     from packaging.version import Version
 
     if Version(transformers.__version__.split("+")[0]) < Version(MIN_TRANSFORMERS):
         raise RuntimeError(
-            f"OLMoERouterPatcher needs transformers >= {MIN_TRANSFORMERS} (its experts module must skip the "
+            f"MoERouterPatcher needs transformers >= {MIN_TRANSFORMERS} (its experts module must skip the "
             f"sentinel expert index); found {transformers.__version__}. pip install -r requirements.txt"
         )
 
 
-class OLMoERouterPatcher:
-    """Replace the top-k router of every OLMoE MoE layer with any registered routing method.
+class MoERouterPatcher:
+    """Replace the top-k router of every MoE layer with any registered routing method.
 
-    A forward hook on each `OlmoeTopKRouter` (model.model.layers[i].mlp.gate) replaces its output
-    (router_logits, top_k_weights [T, 8], top_k_index [T, 8]) with the chosen method's
-    (router_logits, weights [T, K], index [T, K]); unused slots carry the sentinel index E, so the experts
-    module computes only the selected (token, expert) pairs. The router logits are left untouched, and
-    removing the hooks restores the model exactly.
+    Works on every model whose MoE blocks follow transformers' shared router/experts contract
+    (`find_moe_layers`: OLMoE, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, GraniteMoE, gpt-oss, Jamba, ...). A
+    forward hook on each router replaces its output (router_logits, top_k_weights [T, k], top_k_index
+    [T, k]) with the chosen method's (router_logits, weights [T, K], index [T, K]); unused slots carry the
+    sentinel index E, so the experts module computes only the selected (token, expert) pairs. The method
+    routes each token's selection logits and the kept weights follow the family's own weighting
+    (`RouterSpec`). The router logits are left untouched, and removing the hooks restores the model exactly.
+    Shared experts (Qwen2-MoE, DeepSeek) are always computed and counted apart (`get_stats`).
 
     While patched, the experts run this module's variable-k path (experts_path="variable_k", the default on
     CUDA), whose time follows the number of kept pairs. With experts_path="model" they keep the model's own
@@ -2840,13 +3188,13 @@ class OLMoERouterPatcher:
     expert parallel, which the patcher sets while patched (if this transformers supports it); any other
     implementation is switched to "eager" while patched. `unpatch` restores all of it.
 
-        patcher = OLMoERouterPatcher(model)
+        patcher = MoERouterPatcher(model)
         patcher.patch_with_bh(alpha=0.05, max_k=8)      # or patcher.patch("bh", alpha=0.05, max_k=8)
         outputs = model.generate(...)
         stats = patcher.get_stats()
         patcher.unpatch()
 
-    Also usable as a context manager (`with OLMoERouterPatcher(model) as patcher:`), which unpatches on
+    Also usable as a context manager (`with MoERouterPatcher(model) as patcher:`), which unpatches on
     exit. Patching again replaces the previous patch (and resets the statistics).
 
     Statistics count real tokens only: a forward pass's 2-D attention_mask (or one given with
@@ -2884,12 +3232,18 @@ class OLMoERouterPatcher:
             may also be set later (patcher.calibration = ...), before `patch`."""
         _require_transformers()
         self.model = model
-        self.routers, self.experts = _find_moe_layers(model)
+        self.layers = find_moe_layers(model)
+        self.routers = [layer.router for layer in self.layers]
+        self.experts = [layer.experts for layer in self.layers]
         self.num_layers = len(self.routers)
-        self.shape = RouterShape(
-            self.routers[0].num_experts, self.routers[0].top_k, bool(self.routers[0].norm_topk_prob)
-        )
-        self.num_experts, self.native_top_k = self.shape.num_experts, self.shape.native_top_k
+        spec = self.layers[0].spec
+        if any(layer.spec.describe() != spec.describe() for layer in self.layers):
+            raise TypeError(f"{type(model).__name__}'s MoE layers route differently; one patcher needs one routing")
+        self.spec = spec
+        # The methods choose among each token's selectable experts (all E unless the family limits groups).
+        self.shape = RouterShape(spec.selectable, spec.top_k, spec.renormalize)
+        self.num_experts, self.native_top_k = spec.num_experts, spec.top_k
+        self.shared_experts = [layer.shared_experts for layer in self.layers]
         self.router_devices = sorted({router.weight.device for router in self.routers}, key=str)
         self.experts_path = self._choose_experts_path(experts_path)
         on_cuda = self.routers[0].weight.device.type == "cuda"
@@ -2915,11 +3269,14 @@ class OLMoERouterPatcher:
         self.experts_implementation: str | None = None
 
     def _choose_experts_path(self, experts_path: str | None) -> str:
+        experts = self.experts[0]
         if experts_path is None:
-            fused = _triton_path_supported(self.experts[0], self.experts[0].gate_up_proj.device)
+            fused = _triton_path_supported(experts, next(experts.parameters()).device)
             experts_path = VARIABLE_K_EXPERTS if fused else "model"
         if experts_path not in EXPERTS_PATHS:
             raise ValueError(f"experts_path must be one of {EXPERTS_PATHS} or None, got {experts_path!r}")
+        if experts_path == VARIABLE_K_EXPERTS and variable_k_unsupported(experts):
+            raise ValueError(f"experts_path={VARIABLE_K_EXPERTS!r} cannot serve {variable_k_unsupported(experts)}")
         if experts_path == VARIABLE_K_EXPERTS:
             register_variable_k_experts()
         return experts_path
@@ -2937,7 +3294,7 @@ class OLMoERouterPatcher:
 
     # --- patching ------------------------------------------------------------------------------------
 
-    def patch(self, method: str, **params) -> OLMoERouterPatcher:
+    def patch(self, method: str, **params) -> MoERouterPatcher:
         """Route with the registered method `method` ("bh", "topk", "topp", "native", ...) and its
         parameters (see the method's routing function; renormalize=None follows the model)."""
         spec = routing_method(method)
@@ -2958,24 +3315,24 @@ class OLMoERouterPatcher:
 
     def patch_with_bh(
         self, alpha=0.05, temperature=1.0, min_k=1, max_k=16, pvalue_method=DEFAULT_PVALUE_METHOD, renormalize=None
-    ) -> OLMoERouterPatcher:
+    ) -> MoERouterPatcher:
         """Route with `benjamini_hochberg_routing` (same arguments; renormalize=None follows the model)."""
         params = dict(alpha=alpha, temperature=temperature, min_k=min_k, max_k=max_k, pvalue_method=pvalue_method)
         return self.patch("bh", renormalize=renormalize, **params)
 
-    def patch_with_topk(self, k: int = NATIVE_TOP_K, temperature=1.0, renormalize=None) -> OLMoERouterPatcher:
+    def patch_with_topk(self, k: int = NATIVE_TOP_K, temperature=1.0, renormalize=None) -> MoERouterPatcher:
         """Route each token to its k most probable experts (k=8 reproduces OLMoE's router)."""
         return self.patch("topk", k=k, temperature=temperature, renormalize=renormalize)
 
-    def patch_with_topp(self, p=0.5, temperature=1.0, min_k=1, max_k=None, renormalize=None) -> OLMoERouterPatcher:
+    def patch_with_topp(self, p=0.5, temperature=1.0, min_k=1, max_k=None, renormalize=None) -> MoERouterPatcher:
         """Route each token to the fewest most probable experts whose probabilities sum to >= p."""
         return self.patch("topp", p=p, temperature=temperature, min_k=min_k, max_k=max_k, renormalize=renormalize)
 
-    def observe(self) -> OLMoERouterPatcher:
+    def observe(self) -> MoERouterPatcher:
         """Record statistics of the model's own routing without changing anything it computes."""
         return self.patch("native")
 
-    def unpatch(self) -> OLMoERouterPatcher:
+    def unpatch(self) -> MoERouterPatcher:
         """Remove the hooks and restore the experts implementation and every flag the patch changed. Safe to
         call any number of times; the statistics of the last patch stay readable."""
         for handle in self._handles:
@@ -2998,7 +3355,7 @@ class OLMoERouterPatcher:
     def is_patched(self) -> bool:
         return bool(self._handles)
 
-    def __enter__(self) -> OLMoERouterPatcher:
+    def __enter__(self) -> MoERouterPatcher:
         return self
 
     def __exit__(self, *exc_info) -> bool:
@@ -3067,15 +3424,25 @@ class OLMoERouterPatcher:
         return getattr(self.model.config, "_experts_implementation", None) or "eager"
 
     def _make_experts_skip_sentinels(self) -> None:
+        """Keep an implementation that skips the sentinel; else switch to eager if the family's eager path
+        skips it (OLMoE's, Mixtral's, ...), else to grouped_mm flagged as expert parallel (gpt-oss)."""
         implementation = self._current_experts_implementation()
-        if implementation in ("eager", VARIABLE_K_EXPERTS):
+        eager_skips = eager_skips_sentinels(self.experts[0])
+        if implementation == VARIABLE_K_EXPERTS or (implementation == "eager" and eager_skips):
             return
-        if implementation == "grouped_mm" and grouped_mm_masks_sentinels():
-            self._saved_expert_parallel_flags = [getattr(e, "_is_expert_parallel", False) for e in self.experts]
-            for experts in self.experts:
-                experts._is_expert_parallel = True
+        if implementation != "grouped_mm" and eager_skips:
+            self._switch_experts_implementation("eager")
             return
-        self._switch_experts_implementation("eager")
+        if not grouped_mm_masks_sentinels():
+            raise RuntimeError(
+                f"{type(self.experts[0]).__name__}: neither its eager path nor this transformers' grouped_mm "
+                f"skips the sentinel expert index; use experts_path={VARIABLE_K_EXPERTS!r} or transformers >= "
+                f"{MIN_TRANSFORMERS}"
+            )
+        self._switch_experts_implementation("grouped_mm")
+        self._saved_expert_parallel_flags = [getattr(e, "_is_expert_parallel", False) for e in self.experts]
+        for experts in self.experts:
+            experts._is_expert_parallel = True
 
     def _switch_experts_implementation(self, implementation: str) -> None:
         current = self._current_experts_implementation()
@@ -3083,16 +3450,26 @@ class OLMoERouterPatcher:
             self._saved_experts_implementation = current
             self.model.set_experts_implementation(implementation)
 
+    def _routed(self, output, layer: int):
+        """(weights [T, K], index [T, K], counts [T] or None) of the patched method on one router output."""
+        spec = self.layers[layer].spec
+        if spec.plain or getattr(self._route, "reuses_native", False):  # no family transform to apply
+            return self._route(output[0], output, layer)
+        selection, allowed = spec.selection(output[0])
+        _, top_index, expert_counts = self._route(selection, output, layer)
+        top_index = spec.expand(top_index, allowed)
+        return spec.weights(output[0], top_index, self.params["renormalize"]), top_index, expert_counts
+
     def _make_hook(self, layer: int):
         def hook(module, args, output):
-            router_logits = output[0]  # [T, E] in the model's dtype
+            router_logits = output[0]  # [T, E]
             keep = self._keep if self._keep is not None and self._keep.numel() == router_logits.shape[0] else None
             if self._route is None:  # the native routing, unchanged
                 self.statistics.record(layer, output[1], output[2], keep=keep)
                 return None
-            top_weights, top_index, expert_counts = self._route(router_logits, output, layer)
+            top_weights, top_index, expert_counts = self._routed(output, layer)
             self.statistics.record(layer, top_weights, top_index, expert_counts, keep=keep)
-            return router_logits, top_weights.to(router_logits.dtype), top_index
+            return router_logits, top_weights.to(output[1].dtype), top_index
 
         return hook
 
@@ -3115,15 +3492,27 @@ class OLMoERouterPatcher:
             expert_utilization_per_layer: [L][E] list, fraction of tokens that chose each expert.
             token_counts: [N, L] int64 tensor, experts kept per routed token and layer (N = tokens
                 routed, in order; needs record_token_counts=True).
-            num_tokens, num_layers, method, params, weights_renormalized, experts_implementation.
+            shared_experts_per_layer: [L] shared experts every token also runs (always computed, never
+                routed); avg_shared_experts their mean; avg_active_experts = avg_experts + avg_shared_experts.
+            num_tokens, num_layers, method, params, weights_renormalized, experts_implementation, routing
+                (how the model's routers route: `RouterSpec.describe`).
+        Every count but the shared ones, and reduction_vs_baseline, are of routed experts.
         """
         stats = self.statistics.summary(self.params.get("min_k"), self.params.get("max_k"), self.native_top_k)
+        shared = sum(self.shared_experts) / self.num_layers
         return stats | {
+            "shared_experts_per_layer": list(self.shared_experts),
+            "avg_shared_experts": shared,
+            "avg_active_experts": stats["avg_experts"] + shared,
+            "routing": self.spec.describe(),
             "method": self.method,
             "params": dict(self.params),
             "weights_renormalized": bool(self.params.get("renormalize", False)),
             "experts_implementation": self.experts_implementation,
         }
+
+
+OLMoERouterPatcher = MoERouterPatcher  # the name before other families were supported
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3273,7 +3662,7 @@ def evaluate_language_model(
     window: int = 256,
     stride: int | None = None,
     batch_size: int = 8,
-    patcher: OLMoERouterPatcher | None = None,
+    patcher: MoERouterPatcher | None = None,
 ) -> dict:
     """Perplexity and next-token accuracy on `token_ids` ([N] int64) with sliding windows.
 
@@ -3313,15 +3702,20 @@ def evaluate_language_model(
 def collect_router_logits(model, token_ids: torch.Tensor, window: int = 256, batch_size: int = 8) -> list[torch.Tensor]:
     """Every MoE layer's router logits on `token_ids` ([N] int64, disjoint windows of `window` tokens, up to
     `batch_size` windows per forward pass), under the routing the model runs (its own, or a patcher's: the
-    logits each patched router received): a list of L float32 tensors [positions, E] on the CPU."""
+    logits each patched router received): a list of L float32 tensors [positions, E'] on the CPU. These are
+    the logits the routing methods route (`RouterSpec.selection`): the router's own logits, except for the
+    sigmoid and group-limited families, whose E' selectable experts vary by token."""
     _check_windows(window, window, batch_size)
-    routers, _ = _find_moe_layers(model)
-    collected: list[list[torch.Tensor]] = [[] for _ in routers]
+    layers = find_moe_layers(model)
+    collected: list[list[torch.Tensor]] = [[] for _ in layers]
 
     def keep(layer):
-        return lambda module, args, output: collected[layer].append(output[0].detach().float().cpu())
+        spec = layers[layer].spec
+        return lambda module, args, output: collected[layer].append(
+            (output[0] if spec.plain else spec.selection(output[0])[0]).detach().float().cpu()
+        )
 
-    handles = [router.register_forward_hook(keep(layer)) for layer, router in enumerate(routers)]
+    handles = [moe.router.register_forward_hook(keep(layer)) for layer, moe in enumerate(layers)]
     device = next(model.parameters()).device
     try:
         spans = [(begin, end) for begin, end, _ in sliding_windows(token_ids.numel(), window, window)]
@@ -3336,7 +3730,7 @@ def collect_router_logits(model, token_ids: torch.Tensor, window: int = 256, bat
     return [torch.cat(parts) for parts in collected]
 
 
-def _drop_last_position_slots(num_slots: int, length: int, captured: list):
+def _drop_last_position_slots(num_slots: int, length: int, captured: list, spec: RouterSpec):
     """A router hook for `oracle_drop_effects`: rows come in groups of num_slots + 1 copies of one prefix;
     copy 0 keeps the routing (its last position's logits are captured), copy v zeroes the weight of slot
     v - 1 at the last position only. A zero weight removes the expert's contribution exactly."""
@@ -3347,7 +3741,8 @@ def _drop_last_position_slots(num_slots: int, length: int, captured: list):
         variant = torch.arange(weights.shape[0], device=weights.device) % (num_slots + 1)
         rows = (variant > 0).nonzero().squeeze(-1)
         weights[rows, -1, variant[rows] - 1] = 0
-        captured.append(router_logits.reshape(weights.shape[0], length, -1)[variant == 0, -1].float().cpu())
+        selection = router_logits if spec.plain else spec.selection(router_logits)[0]
+        captured.append(selection.reshape(weights.shape[0], length, -1)[variant == 0, -1].float().cpu())
         return router_logits, weights.reshape(-1, weights.shape[-1]), index
 
     return hook
@@ -3365,15 +3760,16 @@ def oracle_drop_effects(
     effect is that decision's alone. Returns {"layer", "positions" [P], "router_logits" [P, E] (the
     layer's logits at t under the model's own routing), "loss_increase" [P, k]}.
     """
-    routers, _ = _find_moe_layers(model)
-    if not 0 <= layer < len(routers):
-        raise ValueError(f"layer must be in [0, {len(routers)}), got {layer!r}")
+    moe_layers = find_moe_layers(model)
+    if not 0 <= layer < len(moe_layers):
+        raise ValueError(f"layer must be in [0, {len(moe_layers)}), got {layer!r}")
     positions = [int(t) for t in positions]
     if any(not context - 1 <= t < token_ids.numel() - 1 for t in positions):
         raise ValueError(f"positions must lie in [context - 1, {token_ids.numel() - 1}) = [{context - 1}, ...)")
-    num_slots, device = routers[layer].top_k, next(model.parameters()).device
-    captured, increases = [], []
-    handle = routers[layer].register_forward_hook(_drop_last_position_slots(num_slots, context, captured))
+    spec, device = moe_layers[layer].spec, next(model.parameters()).device
+    num_slots, captured, increases = spec.top_k, [], []
+    hook = _drop_last_position_slots(num_slots, context, captured, spec)
+    handle = moe_layers[layer].router.register_forward_hook(hook)
     try:
         for start in range(0, len(positions), batch_positions):
             chunk = positions[start : start + batch_positions]
@@ -3816,7 +4212,7 @@ def check_lm_eval_tasks(tasks) -> list[str]:
 
 
 @contextlib.contextmanager
-def harness_padding_masked(patcher: OLMoERouterPatcher):
+def harness_padding_masked(patcher: MoERouterPatcher):
     """While active, the patcher's statistics leave out the padding of lm-eval's log-likelihood batches.
 
     lm-eval's HFLM (0.4.x) right-pads a batch of (context + continuation) inputs with zeros and calls
@@ -3938,7 +4334,7 @@ def paired_difference(samples: dict, reference: dict, metric: str = "acc", resam
     }
 
 
-def evaluate_task(harness, patcher: OLMoERouterPatcher, config: RoutingConfig, task, limit=None, bootstrap_iters=1000):
+def evaluate_task(harness, patcher: MoERouterPatcher, config: RoutingConfig, task, limit=None, bootstrap_iters=1000):
     """One routing configuration on one lm-eval task: patch, `simple_evaluate`, unpatch.
 
     Returns {"metrics": {metric: {"value", "stderr", "higher_is_better"}}, "primary_metric", "samples" (each
@@ -4013,7 +4409,7 @@ def evaluate_downstream(
     limit: int | float | None = None,
     batch_size: int = 8,
     bootstrap_iters: int = 1000,
-    patcher: OLMoERouterPatcher | None = None,
+    patcher: MoERouterPatcher | None = None,
     redo: bool = False,
 ) -> dict[str, dict]:
     """Every routing configuration on every lm-eval task, one result file per (configuration, task).
@@ -4034,7 +4430,7 @@ def evaluate_downstream(
     harness = harness_model(model, tokenizer, batch_size)
     settings = _downstream_settings(model, settings, names, check_limit(limit), batch_size, bootstrap_iters)
     store = ResultStore(Path(output_dir) / "configs", settings)
-    patcher = patcher or OLMoERouterPatcher(model)
+    patcher = patcher or MoERouterPatcher(model)
     # Every configuration's parameters checked (and completed) before any work.
     results = {
         c.name: {

@@ -354,3 +354,34 @@ def test_the_downstream_section_fails_offline_with_its_message_after_writing_eve
     assert "- `downstream tasks`: lm-eval task 'hellaswag'" in report
     assert (pd.read_csv(tmp_path / "bh_routing_summary.csv")["status"] == "ok").all()
     assert (tmp_path / "visualizations" / "bh_routing_analysis.png").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "granitemoe"])
+def test_the_notebook_runs_on_other_moe_families(tmp_path, monkeypatch, family):
+    """A tiny random instance of a non-OLMoE family (softmax with a shared expert, sigmoid with groups and a
+    shared expert, softmax over the kept logits), saved as a local directory: every output, configurations
+    scaled to the family's experts and native k."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(br.EMBEDDED_MODEL_DIR)
+    model = br.build_random_moe(family, vocab_size=len(tokenizer), num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    shape = br.moe_shape(model.config)
+    k = shape.top_k
+    configs = [f"topk_{k}_baseline", f"bh_k{k}_a005", f"bh_k{shape.selectable}_a020", f"bh1mp_k{k}_a005"]
+    output = tmp_path / "out"
+    run_in_process(output, monkeypatch, model_name_or_path=str(tmp_path / "model"), config_names=configs,
+                   prompts_per_group=1, **QUICK)  # fmt: skip
+    table = pd.read_csv(output / "bh_routing_summary.csv")
+    assert list(table["config"]) == configs and (table["status"] == "ok").all()
+    assert (table["quality_status"] == "ok").all() and table["perplexity"].notna().all()
+    assert (table["max_experts"] <= shape.selectable).all() and table["avg_experts"].iloc[0] == k
+    for figure in "analysis frontier frontier_intervals layers calibration".split():
+        assert (output / "visualizations" / f"bh_routing_{figure}.png").stat().st_size > 10_000
+    assert all((output / f"{name}.csv").stat().st_size > 100 for name in QUALITY_TABLES)
+    full = json.loads((output / "bh_routing_full_results.json").read_text())
+    shared = {"qwen2_moe": 1, "deepseek_v3": 1, "granitemoe": 0}[family]
+    assert full["metadata"]["shared_experts"] == shared
+    report = (output / "bh_routing_report.md").read_text()
+    assert f"Routing: {full['metadata']['routing']}; {shared} shared experts per MoE layer" in report

@@ -8,7 +8,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def test_readme_usage_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    usage = next(b for b in blocks if "OLMoERouterPatcher" in b)
+    usage = next(b for b in blocks if "MoERouterPatcher" in b)
     namespace = {}
     exec(compile(usage, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
     assert not namespace["patcher"].is_patched
@@ -17,7 +17,7 @@ def test_readme_usage_example_runs():
 
 def test_readme_calibrated_methods_example_runs_after_the_usage_example():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    usage = next(b for b in blocks if "OLMoERouterPatcher" in b)
+    usage = next(b for b in blocks if "MoERouterPatcher" in b)
     calibrated = next(b for b in blocks if "fit_routing_calibration" in b)
     namespace = {}
     exec(compile(usage, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation

@@ -45,9 +45,7 @@ def test_torch_reference_matches_eager(dtype, tolerance, num_tokens, slots):
     weights, index, counts = _routing(num_tokens, slots)
     hidden = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
     expected = experts(hidden, index, weights)
-    actual = bh_routing.variable_k_experts_torch(
-        hidden, index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
-    )
+    actual = bh_routing.variable_k_experts_torch(hidden, index, weights, experts)
     assert actual.dtype == dtype and actual.shape == hidden.shape
     assert _relative_error(actual, expected) < tolerance
     assert torch.all(actual[counts == 0] == 0)  # no expert kept: the MoE output is exactly zero
@@ -67,9 +65,7 @@ def test_rows_past_the_kept_pairs_are_never_used(monkeypatch):
     model, experts = _experts()
     weights, index, counts = _routing(40, 8)
     hidden = torch.randn(40, 64)
-    expected = bh_routing.variable_k_experts_torch(
-        hidden, index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
-    )
+    expected = bh_routing.variable_k_experts_torch(hidden, index, weights, experts)
     real_grouped_matmul = bh_routing.grouped_matmul
     kept_counts = []
 
@@ -80,9 +76,7 @@ def test_rows_past_the_kept_pairs_are_never_used(monkeypatch):
         return output
 
     monkeypatch.setattr(bh_routing, "grouped_matmul", poisoned)
-    actual = bh_routing.variable_k_experts_torch(
-        hidden, index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
-    )
+    actual = bh_routing.variable_k_experts_torch(hidden, index, weights, experts)
     assert kept_counts == [int(counts.sum())] * 2
     assert torch.isfinite(actual).all() and torch.equal(actual, expected)
 
@@ -111,18 +105,16 @@ def test_no_host_sync_on_the_path():
     model, experts = _experts()
     weights, index, _ = _routing(33, 8)
     with _OpRecorder() as recorder:
-        bh_routing.variable_k_experts_torch(
-            torch.randn(33, 64), index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
-        )
+        bh_routing.variable_k_experts_torch(torch.randn(33, 64), index, weights, experts)
     assert "aten._grouped_mm" in recorder.ops  # the real grouped GEMM ran (not the per-expert fallback)
     assert not recorder.ops & {"aten._local_scalar_dense", "aten.nonzero", "aten.item"}
 
 
 def test_unsupported_expert_layout_is_refused():
     model, experts = _experts()
-    experts.has_bias = True
+    experts.has_post_expert_norm = True
     weights, index, _ = _routing(4, 8)
-    with pytest.raises(NotImplementedError, match="has_bias"):
+    with pytest.raises(NotImplementedError, match="norm after each expert"):
         bh_routing.variable_k_experts_forward(experts, torch.randn(4, 64), index, weights)
 
 
@@ -139,9 +131,7 @@ def test_each_expert_computes_exactly_its_kept_pairs(monkeypatch):
 
     real = bh_routing.grouped_matmul
     monkeypatch.setattr(bh_routing, "grouped_matmul", recording)
-    bh_routing.variable_k_experts_torch(
-        torch.randn(50, 64), index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn
-    )
+    bh_routing.variable_k_experts_torch(torch.randn(50, 64), index, weights, experts)
     kept_per_expert = torch.bincount(index[index < NUM_EXPERTS], minlength=NUM_EXPERTS)
     assert (kept_per_expert == 0).any()  # some experts are chosen by no token here
     assert len(group_sizes) == 2 and all(torch.equal(sizes, kept_per_expert) for sizes in group_sizes)
@@ -238,7 +228,7 @@ def test_per_expert_fallback_matches_the_grouped_gemm(monkeypatch):
     model, experts = _experts()
     weights, index, _ = _routing(29, 8)
     hidden = torch.randn(29, 64)
-    arguments = (hidden, index, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn)
+    arguments = (hidden, index, weights, experts)
     expected = bh_routing.variable_k_experts_torch(*arguments)
     monkeypatch.setattr(bh_routing, "grouped_mm_usable", lambda device, dtype: False)
     assert torch.allclose(bh_routing.variable_k_experts_torch(*arguments), expected, atol=1e-6)
