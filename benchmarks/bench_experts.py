@@ -1,7 +1,8 @@
-"""The variable-k experts path against transformers' native experts paths on one GPU (issue 5).
+"""The variable-k experts path against transformers' native experts paths on one GPU (issues 5 and 13).
 
-OLMoE-1B-7B shape (benchmarks/olmoe-1b-7b-0924.config.json), random weights, bf16. Prints markdown tables
-and writes everything to --out (JSON):
+OLMoE-1B-7B shape (benchmarks/olmoe-1b-7b-0924.config.json) by default, or any MoE family's config.json
+(--config, e.g. benchmarks/qwen3-30b-a3b.config.json with --layers 8), random weights, bf16. Prints markdown
+tables and writes everything to --out (JSON). Counts below are for a native top-8 (the k of both shapes):
 
 1. correctness: the Triton path against transformers' eager experts (relative error of the MoE output,
    each against a float32 eager reference too), for per-token counts 0..8 (tokens with no expert
@@ -13,14 +14,16 @@ and writes everything to --out (JSON):
 3. end to end: the whole model, prefill 8 x 512 and decode (batch 1 and 16, one token per step after a
    64-token prompt; eager Python, measured in 3 rounds over all configurations in turn because it drifts
    with the host, and a decode step captured as one CUDA graph over a StaticCache), unpatched native
-   (grouped_mm, eager), and patched (OLMoERouterPatcher, experts_path="variable_k"): top-k k = 8, 6, 4, 2
+   (grouped_mm, eager), and patched (MoERouterPatcher, experts_path="variable_k"): top-k k = 8, 6, 4, 2
    (forced counts) and BH with floors min_k = 8, 6, 4, 2 and max_k = 8 (BH counts; on random weights BH
    keeps about the floor), plus BH min_k = 4 on the model's own grouped_mm (experts_path="model").
 
     python benchmarks/bench_experts.py --out benchmarks/results/bench_experts_h100.json
+    python benchmarks/bench_experts.py --config benchmarks/qwen3-30b-a3b.config.json --layers 8 --out ...
 """
 
 import argparse
+import copy
 import functools
 import json
 import statistics
@@ -34,10 +37,14 @@ from common import median_ms, relative_error
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
-from bh_routing import OLMoERouterPatcher  # noqa: E402
+from bh_routing import MoERouterPatcher  # noqa: E402
 
 SLOTS = 8
 COUNTS = (8, 6, 4, 2)
+
+
+def first_experts(model):
+    return bh_routing.find_moe_layers(model)[0].experts
 
 
 def routing_with_counts(num_tokens: int, counts: torch.Tensor, generator, num_experts: int = 64):
@@ -56,18 +63,17 @@ def spread_counts(num_tokens: int, mean: int, generator) -> torch.Tensor:
 
 
 def correctness(model, generator) -> list[dict]:
-    experts = model.model.layers[0].mlp.experts
+    experts = first_experts(model)
+    reference = copy.deepcopy(experts).float()
     rows = []
     for num_tokens in (4096, 16, 1):
         counts = (torch.arange(num_tokens, device="cuda") + SLOTS) % (SLOTS + 1)  # every count 0..8
-        weights, index = routing_with_counts(num_tokens, counts, generator)
+        weights, index = routing_with_counts(num_tokens, counts, generator, experts.num_experts)
         hidden = torch.randn(num_tokens, experts.hidden_dim, device="cuda", generator=generator).bfloat16()
         model.set_experts_implementation("eager")
         eager = experts(hidden, index, weights)
         with torch.no_grad():
-            fp32 = bh_routing.variable_k_experts_torch(
-                hidden.float(), index, weights, experts.gate_up_proj.float(), experts.down_proj.float(), experts.act_fn
-            )
+            fp32 = bh_routing.variable_k_experts_torch(hidden.float(), index, weights, reference)
         call = functools.partial(bh_routing.variable_k_experts_forward, experts, hidden, index, weights)
         ours = call()
         graph, graphed = bh_routing.capture_cuda_graph(call)
@@ -90,7 +96,7 @@ def correctness(model, generator) -> list[dict]:
 def native_layer_rows(model, experts, phase: str, hidden, generator) -> list[dict]:
     """The layer through transformers' grouped_mm (plain and graphed) and eager paths, top-8."""
     full = torch.full((hidden.shape[0],), SLOTS, device="cuda")
-    weights, index = routing_with_counts(hidden.shape[0], full, generator)
+    weights, index = routing_with_counts(hidden.shape[0], full, generator, experts.num_experts)
     call = functools.partial(experts, hidden, index, weights)
     rows = []
     for implementation in ("grouped_mm", "eager"):
@@ -123,7 +129,7 @@ def variable_k_layer_rows(experts, phase: str, hidden, generator) -> list[dict]:
                 counts = torch.full((num_tokens,), mean_k, device="cuda")
             else:
                 counts = spread_counts(num_tokens, mean_k, generator)
-            weights, index = routing_with_counts(num_tokens, counts, generator)
+            weights, index = routing_with_counts(num_tokens, counts, generator, experts.num_experts)
             call = functools.partial(bh_routing.variable_k_experts_forward, experts, hidden, index, weights)
             graph, _ = bh_routing.capture_cuda_graph(call)
             mean = counts.float().mean().item()
@@ -135,7 +141,7 @@ def variable_k_layer_rows(experts, phase: str, hidden, generator) -> list[dict]:
 
 
 def layer_times(model, generator) -> list[dict]:
-    experts = model.model.layers[0].mlp.experts
+    experts = first_experts(model)
     rows = []
     for phase, num_tokens in (("prefill 8x512", 4096), ("decode b1", 1), ("decode b16", 16)):
         hidden = torch.randn(num_tokens, experts.hidden_dim, device="cuda", generator=generator).bfloat16()
@@ -206,7 +212,7 @@ def apply(model, implementation, experts_path, patch):
     model.set_experts_implementation(implementation)
     if patch is None:
         return None
-    patcher = OLMoERouterPatcher(model, record_token_counts=False, experts_path=experts_path)
+    patcher = MoERouterPatcher(model, record_token_counts=False, experts_path=experts_path)
     getattr(patcher, f"patch_with_{patch[0]}")(**patch[1])
     return patcher
 
@@ -297,7 +303,7 @@ END_TO_END_COLUMNS = ["config", "experts_implementation", "mean_k", "prefill_ms"
 ]
 
 
-def environment(config: str) -> dict:
+def environment(config: str, model) -> dict:
     import transformers
     import triton
 
@@ -308,6 +314,9 @@ def environment(config: str) -> dict:
         triton=triton.__version__,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         config=Path(config).name,
+        model_type=model.config.model_type,
+        layers=model.config.num_hidden_layers,
+        routing=bh_routing.find_moe_layers(model)[0].spec.describe(),
     )
 
 
@@ -316,6 +325,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "benchmarks" / "olmoe-1b-7b-0924.config.json"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_experts.json"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "layer", "end_to_end"])
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers than the config (a large shape)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
     assert bh_routing.triton is not None, "needs Triton"
@@ -323,9 +333,11 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     generator = torch.Generator("cuda").manual_seed(0)
     started = time.time()
-    model = bh_routing.build_random_olmoe(args.config, seed=0, device="cuda", dtype=torch.bfloat16)
+    layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
+    model = bh_routing.build_random_moe(config=args.config, seed=0, device="cuda", dtype=torch.bfloat16, **layers)
+    assert bh_routing.moe_shape(model.config).top_k == SLOTS, "the counts below are for a native top-8"
     bh_routing.register_variable_k_experts()
-    report = environment(args.config)
+    report = environment(args.config, model)
     print(report, f"model built in {time.time() - started:.0f} s", flush=True)
     with torch.no_grad():
         if "correctness" not in args.skip:
