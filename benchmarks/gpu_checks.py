@@ -9,6 +9,10 @@
 4. The methods that read per-layer tables (BH and HC with fitted nulls, dynamic skipping with the median
    beta, entropy k, top-k at a per-layer budget), patched with CUDA graphs and compilation, keep in every
    layer the counts that `route_logits` gives for that layer's logits, and decode like the plain patcher.
+5. Every MoE family of `bh_routing.TINY_MOE_CONFIGS` in bf16 on CUDA, with the patcher's defaults there
+   (CUDA-graph and compiled routing): native top-k bit-identical, BH's counts equal to `route_logits` on the
+   selection logits each layer saw, the variable-k path against the family's own experts path, and the
+   model restored bit for bit.
 """
 
 import copy
@@ -154,6 +158,44 @@ def check_fitted_methods(model, input_ids) -> None:
     print(f"{configs[0].name}: graphed decode identical to plain: {torch.equal(generations[0], generations[1])}")
 
 
+def sharpened_family(family: str):
+    """A tiny random instance of `family` in bf16 on CUDA with routers sharpened, so that BH's counts vary."""
+    model = bh_routing.build_random_moe(family, seed=0, device="cuda", dtype=torch.bfloat16)
+    generator = torch.Generator("cuda").manual_seed(3)
+    with torch.no_grad():
+        for layer in bh_routing.find_moe_layers(model):
+            sharpness = 4 if layer.spec.score == "sigmoid" else 40
+            rows = torch.rand(layer.router.weight.shape[0], 1, device="cuda", generator=generator) * sharpness
+            layer.router.weight.mul_(rows.to(layer.router.weight.dtype))
+    return model
+
+
+def check_family(family: str, input_ids) -> None:
+    """Check 5 for one family (one printed line)."""
+    model = sharpened_family(family)
+    with torch.no_grad():
+        reference = model(input_ids).logits
+    patcher = OLMoERouterPatcher(model)  # the defaults on CUDA
+    patcher.patch("topk")
+    with torch.no_grad():
+        native_identical = torch.equal(model(input_ids).logits, reference)
+    config = bh_routing.RoutingConfig.of("bh", alpha=0.2, max_k=patcher.native_top_k)
+    share = layer_counts_agree(model, patcher, config, input_ids)
+    logits = {}
+    for path in ("variable_k", "model"):
+        with OLMoERouterPatcher(model, experts_path=path) as other:
+            config.apply(other)
+            with torch.no_grad():
+                logits[path] = model(input_ids).logits.float()
+    with torch.no_grad():
+        restored = torch.equal(model(input_ids).logits, reference)
+    paths = relative_error(logits["variable_k"], logits["model"])
+    print(
+        f"{family} ({patcher.spec.describe()}): native top-k identical {native_identical}, BH counts equal to "
+        f"route_logits {100 * share:.3f}%, variable_k vs model path {paths:.4f}, restored {restored}"
+    )
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA device"
     model = bh_routing.build_random_olmoe(
@@ -172,6 +214,8 @@ def main() -> None:
     with torch.no_grad():
         restored = model(input_ids).logits
     print(f"unpatched logits bit-identical to before patching: {torch.equal(restored, reference)}")
+    for family in bh_routing.TINY_MOE_CONFIGS:
+        check_family(family, input_ids)
 
 
 if __name__ == "__main__":
