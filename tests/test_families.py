@@ -8,8 +8,9 @@ import torch
 
 import bh_routing as br
 
-FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "granitemoe", "gpt_oss",
-            "jamba", "glm4_moe", "dots1")  # fmt: skip
+FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v2_greedy", "deepseek_v3",
+            "granitemoe", "gpt_oss", "jamba", "glm4_moe", "dots1")  # fmt: skip
+VARIANTS = {"deepseek_v2_greedy": ("deepseek_v2", {"topk_method": "greedy"})}  # (model_type, config overrides)
 # How each family routes (the acceptance list's semantics), and the shared experts it always computes.
 EXPECTED = {
     "olmoe": ("softmax", False, 1.0, None, 0),
@@ -17,6 +18,7 @@ EXPECTED = {
     "qwen2_moe": ("softmax", False, 1.0, None, 1),
     "qwen3_moe": ("softmax", True, 1.0, None, 0),
     "deepseek_v2": ("softmax", False, 1.5, (4, 2, "max"), 2),
+    "deepseek_v2_greedy": ("softmax", False, 1.5, None, 2),
     "deepseek_v3": ("sigmoid", True, 2.5, (4, 2, "top2sum"), 1),
     "granitemoe": ("softmax_kept", True, 1.0, None, 0),
     "gpt_oss": ("softmax_kept", True, 1.0, None, 0),
@@ -31,7 +33,8 @@ def _model(family: str, implementation: str = "eager"):
     """The family's tiny instance with sharpened routers (a random router is nearly uniform, so every
     method would keep a fixed count) and, for the sigmoid families, a non-zero score-correction bias. Sigmoid
     scores saturate, so their routers are sharpened less."""
-    model = br.build_random_moe(family, seed=0)
+    model_type, overrides = VARIANTS.get(family, (family, {}))
+    model = br.build_random_moe(model_type, seed=0, **overrides)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in br.find_moe_layers(model):
