@@ -207,6 +207,24 @@ def test_models_outside_the_contract_get_a_clear_error():
     assert br.OLMoERouterPatcher is br.MoERouterPatcher
 
 
+@pytest.mark.parametrize(
+    "model_type, fields",
+    [
+        ("dbrx", dict(d_model=64, n_heads=4, n_layers=2, vocab_size=512, max_seq_len=128,
+                      attn_config=dict(kv_n_heads=4, rope_theta=10000),
+                      ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=32))),
+        ("llama4_text", dict(br._TINY_MOE, intermediate_size_mlp=64, head_dim=16, num_local_experts=4,
+                             num_experts_per_tok=1, interleave_moe_layer_step=1)),
+    ],
+)  # fmt: skip
+def test_experts_outside_the_experts_interface_are_refused_naming_them(model_type, fields):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+    with pytest.raises(TypeError, match=r"Experts\)'.* not dispatched by transformers' experts interface"):
+        br.MoERouterPatcher(model)
+
+
 def test_configurations_scale_with_the_family_shape():
     assert br.moe_shape(_model("mixtral").config) == (8, 2, 8)
     assert br.moe_shape(_model("deepseek_v3").config) == (16, 4, 8)  # 2 of 4 groups selectable
