@@ -16,7 +16,7 @@ The routing science and its integration with transformers, readable top to botto
    parameters, how it routes, how a configuration of it is named (`RoutingConfig`); `route_logits`.
 5. Routing functions with one return contract: `benjamini_hochberg_routing`, `topk_routing`,
    `topp_routing`, and the design's `run_bh_multi_k` / `compare_multi_k_statistics`.
-6. Statistics: `summarize_expert_counts`, `RoutingStatistics` (the patcher's accumulators),
+6. Statistics: `summarize_expert_counts`, `RoutingStatistics` (the patcher's device accumulators),
    `saturation_analysis`, `frontier_table` and `best_at_budget` (quality at equal compute, with paired
    bootstrap intervals over windows), `layer_matched_table`, the calibration diagnostics
    (`null_rejection_rates`, `bulk_shape`, `null_pvalue_quantiles`), `token_level_analysis`.
@@ -28,7 +28,8 @@ The routing science and its integration with transformers, readable top to botto
    (`find_moe_layers`, `RouterSpec`) for any registered method, so that the experts module computes only the
    selected pairs, and records routing statistics (routed and shared experts apart).
 10. Evaluation: `load_heldout_text`, `sliding_windows`, `evaluate_language_model`, `collect_router_logits`,
-    the oracle check (`oracle_drop_effects`, `oracle_table`), `generate_timed`.
+    the oracle check (`oracle_drop_effects`, `oracle_table`), `generate_timed` on a generation path
+    (`GENERATION_PATHS`, `fastest_generation_path`, `generation_settings`).
 11. Results on disk: `atomic_write`, `ResultStore` (one file per configuration, resumable, failures recorded).
 12. Downstream accuracy through lm-evaluation-harness (optional dependency, requirements-eval.txt):
     `evaluate_downstream` runs routing configurations on lm-eval tasks (the offline `OFFLINE_TASKS` built
@@ -100,6 +101,9 @@ __all__ = [
     "summarize_expert_counts",
     "expert_load_balance",
     "RoutingStatistics",
+    "LayerAccumulators",
+    "accumulate_routing",
+    "summarize_count_histogram",
     "saturation_analysis",
     "frontier_table",
     "FRONTIER_RESAMPLES",
@@ -152,6 +156,8 @@ __all__ = [
     "run_settings",
     "VARIABLE_K_EXPERTS",
     "variable_k_experts_forward",
+    "variable_k_plan",
+    "VariableKPlan",
     "variable_k_experts_torch",
     "variable_k_experts_triton",
     "sort_pairs_by_expert",
@@ -160,6 +166,7 @@ __all__ = [
     "register_variable_k_experts",
     "OLMoERouterPatcher",
     "MoERouterPatcher",
+    "PatchedRouter",
     "MoELayer",
     "RouterSpec",
     "describe_router",
@@ -169,11 +176,16 @@ __all__ = [
     "CudaGraphed",
     "capture_cuda_graph",
     "compile_once",
+    "guard_module_hooks",
     "grouped_mm_masks_sentinels",
     "load_heldout_text",
     "sliding_windows",
     "evaluate_language_model",
     "generate_timed",
+    "synchronize",
+    "GENERATION_PATHS",
+    "fastest_generation_path",
+    "generation_settings",
     "atomic_write",
     "ResultStore",
     "code_fingerprint",
@@ -215,6 +227,7 @@ REPO_DIR = Path(__file__).resolve().parent
 EMBEDDED_MODEL_DIR = REPO_DIR / "models" / "tiny-olmoe"
 HELDOUT_TEXT_PATH = REPO_DIR / "data" / "heldout.txt"
 NATIVE_TOP_K = 8  # OLMoE-1B-7B routes every token to 8 experts: the default k of `topk_routing`
+TOKEN_COUNTS_CAPACITY = 1 << 16  # routed positions whose per-token counts a patcher keeps (a ring buffer)
 MIN_TRANSFORMERS = "5.24"  # the first release whose experts paths skip the sentinel expert index
 PATCHER_ATTRIBUTE = "_bh_routing_patcher"  # set on a model while a patcher holds it
 LOSS_CHUNK_ELEMENTS = 2**26  # float32 logits per chunk of the loss (256 MiB): never a full [B, W, V] copy
@@ -751,9 +764,11 @@ def _bh_count(logits, scaled_logits, top_logits, probabilities, alpha, pvalue_me
         # 1 - prob_i <= alpha*j/m  <=>  j >= m * (1 - prob_i) / alpha
         first_passing_rank = torch.ceil(num_experts * (1.0 - probabilities) / alpha).long().clamp(1, num_experts + 1)
         return fast_bh_count(first_passing_rank), first_passing_rank, None
-    if _standardised(pvalue_method) and scaled_logits.device.type == "cpu" and not with_stats:
+    # The CPU shortcut branches on the data (free there): eager only, not in a compiled graph.
+    eager_cpu = scaled_logits.device.type == "cpu" and not torch.compiler.is_compiling()
+    if _standardised(pvalue_method) and eager_cpu and not with_stats:
         return fast_bh_count_robust_z_cpu(scaled_logits, top_logits, critical), None, None
-    # No data-dependent branch here: no host synchronisation on a GPU.
+    # No data-dependent branch here: no host synchronisation on a GPU, one graph under torch.compile.
     if _standardised(pvalue_method):
         statistics = robust_z_statistic(scaled_logits, top_logits)  # [..., E]
     else:
@@ -1004,20 +1019,24 @@ class RoutingMethod:
             raise ValueError(f"layer must be in [0, {calibration.num_layers}) for this calibration, got {layer!r}")
         return {}
 
-    def router(self, params: dict, patcher: MoERouterPatcher) -> Callable:
-        """The patcher's function (router_logits [T, E], the router's own output, layer index) ->
-        (top_weights [T, K], top_index [T, K], expert_counts [T] or None when every token keeps K)."""
+    def layer_routes(self, params: dict, patcher: MoERouterPatcher, compiled: bool = False) -> list[Callable]:
+        """One function per MoE layer of the patcher's model, built at patch time with the layer's tables on
+        its router's device: (selection_logits [T, E'], native_weights [T, k], native_index [T, k]) ->
+        (top_weights [T, K], top_index [T, K], expert_counts [T] or None when every token keeps K).
+
+        Each must trace under torch.compile(fullgraph=True) and replay in a CUDA graph: tensor ops only,
+        no host sync, no Python state changed. compiled: the function runs eagerly (not inside a compiled
+        model) and may fuse itself with torch.compile."""
         tables = [
             _tables_to(self.layer_tables(params, patcher.calibration, layer), router.weight.device)
             for layer, router in enumerate(patcher.routers)
         ]
+        return [functools.partial(_route_with_tables, self, params, layer_tables) for layer_tables in tables]
 
-        def route(router_logits, native_output, layer):
-            # A method that reads no tables may define route(logits, params, with_stats=False) without them.
-            routing = self.route(router_logits, params, **({"tables": tables[layer]} if tables[layer] else {}))
-            return routing.top_weights, routing.top_index, routing.expert_counts
-
-        return route
+    def in_expert_space(self, params: dict, patcher: MoERouterPatcher) -> bool:
+        """Whether `layer_routes` returns experts of the router's own output (the patcher then applies no
+        family selection or weighting) rather than slots of the selection logits."""
+        return False
 
     def check_names(self, given: dict) -> None:
         """ValueError naming any parameter this method does not take, and the ones it takes."""
@@ -1037,6 +1056,13 @@ class RoutingMethod:
     def series(self, params: dict) -> str:
         """The curve a configuration belongs to in tables and figures (e.g. 'BH (robust_z)')."""
         return self.name
+
+
+def _route_with_tables(method: RoutingMethod, params: dict, tables: dict, logits, native_weights, native_index):
+    """A layer route of `RoutingMethod.layer_routes`: the method's Routing of the logits, as tensors."""
+    # A method that reads no tables may define route(logits, params, with_stats=False) without them.
+    routing = method.route(logits, params, **({"tables": tables} if tables else {}))
+    return routing.top_weights, routing.top_index, routing.expert_counts
 
 
 def _tables_to(tables: dict, device) -> dict:
@@ -1076,6 +1102,12 @@ def _null_tables(params: dict, calibration: RoutingCalibration | None, layer: in
     if params["pvalue_method"] not in CALIBRATED_PVALUE_METHODS:
         return {}
     return {"null": calibration.null(params["pvalue_method"], layer)}
+
+
+def _bh_layer_route(route, critical, constants, logits, native_weights, native_index):
+    """A layer route of `BenjaminiHochbergMethod.layer_routes`: `route_bh_tensors` with the layer's critical
+    statistics (built at patch time, so that no call looks up a cache)."""
+    return route(logits, critical, *constants)
 
 
 class BenjaminiHochbergMethod(RoutingMethod):
@@ -1120,22 +1152,13 @@ class BenjaminiHochbergMethod(RoutingMethod):
         null = self.layer_tables(params, patcher.calibration, layer)["null"]
         return null.critical_statistics(alpha, patcher.shape.num_experts).to(device)
 
-    def router(self, params, patcher):
-        critical = [self._critical(params, patcher, i, r.weight.device) for i, r in enumerate(patcher.routers)]
-        route = compile_once(route_bh_tensors) if patcher.compile_routing else route_bh_tensors
-        if patcher.cuda_graphs:  # one graph set per critical tensor: a graph replays the constants it captured
-            graphed = {id(c): CudaGraphed(route) for c in critical}
-            routes = [graphed[id(c)] for c in critical]
-        else:
-            routes = [route] * len(critical)
+    def layer_routes(self, params, patcher, compiled=False):
+        route = compile_once(route_bh_tensors) if compiled else route_bh_tensors
         constants = tuple(
             params[name] for name in ("alpha", "temperature", "min_k", "max_k", "pvalue_method", "renormalize")
         )
-
-        def run(router_logits, native_output, layer):
-            return routes[layer](router_logits, critical[layer], *constants)
-
-        return run
+        critical = [self._critical(params, patcher, i, r.weight.device) for i, r in enumerate(patcher.routers)]
+        return [functools.partial(_bh_layer_route, route, layer_critical, constants) for layer_critical in critical]
 
     def config_name(
         self, alpha=0.05, max_k=16, min_k=1, pvalue_method=DEFAULT_PVALUE_METHOD, temperature=1.0, renormalize=None
@@ -1162,6 +1185,16 @@ def _common_suffix(min_k: int, default_min_k: int, temperature: float, renormali
     return suffix + ("" if renormalize is None else "_renorm" if renormalize else "_raw")
 
 
+def _native_slots(k: int, logits, native_weights, native_index):
+    """The router's own first k slots: top-k reusing the native routing (`TopKMethod.in_expert_space`)."""
+    return native_weights[..., :k], native_index[..., :k], None
+
+
+def _without_counts(route, logits, native_weights, native_index):
+    """A layer route whose every token keeps its K slots: no counts (the statistics read K)."""
+    return route(logits, native_weights, native_index)[:2] + (None,)
+
+
 class TopKMethod(RoutingMethod):
     """The k most probable experts (`topk_routing`; the native router truncated to k)."""
 
@@ -1178,25 +1211,18 @@ class TopKMethod(RoutingMethod):
     def route(self, logits, params, with_stats=False, tables=None):
         return route_topk(logits, params["k"], params["temperature"], params["renormalize"])
 
-    def router(self, params, patcher):
-        k, renormalize = params["k"], params["renormalize"]
+    def in_expert_space(self, params, patcher):
         # The router's own output is this routing at its own k (any family: same slots, same weights, bit for
         # bit), and its first k slots are at a smaller k for a plain softmax router, sorted, not renormalised.
+        k, renormalize = params["k"], params["renormalize"]
         native = params["temperature"] == 1.0 and renormalize == patcher.shape.norm_topk_prob
         sliceable = native and not renormalize and patcher.spec.plain and patcher.spec.sorted_output
-        if native and (k == patcher.native_top_k or (sliceable and k < patcher.native_top_k)):
+        return native and (k == patcher.native_top_k or (sliceable and k < patcher.native_top_k))
 
-            def reuse(router_logits, native_output, layer):
-                return native_output[1][..., :k], native_output[2][..., :k], None
-
-            reuse.reuses_native = True  # in expert space already: the patcher applies no family transform
-            return reuse
-        routed = super().router(params, patcher)
-
-        def route(router_logits, native_output, layer):
-            return routed(router_logits, native_output, layer)[:2] + (None,)
-
-        return route
+    def layer_routes(self, params, patcher, compiled=False):
+        if self.in_expert_space(params, patcher):
+            return [functools.partial(_native_slots, params["k"])] * patcher.num_layers
+        return [functools.partial(_without_counts, route) for route in super().layer_routes(params, patcher)]
 
     def config_name(self, k=None, temperature=1.0, renormalize=None) -> str:
         _require_for_name(self.name, k=k)
@@ -1632,25 +1658,18 @@ def compare_multi_k_statistics(results: dict[int, dict], baseline_k: int = NATIV
 def summarize_expert_counts(
     expert_counts: torch.Tensor, min_k: int, max_k: int, baseline_k: int = NATIVE_TOP_K
 ) -> dict[str, float]:
-    """The design's expert-selection metrics over every entry of `expert_counts` (any shape).
+    """The design's expert-selection metrics over every entry of `expert_counts` (any shape, counts >= 0).
 
     Rates are percentages: ceiling_hit_rate = % of entries equal to max_k, floor_hit_rate = % equal to
-    min_k, reduction_vs_baseline = 100 * (1 - avg_experts / baseline_k).
+    min_k, reduction_vs_baseline = 100 * (1 - avg_experts / baseline_k); median_experts interpolates
+    between the two middle entries as torch.quantile does.
     """
-    counts = expert_counts.detach().flatten().to("cpu", torch.float64)
+    counts = expert_counts.detach().flatten().to("cpu", torch.int64)
     if counts.numel() == 0:
         raise ValueError("expert_counts is empty: no tokens were routed")
-    avg_experts = counts.mean().item()
-    return {
-        "avg_experts": avg_experts,
-        "std_experts": counts.std(unbiased=False).item(),
-        "min_experts": counts.min().item(),
-        "max_experts": counts.max().item(),
-        "median_experts": counts.quantile(0.5).item() if counts.numel() <= 16_000_000 else counts.median().item(),
-        "ceiling_hit_rate": 100.0 * (counts == max_k).double().mean().item(),
-        "floor_hit_rate": 100.0 * (counts == min_k).double().mean().item(),
-        "reduction_vs_baseline": 100.0 * (1.0 - avg_experts / baseline_k),
-    }
+    if counts.min() < 0:
+        raise ValueError(f"expert_counts must be >= 0, got a minimum of {int(counts.min())}")
+    return summarize_count_histogram(torch.bincount(counts), min_k, max_k, baseline_k)
 
 
 def expert_load_balance(selections: torch.Tensor) -> float:
@@ -1661,136 +1680,256 @@ def expert_load_balance(selections: torch.Tensor) -> float:
     return (-torch.xlogy(load_shares, load_shares).sum(dim=-1) / math.log(selections.shape[-1])).mean().item()
 
 
-class RoutingStatistics:
-    """Per-layer accumulators of routing decisions: how often each expert was kept, the entropy of the
-    kept weights, and (optionally) every token's count.
+class LayerAccumulators:
+    """One MoE layer's routing statistics, preallocated on its device and updated in place by
+    `accumulate_routing` (so a compiled forward, or a CUDA graph replaying it, keeps them up to date):
 
-    `record` only keeps references, so that a forward pass launches no extra kernels; the decisions are
-    folded into the accumulators in batches of `max_pending` calls per layer, and when read. A call may
-    name the rows that count (`keep`, e.g. the positions an attention mask marks as real, not padding):
-    the others are left out of every statistic.
+        selections [E + 1] int64: how many kept rows chose each expert (the last bin: unused sentinel slots).
+        histogram [E + 1] int64: how many kept rows kept 0, 1, ..., E experts.
+        decisions [1] int64: kept rows (routing decisions) so far.
+        (the three are views of one `counters` tensor [2E + 3], which one scatter-add updates per call)
+        entropy_sum [1] float64: sum over kept rows of the entropy (nats) of the kept weights, normalised.
+        token_counts [C] int16 or None: a ring buffer of every routed row's count (-1 for a row left out),
+            written at positions written, written + 1, ... modulo C.
+        written [1] int64: rows written to the ring buffer so far.
+    Scalars are [1], not 0-d: inductor (torch 2.13, CPU) drops in-place updates of 0-d static tensors.
     """
 
-    max_pending = 256  # routing calls kept per layer before they are folded in
+    def __init__(self, num_experts: int, device, token_capacity: int | None):
+        def zeros(*shape, dtype=torch.int64):
+            tensor = torch.zeros(*shape, dtype=dtype, device=device)
+            # Updated in place inside compiled forwards: a static address lets CUDA-graph trees keep it.
+            torch._dynamo.mark_static_address(tensor)
+            return tensor
 
-    def __init__(self, num_layers: int, num_experts: int, record_token_counts: bool = True):
+        self.num_experts = num_experts
+        self.counters = zeros(2 * num_experts + 3)
+        self.entropy_sum = zeros(1, dtype=torch.float64)
+        self.token_counts = None if token_capacity is None else zeros(token_capacity, dtype=torch.int16)
+        self.written = zeros(1)
+
+    @property
+    def selections(self) -> torch.Tensor:
+        return self.counters[: self.num_experts + 1]
+
+    @property
+    def histogram(self) -> torch.Tensor:
+        return self.counters[self.num_experts + 1 : 2 * self.num_experts + 2]
+
+    @property
+    def decisions(self) -> torch.Tensor:
+        return self.counters[-1:]
+
+    def tensors(self) -> list[torch.Tensor]:
+        named = [self.counters, self.entropy_sum, self.token_counts, self.written]
+        return [tensor for tensor in named if tensor is not None]
+
+
+def accumulate_routing(accumulators: LayerAccumulators, top_weights, top_index, expert_counts=None, keep=None):
+    """Fold one routing call into a layer's accumulators, in place, with device ops only (no host sync, no
+    allocation kept, traceable by torch.compile): weights and index [..., K]; expert_counts [...] (None: all
+    K kept); keep [N] bool over the flattened rows (None: all count), e.g. the positions that are not padding."""
+    accumulate_sums(accumulators, top_weights, top_index, expert_counts, keep)
+    if accumulators.token_counts is not None:
+        write_token_counts(accumulators, top_index, expert_counts, keep)
+
+
+def _flat_counts(top_index: torch.Tensor, expert_counts) -> torch.Tensor:
+    """[N] int64 counts of a call, K for every row of a method without counts."""
+    slots = top_index.shape[-1]
+    if expert_counts is None:
+        return top_index.new_full((top_index.numel() // slots,), slots)
+    return expert_counts.reshape(-1).long()
+
+
+def accumulate_sums(accumulators: LayerAccumulators, top_weights, top_index, expert_counts=None, keep=None):
+    """The order-free part of `accumulate_routing`: selections, count histogram, entropy sum, decisions."""
+    slots = top_index.shape[-1]
+    counts = _flat_counts(top_index, expert_counts)  # [N]
+    weights = top_weights.detach().reshape(-1, slots).float()  # statistics never join an autograd graph
+    shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    entropy = -torch.xlogy(shares, shares).sum(dim=-1)  # [N]
+    row_weight = torch.ones_like(counts) if keep is None else keep.reshape(-1).long()  # [N]
+    # One scatter-add: each slot's expert into selections (sentinel slots land in the last bin, which
+    # `selections` drops), each row's count into the histogram, each row into decisions.
+    bins = accumulators.num_experts + 1
+    positions = torch.cat([top_index.reshape(-1), counts + bins, torch.full_like(counts, 2 * bins)])
+    values = torch.cat([row_weight.repeat_interleave(slots), row_weight, row_weight])
+    accumulators.counters.index_add_(0, positions, values)
+    accumulators.entropy_sum.add_((entropy * row_weight).sum())
+
+
+def write_token_counts(accumulators: LayerAccumulators, top_index, expert_counts=None, keep=None):
+    """The ordered part of `accumulate_routing`: each row's count (-1 where keep is False) into the ring."""
+    counts = _flat_counts(top_index, expert_counts)  # [N]
+    num_rows, capacity = counts.shape[0], accumulators.token_counts.shape[0]
+    values = counts if keep is None else counts.masked_fill(keep.reshape(-1) == 0, -1)
+    skipped = max(0, num_rows - capacity)  # a call longer than the ring writes its last rows only
+    offsets = torch.arange(skipped, num_rows, device=counts.device)
+    accumulators.token_counts.index_copy_(0, (accumulators.written + offsets) % capacity, values[skipped:].short())
+    accumulators.written.add_(num_rows)
+
+
+def _value_at_rank(cumulative: torch.Tensor, rank: int) -> int:
+    """The value at 0-based `rank` of the sorted sample whose histogram has cumulative sums `cumulative`."""
+    return int(torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype), right=True))
+
+
+def summarize_count_histogram(histogram: torch.Tensor, min_k: int, max_k: int, baseline_k: int = NATIVE_TOP_K):
+    """`summarize_expert_counts` of the counts whose histogram (over the values 0, 1, ...) is `histogram`,
+    any leading shape (summed): the same numbers, from the histogram alone."""
+    histogram = histogram.detach().to("cpu", torch.int64).reshape(-1, histogram.shape[-1]).sum(dim=0)
+    total = int(histogram.sum())
+    if total == 0:
+        raise ValueError("expert_counts is empty: no tokens were routed")
+    values = torch.arange(histogram.numel(), dtype=torch.float64)
+    frequencies = histogram.double()
+    avg_experts = float((values * frequencies).sum()) / total
+    cumulative = histogram.cumsum(0)
+    position = (total - 1) * 0.5  # torch.quantile's linear interpolation between the middle values
+    low, high = _value_at_rank(cumulative, math.floor(position)), _value_at_rank(cumulative, math.ceil(position))
+    present = torch.nonzero(histogram).flatten()
+
+    def rate(value: int) -> float:
+        return 100.0 * int(histogram[value]) / total if 0 <= value < histogram.numel() else 0.0
+
+    return {
+        "avg_experts": avg_experts,
+        "std_experts": math.sqrt(float(((values - avg_experts) ** 2 * frequencies).sum()) / total),
+        "min_experts": float(present[0]),
+        "max_experts": float(present[-1]),
+        "median_experts": low + (position - math.floor(position)) * (high - low),
+        "ceiling_hit_rate": rate(max_k),
+        "floor_hit_rate": rate(min_k),
+        "reduction_vs_baseline": 100.0 * (1.0 - avg_experts / baseline_k),
+    }
+
+
+class RoutingStatistics:
+    """Per-layer routing statistics of a patcher (`LayerAccumulators`), kept on each layer's device and read
+    only by the methods below (which synchronise). A call may name the rows that count (`keep`, e.g. the
+    positions an attention mask marks as real, not padding): the others are left out of every statistic.
+
+    Compiled forwards and CUDA graphs update the accumulators in place (`accumulate_routing`); eager calls go
+    through `record`, which keeps references and folds them in batches of `max_pending` calls per layer, so
+    that an eager forward pays a list append rather than a dozen small kernels per layer.
+
+    record_token_counts: also keep every routed row's count per layer in a ring buffer of `token_capacity`
+    rows (`token_counts`); off, the count histogram still gives every summary statistic.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        record_token_counts: bool = False,
+        token_capacity: int = TOKEN_COUNTS_CAPACITY,
+    ):
+        if not isinstance(token_capacity, int) or token_capacity < 1:
+            raise ValueError(f"token_capacity must be an integer >= 1, got {token_capacity!r}")
         self.num_layers, self.num_experts = num_layers, num_experts
-        self.record_token_counts = record_token_counts
-        self.reset()
+        self.record_token_counts, self.token_capacity = bool(record_token_counts), token_capacity
+        self.layers: list[LayerAccumulators | None] = [None] * num_layers
+        self._pending: list[list[tuple]] = [[] for _ in range(num_layers)]
+
+    def allocate(self, layer: int, device) -> LayerAccumulators:
+        """Layer `layer`'s accumulators on `device` (allocated once; zeroed by `reset`, never reallocated there)."""
+        current = self.layers[layer]
+        if current is None or current.selections.device != torch.device(device):
+            capacity = self.token_capacity if self.record_token_counts else None
+            self.layers[layer] = LayerAccumulators(self.num_experts, device, capacity)
+        return self.layers[layer]
 
     def reset(self) -> None:
-        """Forget everything recorded so far."""
-        self._pending: list[list[tuple]] = [[] for _ in range(self.num_layers)]
-        self._token_counts: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
-        self._selections: list[torch.Tensor | None] = [None] * self.num_layers  # [E+1] per layer
-        self._entropy_sums: list[torch.Tensor | None] = [None] * self.num_layers
-        self._num_routed: list[int] = [0] * self.num_layers
+        """Forget everything recorded so far (in place: compiled forwards and graphs keep the same tensors)."""
+        self._pending = [[] for _ in range(self.num_layers)]
+        for accumulators in self.layers:
+            for tensor in accumulators.tensors() if accumulators is not None else []:
+                tensor.zero_()
+
+    max_pending = 256  # eager calls kept per layer before they are folded in
 
     def record(self, layer: int, top_weights, top_index, expert_counts=None, keep=None) -> None:
-        """One routing call of `layer`: weights and index [..., K]; expert_counts [...] (None: all K kept);
-        keep: None (every row counts) or [N] bool over the flattened leading dimensions, the rows that count.
-        No tensor op here: the rows a mask keeps are counted when the call is folded in."""
-        self._pending[layer].append((expert_counts, top_weights, top_index, keep))
-        if keep is None:
-            self._num_routed[layer] += math.prod(top_index.shape[:-1])  # read off the shape
+        """One eager routing call of `layer` (arguments as `accumulate_routing`): its token counts are written
+        now (a compiled forward may write the next ones), its sums folded in later."""
+        accumulators = self.allocate(layer, top_index.device)
+        if accumulators.token_counts is not None:
+            write_token_counts(accumulators, top_index, expert_counts, keep)
+        self._pending[layer].append((top_weights.detach(), top_index, expert_counts, keep))
         if len(self._pending[layer]) >= self.max_pending:
             self._fold(layer)
 
-    @staticmethod
-    def _kept_rows(pending) -> torch.Tensor | None:
-        """The rows of the concatenated pending calls that count, or None if all do."""
-        if all(keep is None for *_, keep in pending):
-            return None
-        device = pending[0][2].device
-        return torch.cat(
-            [
-                torch.ones(math.prod(index.shape[:-1]), dtype=torch.bool, device=device)
-                if keep is None
-                else keep.to(device)
-                for _, _, index, keep in pending
-            ]
-        )
-
-    @torch.no_grad()
     def _fold(self, layer: int) -> None:
-        """Fold a layer's pending routing decisions into its accumulators (on its device)."""
+        """Fold a layer's pending calls into its accumulators as one call (a patch keeps its slot width K)."""
         pending, self._pending[layer] = self._pending[layer], []
         if not pending:
             return
-        device = pending[0][2].device
-        if self._selections[layer] is None:
-            self._selections[layer] = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
-            self._entropy_sums[layer] = torch.zeros((), dtype=torch.float64, device=device)
-        # One batch of kernels for all pending calls (a patch keeps its slot width K, so they concatenate).
-        top_index = torch.cat([index.reshape(-1, index.shape[-1]) for _, _, index, _ in pending])  # [N, K]
-        weights = torch.cat([w.reshape(-1, w.shape[-1]) for _, w, _, _ in pending]).float()  # [N, K]
-        kept = self._kept_rows(pending)
-        if kept is not None:
-            top_index, weights = top_index[kept], weights[kept]
-            unmasked = sum(math.prod(index.shape[:-1]) for _, _, index, keep in pending if keep is None)
-            self._num_routed[layer] += int(kept.sum()) - unmasked  # those were counted by `record`
-        flat_index = top_index.reshape(-1)
-        # Sentinel slots (index E) land in the last bin, which `selections` drops.
-        self._selections[layer].scatter_add_(0, flat_index, torch.ones_like(flat_index))
-        shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        self._entropy_sums[layer] += -torch.xlogy(shares, shares).sum()
-        if self.record_token_counts:
-            if pending[0][0] is None:  # a method without counts keeps all K slots (top-k, native)
-                counts = torch.full((top_index.shape[0],), top_index.shape[-1], device=device)
-            else:
-                counts = torch.cat([expert_counts.reshape(-1) for expert_counts, *_ in pending])
-                counts = counts if kept is None else counts[kept]
-            self._token_counts[layer].append(counts.to(torch.int16))
+        slots, device = pending[0][1].shape[-1], pending[0][1].device
+        weights = torch.cat([w.reshape(-1, slots) for w, _, _, _ in pending])
+        index = torch.cat([i.reshape(-1, slots) for _, i, _, _ in pending])
+        counts = keep = None
+        if any(c is not None for _, _, c, _ in pending):
+            full = [i.new_full(i.shape[:-1], slots) if c is None else c for _, i, c, _ in pending]
+            counts = torch.cat([c.reshape(-1) for c in full])
+        if any(k is not None for *_, k in pending):
+            every = [i[..., 0].reshape(-1) >= 0 if k is None else k.reshape(-1).to(device) for _, i, _, k in pending]
+            keep = torch.cat(every)  # a call without a mask keeps every row
+        accumulate_sums(self.allocate(layer, device), weights, index, counts, keep)
+
+    def _recorded(self) -> list[LayerAccumulators]:
+        if self.num_tokens == 0 or any(layer is None for layer in self.layers):  # num_tokens folds first
+            raise RuntimeError("no tokens were routed since the last patch or reset_stats(): run the model first")
+        return self.layers
 
     @property
     def num_tokens(self) -> int:
         """Tokens routed so far (by the first layer), padding left out where a mask said so."""
-        if any(keep is not None for *_, keep in self._pending[0]):
-            self._fold(0)  # masked calls are counted as they fold
-        return self._num_routed[0]
-
-    def _fold_all(self) -> None:
-        if self.num_tokens == 0:
-            raise RuntimeError("no tokens were routed since the last patch or reset_stats(): run the model first")
         for layer in range(self.num_layers):
             self._fold(layer)
+        return 0 if self.layers[0] is None else int(self.layers[0].decisions)
 
     def token_counts(self) -> torch.Tensor:
-        """[N, L] int64 on the CPU: experts kept per routed token (in order) and layer."""
+        """[N, L] int64 on the CPU: experts kept per routed token (in order) and layer; the last
+        `token_capacity` routed rows if more were routed (with a warning)."""
         if not self.record_token_counts:
             raise RuntimeError("token counts were not recorded: create the patcher with record_token_counts=True")
-        self._fold_all()
-        return torch.stack([torch.cat(c).to("cpu", torch.int64) for c in self._token_counts], dim=1)
+        columns = []
+        for accumulators in self._recorded():
+            written, ring = int(accumulators.written), accumulators.token_counts.to("cpu", torch.int64)
+            columns.append(ring[:written] if written <= ring.numel() else ring.roll(-(written % ring.numel())))
+        if written > self.token_capacity:
+            warnings.warn(
+                f"{written} rows were routed but token counts keep the last {self.token_capacity}: raise "
+                "token_capacity to keep them all",
+                stacklevel=2,
+            )
+        counts = torch.stack(columns, dim=1)  # [rows, L]
+        return counts[counts[:, 0] >= 0]  # rows left out (padding) hold -1 in every layer
+
+    def histograms(self) -> torch.Tensor:
+        """[L, E + 1] int64 on the CPU: how many routed tokens kept 0, 1, ..., E experts, per layer."""
+        return torch.stack([layer.histogram.to("cpu") for layer in self._recorded()])
 
     def selections(self) -> torch.Tensor:
         """[L, E] float64 on the CPU: how many routed tokens kept each expert, per layer."""
-        self._fold_all()
-        return torch.stack([s.to("cpu") for s in self._selections])[:, : self.num_experts].double()
+        return torch.stack([layer.selections.to("cpu") for layer in self._recorded()])[:, : self.num_experts].double()
 
     def summary(self, min_k: int, max_k: int, baseline_k: int) -> dict:
-        """The design's metrics over every (token, layer) decision (`summarize_expert_counts`; without
-        token counts only avg_experts and reduction_vs_baseline), plus weight_entropy,
-        expert_utilization, per_layer_avg_experts, expert_utilization_per_layer, token_counts (with
-        token counts), num_tokens and num_layers (see `MoERouterPatcher.get_stats`)."""
-        selections = self.selections()  # [L, E]
-        stats = {}
-        if self.record_token_counts:
-            token_counts = self.token_counts()
-            stats.update(summarize_expert_counts(token_counts, min_k, max_k, baseline_k))
-            stats["per_layer_avg_experts"] = token_counts.double().mean(dim=0).tolist()
-            stats["token_counts"] = token_counts
-        else:
-            per_layer = (selections.sum(dim=-1) / self.num_tokens).tolist()
-            avg = sum(per_layer) / len(per_layer)
-            stats.update(avg_experts=avg, reduction_vs_baseline=100.0 * (1 - avg / baseline_k))
-            stats["per_layer_avg_experts"] = per_layer
-        return stats | {
-            "weight_entropy": sum(e.item() for e in self._entropy_sums) / sum(self._num_routed),
+        """The design's metrics over every (token, layer) decision (`summarize_count_histogram`), plus
+        weight_entropy, expert_utilization, per_layer_avg_experts, expert_utilization_per_layer,
+        token_counts (if recorded), num_tokens and num_layers (see `MoERouterPatcher.get_stats`)."""
+        histograms, selections = self.histograms(), self.selections()  # [L, E + 1], [L, E]
+        num_tokens, decisions = self.num_tokens, sum(int(layer.decisions) for layer in self.layers)
+        values = torch.arange(histograms.shape[-1], dtype=torch.float64)
+        stats = summarize_count_histogram(histograms, min_k, max_k, baseline_k) | {
+            "per_layer_avg_experts": ((histograms.double() * values).sum(dim=-1) / num_tokens).tolist(),
+            "weight_entropy": sum(float(layer.entropy_sum) for layer in self.layers) / decisions,
             "expert_utilization": expert_load_balance(selections),
-            "expert_utilization_per_layer": (selections / self.num_tokens).tolist(),
-            "num_tokens": self.num_tokens,
+            "expert_utilization_per_layer": (selections / num_tokens).tolist(),
+            "num_tokens": num_tokens,
             "num_layers": self.num_layers,
         }
+        return stats | ({"token_counts": self.token_counts()} if self.record_token_counts else {})
 
 
 def saturation_analysis(table, group_by=("pvalue_method", "alpha"), threshold_percent: float = 5.0):
@@ -2558,15 +2697,21 @@ def grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor, grouped=None) -> torch.Tensor:
     """rows [S, in] sorted by group, weights [E, out, in] (nn.Linear layout), offsets [E] -> [S, out].
 
     Rows at and past offsets[-1] are not computed (their values are undefined). torch's grouped GEMM where
-    it has one (`grouped_mm_usable`); otherwise one matmul per expert, which reads the offsets back to
-    the host once."""
-    if grouped_mm_usable(rows.device, rows.dtype):
+    it has one (grouped: True, or None to ask `grouped_mm_usable`); otherwise one matmul per expert, which
+    reads the offsets back to the host once, or, inside a compiled graph, one batched product with each
+    row's expert's weights gathered (no host read; memory S x out x in, for the small inputs compiled
+    decoding sees)."""
+    if grouped_mm_usable(rows.device, rows.dtype) if grouped is None else grouped:
         grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
         return grouped_mm(rows, weights.transpose(-2, -1), offs=offsets)
+    if torch.compiler.is_compiling():
+        row_ids = torch.arange(rows.shape[0], device=rows.device, dtype=offsets.dtype)
+        expert_of_row = torch.searchsorted(offsets, row_ids, right=True).clamp_max(weights.shape[0] - 1)  # [S]
+        return torch.bmm(weights[expert_of_row], rows.unsqueeze(-1)).squeeze(-1)
     output = torch.zeros(rows.shape[0], weights.shape[1], device=rows.device, dtype=rows.dtype)
     start = 0
     for expert, end in enumerate(offsets.tolist()):  # fallback only: one sync, loop over experts
@@ -2603,26 +2748,26 @@ def eager_skips_sentinels(experts: torch.nn.Module) -> bool:
     return _eager_skips_sentinels(type(experts))
 
 
-def _expert_linear(experts, name: str, rows, offsets, sorted_experts) -> torch.Tensor:
+def _expert_linear(experts, name: str, rows, offsets, sorted_experts, grouped) -> torch.Tensor:
     """rows [S, in] sorted by expert through the experts' projection `name` (its layout and bias)."""
     weights = getattr(experts, name)
     weights = weights.transpose(-2, -1) if experts.is_transposed else weights  # [E, out, in], a view
-    output = grouped_matmul(rows, weights, offsets)
+    output = grouped_matmul(rows, weights, offsets, grouped)
     return output + getattr(experts, f"{name}_bias")[sorted_experts] if experts.has_bias else output
 
 
-def variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts):
+def variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts, grouped=None):
     """The reference (and CPU) variable-k experts forward, for any layout `variable_k_unsupported` accepts.
-    Shapes as in `variable_k_experts_forward`."""
+    Shapes as in `variable_k_experts_forward`; grouped as in `grouped_matmul`."""
     num_tokens, slots = top_k_index.shape
     num_experts = experts.num_experts
     pair_order, offsets = sort_pairs_by_expert(top_k_index, num_experts)
     sorted_experts = top_k_index.reshape(-1)[pair_order].clamp_max(num_experts - 1)  # [S]: for the biases
     sorted_hidden = hidden_states[pair_order // slots]  # [S, H]
     first = "gate_up_proj" if experts.has_gate else "up_proj"
-    projected = _expert_linear(experts, first, sorted_hidden, offsets, sorted_experts)
+    projected = _expert_linear(experts, first, sorted_hidden, offsets, sorted_experts, grouped)
     activated = experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)  # [S, I]
-    expert_outputs = _expert_linear(experts, "down_proj", activated, offsets, sorted_experts)  # tail undefined
+    expert_outputs = _expert_linear(experts, "down_proj", activated, offsets, sorted_experts, grouped)  # tail undefined
     sorted_rows = torch.arange(pair_order.numel(), device=pair_order.device)  # [S]
     # Rows past the kept pairs are undefined (may hold NaN): zero them before any weighted sum.
     expert_outputs = torch.where((sorted_rows < offsets[-1])[:, None], expert_outputs, 0.0)
@@ -2717,10 +2862,11 @@ def _num_row_programs(device: torch.device) -> int:
     return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, row_programs=None):
     """The fused variable-k experts forward (SiLU-gated experts): sort, Triton gather, two grouped GEMMs
     with a Triton SiLU-and-multiply between them, Triton weighted combine. Shapes as in
-    `variable_k_experts_forward`. Runs wherever Triton runs (CUDA; CPU under TRITON_INTERPRET=1)."""
+    `variable_k_experts_forward`; row_programs: programs of the row kernels (None: a few per SM). Runs
+    wherever Triton runs (CUDA; CPU under TRITON_INTERPRET=1)."""
     num_tokens, slots = top_k_index.shape
     num_experts, double_intermediate, hidden_size = gate_up_proj.shape
     num_pairs = num_tokens * slots
@@ -2731,16 +2877,17 @@ def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up
     output = torch.empty_like(hidden_states)
     if num_pairs == 0:
         return output
-    row_programs = (min(num_pairs, _num_row_programs(hidden_states.device)),)
+    row_programs = _num_row_programs(hidden_states.device) if row_programs is None else row_programs
+    row_programs = (min(num_pairs, row_programs),)
     _gather_kept_pairs_kernel[row_programs](
         hidden_states, pair_order, offsets, sorted_hidden, pair_rows, hidden_size, num_experts, SLOTS=slots, BLOCK=1024
     )
-    gate_up = grouped_matmul(sorted_hidden, gate_up_proj, offsets)  # [S, 2I]
+    gate_up = grouped_matmul(sorted_hidden, gate_up_proj, offsets, grouped=True)  # [S, 2I]
     activated = torch.empty(num_pairs, double_intermediate // 2, device=gate_up.device, dtype=gate_up.dtype)
     _silu_and_mul_kept_kernel[row_programs](
         gate_up, activated, offsets, double_intermediate // 2, num_experts, BLOCK=1024
     )
-    expert_outputs = grouped_matmul(activated, down_proj, offsets)  # [S, H]
+    expert_outputs = grouped_matmul(activated, down_proj, offsets, grouped=True)  # [S, H]
     block = min(1024, triton.next_power_of_2(hidden_size))
     _combine_kept_pairs_kernel[(num_tokens, triton.cdiv(hidden_size, block))](
         expert_outputs,
@@ -2780,6 +2927,46 @@ def _triton_path_supported(experts: torch.nn.Module, device: torch.device) -> bo
     )
 
 
+class VariableKPlan(NamedTuple):
+    """How `variable_k_experts_forward` runs one experts module on one device and dtype: decided once,
+    eagerly (`variable_k_plan`), so that a compiled forward reads it and traces no capability check."""
+
+    device: torch.device
+    dtype: torch.dtype
+    fused: bool  # the Triton path (`_triton_path_supported`)
+    grouped: bool  # torch's grouped GEMM (`grouped_mm_usable`), else one matmul per expert
+    row_programs: int  # programs of the Triton row kernels
+
+
+def variable_k_plan(experts: torch.nn.Module) -> VariableKPlan:
+    """The plan of `experts` on its weights' device and dtype, made now and kept on the module
+    (`experts._variable_k_plan`). NotImplementedError if the variable-k path cannot serve the module."""
+    unsupported = variable_k_unsupported(experts)
+    if unsupported is not None:
+        raise NotImplementedError(f"experts_implementation={VARIABLE_K_EXPERTS!r} cannot serve {unsupported}")
+    weight = experts.down_proj
+    fused = _triton_path_supported(experts, weight.device)
+    row_programs = _num_row_programs(weight.device) if fused else 0
+    grouped = grouped_mm_usable(weight.device, weight.dtype)
+    plan = VariableKPlan(weight.device, weight.dtype, fused, grouped, row_programs)
+    experts._variable_k_plan = plan
+    return plan
+
+
+def _plan_of(experts: torch.nn.Module) -> VariableKPlan:
+    plan = getattr(experts, "_variable_k_plan", None)
+    if torch.compiler.is_compiling():
+        if plan is None:
+            raise RuntimeError(
+                "the variable-k experts path was compiled before its plan was made: call "
+                "bh_routing.variable_k_plan(experts) on every experts module (the patcher does) before compiling"
+            )
+        return plan
+    weight = experts.down_proj  # a model moved or cast since the plan gets a new one
+    stale = plan is None or plan.device != weight.device or plan.dtype != weight.dtype
+    return variable_k_plan(experts) if stale else plan
+
+
 def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     """Experts forward that computes only the kept (token, expert) pairs; registered in transformers as
     experts_implementation="variable_k" (`model.set_experts_implementation("variable_k")`).
@@ -2795,18 +2982,18 @@ def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weight
         [T, H] in hidden_states' dtype: sum over kept slots of weight * expert(hidden_state).
     Where `_triton_path_supported` (CUDA, Triton, the OLMoE layout in bf16, SiLU, a grouped GEMM kernel) the
     Triton path runs; otherwise the torch reference (on a GPU without a grouped GEMM kernel, one matmul per
-    expert).
+    expert). The choice is the module's `variable_k_plan`, made eagerly; a compiled forward only reads it.
     """
-    unsupported = variable_k_unsupported(experts)
-    if unsupported is not None:
-        raise NotImplementedError(f"experts_implementation={VARIABLE_K_EXPERTS!r} cannot serve {unsupported}")
-    if _triton_path_supported(experts, hidden_states.device):
-        arguments = (hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj)
-        if hidden_states.device.index == torch.cuda.current_device():
-            return variable_k_experts_triton(*arguments)
-        with torch.cuda.device(hidden_states.device):  # Triton launches on the current device
-            return variable_k_experts_triton(*arguments)
-    return variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts)
+    plan = _plan_of(experts)
+    if not plan.fused:
+        # torch traces its grouped GEMM in bfloat16 only (its meta function refuses other dtypes).
+        grouped = plan.grouped and (plan.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
+        return variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts, grouped)
+    arguments = (hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj, plan.row_programs)
+    if torch.compiler.is_compiling() or hidden_states.device.index == torch.cuda.current_device():
+        return variable_k_experts_triton(*arguments)
+    with torch.cuda.device(hidden_states.device):  # Triton launches on the current device
+        return variable_k_experts_triton(*arguments)
 
 
 def register_variable_k_experts() -> None:
@@ -3061,40 +3248,49 @@ def find_moe_layers(model: torch.nn.Module) -> list[MoELayer]:
 
 
 class CudaGraphed:
-    """Replay `function(tensor, *constants)` as one CUDA graph per (shape, dtype, device) of its input.
+    """Replay `function(*args)` as one CUDA graph per (shape, dtype, device) of its tensor arguments.
 
-    Capturing needs a function without host synchronisation (the BH hot path has none on CUDA). The input
-    is copied into the graph's static buffer and the outputs are cloned out, because the next replay (the
-    next layer) overwrites them. At most `max_graphs` shapes are kept (least recently used dropped); other
-    devices than CUDA call the function directly."""
+    Capturing needs a function without host synchronisation. The tensor arguments are copied into the
+    graph's static buffers and the outputs (a tuple of tensors) are cloned out, because the next replay
+    (the next layer) overwrites them; arguments that are not tensors (None) are part of the key. A function
+    that updates tensors in place (statistics) names them in `preserve`: the two warm-up runs before a
+    capture change them, so they are restored after it. At most `max_graphs` keys are kept (least recently
+    used dropped); other devices than CUDA, and calls inside another capture or a compiled region, call the
+    function directly."""
 
-    def __init__(self, function, max_graphs: int = 16):
-        self.function, self.max_graphs = function, max_graphs
+    def __init__(self, function, max_graphs: int = 16, preserve: Callable[[], list[torch.Tensor]] | None = None):
+        self.function, self.max_graphs, self.preserve = function, max_graphs, preserve
         self.graphs: dict = {}
 
-    def __call__(self, tensor: torch.Tensor, *constants):
-        if tensor.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return self.function(tensor, *constants)
-        key = (tuple(tensor.shape), tensor.dtype, tensor.device)
+    def __call__(self, *args):
+        device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
+        if device.type != "cuda" or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return self.function(*args)
+        key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
         entry = self.graphs.pop(key, None)
         if entry is None:
-            entry = self._capture(tensor, constants)
+            entry = self._capture(device, args)
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
         self.graphs[key] = entry  # most recently used last
-        graph, static_input, static_outputs = entry
+        graph, static_args, static_outputs = entry
         # Replay on the input's device: a graph launched on another device's current stream (layers spread
         # over GPUs with device_map="auto") would not be ordered after the copy into its input.
-        with torch.cuda.device(tensor.device):
-            static_input.copy_(tensor)
+        with torch.cuda.device(device):
+            for static, arg in zip(static_args, args, strict=True):
+                if isinstance(arg, torch.Tensor):
+                    static.copy_(arg)
             graph.replay()
             return tuple(output.clone() for output in static_outputs)
 
-    def _capture(self, tensor, constants):
-        with torch.cuda.device(tensor.device):
-            static_input = tensor.clone()
-            graph, static_outputs = capture_cuda_graph(lambda: self.function(static_input, *constants))
-        return graph, static_input, static_outputs
+    def _capture(self, device, args):
+        with torch.cuda.device(device):
+            static_args = [arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args]
+            saved = [tensor.clone() for tensor in self.preserve()] if self.preserve else []
+            graph, static_outputs = capture_cuda_graph(lambda: self.function(*static_args))
+            for tensor, value in zip(self.preserve() if self.preserve else [], saved, strict=True):
+                tensor.copy_(value)
+        return graph, static_args, static_outputs
 
 
 def capture_cuda_graph(function: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -3114,6 +3310,28 @@ def capture_cuda_graph(function: Callable[[], object]) -> tuple[torch.cuda.CUDAG
     return graph, outputs
 
 
+def _raise_recompile_limit(limit: int = 128) -> None:
+    """Configurations differ in Python constants (alpha, max_k, ...) and hooks, each a recompilation of a
+    compiled function: a 30-configuration sweep must stay compiled (dynamo's default limit is 8)."""
+    import torch._dynamo
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+
+
+def guard_module_hooks() -> None:
+    """Make torch.compile guard on module hooks, so that a compiled model (e.g. generate's compiled forward
+    with a static cache) recompiles when a patch adds or removes the routers' hooks and finds its unpatched
+    graph again after `unpatch`. By default dynamo skips those guards and would keep running whichever
+    routing it compiled first; graphs compiled without the guards are dropped here, once per process."""
+    import torch._dynamo
+
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
+    _raise_recompile_limit()
+
+
 _compiled_cache: dict = {}
 
 
@@ -3123,10 +3341,7 @@ def compile_once(function):
     Configurations differ in Python constants (alpha, max_k, ...), each a recompilation: the dynamo
     recompile limit is raised so that a 30-configuration sweep stays compiled."""
     if function not in _compiled_cache:
-        import torch._dynamo
-
-        limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 128))
+        _raise_recompile_limit()
         compiled = torch.compile(function, dynamic=True)
         state = {"failed": False}
 
@@ -3172,6 +3387,64 @@ def _require_transformers() -> None:
         )
 
 
+class PatchedRouter:
+    """The forward hook on one MoE layer's router while patched: the method's route of the layer, the
+    family's weighting of the kept experts, and the layer's statistics (`accumulate_routing`).
+
+    Under torch.compile (a model compiled whole, e.g. by generate with a static cache) the hook is traced
+    into the model's graph, with its plain route; run eagerly it calls its `eager` form: the route fused
+    by torch.compile and the whole step replayed as one CUDA graph where the patcher uses them. The layer is
+    held as this object, never as a Python int a compiled graph would specialise on.
+    """
+
+    def __init__(self, patcher: MoERouterPatcher, index: int, routes: tuple, graphed: bool):
+        layer, self.patcher = patcher.layers[index], patcher
+        self.spec, self.in_expert_space = layer.spec, patcher.in_expert_space
+        self.renormalize = patcher.params.get("renormalize", False)
+        traced_route, eager_route = routes  # None, None: the native routing, observed
+        graphed = graphed and eager_route is not None  # observing alone launches no kernel worth a graph
+        record = traced_record = eager_record = None
+        if patcher.record_statistics:
+            accumulators = patcher.statistics.allocate(index, layer.router.weight.device)
+            traced_record = functools.partial(accumulate_routing, accumulators)
+            # Eager calls append to the statistics' pending list, except inside a CUDA graph, which must
+            # update the accumulators themselves at every replay.
+            eager_record = traced_record if graphed else functools.partial(patcher.statistics.record, index)
+            record = accumulators.tensors
+        self.traced = functools.partial(self.step, traced_route, traced_record)
+        eager = functools.partial(self.step, eager_route, eager_record)
+        self.eager = CudaGraphed(eager, preserve=record) if graphed else eager
+
+    def routed(self, route, router_logits, native_weights, native_index):
+        """(weights [T, K], index [T, K], counts [T] or None) of the method, in expert space."""
+        if self.spec.plain or self.in_expert_space:  # no family transform to apply
+            return route(router_logits, native_weights, native_index)
+        selection, allowed = self.spec.selection(router_logits)
+        _, top_index, expert_counts = route(selection, native_weights, native_index)
+        top_index = self.spec.expand(top_index, allowed)
+        return self.spec.weights(router_logits, top_index, self.renormalize), top_index, expert_counts
+
+    def step(self, route, record, router_logits, native_weights, native_index, keep) -> tuple:
+        """The layer's patched (weights, index) in the router's dtypes, statistics recorded; () when observing."""
+        if route is None:
+            top_weights, top_index, expert_counts = native_weights, native_index, None
+        else:
+            top_weights, top_index, expert_counts = self.routed(route, router_logits, native_weights, native_index)
+        if record is not None:
+            record(top_weights, top_index, expert_counts, keep)
+        return () if route is None else (top_weights.to(native_weights.dtype), top_index)
+
+    def __call__(self, module, args, output):
+        router_logits, native_weights, native_index = output[:3]  # [T, E], [T, k], [T, k]
+        keep = self.patcher._keep
+        keep = keep if keep is not None and keep.numel() == router_logits.shape[0] else None
+        if torch.compiler.is_compiling():
+            routed = self.traced(router_logits, native_weights, native_index, keep)
+        else:
+            routed = self.eager(router_logits, native_weights, native_index, keep)
+        return (router_logits, *routed) if routed else None
+
+
 class MoERouterPatcher:
     """Replace the top-k router of every MoE layer with any registered routing method.
 
@@ -3185,7 +3458,9 @@ class MoERouterPatcher:
     Shared experts (Qwen2-MoE, DeepSeek) are always computed and counted apart (`get_stats`).
 
     While patched, the experts run this module's variable-k path (experts_path="variable_k", the default on
-    CUDA), whose time follows the number of kept pairs. With experts_path="model" they keep the model's own
+    CUDA), whose time follows the number of kept pairs; a routing that is the router's own at its own k
+    (top-k at the native k) keeps the model's experts path, so that its outputs stay the unpatched model's.
+    With experts_path="model" they keep the model's own
     implementation, which must skip sentinel indices: "eager" does; "grouped_mm" does when flagged as
     expert parallel, which the patcher sets while patched (if this transformers supports it); any other
     implementation is switched to "eager" while patched. `unpatch` restores all of it.
@@ -3202,6 +3477,11 @@ class MoERouterPatcher:
     Statistics count real tokens only: a forward pass's 2-D attention_mask (or one given with
     `set_attention_mask`) leaves padding positions out.
 
+    A patched model may be compiled (e.g. `model.generate(..., cache_implementation="static")` on a GPU):
+    the hooks trace into the graph (`PatchedRouter`), the statistics are updated in place inside it, and
+    the first patcher makes torch.compile guard on module hooks (`guard_module_hooks`), so that each patch
+    compiles its own graph and `unpatch` finds the unpatched one again.
+
     One patcher per model at a time: patching a model that another patcher holds raises RuntimeError, so
     statistics always describe the routing that ran and `unpatch` restores what its own patch changed. A
     patched model is used from the thread that patched it; a forward pass from another thread raises
@@ -3211,13 +3491,17 @@ class MoERouterPatcher:
     def __init__(
         self,
         model: torch.nn.Module,
-        record_token_counts: bool = True,
+        record_token_counts: bool = False,
         compile_routing: bool | None = None,
         cuda_graphs: bool | None = None,
         experts_path: str | None = None,
         calibration: RoutingCalibration | None = None,
+        record_statistics: bool = True,
+        token_capacity: int = TOKEN_COUNTS_CAPACITY,
     ):
-        """record_token_counts: keep every token's count per layer (get_stats()["token_counts"]).
+        """record_token_counts: also keep every token's count per layer, in a device ring buffer of the last
+            `token_capacity` routed tokens (get_stats()["token_counts"], `statistics.token_counts()`); off,
+            get_stats still gives every summary statistic from per-layer count histograms.
         compile_routing: fuse the BH routing into a few kernels with torch.compile (None: on when the model
             is on CUDA and Triton is installed; the first call of each configuration compiles for a few
             seconds; falls back, with a warning, if compilation fails).
@@ -3231,8 +3515,11 @@ class MoERouterPatcher:
             CPU, eager or grouped_mm are as fast as the torch reference).
         calibration: the model's RoutingCalibration (`fit_routing_calibration`), for the methods that read
             per-layer tables (BH / HC with a fitted null, dynamic skipping with beta="median", entropy k);
-            may also be set later (patcher.calibration = ...), before `patch`."""
+            may also be set later (patcher.calibration = ...), before `patch`.
+        record_statistics: accumulate the routing statistics (on each layer's device, in place: a few small
+            kernels per layer); False routes without them, and get_stats raises."""
         _require_transformers()
+        guard_module_hooks()
         self.model = model
         self.layers = find_moe_layers(model)
         self.routers = [layer.router for layer in self.layers]
@@ -3253,7 +3540,8 @@ class MoERouterPatcher:
             compile_routing = on_cuda and importlib.util.find_spec("triton") is not None
         self.compile_routing = bool(compile_routing)
         self.cuda_graphs = self._choose_cuda_graphs(cuda_graphs, on_cuda)
-        self.statistics = RoutingStatistics(self.num_layers, self.num_experts, record_token_counts)
+        self.statistics = RoutingStatistics(self.num_layers, self.num_experts, record_token_counts, token_capacity)
+        self.record_statistics = bool(record_statistics)
         if calibration is not None and calibration.num_layers != self.num_layers:
             raise ValueError(
                 f"calibration has {calibration.num_layers} layers, this model {self.num_layers} MoE layers"
@@ -3263,7 +3551,8 @@ class MoERouterPatcher:
         self._thread: int | None = None
         self._keep: torch.Tensor | None = None  # this forward's real positions
         self.attention_mask: torch.Tensor | None = None  # set_attention_mask
-        self._route: Callable | None = None  # (logits, native output) -> (weights, index, counts)
+        self.in_expert_space = False  # the patched method routes in the router's own output (top-k's reuse)
+        self.native_routing = True  # the patched routing is the router's own (observed, top-k at the native k)
         self._saved_experts_implementation: str | None = None
         self._saved_expert_parallel_flags: list[bool] | None = None
         self.method: str | None = None
@@ -3302,17 +3591,25 @@ class MoERouterPatcher:
         spec = routing_method(method)
         spec.check_names(params)
         params = spec.parameters(self.shape, **params)
-        route = spec.router(params, self) if spec.changes_routing else None
+        in_expert_space = spec.changes_routing and spec.in_expert_space(params, self)
+        # The router's own routing at its own k (top-k at the native k) is observed, not recomputed.
+        native = not spec.changes_routing or (in_expert_space and params["max_k"] == self.native_top_k)
+        routes = [(None, None)] * self.num_layers
+        if not native:
+            traced = spec.layer_routes(params, self)
+            routes = list(zip(traced, spec.layer_routes(params, self, compiled=self.compile_routing), strict=True))
         self.unpatch()
         self._claim_model()
         self.statistics.reset()
-        self.method, self.params, self._route = spec.name, params, route
+        self.method, self.params = spec.name, params
+        self.in_expert_space, self.native_routing = in_expert_space, native
         self._prepare_experts(spec, params)
         self.experts_implementation = self._current_experts_implementation()
         self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._after_forward))
-        for layer, router in enumerate(self.routers):
-            self._handles.append(router.register_forward_hook(self._make_hook(layer)))
+        for index, (layer, layer_routes) in enumerate(zip(self.layers, routes, strict=True)):
+            hook = PatchedRouter(self, index, layer_routes, self.cuda_graphs)
+            self._handles.append(layer.router.register_forward_hook(hook))
         return self
 
     def patch_with_bh(
@@ -3349,7 +3646,6 @@ class MoERouterPatcher:
         if self._saved_experts_implementation is not None:
             self.model.set_experts_implementation(self._saved_experts_implementation)
             self._saved_experts_implementation = None
-        self._route = None
         self.method = None
         return self
 
@@ -3381,8 +3677,9 @@ class MoERouterPatcher:
 
     def _before_forward(self, module, args, kwargs) -> None:
         """Before each forward pass of the patched model: refuse another thread (the hooks and statistics
-        are not shared safely between threads), and read which positions are real tokens."""
-        if threading.get_ident() != self._thread:
+        are not shared safely between threads), and read which positions are real tokens. A compiled
+        forward checks no thread (the check is Python state a graph cannot hold)."""
+        if not torch.compiler.is_compiling() and threading.get_ident() != self._thread:
             raise RuntimeError(
                 f"this model was patched (method {self.method!r}) in another thread; a patched model is not "
                 "thread-safe: patch, run and unpatch it in one thread, or give each thread its own model"
@@ -3414,12 +3711,18 @@ class MoERouterPatcher:
     # --- the experts path ----------------------------------------------------------------------------
 
     def _prepare_experts(self, spec: RoutingMethod, params: dict) -> None:
-        """Make the experts module skip the sentinel index when the method may emit it."""
-        if spec.changes_routing and self.experts_path == VARIABLE_K_EXPERTS:
+        """Make the experts module skip the sentinel index when the method may emit it. A routing that is
+        the router's own at its own k (top-k at the native k) keeps the model's experts path: its outputs
+        stay bit-identical to the unpatched model's."""
+        if self.native_routing:
+            return
+        if self.experts_path == VARIABLE_K_EXPERTS:
             self._switch_experts_implementation(VARIABLE_K_EXPERTS)
+            for experts in self.experts:  # decided now, so that a compiled forward only reads the plan
+                variable_k_plan(experts)
         # A method that always fills its K slots (top-k, min_k == max_k) emits no sentinel, and the experts
         # path then needs no sentinel handling, which costs grouped_mm passes over its [T x K, H] buffers.
-        elif spec.changes_routing and spec.drops_slots(params):
+        elif spec.drops_slots(params):
             self._make_experts_skip_sentinels()
 
     def _current_experts_implementation(self) -> str:
@@ -3452,29 +3755,6 @@ class MoERouterPatcher:
             self._saved_experts_implementation = current
             self.model.set_experts_implementation(implementation)
 
-    def _routed(self, output, layer: int):
-        """(weights [T, K], index [T, K], counts [T] or None) of the patched method on one router output."""
-        spec = self.layers[layer].spec
-        if spec.plain or getattr(self._route, "reuses_native", False):  # no family transform to apply
-            return self._route(output[0], output, layer)
-        selection, allowed = spec.selection(output[0])
-        _, top_index, expert_counts = self._route(selection, output, layer)
-        top_index = spec.expand(top_index, allowed)
-        return spec.weights(output[0], top_index, self.params["renormalize"]), top_index, expert_counts
-
-    def _make_hook(self, layer: int):
-        def hook(module, args, output):
-            router_logits = output[0]  # [T, E]
-            keep = self._keep if self._keep is not None and self._keep.numel() == router_logits.shape[0] else None
-            if self._route is None:  # the native routing, unchanged
-                self.statistics.record(layer, output[1], output[2], keep=keep)
-                return None
-            top_weights, top_index, expert_counts = self._routed(output, layer)
-            self.statistics.record(layer, top_weights, top_index, expert_counts, keep=keep)
-            return router_logits, top_weights.to(output[1].dtype), top_index
-
-        return hook
-
     # --- statistics ----------------------------------------------------------------------------------
 
     def reset_stats(self) -> None:
@@ -3493,13 +3773,15 @@ class MoERouterPatcher:
             per_layer_avg_experts: [L] list.
             expert_utilization_per_layer: [L][E] list, fraction of tokens that chose each expert.
             token_counts: [N, L] int64 tensor, experts kept per routed token and layer (N = tokens
-                routed, in order; needs record_token_counts=True).
+                routed, in order; only with record_token_counts=True).
             shared_experts_per_layer: [L] shared experts every token also runs (always computed, never
                 routed); avg_shared_experts their mean; avg_active_experts = avg_experts + avg_shared_experts.
             num_tokens, num_layers, method, params, weights_renormalized, experts_implementation, routing
                 (how the model's routers route: `RouterSpec.describe`).
         Every count but the shared ones, and reduction_vs_baseline, are of routed experts.
         """
+        if not self.record_statistics:
+            raise RuntimeError("statistics were not recorded: create the patcher with record_statistics=True")
         stats = self.statistics.summary(self.params.get("min_k"), self.params.get("max_k"), self.native_top_k)
         shared = sum(self.shared_experts) / self.num_layers
         return stats | {
@@ -3680,6 +3962,8 @@ def evaluate_language_model(
     of the window that scored it (`window_sums` folds them per window, for bootstrap intervals).
     """
     stride = window if stride is None else stride
+    if patcher is not None and not patcher.statistics.record_token_counts:
+        raise ValueError("patcher must record token counts: MoERouterPatcher(model, record_token_counts=True)")
     if token_ids.dim() != 1 or token_ids.numel() < 2:
         raise ValueError(f"token_ids must be a 1-D tensor of at least 2 tokens, got shape {tuple(token_ids.shape)}")
     _check_windows(window, stride, batch_size)
@@ -3828,28 +4112,71 @@ def oracle_table(effects: list[dict], configs, calibration=None, num_experts_per
     return pd.DataFrame(rows)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":  # every GPU: a model spread with device_map="auto" runs on several
+def synchronize(device) -> None:
+    """Wait for every GPU (a model spread with device_map="auto" runs on several) when `device` is CUDA."""
+    if torch.device(device).type == "cuda":
         for index in range(torch.cuda.device_count()):
             torch.cuda.synchronize(index)
 
 
-def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int, exact: bool = False):
+GENERATION_PATHS = {
+    "dynamic": "dynamic cache, eager forward",
+    "static": "static cache, eager forward",
+    "static_compiled": "static cache, decode forward compiled by torch.compile (inductor; CUDA graphs on a GPU, as "
+    "transformers' generate compiles it for a static cache)",
+}
+
+
+def fastest_generation_path(device) -> str:
+    """The generation path to time on `device`: "static_compiled" on a GPU (5x the dynamic path's decode
+    speed for OLMoE-1B-7B on an H100, benchmarks/README.md); "dynamic" on a CPU, where the three paths are
+    measured in benchmarks/README.md and compiling costs seconds per configuration."""
+    return "static_compiled" if torch.device(device).type == "cuda" else "dynamic"
+
+
+def generation_settings(path: str, max_cache_len: int | None = None, device=None) -> dict:
+    """generate's keyword arguments for a path of `GENERATION_PATHS`. max_cache_len: the static cache's
+    length, the longest prompt plus new tokens of a run, so that every call reuses one cache and one
+    compiled graph (None: each call's own length, a recompilation for every new length). device: where the
+    model runs; generate compiles on GPUs only unless told, so "static_compiled" tells it elsewhere."""
+    if path not in GENERATION_PATHS:
+        raise ValueError(f"path must be one of {sorted(GENERATION_PATHS)}, got {path!r}")
+    if path == "dynamic":
+        return {}
+    settings = {"cache_implementation": "static"} | ({"max_cache_len": max_cache_len} if max_cache_len else {})
+    if path == "static":
+        return settings | {"disable_compile": True}
+    if device is not None and torch.device(device).type != "cuda":
+        from transformers import CompileConfig
+
+        config = CompileConfig(mode="default")  # no CUDA graphs off a GPU
+        config._compile_all_devices = True  # transformers' own switch for compiling off a GPU
+        settings["compile_config"] = config
+    return settings
+
+
+def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int, exact: bool = False, settings=None):
     """Greedy generation of `prompt` (a string), timed: (input_ids [1, P], output_ids [1, P + n], seconds).
 
     The seconds are the wall-clock time of `generate`, with the GPUs synchronised before and after.
 
     exact: generate exactly max_new_tokens (no stop at the end-of-text token), as a warm-up wants.
+    settings: more keyword arguments of generate (`generation_settings`: the cache and compilation).
     """
     device = next(model.parameters()).device
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     minimum = {"min_new_tokens": max_new_tokens} if exact else {}
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     output_ids = model.generate(
-        input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, **minimum
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        **minimum,
+        **(settings or {}),
     )
-    _synchronize(device)
+    synchronize(device)
     return input_ids, output_ids, time.perf_counter() - start
 
 

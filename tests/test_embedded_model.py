@@ -27,7 +27,7 @@ def test_embedded_model_loads_with_plain_transformers_and_has_learned():
 
 def test_bh_counts_vary_per_token_on_the_embedded_model():
     model, tokenizer = br.load_model("embedded", device="cpu")
-    patcher = br.OLMoERouterPatcher(model)
+    patcher = br.OLMoERouterPatcher(model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.2, max_k=8)
     ids = tokenizer(br.load_heldout_text("embedded")[:3000], return_tensors="pt").input_ids[:, :512]
     with torch.no_grad():

@@ -88,7 +88,7 @@ def test_the_spec_reproduces_the_router_on_fresh_inputs(family):
 def test_native_topk_is_bit_identical_and_unpatch_restores(family, implementation):
     model, ids = _model(family, implementation), _ids()
     expected = _logits(model, ids)
-    with br.MoERouterPatcher(model) as patcher:
+    with br.MoERouterPatcher(model, record_token_counts=True) as patcher:
         patcher.patch("topk")
         assert torch.equal(_logits(model, ids), expected)
         patcher.patch("bh", alpha=0.2, max_k=patcher.native_top_k)
@@ -111,7 +111,7 @@ def test_topk_below_the_native_k_is_the_family_router_at_that_k(family):
     finally:
         for layer in layers:
             layer.router.top_k = k + 1
-    with br.MoERouterPatcher(model) as patcher:
+    with br.MoERouterPatcher(model, record_token_counts=True) as patcher:
         patcher.patch("topk", k=k)
         torch.testing.assert_close(_logits(model, ids), expected, rtol=1e-5, atol=1e-5)
 
@@ -121,9 +121,9 @@ def _kept_pairs_recorder(monkeypatch):
     computed = []
     real = br.grouped_matmul
 
-    def recording(rows, weights, offsets):
+    def recording(rows, weights, offsets, grouped=None):
         computed.append(int(offsets[-1]))
-        return real(rows, weights, offsets)
+        return real(rows, weights, offsets, grouped)
 
     monkeypatch.setattr(br, "grouped_matmul", recording)
     return computed
@@ -133,13 +133,14 @@ def _kept_pairs_recorder(monkeypatch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adaptive_methods_keep_variable_counts_and_compute_exactly_the_kept_pairs(family, method, params, monkeypatch):
     model, ids = _model(family), _ids(batch=3, length=11)
-    with br.MoERouterPatcher(model) as patcher:  # the family's own experts path (eager skipping sentinels)
+    # the family's own experts path (eager skipping sentinels)
+    with br.MoERouterPatcher(model, record_token_counts=True) as patcher:
         patcher.patch(method, max_k=patcher.native_top_k, **params)
         expected = _logits(model, ids)
         counts = patcher.get_stats()["token_counts"]
     assert counts.min() < counts.max()  # variable per token
     computed = _kept_pairs_recorder(monkeypatch)
-    with br.MoERouterPatcher(model, experts_path=br.VARIABLE_K_EXPERTS) as patcher:
+    with br.MoERouterPatcher(model, experts_path=br.VARIABLE_K_EXPERTS, record_token_counts=True) as patcher:
         patcher.patch(method, max_k=patcher.native_top_k, **params)
         actual = _logits(model, ids)
         assert torch.equal(patcher.get_stats()["token_counts"], counts)
@@ -152,7 +153,7 @@ def test_adaptive_methods_keep_variable_counts_and_compute_exactly_the_kept_pair
 def test_shared_experts_are_counted_apart_from_routed_ones(family):
     model = _model(family)
     shared = EXPECTED[family][4]
-    with br.MoERouterPatcher(model) as patcher:
+    with br.MoERouterPatcher(model, record_token_counts=True) as patcher:
         patcher.patch("bh", alpha=0.2, max_k=patcher.native_top_k)
         _logits(model, _ids())
         stats = patcher.get_stats()
@@ -166,7 +167,7 @@ def test_gpt_oss_eager_experts_cannot_skip_the_sentinel_so_grouped_mm_runs_while
     model = _model("gpt_oss", "eager")
     assert not br.eager_skips_sentinels(br.find_moe_layers(model)[0].experts)
     assert br.eager_skips_sentinels(br.find_moe_layers(_model("mixtral"))[0].experts)
-    with br.MoERouterPatcher(model) as patcher:
+    with br.MoERouterPatcher(model, record_token_counts=True) as patcher:
         patcher.patch("bh", alpha=0.2, max_k=2)
         _logits(model, _ids())
         assert patcher.get_stats()["experts_implementation"] == "grouped_mm"
@@ -181,7 +182,7 @@ def test_fitted_methods_route_the_selection_logits_the_calibration_saw(family):
     experts), so a calibration fitted on them drives the patcher exactly as route_logits."""
     model, ids = _model(family), _ids(batch=1, length=96, seed=4)
     collected = br.collect_router_logits(model, ids[0], window=32, batch_size=3)
-    patcher = br.MoERouterPatcher(model)
+    patcher = br.MoERouterPatcher(model, record_token_counts=True)
     assert collected[0].shape == (96, patcher.shape.num_experts)
     patcher.calibration = br.fit_routing_calibration(collected)
     params = dict(alpha=0.2, max_k=patcher.native_top_k, pvalue_method="empirical")
@@ -222,14 +223,14 @@ def test_experts_outside_the_experts_interface_are_refused_naming_them(model_typ
 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
     with pytest.raises(TypeError, match=r"Experts\)'.* not dispatched by transformers' experts interface"):
-        br.MoERouterPatcher(model)
+        br.MoERouterPatcher(model, record_token_counts=True)
 
 
 def test_configurations_scale_with_the_family_shape():
     assert br.moe_shape(_model("mixtral").config) == (8, 2, 8)
     assert br.moe_shape(_model("deepseek_v3").config) == (16, 4, 8)  # 2 of 4 groups selectable
     assert br.moe_shape(_model("olmoe").config) == (64, 8, 64)
-    patcher = br.MoERouterPatcher(_model("deepseek_v3"))
+    patcher = br.MoERouterPatcher(_model("deepseek_v3"), record_token_counts=True)
     assert patcher.shape.num_experts == 8
     with pytest.raises(ValueError, match=r"max_k must be in \[1, num_experts=8\]"):
         patcher.patch("bh", max_k=16)

@@ -167,7 +167,7 @@ def test_every_method_runs_through_the_patcher_with_each_layers_own_tables(tiny_
     assert len(logits) == tiny_model.config.num_hidden_layers and logits[0].shape == (400, NUM_EXPERTS)
     calibration = br.fit_routing_calibration(logits)
     assert calibration.skip_beta[0] != calibration.skip_beta[1]  # the layers' tables differ
-    patcher = br.OLMoERouterPatcher(tiny_model, calibration=calibration)
+    patcher = br.OLMoERouterPatcher(tiny_model, calibration=calibration, record_token_counts=True)
     specs = ["hc:beta=0.3,pvalue_method=empirical", "hc:beta=0.2", "skip:beta=median", "entropy:max_k=4",
              "bh:pvalue_method=pooled", "bh:pvalue_method=empirical,alpha=0.2"]  # fmt: skip
     configs = [br.RoutingConfig.parse(spec) for spec in specs] + [br.RoutingConfig.of("layerk", budgets=(1.5, 3.25))]

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "OLMoE_BH_Routing_Experiments.ipynb"
 SUMMARY_COLUMNS = """config method pvalue_method alpha max_k min_k status quality_status error avg_experts std_experts
     min_experts max_experts median_experts ceiling_hit_rate floor_hit_rate reduction_vs_baseline inference_time
-    tokens_per_second tokens_per_second_min tokens_per_second_max timing_repeats avg_time_per_prompt weight_entropy
+    tokens_per_second tokens_per_second_min tokens_per_second_max timing_repeats avg_time_per_prompt warm_up_seconds
+    weight_entropy
     expert_utilization perplexity token_accuracy eval_avg_experts""".split()
 QUICK = {
     "max_new_tokens": 3,
@@ -111,6 +112,8 @@ def test_notebook_runs_with_one_prompt_per_group_and_writes_every_output(tmp_pat
         assert settings["dtype"] == "float32" and settings["device"] == "cpu"
     report = (tmp_path / "bh_routing_report.md").read_text()
     assert "`embedded`" in report and "Prompts: 4 in 4 complexity groups" in report
+    assert f"Generation path: dynamic ({br.GENERATION_PATHS['dynamic']})" in report  # the CPU's path
+    assert (table["warm_up_seconds"] > 0).all()  # each configuration's warm-up, timed apart
     for row in table.itertuples():  # the report's numbers are the CSV's
         assert f"| {row.config} |" in report and f"| {row.avg_experts:.2f} | {row.std_experts:.2f} |" in report
     best = pd.read_csv(tmp_path / "bh_routing_best_by_budget.csv")

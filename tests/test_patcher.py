@@ -14,7 +14,7 @@ def logits_of(model, input_ids):
 
 def test_unpatch_restores_bit_identical_logits(tiny_model, input_ids):
     reference = logits_of(tiny_model, input_ids)
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     for patch in (
         lambda: patcher.patch_with_bh(alpha=0.05, max_k=8),
         lambda: patcher.patch_with_topp(p=0.5),
@@ -30,7 +30,7 @@ def test_unpatch_restores_bit_identical_logits(tiny_model, input_ids):
 
 
 def test_patching_again_replaces_and_never_stacks(tiny_model, input_ids):
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_topk(k=2)
     expected = logits_of(tiny_model, input_ids)
     patcher.patch_with_bh(alpha=0.2, max_k=4)
@@ -42,7 +42,7 @@ def test_patching_again_replaces_and_never_stacks(tiny_model, input_ids):
 
 def test_topk8_and_observe_reproduce_native(tiny_model, input_ids):
     reference = logits_of(tiny_model, input_ids)
-    with OLMoERouterPatcher(tiny_model) as patcher:
+    with OLMoERouterPatcher(tiny_model, record_token_counts=True) as patcher:
         patcher.patch_with_topk(k=8)
         assert torch.equal(logits_of(tiny_model, input_ids), reference)
         patcher.observe()
@@ -55,7 +55,7 @@ def test_topk8_and_observe_reproduce_native(tiny_model, input_ids):
 def test_context_manager_and_exception_leave_model_restorable(tiny_model, input_ids):
     reference = logits_of(tiny_model, input_ids)
     with pytest.raises(RuntimeError, match="boom"):
-        with OLMoERouterPatcher(tiny_model) as patcher:
+        with OLMoERouterPatcher(tiny_model, record_token_counts=True) as patcher:
             patcher.patch_with_bh(alpha=0.05, max_k=8)
             logits_of(tiny_model, input_ids)
             raise RuntimeError("boom")
@@ -64,15 +64,15 @@ def test_context_manager_and_exception_leave_model_restorable(tiny_model, input_
     class Failing(bh_routing.TopPMethod):  # routes like top-p, then fails inside the forward pass
         name = "failing"
 
-        def router(self, params, patcher):
-            def route(logits, native_output, layer):
+        def layer_routes(self, params, patcher, compiled=False):
+            def route(logits, native_weights, native_index):
                 raise RuntimeError("boom inside the forward")
 
-            return route
+            return [route] * patcher.num_layers
 
     bh_routing.register_routing_method(Failing())
     try:
-        patcher = OLMoERouterPatcher(tiny_model).patch("failing", p=0.5)
+        patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True).patch("failing", p=0.5)
         with pytest.raises(RuntimeError, match="boom inside"):
             logits_of(tiny_model, input_ids)
         patcher.unpatch()
@@ -103,7 +103,7 @@ def count_computed_pairs(model):
 def test_only_selected_pairs_are_computed(tiny_model, input_ids):
     tiny_model.set_experts_implementation("eager")
     received, computed, handles = count_computed_pairs(tiny_model)
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
     logits_of(tiny_model, input_ids)
     selected = int(patcher.get_stats()["token_counts"].sum())
@@ -120,7 +120,7 @@ def test_only_selected_pairs_are_computed(tiny_model, input_ids):
 
 def test_grouped_mm_path_matches_eager(tiny_model, input_ids):
     assert tiny_model.config._experts_implementation == "grouped_mm"  # transformers' default
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
     grouped = logits_of(tiny_model, input_ids)
     assert patcher.get_stats()["experts_implementation"] == "grouped_mm"
@@ -135,7 +135,7 @@ def test_grouped_mm_path_matches_eager(tiny_model, input_ids):
 def test_unsupported_experts_path_is_switched_to_eager_and_back(tiny_model, input_ids):
     tiny_model.set_experts_implementation("batched_mm")  # indexes out of range with sentinels
     reference = logits_of(tiny_model, input_ids)
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=8)
     logits_of(tiny_model, input_ids)
     assert patcher.get_stats()["experts_implementation"] == "eager"
@@ -145,7 +145,7 @@ def test_unsupported_experts_path_is_switched_to_eager_and_back(tiny_model, inpu
 
 
 def test_stats(tiny_model, input_ids):
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.1, min_k=1, max_k=4)
     logits_of(tiny_model, input_ids)
     stats = patcher.get_stats()
@@ -166,20 +166,20 @@ def test_stats(tiny_model, input_ids):
 
 
 def test_renormalize_follows_the_model(tiny_model, input_ids):
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     assert patcher.patch_with_bh().params["renormalize"] is False  # OLMoE: norm_topk_prob=false
     assert patcher.patch_with_bh(renormalize=True).params["renormalize"] is True
     patcher.unpatch()
     tiny_model.config.norm_topk_prob = True
     for router in tiny_model.model.layers:
         router.mlp.gate.norm_topk_prob = True
-    assert OLMoERouterPatcher(tiny_model).patch_with_topk(4).params["renormalize"] is True
+    assert OLMoERouterPatcher(tiny_model, record_token_counts=True).patch_with_topk(4).params["renormalize"] is True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_models_and_generation(tiny_model, input_ids, dtype):
     model = tiny_model.to(dtype)
-    with OLMoERouterPatcher(model) as patcher:
+    with OLMoERouterPatcher(model, record_token_counts=True) as patcher:
         patcher.patch_with_bh(alpha=0.05, max_k=8)
         output = model.generate(input_ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=1)
         assert output.shape == (1, input_ids.shape[1] + 4)
@@ -191,7 +191,7 @@ def test_low_precision_models_and_generation(tiny_model, input_ids, dtype):
 def test_rejects_non_moe_models_and_bad_arguments(tiny_model):
     with pytest.raises(TypeError, match="no mixture-of-experts layer"):
         OLMoERouterPatcher(torch.nn.Linear(4, 4))
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     for call, argument in [
         (lambda: patcher.patch_with_bh(alpha=2.0), "alpha"),
         (lambda: patcher.patch_with_bh(max_k=65), "max_k"),
@@ -223,20 +223,23 @@ def test_load_model_from_a_local_directory_and_offline_hub(tmp_path):
         bh_routing.load_model(tmp_path, dtype="float8")
 
 
-def test_statistics_folded_in_batches_match(tiny_model, input_ids):
-    def stats_with(max_pending):
-        patcher = OLMoERouterPatcher(tiny_model)
-        patcher.statistics.max_pending = max_pending
-        patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
-        tiny_model.generate(input_ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=1)
-        stats = patcher.get_stats()
-        patcher.unpatch()
-        return stats
+def test_statistics_without_token_counts_give_the_same_summary(tiny_model, input_ids):
+    """The count histograms alone give every summary statistic the per-token counts give."""
 
-    folded_often, folded_once = stats_with(2), stats_with(10_000)
-    assert torch.equal(folded_often["token_counts"], folded_once["token_counts"])
-    assert folded_often["expert_utilization_per_layer"] == folded_once["expert_utilization_per_layer"]
-    assert folded_often["weight_entropy"] == pytest.approx(folded_once["weight_entropy"])
+    def stats_with(record_token_counts):
+        with OLMoERouterPatcher(tiny_model, record_token_counts=record_token_counts) as patcher:
+            patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
+            tiny_model.generate(input_ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=1)
+            return patcher.get_stats()
+
+    with_counts, without = stats_with(True), stats_with(False)
+    assert "token_counts" not in without and with_counts["token_counts"].shape[0] == with_counts["num_tokens"]
+    summary = bh_routing.summarize_expert_counts(with_counts["token_counts"], 0, 16)
+    for key, value in summary.items():
+        assert without[key] == pytest.approx(value) and with_counts[key] == pytest.approx(value), key
+    per_layer = with_counts["token_counts"].double().mean(dim=0).tolist()
+    assert without["per_layer_avg_experts"] == pytest.approx(per_layer)
+    assert without["expert_utilization_per_layer"] == with_counts["expert_utilization_per_layer"]
 
 
 def test_old_transformers_is_refused(tiny_model, monkeypatch):
@@ -244,11 +247,11 @@ def test_old_transformers_is_refused(tiny_model, monkeypatch):
 
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
     with pytest.raises(RuntimeError, match="transformers >= 5.24"):
-        OLMoERouterPatcher(tiny_model)
+        OLMoERouterPatcher(tiny_model, record_token_counts=True)
 
 
 def test_sentinel_handling_only_when_counts_can_fall_short(tiny_model, input_ids):
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.05, min_k=8, max_k=8)  # always 8: no sentinel index
     assert not any(e._is_expert_parallel for e in patcher.experts)
     with torch.no_grad():
@@ -286,7 +289,7 @@ def test_one_patcher_per_model_and_unpatch_in_any_order(tiny_model, input_ids):
 def test_a_patched_model_refuses_another_thread(tiny_model, input_ids):
     import threading
 
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.1, max_k=8)
     errors = []
 
@@ -311,7 +314,7 @@ def test_a_patched_model_refuses_another_thread(tiny_model, input_ids):
 
 def test_too_few_experts_for_robust_z_are_refused_clearly(input_ids):
     model = bh_routing.build_random_olmoe(num_experts=3, num_experts_per_tok=2)
-    patcher = OLMoERouterPatcher(model)
+    patcher = OLMoERouterPatcher(model, record_token_counts=True)
     with pytest.raises(ValueError, match="needs at least 4 experts.*num_experts=3.*one_minus_prob"):
         patcher.patch_with_bh(alpha=0.1, max_k=2)
     with pytest.raises(ValueError, match="needs at least 4 experts"):
@@ -365,7 +368,7 @@ def test_statistics_leave_padding_positions_out(tiny_model):
     long, short = torch.randint(2, 512, (11,), generator=generator), torch.randint(2, 512, (6,), generator=generator)
     padded = torch.stack([long, torch.cat([short, torch.full((5,), 1)])])  # right-padded with the pad id
     mask = torch.stack([torch.ones(11, dtype=torch.long), torch.cat([torch.ones(6), torch.zeros(5)]).long()])
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.2, min_k=0, max_k=16)
 
     def stats_of(*calls):
@@ -394,7 +397,7 @@ def test_statistics_leave_padding_positions_out(tiny_model):
 def test_generation_with_a_padded_batch_counts_real_tokens_only(tiny_model):
     prompts = torch.tensor([[1, 1, 7, 8, 9], [3, 4, 5, 6, 7]])  # the first left-padded, as generate wants
     mask = (prompts != 1).long()
-    patcher = OLMoERouterPatcher(tiny_model)
+    patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.observe()
     tiny_model.generate(prompts, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=1)
     stats = patcher.get_stats()

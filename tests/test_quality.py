@@ -43,7 +43,7 @@ def test_perplexity_matches_the_models_own_loss(tiny_model):
 
 def test_expert_counts_are_aligned_with_the_predicting_positions(tiny_model):
     token_ids = torch.randint(2, 512, (150,), generator=torch.Generator().manual_seed(1))
-    patcher = br.OLMoERouterPatcher(tiny_model)
+    patcher = br.OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.2, min_k=0, max_k=16)
     result = br.evaluate_language_model(tiny_model, token_ids, window=40, stride=20, batch_size=3, patcher=patcher)
     counts = result["expert_counts"]
@@ -74,7 +74,7 @@ def test_the_chunked_loss_equals_the_plain_loss(tiny_model, monkeypatch, chunk_e
 
 def test_out_of_memory_halves_the_batch_and_keeps_every_result(tiny_model, monkeypatch):
     token_ids = torch.randint(2, 512, (8 * 24,), generator=torch.Generator().manual_seed(4))
-    patcher = br.OLMoERouterPatcher(tiny_model)
+    patcher = br.OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.2, min_k=0, max_k=16)
     reference = br.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=8, patcher=patcher)
     forward = type(tiny_model).forward
@@ -110,7 +110,7 @@ def test_bad_evaluation_arguments(tiny_model):
 
 def test_frontier_and_token_analysis_of_evaluated_configurations(tiny_model, word_tokenizer):
     token_ids = torch.randint(2, 512, (300,), generator=torch.Generator().manual_seed(2))
-    patcher = br.OLMoERouterPatcher(tiny_model)
+    patcher = br.OLMoERouterPatcher(tiny_model, record_token_counts=True)
     configs = [br.RoutingConfig.of("native", k=8)] + [br.RoutingConfig.of("topk", k=k) for k in (1, 2, 4, 8)]
     configs += [br.RoutingConfig.of("topp", p=p, max_k=8) for p in (0.5, 0.9)]
     configs += [br.RoutingConfig.of("bh", alpha=alpha, max_k=8) for alpha in (0.05, 0.2)]

@@ -143,8 +143,8 @@ def test_routing_statistics_equal_a_direct_computation(max_pending):
             else:  # top-k: every slot kept, no counts passed
                 routing = br.route_topk(logits, 6, 1.0, False)
                 records[layer].append((routing.top_weights, routing.top_index, None))
-    statistics = br.RoutingStatistics(num_layers=2, num_experts=64)
-    statistics.max_pending = max_pending
+    statistics = br.RoutingStatistics(num_layers=2, num_experts=64, record_token_counts=True)
+    statistics.max_pending = max_pending  # eager calls folded in batches, or one at a time
     for layer, layer_records in enumerate(records):
         for weights, index, counts in layer_records:
             statistics.record(layer, weights, index, counts)
@@ -154,6 +154,12 @@ def test_routing_statistics_equal_a_direct_computation(max_pending):
     assert torch.equal(statistics.selections(), selections)
     assert summary["weight_entropy"] == pytest.approx(entropy)
     assert summary["avg_experts"] == pytest.approx(token_counts.double().mean().item())
+    counts = token_counts.double()
+    assert summary["std_experts"] == pytest.approx(counts.std(unbiased=False).item())
+    assert summary["median_experts"] == counts.quantile(0.5).item()
+    assert (summary["min_experts"], summary["max_experts"]) == (counts.min().item(), counts.max().item())
+    assert summary["ceiling_hit_rate"] == pytest.approx(100 * (counts == 6).double().mean().item())
+    assert summary["floor_hit_rate"] == pytest.approx(100 * (counts == 0).double().mean().item())
     torch.testing.assert_close(
         torch.tensor(summary["expert_utilization_per_layer"], dtype=torch.float64), selections / 14
     )
@@ -170,7 +176,7 @@ def test_routing_statistics_equal_a_direct_computation(max_pending):
 def test_masked_records_equal_the_statistics_of_the_kept_rows(max_pending):
     generator = torch.Generator().manual_seed(1)
     kept_records = [[], []]
-    statistics = br.RoutingStatistics(num_layers=2, num_experts=64)
+    statistics = br.RoutingStatistics(num_layers=2, num_experts=64, record_token_counts=True)
     statistics.max_pending = max_pending
     for num_tokens, masked in ((5, True), (1, False), (4, True), (7, False)):
         keep = torch.rand(num_tokens, generator=generator) < 0.6 if masked else None
@@ -185,3 +191,22 @@ def test_masked_records_equal_the_statistics_of_the_kept_rows(max_pending):
     assert statistics.num_tokens == token_counts.shape[0] < 17
     assert torch.equal(summary["token_counts"], token_counts) and torch.equal(statistics.selections(), selections)
     assert summary["weight_entropy"] == pytest.approx(entropy)
+
+
+def test_token_counts_ring_keeps_the_last_rows_in_order():
+    statistics = br.RoutingStatistics(num_layers=1, num_experts=8, record_token_counts=True, token_capacity=5)
+    all_counts = []
+    for step in range(4):  # 3 rows per call: 12 rows through a ring of 5
+        counts = torch.tensor([step, (step + 1) % 4, 2])
+        index = torch.where(torch.arange(4)[None] < counts[:, None], torch.arange(4)[None], 8)
+        statistics.record(0, torch.ones(3, 4), index, counts)
+        all_counts.append(counts)
+    with pytest.warns(UserWarning, match="keep the last 5"):
+        kept = statistics.token_counts()
+    assert torch.equal(kept[:, 0], torch.cat(all_counts)[-5:])
+    assert statistics.num_tokens == 12 and statistics.histograms()[0, :5].tolist() == [2, 2, 6, 2, 0]
+    statistics.reset()
+    with pytest.raises(RuntimeError, match="no tokens were routed"):
+        statistics.token_counts()
+    with pytest.raises(ValueError, match="token_capacity"):
+        br.RoutingStatistics(1, 8, token_capacity=0)

@@ -69,8 +69,8 @@ def test_rows_past_the_kept_pairs_are_never_used(monkeypatch):
     real_grouped_matmul = bh_routing.grouped_matmul
     kept_counts = []
 
-    def poisoned(rows, expert_weights, offsets):
-        output = real_grouped_matmul(rows, expert_weights, offsets).clone()
+    def poisoned(rows, expert_weights, offsets, grouped=None):
+        output = real_grouped_matmul(rows, expert_weights, offsets, grouped).clone()
         kept_counts.append(int(offsets[-1]))
         output[int(offsets[-1]) :] = float("nan")
         return output
@@ -125,9 +125,9 @@ def test_each_expert_computes_exactly_its_kept_pairs(monkeypatch):
     weights, index, _ = _routing(50, 8)
     group_sizes = []
 
-    def recording(rows, expert_weights, offsets):
+    def recording(rows, expert_weights, offsets, grouped=None):
         group_sizes.append(torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()))
-        return real(rows, expert_weights, offsets)
+        return real(rows, expert_weights, offsets, grouped)
 
     real = bh_routing.grouped_matmul
     monkeypatch.setattr(bh_routing, "grouped_matmul", recording)
@@ -142,7 +142,7 @@ def test_patcher_variable_k_path_matches_the_model_path(tiny_model, input_ids):
     before = tiny_model(input_ids).logits
     results = {}
     for path in ("model", "variable_k"):
-        patcher = bh_routing.OLMoERouterPatcher(tiny_model, experts_path=path)
+        patcher = bh_routing.OLMoERouterPatcher(tiny_model, experts_path=path, record_token_counts=True)
         assert patcher.experts_path == path
         for name, patch in {
             "bh": lambda p: p.patch_with_bh(alpha=0.2, min_k=1, max_k=8),

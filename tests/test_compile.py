@@ -1,0 +1,173 @@
+"""The patched routing under torch.compile on the CPU (issue 10): every method's layer route traces as one
+graph (fullgraph=True), the statistics updated inside compiled graphs equal a plain computation, and a
+static-cache generate compiled whole (as transformers compiles it on a GPU) gives the eager path's tokens
+and per-token counts, and the model back bit for bit after unpatch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+import bh_routing as br
+
+# Every registered method, with the calibrated tables where it reads them.
+LAYER_ROUTES = [
+    "bh:alpha=0.2,max_k=8",
+    "bh:alpha=0.05,max_k=8,min_k=2",
+    "bh:pvalue_method=one_minus_prob,max_k=8",
+    "bh:pvalue_method=empirical,alpha=0.2,max_k=8",
+    "bh:pvalue_method=pooled,max_k=8",
+    "topk:k=4",
+    "topp:p=0.5,max_k=8",
+    "hc:beta=0.3,max_k=8",
+    "hc:beta=0.3,max_k=8,pvalue_method=empirical",
+    "skip:beta=median",
+    "entropy:max_k=4",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def calibration(tiny_model):
+    token_ids = torch.randint(0, tiny_model.config.vocab_size, (400,), generator=torch.Generator().manual_seed(0))
+    return br.fit_routing_calibration(br.collect_router_logits(tiny_model, token_ids, window=100))
+
+
+@pytest.mark.parametrize("spec", LAYER_ROUTES)
+def test_every_layer_route_compiles_as_one_graph_and_routes_as_eager(tiny_model, calibration, spec):
+    config = br.RoutingConfig.parse(spec)
+    patcher = br.MoERouterPatcher(tiny_model, calibration=calibration)
+    method = br.routing_method(config.method)
+    params = method.parameters(patcher.shape, **config.kwargs)
+    patcher.params = params
+    logits = torch.randn(13, 64, generator=torch.Generator().manual_seed(1)) * 4
+    native_weights, native_index = torch.softmax(logits, -1).topk(8)
+    for layer, route in enumerate(method.layer_routes(params, patcher)):
+        expected = route(logits, native_weights, native_index)
+        compiled = torch.compile(route, fullgraph=True, backend="eager")
+        actual = compiled(logits, native_weights, native_index)
+        for mine, theirs in zip(actual, expected, strict=True):
+            assert (mine is None and theirs is None) or torch.equal(mine, theirs), (spec, layer)
+
+
+def reference(records, num_experts):
+    """Histogram, selections, entropy sum and decisions of (weights, index, counts, keep) records, directly."""
+    histogram, selections = torch.zeros(num_experts + 1, dtype=torch.int64), torch.zeros(num_experts + 1)
+    entropy, decisions, kept_counts = 0.0, 0, []
+    for weights, index, counts, keep in records:
+        rows = keep if keep is not None else torch.ones(index.shape[0], dtype=torch.bool)
+        counts = counts if counts is not None else torch.full((index.shape[0],), index.shape[1])
+        histogram += torch.bincount(counts[rows], minlength=num_experts + 1)
+        selections += torch.bincount(index[rows].flatten(), minlength=num_experts + 1)
+        shares = weights[rows].double() / weights[rows].double().sum(-1, keepdim=True).clamp_min(1e-30)  # 0 kept: 0
+        entropy -= torch.xlogy(shares, shares).sum().item()
+        decisions += int(rows.sum())
+        kept_counts.append(torch.where(rows, counts, -1))
+    return histogram, selections, entropy, decisions, torch.cat(kept_counts)
+
+
+def test_statistics_updated_in_a_compiled_graph_equal_a_plain_computation():
+    accumulators = br.LayerAccumulators(64, "cpu", token_capacity=64)
+    compiled = torch.compile(br.accumulate_routing, fullgraph=True, backend="inductor")
+    generator = torch.Generator().manual_seed(2)
+    records = []
+    for num_tokens, masked in ((7, False), (5, True), (9, True), (1, False)):
+        logits = torch.randn(num_tokens, 64, generator=generator) * 3
+        weights, index, counts = br.route_bh_tensors(logits, None, 0.2, 1.0, 0, 6, "robust_z", False)
+        keep = torch.rand(num_tokens, generator=generator) < 0.6 if masked else None
+        records.append((weights, index, counts, keep))
+        compiled(accumulators, weights, index, counts, keep)
+    histogram, selections, entropy, decisions, counts = reference(records, 64)
+    assert torch.equal(accumulators.histogram, histogram)
+    assert torch.equal(accumulators.selections.double(), selections)
+    assert accumulators.entropy_sum.item() == pytest.approx(entropy, rel=1e-5)
+    assert int(accumulators.decisions) == decisions and int(accumulators.written) == counts.numel()
+    assert torch.equal(accumulators.token_counts[: counts.numel()].long(), counts)
+
+
+def generate(model, input_ids, compiled: bool):
+    """Greedy generation of 6 tokens: dynamic cache and eager, or a static cache and the forward compiled
+    whole with fullgraph=True (inductor, as generate does on a GPU)."""
+    settings = {}
+    if compiled:
+        config = CompileConfig(fullgraph=True, mode="default")
+        config._compile_all_devices = True  # generate compiles on GPUs only, unless asked
+        settings = {"cache_implementation": "static", "compile_config": config}
+    return model.generate(input_ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=1, **settings)
+
+
+def test_compiled_static_generate_routes_and_counts_as_eager_and_unpatches_bit_for_bit(tiny_model):
+    input_ids = torch.randint(2, 512, (1, 9), generator=torch.Generator().manual_seed(3))
+    native = generate(tiny_model, input_ids, compiled=True)
+    with torch.no_grad():
+        native_logits = tiny_model(input_ids).logits
+    with br.MoERouterPatcher(tiny_model, record_token_counts=True) as patcher:
+        for patch in (lambda: patcher.patch_with_topk(8), lambda: patcher.patch_with_bh(alpha=0.2, max_k=8)):
+            patch()
+            eager_tokens = generate(tiny_model, input_ids, compiled=False)
+            eager = patcher.get_stats()
+            patcher.reset_stats()
+            compiled_tokens = generate(tiny_model, input_ids, compiled=True)
+            compiled = patcher.get_stats()
+            assert torch.equal(compiled_tokens, eager_tokens), patcher.method
+            assert torch.equal(compiled["token_counts"], eager["token_counts"]), patcher.method
+            assert compiled["weight_entropy"] == pytest.approx(eager["weight_entropy"], rel=1e-5)
+            assert compiled["expert_utilization_per_layer"] == eager["expert_utilization_per_layer"]
+        assert eager["token_counts"].double().std() > 0  # BH kept varying counts
+    assert torch.equal(generate(tiny_model, input_ids, compiled=True), native)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(input_ids).logits, native_logits)
+
+
+def test_top_k_at_the_native_k_generates_the_native_tokens_on_both_paths(tiny_model):
+    input_ids = torch.randint(2, 512, (2, 7), generator=torch.Generator().manual_seed(4))
+    for compiled in (False, True):
+        native = generate(tiny_model, input_ids, compiled)
+        with br.MoERouterPatcher(tiny_model, experts_path=br.VARIABLE_K_EXPERTS) as patcher:
+            patcher.patch_with_topk(8)
+            assert torch.equal(generate(tiny_model, input_ids, compiled), native)
+            assert patcher.get_stats()["avg_experts"] == 8
+
+
+def test_generation_settings_name_the_paths():
+    assert br.generation_settings("dynamic") == {}
+    assert br.generation_settings("static", 40) == {
+        "cache_implementation": "static",
+        "max_cache_len": 40,
+        "disable_compile": True,
+    }
+    assert br.generation_settings("static_compiled", 40, "cpu")["compile_config"]._compile_all_devices
+    assert "compile_config" not in br.generation_settings("static_compiled", 40, "cuda")  # generate's own
+    assert br.fastest_generation_path("cpu") == "dynamic" and br.fastest_generation_path("cuda:0") == "static_compiled"
+    with pytest.raises(ValueError, match=r"path must be one of \['dynamic', 'static', 'static_compiled'\]"):
+        br.generation_settings("compiled")
+
+
+def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_generate.py"
+    out = tmp_path / "generate.json"
+    command = [sys.executable, str(script), "--model", "embedded", "--device", "cpu", "--paths", "dynamic", "static",
+               "--batch-sizes", "2", "--configs", "native", "topk_k8", "bh_k8_a005_nostats", "--new-tokens", "3",
+               "--prompt-tokens", "5", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and {row["batch"] for row in rows.values()} == {2}
+    for path in ("dynamic", "static"):
+        native, top8 = rows[f"{path}/b2/native"], rows[f"{path}/b2/topk_k8"]
+        assert top8["tokens"] == native["tokens"] and top8["unpatched_bit_identical"]
+        assert rows[f"{path}/b2/bh_k8_a005_nostats"]["experts_implementation"] is None  # no statistics read
+    first = out.read_text()
+    subprocess.run(command, check=True, capture_output=True, timeout=600)  # every row done: nothing reruns
+    assert json.loads(out.read_text())["rows"] == json.loads(first)["rows"]
+    table = subprocess.run(command + ["--table"], check=True, capture_output=True, text=True).stdout
+    assert table.count("\n| static | 2 |") == 3 and "1.00x" in table
