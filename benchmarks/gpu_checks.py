@@ -37,9 +37,9 @@ def patch_bh(patcher: OLMoERouterPatcher) -> None:
 def patcher_on(model, implementation: str) -> OLMoERouterPatcher:
     """A patcher whose experts run `implementation`: "variable_k" (this repository's path) or a transformers one."""
     if implementation == "variable_k":
-        return OLMoERouterPatcher(model, experts_path="variable_k")
+        return OLMoERouterPatcher(model, experts_path="variable_k", record_token_counts=True)
     model.set_experts_implementation(implementation)
-    return OLMoERouterPatcher(model, experts_path="model")
+    return OLMoERouterPatcher(model, experts_path="model", record_token_counts=True)
 
 
 def patched_logits(model, input_ids, implementation: str, patch) -> tuple[OLMoERouterPatcher, torch.Tensor]:
@@ -72,7 +72,7 @@ def check_against_float32(model, input_ids) -> None:
     the model (eager experts) is the reference each bf16 path is measured against."""
     reference_model = copy.deepcopy(model).float()
     reference_model.set_experts_implementation("eager")
-    reference_patcher = OLMoERouterPatcher(reference_model, experts_path="model")
+    reference_patcher = OLMoERouterPatcher(reference_model, experts_path="model", record_token_counts=True)
     for name, patch in (("BH", patch_bh), ("top-4", lambda p: p.patch_with_topk(k=4))):
         patch(reference_patcher)
         with torch.no_grad():
@@ -102,8 +102,9 @@ def check_graphs_and_compile(model, input_ids) -> None:
     """CUDA-graph and compiled routing against plain: prefill counts, and decode generations (one token per
     step replays the same graph)."""
     model.set_experts_implementation("grouped_mm")
-    plain, graphed = OLMoERouterPatcher(model, cuda_graphs=False), OLMoERouterPatcher(model)  # default: CUDA graphs
-    compiled = OLMoERouterPatcher(model, compile_routing=True)
+    plain = OLMoERouterPatcher(model, cuda_graphs=False, record_token_counts=True)
+    graphed = OLMoERouterPatcher(model, record_token_counts=True)  # default: CUDA graphs
+    compiled = OLMoERouterPatcher(model, compile_routing=True, record_token_counts=True)
     counts = []
     for candidate in (plain, graphed, compiled):
         patch_bh(candidate)
@@ -143,13 +144,15 @@ def check_fitted_methods(model, input_ids) -> None:
     """Check 4, on a calibration fitted to other random tokens of the same model."""
     other = torch.randint(2, 512, (4096,), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     calibration = bh_routing.fit_routing_calibration(bh_routing.collect_router_logits(model, other, 256))
-    graphed = OLMoERouterPatcher(model, calibration=calibration)  # CUDA graphs and compiled routing on
+    # CUDA graphs and compiled routing on
+    graphed = OLMoERouterPatcher(model, calibration=calibration, record_token_counts=True)
     configs = [bh_routing.RoutingConfig.parse(spec) for spec in FITTED]
     configs.append(bh_routing.RoutingConfig.of("layerk", budgets=(1.5, 2.25, 3.0, 4.75)))
     for config in configs:
         share = layer_counts_agree(model, graphed, config, input_ids)
         print(f"{config.name}: per-layer counts equal to route_logits for {100 * share:.3f}% of decisions")
-    plain = OLMoERouterPatcher(model, calibration=calibration, cuda_graphs=False, compile_routing=False)
+    options = {"cuda_graphs": False, "compile_routing": False, "record_token_counts": True}
+    plain = OLMoERouterPatcher(model, calibration=calibration, **options)
     generations = []
     for candidate in (plain, graphed):
         configs[0].apply(candidate)
@@ -175,7 +178,7 @@ def check_family(family: str, input_ids) -> None:
     model = sharpened_family(family)
     with torch.no_grad():
         reference = model(input_ids).logits
-    patcher = OLMoERouterPatcher(model)  # the defaults on CUDA
+    patcher = OLMoERouterPatcher(model, record_token_counts=True)  # the defaults on CUDA
     patcher.patch("topk")
     with torch.no_grad():
         native_identical = torch.equal(model(input_ids).logits, reference)
@@ -183,7 +186,7 @@ def check_family(family: str, input_ids) -> None:
     share = layer_counts_agree(model, patcher, config, input_ids)
     logits = {}
     for path in ("variable_k", "model"):
-        with OLMoERouterPatcher(model, experts_path=path) as other:
+        with OLMoERouterPatcher(model, experts_path=path, record_token_counts=True) as other:
             config.apply(other)
             with torch.no_grad():
                 logits[path] = model(input_ids).logits.float()

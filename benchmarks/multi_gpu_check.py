@@ -45,12 +45,12 @@ def compare(spread, single, input_ids, options) -> None:
         first = next(candidate.parameters()).device
         if name == "spread":
             try:
-                br.OLMoERouterPatcher(candidate, cuda_graphs=True)
+                br.OLMoERouterPatcher(candidate, cuda_graphs=True, record_token_counts=True)
             except ValueError as error:
                 print("cuda_graphs=True on the spread model is refused:", error)
         with torch.no_grad():
             before = candidate(input_ids.to(first)).logits.float().cpu()
-        patcher = br.OLMoERouterPatcher(candidate, **options)
+        patcher = br.OLMoERouterPatcher(candidate, **options, record_token_counts=True)
         patcher.patch_with_bh(alpha=0.1, min_k=0, max_k=16)
         with torch.no_grad():
             logits = candidate(input_ids.to(first)).logits.float().cpu()
