@@ -143,12 +143,9 @@ def run_config(model, patcher, name, path, prompt, args) -> dict:
         stats = patcher.get_stats() if spec is not None and patcher.record_statistics else {}
     finally:
         patcher.unpatch()
-    rates = sorted(prompt.shape[0] * args.new_tokens / s for s in seconds)
     return {
         "warm_up_s": warm_up,
-        "tokens_per_second": statistics.median(rates),
-        "tokens_per_second_min": rates[0],
-        "tokens_per_second_max": rates[-1],
+        **bh_routing.throughput_summary(prompt.shape[0] * args.new_tokens, seconds),  # median tok/s and range
         "avg_experts": stats.get("avg_experts", bh_routing.find_moe_layers(model)[0].spec.top_k),
         "experts_implementation": stats.get("experts_implementation"),
         "cudagraph_skips": cudagraph_skips() - skips_before,  # compiled graphs that ran without CUDA graphs
