@@ -88,7 +88,7 @@ def test_statistics_updated_in_a_compiled_graph_equal_a_plain_computation():
         records.append((weights, index, counts, keep))
         compiled(accumulators, weights, index, counts, keep)
     histogram, selections, entropy, decisions, counts = reference(records, 64)
-    assert torch.equal(accumulators.histogram, histogram)
+    assert torch.equal(accumulators.histogram.long(), histogram)  # float64 counts: integers, exactly
     assert torch.equal(accumulators.selections.double(), selections)
     assert accumulators.entropy_sum.item() == pytest.approx(entropy, rel=1e-5)
     assert int(accumulators.decisions) == decisions and int(accumulators.written) == counts.numel()
@@ -158,16 +158,51 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
     out = tmp_path / "generate.json"
     command = [sys.executable, str(script), "--model", "embedded", "--device", "cpu", "--paths", "dynamic", "static",
                "--batch-sizes", "2", "--configs", "native", "topk_k8", "bh_k8_a005_nostats", "--new-tokens", "3",
-               "--prompt-tokens", "5", "--repeats", "1", "--out", str(out)]  # fmt: skip
+               "--prompt-tokens", "5", "--repeats", "2", "--out", str(out)]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 6 and {row["batch"] for row in rows.values()} == {2}
     for path in ("dynamic", "static"):
         native, top8 = rows[f"{path}/b2/native"], rows[f"{path}/b2/topk_k8"]
-        assert top8["tokens"] == native["tokens"] and top8["unpatched_bit_identical"]
-        assert rows[f"{path}/b2/bh_k8_a005_nostats"]["experts_implementation"] is None  # no statistics read
+        assert top8["tokens"] == native["tokens"] and top8["same_tokens_as_native"] and top8["unpatched_bit_identical"]
+        assert native["ratio_to_native"] == native["ratio_to_native_min"] == 1.0 and native["timing_repeats"] == 2
+        assert top8["ratio_to_native_min"] <= top8["ratio_to_native"] <= top8["ratio_to_native_max"]
+        assert top8["ratio_to_native_ci95"] == [top8["ratio_to_native_min"], top8["ratio_to_native_max"]]  # n = 2
+        assert len(top8["seconds_per_round"]) == len(top8["first_token_seconds_per_round"]) == 2
+        bh = rows[f"{path}/b2/bh_k8_a005_nostats"]
+        assert bh["experts_implementation"] is None and bh["unpatched_bit_identical"]  # no statistics read
+        assert not bh["same_tokens_as_native"]  # its own routing ran: the copies share no compiled graph
+        assert bh["device_ms_per_token"] is None and 0 < bh["decode_step_ms"] < bh["first_token_ms"] + 1e3
     first = out.read_text()
     subprocess.run(command, check=True, capture_output=True, timeout=600)  # every row done: nothing reruns
     assert json.loads(out.read_text())["rows"] == json.loads(first)["rows"]
     table = subprocess.run(command + ["--table"], check=True, capture_output=True, text=True).stdout
     assert table.count("\n| static | 2 |") == 3 and "1.00x" in table
+    refused = subprocess.run(command[:-2] + ["--new-tokens", "1", "--out", str(out)], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--new-tokens must be >= 2" in refused.stderr
+
+
+def test_the_benchmark_interval_for_a_median_is_the_order_statistics_of_the_binomial_table():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_generate
+
+    shuffled = torch.randperm(100, generator=torch.Generator().manual_seed(0)).add(1).tolist()
+    assert bench_generate.median_interval(shuffled) == (40, 61)  # the textbook 95% interval for n = 100
+    assert bench_generate.median_interval(list(range(20, 0, -1))) == (6, 15)  # n = 20: coverage 95.9%
+    assert bench_generate.median_interval(list(range(1, 9))) == (1, 8)  # n = 8 cannot reach 95% inside
+    assert bench_generate.median_interval(list(range(1, 21)), level=0.5) == (8, 13)  # coverage 73.7%; (9, 12): 49.7%
+
+
+def test_the_host_profile_compares_each_configuration_with_native(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_generate.py"
+    out = tmp_path / "profile.json"
+    command = [sys.executable, str(script), "--model", "embedded", "--device", "cpu", "--configs", "topk_k8_nostats",
+               "--new-tokens", "3", "--prompt-tokens", "5", "--top", "100000", "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    results = json.loads(out.read_text())
+    assert results["settings"]["configs"] == ["native", "topk_k8_nostats"]  # native added, first
+    assert all(row["own_us_per_token"] == 0 for row in results["native"]["against_native"])
+    patched = results["topk_k8_nostats"]
+    assert patched["own_seconds_per_token"] > 0
+    added = {row["function"] for row in patched["against_native"] if row["calls_per_token"] > 0}
+    assert any(name.startswith("bh_routing.py:") for name in added)  # the patcher's hooks ran, native's did not
