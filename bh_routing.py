@@ -1684,10 +1684,12 @@ class LayerAccumulators:
     """One MoE layer's routing statistics, preallocated on its device and updated in place by
     `accumulate_routing` (so a compiled forward, or a CUDA graph replaying it, keeps them up to date):
 
-        selections [E + 1] int64: how many kept rows chose each expert (the last bin: unused sentinel slots).
-        histogram [E + 1] int64: how many kept rows kept 0, 1, ..., E experts.
-        decisions [1] int64: kept rows (routing decisions) so far.
-        (the three are views of one `counters` tensor [2E + 3], which one scatter-add updates per call)
+        selections [E + 1]: how many kept rows chose each expert (the last bin: unused sentinel slots).
+        histogram [E + 1]: how many kept rows kept 0, 1, ..., E experts.
+        decisions [1]: kept rows (routing decisions) so far.
+        (the three are views of one float64 `counters` tensor [2E + 3], which one scatter-add updates per
+        call: float64 counts are exact up to 2**53, and inductor compiles a float64 scatter-add into atomic
+        adds where an int64 one falls back to aten's sort-based kernel, several launches per call)
         entropy_sum [1] float64: sum over kept rows of the entropy (nats) of the kept weights, normalised.
         token_counts [C] int16 or None: a ring buffer of every routed row's count (-1 for a row left out),
             written at positions written, written + 1, ... modulo C.
@@ -1703,7 +1705,7 @@ class LayerAccumulators:
             return tensor
 
         self.num_experts = num_experts
-        self.counters = zeros(2 * num_experts + 3)
+        self.counters = zeros(2 * num_experts + 3, dtype=torch.float64)
         self.entropy_sum = zeros(1, dtype=torch.float64)
         self.token_counts = None if token_capacity is None else zeros(token_capacity, dtype=torch.int16)
         self.written = zeros(1)
@@ -1754,7 +1756,7 @@ def accumulate_sums(accumulators: LayerAccumulators, top_weights, top_index, exp
     # `selections` drops), each row's count into the histogram, each row into decisions.
     bins = accumulators.num_experts + 1
     positions = torch.cat([top_index.reshape(-1), counts + bins, torch.full_like(counts, 2 * bins)])
-    values = torch.cat([row_weight.repeat_interleave(slots), row_weight, row_weight])
+    values = torch.cat([row_weight.repeat_interleave(slots), row_weight, row_weight]).double()
     accumulators.counters.index_add_(0, positions, values)
     accumulators.entropy_sum.add_((entropy * row_weight).sum())
 
@@ -1908,11 +1910,11 @@ class RoutingStatistics:
 
     def histograms(self) -> torch.Tensor:
         """[L, E + 1] int64 on the CPU: how many routed tokens kept 0, 1, ..., E experts, per layer."""
-        return torch.stack([layer.histogram.to("cpu") for layer in self._recorded()])
+        return torch.stack([layer.histogram.to("cpu", torch.int64) for layer in self._recorded()])
 
     def selections(self) -> torch.Tensor:
         """[L, E] float64 on the CPU: how many routed tokens kept each expert, per layer."""
-        return torch.stack([layer.selections.to("cpu") for layer in self._recorded()])[:, : self.num_experts].double()
+        return torch.stack([layer.selections.to("cpu") for layer in self._recorded()])[:, : self.num_experts]
 
     def summary(self, min_k: int, max_k: int, baseline_k: int) -> dict:
         """The design's metrics over every (token, layer) decision (`summarize_count_histogram`), plus
