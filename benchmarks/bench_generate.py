@@ -189,19 +189,29 @@ def time_rounds(copies: dict, path: str, prompt, args) -> tuple[dict, dict]:
     return seconds, first_token
 
 
-def device_ms_per_token(model, prompt, path: str, args) -> float | None:
-    """Milliseconds of GPU work (kernels, copies) per generated token in one generate, from torch.profiler;
-    None off CUDA. Against the wall time it splits a step into the device's work and the host's."""
+def device_profile(model, prompt, path: str, args) -> dict:
+    """GPU work per generated token in one generate, from torch.profiler (empty off CUDA): its milliseconds
+    (kernels, copies; against the wall time it splits a step into the device's work and the host's), its
+    number of kernels (a decode step at batch 1 is bound by them) and the 12 kernels that take the most time
+    (name -> [launches per token, microseconds per token])."""
     if torch.device(args.device).type != "cuda":
-        return None
+        return {}
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         generate(model, prompt, path, args.new_tokens)
         bh_routing.synchronize(args.device)
-    device_us = sum(e.time_range.elapsed_us() for e in profiler.events() if e.device_type == DeviceType.CUDA)
-    return device_us / 1000 / (prompt.shape[0] * args.new_tokens)
+    tokens, kernels = prompt.shape[0] * args.new_tokens, {}
+    for event in profiler.events():
+        if event.device_type == DeviceType.CUDA:
+            launches, microseconds = kernels.get(event.name, (0, 0.0))
+            kernels[event.name] = (launches + 1 / tokens, microseconds + event.time_range.elapsed_us() / tokens)
+    return {
+        "device_ms_per_token": sum(us for _, us in kernels.values()) / 1000,
+        "kernels_per_token": sum(launches for launches, _ in kernels.values()),
+        "top_kernels": dict(sorted(kernels.items(), key=lambda item: -item[1][1])[:12]),
+    }
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -239,7 +249,8 @@ def block_rows(copies: dict, states: dict, timings: tuple, path: str, prompt, ar
             "first_token_seconds_per_round": first_token[name],
             "first_token_ms": 1000 * statistics.median(first_token[name]),
             "decode_step_ms": 1000 * statistics.median(steps),
-            "device_ms_per_token": device_ms_per_token(copies[name], prompt, path, args),
+            "device_ms_per_token": None,  # on CUDA, with kernels_per_token and top_kernels: `device_profile`
+            **device_profile(copies[name], prompt, path, args),
             "avg_experts": stats.get("avg_experts", bh_routing.find_moe_layers(copies[name])[0].spec.top_k),
             "experts_implementation": stats.get("experts_implementation"),
             "cudagraph_skips": state["cudagraph_skips"],
@@ -295,14 +306,19 @@ def milliseconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def count(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def table(results: dict) -> str:
     """Markdown: one row per path, batch and configuration; the ratio to native is the median over rounds
     of the same process, with its range and the 95% interval of the median (`median_interval`)."""
     lines = [
         "| path | batch | config | avg experts | tok/s (range) | vs native (range over rounds; 95% interval of "
-        "the median) | first token ms | decode step ms | GPU ms/token | HBM floor tok/s | of floor | warm-up s | "
+        "the median) | first token ms | decode step ms | GPU ms/token | kernels/token | HBM floor tok/s | of floor | "
+        "warm-up s | "
         "same tokens as native | unpatched bit-identical |",
-        "|" + " --- |" * 14,
+        "|" + " --- |" * 15,
     ]
     for row in results["rows"].values():
         speed, floor, device_ms = (
@@ -321,7 +337,8 @@ def table(results: dict) -> str:
             f"| {row['path']} | {row['batch']} | {row['config']} | {row['avg_experts']:.2f} | "
             f"{speed:.1f} ({row['tokens_per_second_min']:.1f}-{row['tokens_per_second_max']:.1f}) | {ratio} | "
             f"{milliseconds(row.get('first_token_ms'))} | {milliseconds(row.get('decode_step_ms'))} | "
-            f"{milliseconds(device_ms)} | {floor_cells} | {row['warm_up_s']:.1f} | {same_tokens} | "
+            f"{milliseconds(device_ms)} | {count(row.get('kernels_per_token'))} | {floor_cells} | "
+            f"{row['warm_up_s']:.1f} | {same_tokens} | "
             f"{'yes' if row['unpatched_bit_identical'] else 'no'} |"
         )
     return "\n".join(lines)
