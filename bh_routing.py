@@ -3607,8 +3607,11 @@ class MoERouterPatcher:
         self.in_expert_space, self.native_routing = in_expert_space, native
         self._prepare_experts(spec, params)
         self.experts_implementation = self._current_experts_implementation()
-        self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._after_forward))
+        # On the base model (the decoder stack), not the model itself: hooks on the module a compiled call
+        # starts from split that call into two dynamo frames, two guard evaluations per decode step.
+        stack = getattr(self.model, "base_model", self.model)
+        self._handles.append(stack.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(stack.register_forward_hook(self._after_forward))
         for index, (layer, layer_routes) in enumerate(zip(self.layers, routes, strict=True)):
             hook = PatchedRouter(self, index, layer_routes, self.cuda_graphs)
             self._handles.append(layer.router.register_forward_hook(hook))
