@@ -273,14 +273,24 @@ def check_counts(model, prompt, args) -> dict:
     return {"bh_counts_static_equal_dynamic": equal, "agreement": agreement, "decisions": counts["dynamic"].numel()}
 
 
+def random_prompt(model, batch: int, args):
+    """[batch, --prompt-tokens] random token ids on --device, the same for a batch size in every run."""
+    generator = torch.Generator().manual_seed(batch)
+    prompt = torch.randint(3, model.config.vocab_size, (batch, args.prompt_tokens), generator=generator)
+    return prompt.to(args.device)
+
+
+def native_first(configs: list[str]) -> list[str]:
+    """The configurations without repeats, native (the baseline of every ratio) first."""
+    return ["native"] + [name for name in dict.fromkeys(configs) if name != "native"]
+
+
 def run_block(model, path: str, batch: int, args, results: dict, save) -> None:
     """Every configuration on one path and batch size, each on its own copy of the model, timed in turn
     (`time_rounds`); then each copy unpatched must generate native's logits again, bit for bit. The block's
     rows are saved together, as their ratios come from the same rounds; a rerun skips a finished block."""
     keys = {name: f"{path}/b{batch}/{name}" for name in args.configs}
-    generator = torch.Generator().manual_seed(batch)
-    prompt = torch.randint(3, model.config.vocab_size, (batch, args.prompt_tokens), generator=generator)
-    prompt = prompt.to(args.device)
+    prompt = random_prompt(model, batch, args)
     if args.redo or not all(key in results["rows"] for key in keys.values()):
         copies = dict(zip(args.configs, model_copies(model, len(args.configs)), strict=True))
         states = prepare(copies, path, prompt, args)
@@ -302,12 +312,8 @@ def run_block(model, path: str, batch: int, args, results: dict, save) -> None:
         save()
 
 
-def milliseconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def count(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
+def number(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def table(results: dict) -> str:
@@ -336,8 +342,8 @@ def table(results: dict) -> str:
         lines.append(
             f"| {row['path']} | {row['batch']} | {row['config']} | {row['avg_experts']:.2f} | "
             f"{speed:.1f} ({row['tokens_per_second_min']:.1f}-{row['tokens_per_second_max']:.1f}) | {ratio} | "
-            f"{milliseconds(row.get('first_token_ms'))} | {milliseconds(row.get('decode_step_ms'))} | "
-            f"{milliseconds(device_ms)} | {count(row.get('kernels_per_token'))} | {floor_cells} | "
+            f"{number(row.get('first_token_ms'))} | {number(row.get('decode_step_ms'))} | "
+            f"{number(device_ms)} | {number(row.get('kernels_per_token'), 0)} | {floor_cells} | "
             f"{row['warm_up_s']:.1f} | {same_tokens} | "
             f"{'yes' if row['unpatched_bit_identical'] else 'no'} |"
         )
@@ -379,7 +385,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.new_tokens < 2 or args.repeats < 1:
         parser.error(f"--new-tokens must be >= 2 and --repeats >= 1, got {args.new_tokens} and {args.repeats}")
-    args.configs = ["native"] + [name for name in dict.fromkeys(args.configs) if name != "native"]  # the baseline
+    args.configs = native_first(args.configs)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": {}, "checks": {}}
     if args.table:
         print(table(results))

@@ -15,8 +15,6 @@ import pstats
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate  # noqa: E402 - the benchmark's model, copies, warm-up and generate
 
@@ -58,12 +56,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    args.configs = ["native"] + [name for name in dict.fromkeys(args.configs) if name != "native"]
+    args.configs = bench_generate.native_first(args.configs)
     bh_routing.guard_module_hooks()  # as bench_generate: native compiles once, with the hook guards
     model = bench_generate.load(args)
-    generator = torch.Generator().manual_seed(args.batch)
-    prompt = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt_tokens), generator=generator)
-    prompt = prompt.to(args.device)
+    prompt = bench_generate.random_prompt(model, args.batch, args)
     copies = dict(zip(args.configs, bench_generate.model_copies(model, len(args.configs)), strict=True))
     bench_generate.prepare(copies, args.path, prompt, args)
     profiles = {}
