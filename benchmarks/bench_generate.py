@@ -189,28 +189,40 @@ def time_rounds(copies: dict, path: str, prompt, args) -> tuple[dict, dict]:
     return seconds, first_token
 
 
+HOST_EVENTS = {  # profiler CPU events counted per generated token: the host's share of a step
+    "dynamo_lookups": "TorchDynamo Cache Lookup",  # guard evaluations before a compiled call
+    "graph_launches": "cudaGraphLaunch",  # CUDA graphs replayed
+    "kernel_launches": "cudaLaunchKernel",  # kernels launched one by one, outside a graph
+}
+
+
 def device_profile(model, prompt, path: str, args) -> dict:
     """GPU work per generated token in one generate, from torch.profiler (empty off CUDA): its milliseconds
     (kernels, copies; against the wall time it splits a step into the device's work and the host's), its
-    number of kernels (a decode step at batch 1 is bound by them) and the 12 kernels that take the most time
-    (name -> [launches per token, microseconds per token])."""
+    number of kernels (a decode step at batch 1 is bound by them), the 12 kernels that take the most time
+    (name -> [launches per token, microseconds per token]) and the host events of `HOST_EVENTS` per token,
+    counted and timed (host times with the profiler on, which lengthens them)."""
     if torch.device(args.device).type != "cuda":
         return {}
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         generate(model, prompt, path, args.new_tokens)
         bh_routing.synchronize(args.device)
-    tokens, kernels = prompt.shape[0] * args.new_tokens, {}
+    tokens, kernels, host = prompt.shape[0] * args.new_tokens, {}, {}
     for event in profiler.events():
-        if event.device_type == DeviceType.CUDA:
-            launches, microseconds = kernels.get(event.name, (0, 0.0))
-            kernels[event.name] = (launches + 1 / tokens, microseconds + event.time_range.elapsed_us() / tokens)
+        table = kernels if event.device_type == DeviceType.CUDA else host
+        if table is kernels or event.name in HOST_EVENTS.values():
+            launches, microseconds = table.get(event.name, (0, 0.0))
+            table[event.name] = (launches + 1 / tokens, microseconds + event.time_range.elapsed_us() / tokens)
+    events = {key: host.get(name, (0.0, 0.0)) for key, name in HOST_EVENTS.items()}
     return {
         "device_ms_per_token": sum(us for _, us in kernels.values()) / 1000,
         "kernels_per_token": sum(launches for launches, _ in kernels.values()),
         "top_kernels": dict(sorted(kernels.items(), key=lambda item: -item[1][1])[:12]),
+        **{f"{key}_per_token": count for key, (count, _) in events.items()},
+        **{f"{key}_us_per_token": microseconds for key, (_, microseconds) in events.items()},  # profiler on
     }
 
 
