@@ -1687,13 +1687,14 @@ class LayerAccumulators:
         selections [E + 1]: how many kept rows chose each expert (the last bin: unused sentinel slots).
         histogram [E + 1]: how many kept rows kept 0, 1, ..., E experts.
         decisions [1]: kept rows (routing decisions) so far.
-        (the three are views of one float64 `counters` tensor [2E + 3], which one scatter-add updates per
-        call: float64 counts are exact up to 2**53, and inductor compiles a float64 scatter-add into atomic
-        adds where an int64 one falls back to aten's sort-based kernel, several launches per call)
-        entropy_sum [1] float64: sum over kept rows of the entropy (nats) of the kept weights, normalised.
+        entropy_sum [1]: sum over kept rows of the entropy (nats) of the kept weights, normalised.
+        (the four are views of one float64 `counters` tensor [2E + 4], which one scatter-add updates per
+        call: float64 counts are exact up to 2**53; inductor compiles a float64 scatter-add into atomic adds
+        where an int64 one falls back to aten's sort-based kernel, several launches per call; and a compiled
+        forward guards on every tensor it reads, one more guard evaluation per tensor and decode step)
         token_counts [C] int16 or None: a ring buffer of every routed row's count (-1 for a row left out),
             written at positions written, written + 1, ... modulo C.
-        written [1] int64: rows written to the ring buffer so far.
+        written [1] int64 or None: rows written to the ring buffer so far.
     Scalars are [1], not 0-d: inductor (torch 2.13, CPU) drops in-place updates of 0-d static tensors.
     """
 
@@ -1705,10 +1706,9 @@ class LayerAccumulators:
             return tensor
 
         self.num_experts = num_experts
-        self.counters = zeros(2 * num_experts + 3, dtype=torch.float64)
-        self.entropy_sum = zeros(1, dtype=torch.float64)
+        self.counters = zeros(2 * num_experts + 4, dtype=torch.float64)
         self.token_counts = None if token_capacity is None else zeros(token_capacity, dtype=torch.int16)
-        self.written = zeros(1)
+        self.written = None if token_capacity is None else zeros(1)
 
     @property
     def selections(self) -> torch.Tensor:
@@ -1720,10 +1720,14 @@ class LayerAccumulators:
 
     @property
     def decisions(self) -> torch.Tensor:
+        return self.counters[-2:-1]
+
+    @property
+    def entropy_sum(self) -> torch.Tensor:
         return self.counters[-1:]
 
     def tensors(self) -> list[torch.Tensor]:
-        named = [self.counters, self.entropy_sum, self.token_counts, self.written]
+        named = [self.counters, self.token_counts, self.written]
         return [tensor for tensor in named if tensor is not None]
 
 
@@ -1745,7 +1749,7 @@ def _flat_counts(top_index: torch.Tensor, expert_counts) -> torch.Tensor:
 
 
 def accumulate_sums(accumulators: LayerAccumulators, top_weights, top_index, expert_counts=None, keep=None):
-    """The order-free part of `accumulate_routing`: selections, count histogram, entropy sum, decisions."""
+    """The order-free part of `accumulate_routing`: selections, count histogram, decisions, entropy sum."""
     slots = top_index.shape[-1]
     counts = _flat_counts(top_index, expert_counts)  # [N]
     weights = top_weights.detach().reshape(-1, slots).float()  # statistics never join an autograd graph
@@ -1753,12 +1757,14 @@ def accumulate_sums(accumulators: LayerAccumulators, top_weights, top_index, exp
     entropy = -torch.xlogy(shares, shares).sum(dim=-1)  # [N]
     row_weight = torch.ones_like(counts) if keep is None else keep.reshape(-1).long()  # [N]
     # One scatter-add: each slot's expert into selections (sentinel slots land in the last bin, which
-    # `selections` drops), each row's count into the histogram, each row into decisions.
+    # `selections` drops), each row's count into the histogram, each row into decisions, each row's
+    # entropy into the entropy sum.
     bins = accumulators.num_experts + 1
-    positions = torch.cat([top_index.reshape(-1), counts + bins, torch.full_like(counts, 2 * bins)])
-    values = torch.cat([row_weight.repeat_interleave(slots), row_weight, row_weight]).double()
+    decision_and_entropy = [torch.full_like(counts, 2 * bins), torch.full_like(counts, 2 * bins + 1)]
+    positions = torch.cat([top_index.reshape(-1), counts + bins, *decision_and_entropy])
+    row_weight = row_weight.double()
+    values = torch.cat([row_weight.repeat_interleave(slots), row_weight, row_weight, entropy.double() * row_weight])
     accumulators.counters.index_add_(0, positions, values)
-    accumulators.entropy_sum.add_((entropy * row_weight).sum())
 
 
 def write_token_counts(accumulators: LayerAccumulators, top_index, expert_counts=None, keep=None):
@@ -2656,6 +2662,10 @@ def run_settings(model, model_name_or_path, device: str) -> dict:
 
 VARIABLE_K_EXPERTS = "variable_k"  # the name registered in transformers' ExpertsInterface
 EXPERTS_PATHS = (VARIABLE_K_EXPERTS, "model")  # MoERouterPatcher(experts_path=...)
+# Up to this many (token, slot) pairs (decoding a few sequences) the fused path computes each kept pair with
+# matrix-vector kernels on its expert's weights: there a sort and grouped GEMMs cost more launches and fixed
+# time than the few experts' bytes (benchmarks/gpu_notes.md, run 37).
+DECODE_PAIRS = 16
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs use the torch reference below.
     import triton
@@ -2838,9 +2848,11 @@ if triton is not None:
         num_experts,
         SLOTS: tl.constexpr,
         BLOCK: tl.constexpr,
+        ROWS_ARE_PAIRS: tl.constexpr = False,
     ):
         """output[t, block] = sum over kept slots k of weight[t, k] * expert_outputs[pair_rows[t*K + k], block],
-        accumulated in float32; sentinel slots load nothing."""
+        accumulated in float32; sentinel slots load nothing. ROWS_ARE_PAIRS: expert_outputs has one row per
+        pair (row t*K + k; pair_rows is not read)."""
         token = tl.program_id(0).to(tl.int64)
         columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = columns < hidden_size
@@ -2849,11 +2861,85 @@ if triton is not None:
             pair = token * SLOTS + slot
             kept = tl.load(top_k_index_ptr + pair) < num_experts
             weight = tl.load(top_k_weights_ptr + pair).to(tl.float32)
-            row = tl.load(pair_rows_ptr + pair, mask=kept, other=0)
+            if ROWS_ARE_PAIRS:
+                row = pair
+            else:
+                row = tl.load(pair_rows_ptr + pair, mask=kept, other=0)
             kept_columns = columns < tl.where(kept, hidden_size, 0)  # all False in a sentinel slot
             values = tl.load(expert_outputs_ptr + row * hidden_size + columns, mask=kept_columns, other=0.0)
             accumulator += tl.where(kept, weight, 0.0) * values.to(tl.float32)
         tl.store(output_ptr + token * hidden_size + columns, accumulator.to(output_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _pair_gate_up_kernel(
+        hidden_ptr,
+        top_k_index_ptr,
+        gate_up_ptr,
+        activated_ptr,
+        hidden_size,
+        intermediate_size,
+        num_experts,
+        SLOTS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """activated[p, rows] = silu(gate) * up for a block of the I rows of pair p = t*K + k, where gate and up
+        are expert e's gate and up rows times hidden[t] (matrix-vector products, float32 sums rounded to the
+        weights' dtype as the grouped GEMM's output is); a sentinel pair writes nothing."""
+        pair = tl.program_id(0).to(tl.int64)
+        expert = tl.load(top_k_index_ptr + pair).to(tl.int64)
+        if expert < num_experts:
+            dtype = gate_up_ptr.dtype.element_ty
+            rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+            columns = tl.arange(0, BLOCK_K)
+            source = hidden_ptr + (pair // SLOTS) * hidden_size
+            gate_rows = gate_up_ptr + expert * 2 * intermediate_size * hidden_size + rows[:, None] * hidden_size
+            up_rows = gate_rows + intermediate_size * hidden_size
+            gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, hidden_size, BLOCK_K):
+                column_mask = start + columns < hidden_size
+                mask = (rows[:, None] < intermediate_size) & column_mask[None, :]
+                vector = tl.load(source + start + columns, mask=column_mask, other=0.0).to(dtype).to(tl.float32)
+                weights = tl.load(gate_rows + start + columns[None, :], mask=mask, other=0.0)
+                gate += tl.sum(weights.to(tl.float32) * vector[None, :], axis=1)
+                weights = tl.load(up_rows + start + columns[None, :], mask=mask, other=0.0)
+                up += tl.sum(weights.to(tl.float32) * vector[None, :], axis=1)
+            gate = gate.to(dtype).to(tl.float32)
+            activated = gate * tl.sigmoid(gate) * up.to(dtype).to(tl.float32)
+            target = activated_ptr + pair * intermediate_size + rows
+            tl.store(target, activated.to(activated_ptr.dtype.element_ty), mask=rows < intermediate_size)
+
+    @triton.jit
+    def _pair_down_kernel(
+        activated_ptr,
+        top_k_index_ptr,
+        down_ptr,
+        expert_outputs_ptr,
+        hidden_size,
+        intermediate_size,
+        num_experts,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """expert_outputs[p, rows] = expert e's down rows times activated[p] for a block of the H rows of pair p
+        (a matrix-vector product, float32 sums rounded to the weights' dtype); a sentinel pair writes nothing."""
+        pair = tl.program_id(0).to(tl.int64)
+        expert = tl.load(top_k_index_ptr + pair).to(tl.int64)
+        if expert < num_experts:
+            rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+            columns = tl.arange(0, BLOCK_K)
+            source = activated_ptr + pair * intermediate_size
+            weight_rows = down_ptr + expert * hidden_size * intermediate_size + rows[:, None] * intermediate_size
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, intermediate_size, BLOCK_K):
+                column_mask = start + columns < intermediate_size
+                mask = (rows[:, None] < hidden_size) & column_mask[None, :]
+                vector = tl.load(source + start + columns, mask=column_mask, other=0.0).to(tl.float32)
+                weights = tl.load(weight_rows + start + columns[None, :], mask=mask, other=0.0)
+                total += tl.sum(weights.to(tl.float32) * vector[None, :], axis=1)
+            target = expert_outputs_ptr + pair * hidden_size + rows
+            tl.store(target, total.to(expert_outputs_ptr.dtype.element_ty), mask=rows < hidden_size)
 
 
 @functools.cache
@@ -2866,19 +2952,21 @@ def _num_row_programs(device: torch.device) -> int:
 
 def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, row_programs=None):
     """The fused variable-k experts forward (SiLU-gated experts): sort, Triton gather, two grouped GEMMs
-    with a Triton SiLU-and-multiply between them, Triton weighted combine. Shapes as in
-    `variable_k_experts_forward`; row_programs: programs of the row kernels (None: a few per SM). Runs
-    wherever Triton runs (CUDA; CPU under TRITON_INTERPRET=1)."""
+    with a Triton SiLU-and-multiply between them, Triton weighted combine; for at most `DECODE_PAIRS`
+    (token, slot) pairs, `variable_k_experts_decode` instead. Shapes as in `variable_k_experts_forward`;
+    row_programs: programs of the row kernels (None: a few per SM). Runs wherever Triton runs (CUDA; CPU
+    under TRITON_INTERPRET=1)."""
     num_tokens, slots = top_k_index.shape
     num_experts, double_intermediate, hidden_size = gate_up_proj.shape
     num_pairs = num_tokens * slots
     hidden_states, top_k_index, top_k_weights = (t.contiguous() for t in (hidden_states, top_k_index, top_k_weights))
+    if num_pairs == 0:
+        return torch.empty_like(hidden_states)
+    if num_pairs <= DECODE_PAIRS:
+        return variable_k_experts_decode(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
     pair_order, offsets = sort_pairs_by_expert(top_k_index, num_experts)
     sorted_hidden = torch.empty(num_pairs, hidden_size, device=hidden_states.device, dtype=gate_up_proj.dtype)
     pair_rows = torch.empty_like(pair_order)
-    output = torch.empty_like(hidden_states)
-    if num_pairs == 0:
-        return output
     row_programs = _num_row_programs(hidden_states.device) if row_programs is None else row_programs
     row_programs = (min(num_pairs, row_programs),)
     _gather_kept_pairs_kernel[row_programs](
@@ -2890,10 +2978,42 @@ def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up
         gate_up, activated, offsets, double_intermediate // 2, num_experts, BLOCK=1024
     )
     expert_outputs = grouped_matmul(activated, down_proj, offsets, grouped=True)  # [S, H]
+    return _combine_kept_pairs(expert_outputs, pair_rows, top_k_index, top_k_weights, hidden_states, num_experts)
+
+
+def variable_k_experts_decode(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    """The fused variable-k experts forward for a few (token, slot) pairs, as in decoding: each kept pair's
+    gate/up and down projections as matrix-vector products that read its expert's weights directly, then
+    the weighted combine. Three kernels, no sort, no grouped GEMM; every pair reads its expert's weights
+    (pairs that share an expert read them twice, which is why larger inputs take the grouped path).
+    Contiguous inputs, shapes as in `variable_k_experts_forward`."""
+    num_tokens, slots = top_k_index.shape
+    num_experts, double_intermediate, hidden_size = gate_up_proj.shape
+    intermediate_size, num_pairs = double_intermediate // 2, num_tokens * slots
+    activated = torch.empty(num_pairs, intermediate_size, device=hidden_states.device, dtype=gate_up_proj.dtype)
+    expert_outputs = torch.empty(num_pairs, hidden_size, device=hidden_states.device, dtype=down_proj.dtype)
+    sizes, rows = (hidden_size, intermediate_size, num_experts), 8  # output rows per program: I/8 programs a pair
+    gate_up_block = min(512, triton.next_power_of_2(hidden_size))
+    _pair_gate_up_kernel[(num_pairs, triton.cdiv(intermediate_size, rows))](
+        hidden_states, top_k_index, gate_up_proj, activated, *sizes, SLOTS=slots, BLOCK_N=rows, BLOCK_K=gate_up_block
+    )
+    down_block = min(512, triton.next_power_of_2(intermediate_size))
+    _pair_down_kernel[(num_pairs, triton.cdiv(hidden_size, 2 * rows))](
+        activated, top_k_index, down_proj, expert_outputs, *sizes, BLOCK_N=2 * rows, BLOCK_K=down_block
+    )
+    return _combine_kept_pairs(expert_outputs, None, top_k_index, top_k_weights, hidden_states, num_experts)
+
+
+def _combine_kept_pairs(expert_outputs, pair_rows, top_k_index, top_k_weights, hidden_states, num_experts: int):
+    """[T, H] weighted sum of each token's kept pairs' expert outputs (rows given by pair_rows [T*K], or one
+    row per pair when pair_rows is None); slots holding the sentinel num_experts are skipped."""
+    (num_tokens, slots), hidden_size = top_k_index.shape, hidden_states.shape[-1]
+    output = torch.empty_like(hidden_states)
     block = min(1024, triton.next_power_of_2(hidden_size))
+    rows_are_pairs = pair_rows is None
     _combine_kept_pairs_kernel[(num_tokens, triton.cdiv(hidden_size, block))](
         expert_outputs,
-        pair_rows,
+        top_k_index if rows_are_pairs else pair_rows,  # not read when the rows are the pairs
         top_k_index,
         top_k_weights,
         output,
@@ -2901,6 +3021,7 @@ def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up
         num_experts,
         SLOTS=slots,
         BLOCK=block,
+        ROWS_ARE_PAIRS=rows_are_pairs,
     )
     return output
 

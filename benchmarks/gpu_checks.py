@@ -9,7 +9,9 @@
 4. The methods that read per-layer tables (BH and HC with fitted nulls, dynamic skipping with the median
    beta, entropy k, top-k at a per-layer budget), patched with CUDA graphs and compilation, keep in every
    layer the counts that `route_logits` gives for that layer's logits, and decode like the plain patcher.
-5. Every MoE family of `bh_routing.TINY_MOE_CONFIGS` in bf16 on CUDA, with the patcher's defaults there
+5. The decode form of the variable-k path (`variable_k_experts_decode`, at most DECODE_PAIRS pairs) and the
+   grouped form, on OLMoE-1B-7B's expert shape in bf16, against a float64 computation of the same inputs.
+6. Every MoE family of `bh_routing.TINY_MOE_CONFIGS` in bf16 on CUDA, with the patcher's defaults there
    (CUDA-graph and compiled routing): native top-k bit-identical, BH's counts equal to `route_logits` on the
    selection logits each layer saw, the variable-k path against the family's own experts path, and the
    model restored bit for bit.
@@ -199,6 +201,31 @@ def check_family(family: str, input_ids) -> None:
     )
 
 
+def check_decode_kernels() -> None:
+    """Both forms of the fused variable-k path on the OLMoE-1B-7B expert shape (64 experts, H 2048, I 1024),
+    bf16, for decode-sized inputs with sentinel slots, against float64 (relative error of the [T, H] output)."""
+    generator = torch.Generator("cuda").manual_seed(0)
+    gate_up = (torch.randn(64, 2048, 2048, device="cuda", generator=generator) / 45).bfloat16()
+    down = (torch.randn(64, 2048, 1024, device="cuda", generator=generator) / 32).bfloat16()
+    for num_tokens, slots in ((1, 8), (2, 8), (6, 2), (3, 1)):
+        logits = torch.randn(num_tokens, 64, device="cuda", generator=generator)
+        weights, index = torch.softmax(logits, -1).topk(slots)
+        index[0, slots // 2 :] = 64  # sentinel slots
+        hidden = torch.randn(num_tokens, 2048, device="cuda", generator=generator).bfloat16()
+        expected = torch.zeros(num_tokens, 2048, device="cuda", dtype=torch.float64)
+        for token, slot in (index < 64).nonzero().tolist():
+            expert = int(index[token, slot])
+            gate, up = (gate_up[expert].double() @ hidden[token].double()).chunk(2)
+            activated = torch.nn.functional.silu(gate) * up
+            expected[token] += weights[token, slot].double() * (down[expert].double() @ activated)
+        forms = {"decode": bh_routing.variable_k_experts_decode(hidden, index, weights, gate_up, down)}
+        saved, bh_routing.DECODE_PAIRS = bh_routing.DECODE_PAIRS, 0  # the grouped form, below its threshold
+        forms["grouped"] = bh_routing.variable_k_experts_triton(hidden, index, weights, gate_up, down)
+        bh_routing.DECODE_PAIRS = saved
+        errors = ", ".join(f"{name} {relative_error(out.double(), expected):.2e}" for name, out in forms.items())
+        print(f"variable-k decode/grouped forms, {num_tokens} tokens x {slots} slots, against float64: {errors}")
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA device"
     model = bh_routing.build_random_olmoe(
@@ -217,6 +244,7 @@ def main() -> None:
     with torch.no_grad():
         restored = model(input_ids).logits
     print(f"unpatched logits bit-identical to before patching: {torch.equal(restored, reference)}")
+    check_decode_kernels()
     for family in bh_routing.TINY_MOE_CONFIGS:
         check_family(family, input_ids)
 
