@@ -160,6 +160,8 @@ __all__ = [
     "VariableKPlan",
     "variable_k_experts_torch",
     "variable_k_experts_triton",
+    "variable_k_experts_decode",
+    "DECODE_PAIRS",
     "sort_pairs_by_expert",
     "grouped_mm_usable",
     "grouped_matmul",
