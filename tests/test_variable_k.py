@@ -180,6 +180,7 @@ decode_calls, decode = [], bh_routing.variable_k_experts_decode
 bh_routing.variable_k_experts_decode = lambda *args: decode_calls.append(1) or decode(*args)
 # The interpreter rounds float32 to bfloat16 by truncation, twice the error of a GPU's round-to-nearest.
 for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+    experts.to(dtype)  # the weights as this dtype holds them; the float64 reference below reads them exactly
     # (37, 8) and (3, 8) take the grouped path, the others (at most DECODE_PAIRS pairs) the decode path
     for num_tokens, slots in ((37, 8), (3, 8), (1, 8), (2, 8), (6, 2)):
         generator = torch.Generator().manual_seed(num_tokens)
