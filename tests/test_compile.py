@@ -141,7 +141,7 @@ def dynamo_lookups(model, input_ids) -> int:
     return sum(event.count for event in profiler.key_averages() if event.key == "TorchDynamo Cache Lookup")
 
 
-def test_a_patched_compiled_decode_step_is_one_dynamo_frame_as_native_s(tiny_model):
+def test_a_patched_compiled_decode_step_makes_one_dynamo_lookup_as_native_does(tiny_model):
     # Hooks on the module a compiled call starts from split it into two frames: two guard evaluations per
     # step (about 0.4 ms each on the OLMoE-1B-7B shape, gpu_notes run 34), more than fewer experts save.
     input_ids = torch.randint(2, 512, (1, 5), generator=torch.Generator().manual_seed(5))
