@@ -334,8 +334,7 @@ def table(results: dict) -> str:
     lines = [
         "| path | batch | config | avg experts | tok/s (range) | vs native (range over rounds; 95% interval of "
         "the median) | first token ms | decode step ms | GPU ms/token | kernels/token | HBM floor tok/s | of floor | "
-        "warm-up s | "
-        "same tokens as native | unpatched bit-identical |",
+        "warm-up s | same tokens as native | unpatched bit-identical |",
         "|" + " --- |" * 15,
     ]
     for row in results["rows"].values():
