@@ -169,6 +169,7 @@ __all__ = [
     "OLMoERouterPatcher",
     "MoERouterPatcher",
     "PatchedRouter",
+    "patched_router_class",
     "MoELayer",
     "RouterSpec",
     "describe_router",
@@ -178,7 +179,6 @@ __all__ = [
     "CudaGraphed",
     "capture_cuda_graph",
     "compile_once",
-    "guard_module_hooks",
     "grouped_mm_masks_sentinels",
     "load_heldout_text",
     "sliding_windows",
@@ -1033,7 +1033,10 @@ class RoutingMethod:
             _tables_to(self.layer_tables(params, patcher.calibration, layer), router.weight.device)
             for layer, router in enumerate(patcher.routers)
         ]
-        return [functools.partial(_route_with_tables, self, params, layer_tables) for layer_tables in tables]
+        # A route per layer reaching only objects of its own (the method through the registry, one global):
+        # a compiled forward checks every object it reads at every decode step, and an object that several
+        # layers share costs each layer an identity check evaluated in Python.
+        return [functools.partial(_route_with_tables, self.name, dict(params), layer_tables) for layer_tables in tables]
 
     def in_expert_space(self, params: dict, patcher: MoERouterPatcher) -> bool:
         """Whether `layer_routes` returns experts of the router's own output (the patcher then applies no
@@ -1060,16 +1063,23 @@ class RoutingMethod:
         return self.name
 
 
-def _route_with_tables(method: RoutingMethod, params: dict, tables: dict, logits, native_weights, native_index):
-    """A layer route of `RoutingMethod.layer_routes`: the method's Routing of the logits, as tensors."""
+def _route_with_tables(method: str, params: dict, tables: dict, logits, native_weights, native_index):
+    """A layer route of `RoutingMethod.layer_routes`: the registered method's Routing of the logits, as tensors."""
     # A method that reads no tables may define route(logits, params, with_stats=False) without them.
-    routing = method.route(logits, params, **({"tables": tables} if tables else {}))
+    routing = ROUTING_METHODS[method].route(logits, params, **({"tables": tables} if tables else {}))
     return routing.top_weights, routing.top_index, routing.expert_counts
 
 
 def _tables_to(tables: dict, device) -> dict:
-    """A layer's tables with every tensor (and NullTable) on `device`."""
-    return {name: value.to(device) if hasattr(value, "to") else value for name, value in tables.items()}
+    """A layer's tables with every tensor (and NullTable) copied to `device`: the layer's own, even where
+    layers share a table (the pooled null), so that no two layers' routes read one object."""
+    return {name: _owned_copy(value, device) for name, value in tables.items()}
+
+
+def _owned_copy(value, device):
+    if isinstance(value, NullTable):
+        return NullTable(value.first, value.step, value.log_survival.to(device, copy=True))
+    return value.to(device, copy=True) if isinstance(value, torch.Tensor) else value
 
 
 ROUTING_METHODS: dict[str, RoutingMethod] = {}
@@ -1160,6 +1170,7 @@ class BenjaminiHochbergMethod(RoutingMethod):
             params[name] for name in ("alpha", "temperature", "min_k", "max_k", "pvalue_method", "renormalize")
         )
         critical = [self._critical(params, patcher, i, r.weight.device) for i, r in enumerate(patcher.routers)]
+        critical = [None if table is None else table.clone() for table in critical]  # see RoutingMethod.layer_routes
         return [functools.partial(_bh_layer_route, route, layer_critical, constants) for layer_critical in critical]
 
     def config_name(
@@ -1223,7 +1234,7 @@ class TopKMethod(RoutingMethod):
 
     def layer_routes(self, params, patcher, compiled=False):
         if self.in_expert_space(params, patcher):
-            return [functools.partial(_native_slots, params["k"])] * patcher.num_layers
+            return [functools.partial(_native_slots, params["k"]) for _ in range(patcher.num_layers)]
         return [functools.partial(_without_counts, route) for route in super().layer_routes(params, patcher)]
 
     def config_name(self, k=None, temperature=1.0, renormalize=None) -> str:
@@ -3290,16 +3301,17 @@ def describe_router(router: torch.nn.Module) -> RouterSpec:
     weight = router.weight
     generator = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(32, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
+    own_class = getattr(type(router), "unpatched_class", type(router))  # a patched router's own class
     with torch.no_grad():
-        output = router.forward(probe)  # not __call__: a patch's hook must not answer
+        output = own_class.forward(router, probe)  # not __call__: a patch must not answer
     if not (isinstance(output, tuple) and len(output) >= 3):
-        raise TypeError(f"{type(router).__name__} does not return (router_logits, top_k_weights, top_k_index)")
+        raise TypeError(f"{own_class.__name__} does not return (router_logits, top_k_weights, top_k_index)")
     logits, weights, index = output[:3]
     found = [(_matches(spec, logits, weights, index), spec) for spec in _router_candidates(router)]
     chosen = next((s for m, s in found if m == "exact"), None) or next((s for m, s in found if m == "close"), None)
     if chosen is None:
         raise TypeError(
-            f"{type(router).__name__}'s routing is none of the supported families ({', '.join(ROUTER_SCORES)} "
+            f"{own_class.__name__}'s routing is none of the supported families ({', '.join(ROUTER_SCORES)} "
             "top-k, optionally renormalised, scaled and group-limited): it cannot be patched"
         )
     chosen.sorted_output = bool((weights.float().diff(dim=-1) <= 0).all()) if chosen.plain else False
@@ -3444,19 +3456,6 @@ def _raise_recompile_limit(limit: int = 128) -> None:
     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
 
 
-def guard_module_hooks() -> None:
-    """Make torch.compile guard on module hooks, so that a compiled model (e.g. generate's compiled forward
-    with a static cache) recompiles when a patch adds or removes the routers' hooks and finds its unpatched
-    graph again after `unpatch`. By default dynamo skips those guards and would keep running whichever
-    routing it compiled first; graphs compiled without the guards are dropped here, once per process."""
-    import torch._dynamo
-
-    if torch._dynamo.config.skip_nnmodule_hook_guards:
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
-        torch._dynamo.reset()
-    _raise_recompile_limit()
-
-
 _compiled_cache: dict = {}
 
 
@@ -3512,37 +3511,69 @@ def _require_transformers() -> None:
         )
 
 
-class PatchedRouter:
-    """The forward hook on one MoE layer's router while patched: the method's route of the layer, the
-    family's weighting of the kept experts, and the layer's statistics (`accumulate_routing`).
+_PATCHED_ROUTER_CLASSES: dict[type, type] = {}
+PATCH_ATTRIBUTE = "_moe_patch"  # a patched router's PatchedRouter
 
-    Under torch.compile (a model compiled whole, e.g. by generate with a static cache) the hook is traced
+
+def patched_router_class(router_class: type) -> type:
+    """The subclass of `router_class` that a patched router runs as (one per class, made once): its forward
+    is the router's own (class attribute `unpatched_class`), whose output the router's `PatchedRouter`
+    (attribute `_moe_patch`) then replaces.
+
+    A compiled model checks every module's type at each call (dynamo's guards), so changing the class,
+    rather than adding a forward hook, makes each patch compile its own graph and `unpatch` find the
+    unpatched graph again, without turning on dynamo's guards on every module's hooks (which cost every
+    compiled model of the process, patched or not, most of its guard time: benchmarks/gpu_notes.md)."""
+    if router_class not in _PATCHED_ROUTER_CLASSES:
+
+        def forward(self, *args, **kwargs):
+            output = router_class.forward(self, *args, **kwargs)
+            routed = getattr(self, PATCH_ATTRIBUTE)(output)
+            return output if routed is None else routed
+
+        namespace = {"forward": forward, "unpatched_class": router_class, "__module__": __name__}
+        _PATCHED_ROUTER_CLASSES[router_class] = type(f"Patched{router_class.__name__}", (router_class,), namespace)
+    return _PATCHED_ROUTER_CLASSES[router_class]
+
+
+class PatchedRouter:
+    """What one MoE layer's router does after its own forward while patched (`patched_router_class`): the
+    method's route of the layer, the family's weighting of the kept experts, and the layer's statistics
+    (`accumulate_routing`).
+
+    Under torch.compile (a model compiled whole, e.g. by generate with a static cache) it is traced
     into the model's graph, with its plain route; run eagerly it calls its `eager` form: the route fused
     by torch.compile and the whole step replayed as one CUDA graph where the patcher uses them. The layer is
     held as this object, never as a Python int a compiled graph would specialise on.
+
+    A compiled forward re-checks, at every call, each object the traced router reached (dynamo's guards):
+    the traced path reads plain attributes of this object, decided at patch time. Apart from the patcher,
+    it reaches no object that another layer also reaches: each shared object costs every layer an identity
+    check evaluated in Python.
     """
 
     def __init__(self, patcher: MoERouterPatcher, index: int, routes: tuple, graphed: bool):
         layer, self.patcher = patcher.layers[index], patcher
-        self.spec, self.in_expert_space = layer.spec, patcher.in_expert_space
-        self.renormalize = patcher.params.get("renormalize", False)
-        traced_route, eager_route = routes  # None, None: the native routing, observed
+        self.spec, self.renormalize = layer.spec, patcher.params.get("renormalize", False)
+        self.family_weighting = not (layer.spec.plain or patcher.in_expert_space)
+        self.route, eager_route = routes  # None, None: the native routing, observed
         graphed = graphed and eager_route is not None  # observing alone launches no kernel worth a graph
-        record = traced_record = eager_record = None
+        self.accumulators = eager_record = None
         if patcher.record_statistics:
-            accumulators = patcher.statistics.allocate(index, layer.router.weight.device)
-            traced_record = functools.partial(accumulate_routing, accumulators)
+            self.accumulators = patcher.statistics.allocate(index, layer.router.weight.device)
             # Eager calls append to the statistics' pending list, except inside a CUDA graph, which must
             # update the accumulators themselves at every replay.
-            eager_record = traced_record if graphed else functools.partial(patcher.statistics.record, index)
-            record = accumulators.tensors
-        self.traced = functools.partial(self.step, traced_route, traced_record)
+            eager_record = self.accumulate if graphed else functools.partial(patcher.statistics.record, index)
         eager = functools.partial(self.step, eager_route, eager_record)
-        self.eager = CudaGraphed(eager, preserve=record) if graphed else eager
+        preserve = None if self.accumulators is None else self.accumulators.tensors
+        self.eager = CudaGraphed(eager, preserve=preserve) if graphed else eager
+
+    def accumulate(self, top_weights, top_index, expert_counts, keep) -> None:
+        accumulate_routing(self.accumulators, top_weights, top_index, expert_counts, keep)
 
     def routed(self, route, router_logits, native_weights, native_index):
         """(weights [T, K], index [T, K], counts [T] or None) of the method, in expert space."""
-        if self.spec.plain or self.in_expert_space:  # no family transform to apply
+        if not self.family_weighting:
             return route(router_logits, native_weights, native_index)
         selection, allowed = self.spec.selection(router_logits)
         _, top_index, expert_counts = route(selection, native_weights, native_index)
@@ -3559,12 +3590,14 @@ class PatchedRouter:
             record(top_weights, top_index, expert_counts, keep)
         return () if route is None else (top_weights.to(native_weights.dtype), top_index)
 
-    def __call__(self, module, args, output):
+    def __call__(self, output: tuple) -> tuple | None:
+        """The router's output with the patch's weights and index; None to keep it (observing)."""
         router_logits, native_weights, native_index = output[:3]  # [T, E], [T, k], [T, k]
         keep = self.patcher._keep
         keep = keep if keep is not None and keep.numel() == router_logits.shape[0] else None
         if torch.compiler.is_compiling():
-            routed = self.traced(router_logits, native_weights, native_index, keep)
+            record = None if self.accumulators is None else self.accumulate
+            routed = self.step(self.route, record, router_logits, native_weights, native_index, keep)
         else:
             routed = self.eager(router_logits, native_weights, native_index, keep)
         return (router_logits, *routed) if routed else None
@@ -3574,12 +3607,13 @@ class MoERouterPatcher:
     """Replace the top-k router of every MoE layer with any registered routing method.
 
     Works on every model whose MoE blocks follow transformers' shared router/experts contract
-    (`find_moe_layers`: OLMoE, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, GraniteMoE, gpt-oss, Jamba, ...). A
-    forward hook on each router replaces its output (router_logits, top_k_weights [T, k], top_k_index
-    [T, k]) with the chosen method's (router_logits, weights [T, K], index [T, K]); unused slots carry the
+    (`find_moe_layers`: OLMoE, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, GraniteMoE, gpt-oss, Jamba, ...). Each
+    router runs as a subclass of its own class (`patched_router_class`) whose forward replaces the router's
+    output (router_logits, top_k_weights [T, k], top_k_index [T, k]) with the chosen method's
+    (router_logits, weights [T, K], index [T, K]); unused slots carry the
     sentinel index E, so the experts module computes only the selected (token, expert) pairs. The method
     routes each token's selection logits and the kept weights follow the family's own weighting
-    (`RouterSpec`). The router logits are left untouched, and removing the hooks restores the model exactly.
+    (`RouterSpec`). The router logits are left untouched, and `unpatch` restores the model exactly.
     Shared experts (Qwen2-MoE, DeepSeek) are always computed and counted apart (`get_stats`).
 
     While patched, the experts run this module's variable-k path (experts_path="variable_k", the default on
@@ -3603,14 +3637,15 @@ class MoERouterPatcher:
     `set_attention_mask`) leaves padding positions out.
 
     A patched model may be compiled (e.g. `model.generate(..., cache_implementation="static")` on a GPU):
-    the hooks trace into the graph (`PatchedRouter`), the statistics are updated in place inside it, and
-    the first patcher makes torch.compile guard on module hooks (`guard_module_hooks`), so that each patch
-    compiles its own graph and `unpatch` finds the unpatched one again.
+    the patched routers trace into the graph (`PatchedRouter`), the statistics are updated in place inside
+    it, and the routers' changed class makes each patch compile its own graph and `unpatch` find the
+    unpatched one again. The decoder stack gets two hooks (the padding mask of each forward pass); dynamo's
+    settings are left as they are, apart from a higher recompile limit (one graph per configuration).
 
     One patcher per model at a time: patching a model that another patcher holds raises RuntimeError, so
     statistics always describe the routing that ran and `unpatch` restores what its own patch changed. A
     patched model is used from the thread that patched it; a forward pass from another thread raises
-    RuntimeError (hooks and statistics are not shared safely between threads).
+    RuntimeError (the patch and its statistics are not shared safely between threads).
     """
 
     def __init__(
@@ -3644,7 +3679,7 @@ class MoERouterPatcher:
         record_statistics: accumulate the routing statistics (on each layer's device, in place: a few small
             kernels per layer); False routes without them, and get_stats raises."""
         _require_transformers()
-        guard_module_hooks()
+        _raise_recompile_limit()
         self.model = model
         self.layers = find_moe_layers(model)
         self.routers = [layer.router for layer in self.layers]
@@ -3672,7 +3707,8 @@ class MoERouterPatcher:
                 f"calibration has {calibration.num_layers} layers, this model {self.num_layers} MoE layers"
             )
         self.calibration = calibration
-        self._handles: list = []
+        self._handles: list = []  # the decoder stack's hooks
+        self._patched_routers: list = []  # (router, its own class) while patched
         self._thread: int | None = None
         self._keep: torch.Tensor | None = None  # this forward's real positions
         self.attention_mask: torch.Tensor | None = None  # set_attention_mask
@@ -3735,9 +3771,11 @@ class MoERouterPatcher:
         stack = getattr(self.model, "base_model", self.model)
         self._handles.append(stack.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(stack.register_forward_hook(self._after_forward))
-        for index, (layer, layer_routes) in enumerate(zip(self.layers, routes, strict=True)):
-            hook = PatchedRouter(self, index, layer_routes, self.cuda_graphs)
-            self._handles.append(layer.router.register_forward_hook(hook))
+        patches = [PatchedRouter(self, index, route, self.cuda_graphs) for index, route in enumerate(routes)]
+        for router, patch in zip(self.routers, patches, strict=True):
+            setattr(router, PATCH_ATTRIBUTE, patch)
+            self._patched_routers.append((router, type(router)))
+            router.__class__ = patched_router_class(type(router))
         return self
 
     def patch_with_bh(
@@ -3760,11 +3798,15 @@ class MoERouterPatcher:
         return self.patch("native")
 
     def unpatch(self) -> MoERouterPatcher:
-        """Remove the hooks and restore the experts implementation and every flag the patch changed. Safe to
-        call any number of times; the statistics of the last patch stay readable."""
+        """Restore the routers' classes, remove the hooks and restore the experts implementation and every flag
+        the patch changed. Safe to call any number of times; the statistics of the last patch stay readable."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for router, router_class in self._patched_routers:
+            router.__class__ = router_class
+            delattr(router, PATCH_ATTRIBUTE)
+        self._patched_routers = []
         if getattr(self.model, PATCHER_ATTRIBUTE, None) is self:
             delattr(self.model, PATCHER_ATTRIBUTE)
         if self._saved_expert_parallel_flags is not None:
@@ -3804,7 +3846,7 @@ class MoERouterPatcher:
         self._thread = threading.get_ident()
 
     def _before_forward(self, module, args, kwargs) -> None:
-        """Before each forward pass of the patched model: refuse another thread (the hooks and statistics
+        """Before each forward pass of the patched model: refuse another thread (the patch and statistics
         are not shared safely between threads), and read which positions are real tokens. A compiled
         forward checks no thread (the check is Python state a graph cannot hold)."""
         if not torch.compiler.is_compiling() and threading.get_ident() != self._thread:

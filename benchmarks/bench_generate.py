@@ -407,7 +407,6 @@ def main() -> None:
 def measure(args, results: dict) -> None:
     if args.emulate_precision_casts:
         torch._inductor.config.emulate_precision_casts = True
-    bh_routing.guard_module_hooks()  # before native compiles: the first patcher would drop its graph otherwise
     model = load(args)
     environment = bh_routing.environment_info(model, args.device)
     environment["copy_bandwidth_bytes_per_s"] = copy_bandwidth(args.device)

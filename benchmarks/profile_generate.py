@@ -57,7 +57,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.configs = bench_generate.native_first(args.configs)
-    bh_routing.guard_module_hooks()  # as bench_generate: native compiles once, with the hook guards
     model = bench_generate.load(args)
     prompt = bench_generate.random_prompt(model, args.batch, args)
     copies = dict(zip(args.configs, bench_generate.model_copies(model, len(args.configs)), strict=True))

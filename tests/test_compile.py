@@ -109,6 +109,9 @@ def generate(model, input_ids, compiled: bool):
 
 
 def test_compiled_static_generate_routes_and_counts_as_eager_and_unpatches_bit_for_bit(tiny_model):
+    # With dynamo's default settings (no guards on module hooks, which every compiled model would pay for):
+    # the routers' patched class is what makes each patch compile its own graph and unpatch find native's.
+    assert torch._dynamo.config.skip_nnmodule_hook_guards
     input_ids = torch.randint(2, 512, (1, 9), generator=torch.Generator().manual_seed(3))
     native = generate(tiny_model, input_ids, compiled=True)
     with torch.no_grad():
@@ -126,6 +129,7 @@ def test_compiled_static_generate_routes_and_counts_as_eager_and_unpatches_bit_f
             assert compiled["weight_entropy"] == pytest.approx(eager["weight_entropy"], rel=1e-5)
             assert compiled["expert_utilization_per_layer"] == eager["expert_utilization_per_layer"]
         assert eager["token_counts"].double().std() > 0  # BH kept varying counts
+    assert torch._dynamo.config.skip_nnmodule_hook_guards  # the patcher left dynamo's settings alone
     assert torch.equal(generate(tiny_model, input_ids, compiled=True), native)
     with torch.no_grad():
         assert torch.equal(tiny_model(input_ids).logits, native_logits)

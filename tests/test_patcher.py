@@ -15,6 +15,7 @@ def logits_of(model, input_ids):
 def test_unpatch_restores_bit_identical_logits(tiny_model, input_ids):
     reference = logits_of(tiny_model, input_ids)
     patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True)
+    router_classes = [type(router) for router in patcher.routers]
     for patch in (
         lambda: patcher.patch_with_bh(alpha=0.05, max_k=8),
         lambda: patcher.patch_with_topp(p=0.5),
@@ -26,7 +27,8 @@ def test_unpatch_restores_bit_identical_logits(tiny_model, input_ids):
         assert torch.equal(logits_of(tiny_model, input_ids), reference)
     patcher.unpatch()  # idempotent
     assert torch.equal(logits_of(tiny_model, input_ids), reference)
-    assert all(not router._forward_hooks for router in patcher.routers)
+    assert [type(router) for router in patcher.routers] == router_classes
+    assert all(not hasattr(router, "_moe_patch") and not router._forward_hooks for router in patcher.routers)
 
 
 def test_patching_again_replaces_and_never_stacks(tiny_model, input_ids):
@@ -35,7 +37,9 @@ def test_patching_again_replaces_and_never_stacks(tiny_model, input_ids):
     expected = logits_of(tiny_model, input_ids)
     patcher.patch_with_bh(alpha=0.2, max_k=4)
     patcher.patch_with_topk(k=2)
-    assert all(len(router._forward_hooks) == 1 for router in patcher.routers)
+    # One level of patch: each router's class is its own class's patched subclass, never a subclass of that.
+    assert all(type(router).__bases__ == (type(router).unpatched_class,) for router in patcher.routers)
+    assert all(not router._forward_hooks for router in patcher.routers)
     assert torch.equal(logits_of(tiny_model, input_ids), expected)
     assert patcher.get_stats()["num_tokens"] == input_ids.numel()  # stats reset on re-patch
 
