@@ -103,6 +103,7 @@ __all__ = [
     "RoutingStatistics",
     "LayerAccumulators",
     "accumulate_routing",
+    "accumulate_layers",
     "summarize_count_histogram",
     "saturation_analysis",
     "frontier_table",
@@ -1693,6 +1694,13 @@ def expert_load_balance(selections: torch.Tensor) -> float:
     return (-torch.xlogy(load_shares, load_shares).sum(dim=-1) / math.log(selections.shape[-1])).mean().item()
 
 
+def _static_zeros(shape: tuple, dtype, device) -> torch.Tensor:
+    tensor = torch.zeros(shape, dtype=dtype, device=device)
+    # Updated in place inside compiled forwards: a static address lets CUDA-graph trees keep it.
+    torch._dynamo.mark_static_address(tensor)
+    return tensor
+
+
 class LayerAccumulators:
     """One MoE layer's routing statistics, preallocated on its device and updated in place by
     `accumulate_routing` (so a compiled forward, or a CUDA graph replaying it, keeps them up to date):
@@ -1711,17 +1719,12 @@ class LayerAccumulators:
     Scalars are [1], not 0-d: inductor (torch 2.13, CPU) drops in-place updates of 0-d static tensors.
     """
 
-    def __init__(self, num_experts: int, device, token_capacity: int | None):
-        def zeros(*shape, dtype=torch.int64):
-            tensor = torch.zeros(*shape, dtype=dtype, device=device)
-            # Updated in place inside compiled forwards: a static address lets CUDA-graph trees keep it.
-            torch._dynamo.mark_static_address(tensor)
-            return tensor
-
+    def __init__(self, num_experts: int, device, token_capacity: int | None, counters: torch.Tensor | None = None):
         self.num_experts = num_experts
-        self.counters = zeros(2 * num_experts + 4, dtype=torch.float64)
-        self.token_counts = None if token_capacity is None else zeros(token_capacity, dtype=torch.int16)
-        self.written = None if token_capacity is None else zeros(1)
+        # counters: given as a row of one tensor for several layers (`RoutingStatistics.allocate_layers`).
+        self.counters = _static_zeros((2 * num_experts + 4,), torch.float64, device) if counters is None else counters
+        self.token_counts = None if token_capacity is None else _static_zeros((token_capacity,), torch.int16, device)
+        self.written = None if token_capacity is None else _static_zeros((1,), torch.int64, device)
 
     @property
     def selections(self) -> torch.Tensor:
@@ -1764,20 +1767,45 @@ def _flat_counts(top_index: torch.Tensor, expert_counts) -> torch.Tensor:
 def accumulate_sums(accumulators: LayerAccumulators, top_weights, top_index, expert_counts=None, keep=None):
     """The order-free part of `accumulate_routing`: selections, count histogram, decisions, entropy sum."""
     slots = top_index.shape[-1]
-    counts = _flat_counts(top_index, expert_counts)  # [N]
-    weights = top_weights.detach().reshape(-1, slots).float()  # statistics never join an autograd graph
+    counts = None if expert_counts is None else expert_counts.reshape(1, -1)
+    weights, index = top_weights.reshape(1, -1, slots), top_index.reshape(1, -1, slots)
+    accumulate_layers(accumulators.counters.unsqueeze(0), weights, index, counts, keep)
+
+
+def accumulate_layers(counters, top_weights, top_index, expert_counts=None, keep=None):
+    """`accumulate_sums` of one routing call of each of L layers, with one scatter-add: counters [L, 2E + 4]
+    float64 (each a layer's `LayerAccumulators.counters`), top_weights and top_index [L, N, K], expert_counts
+    [L, N] (None: all K kept), keep [N] bool (None: every row counts), the same rows for every layer."""
+    num_layers, num_rows, slots = top_index.shape
+    width = counters.shape[-1]
+    bins = (width - 2) // 2  # E + 1: the selections' and the histogram's
+    if expert_counts is None:
+        expert_counts = top_index.new_full((num_layers, num_rows), slots)
+    weights = top_weights.detach().float()  # statistics never join an autograd graph
     shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    entropy = -torch.xlogy(shares, shares).sum(dim=-1)  # [N]
-    row_weight = torch.ones_like(counts) if keep is None else keep.reshape(-1).long()  # [N]
+    entropy = -torch.xlogy(shares, shares).sum(dim=-1)  # [L, N]
+    if keep is None:
+        row_weight = torch.ones(num_rows, dtype=torch.float64, device=top_index.device)
+    else:
+        row_weight = keep.reshape(-1).double()
+    row_weight = row_weight.expand(num_layers, num_rows)
+    start = torch.arange(num_layers, device=top_index.device).unsqueeze(-1) * width  # [L, 1]: each layer's row
     # One scatter-add: each slot's expert into selections (sentinel slots land in the last bin, which
     # `selections` drops), each row's count into the histogram, each row into decisions, each row's
     # entropy into the entropy sum.
-    bins = accumulators.num_experts + 1
-    decision_and_entropy = [torch.full_like(counts, 2 * bins), torch.full_like(counts, 2 * bins + 1)]
-    positions = torch.cat([top_index.reshape(-1), counts + bins, *decision_and_entropy])
-    row_weight = row_weight.double()
-    values = torch.cat([row_weight.repeat_interleave(slots), row_weight, row_weight, entropy.double() * row_weight])
-    accumulators.counters.index_add_(0, positions, values)
+    positions = [
+        (top_index + start.unsqueeze(-1)).reshape(-1),
+        (expert_counts.long() + bins + start).reshape(-1),
+        (start + 2 * bins).expand(num_layers, num_rows).reshape(-1),
+        (start + 2 * bins + 1).expand(num_layers, num_rows).reshape(-1),
+    ]
+    values = [
+        row_weight.unsqueeze(-1).expand(num_layers, num_rows, slots).reshape(-1),
+        row_weight.reshape(-1),
+        row_weight.reshape(-1),
+        (entropy.double() * row_weight).reshape(-1),
+    ]
+    counters.view(-1).index_add_(0, torch.cat(positions), torch.cat(values))
 
 
 def write_token_counts(accumulators: LayerAccumulators, top_index, expert_counts=None, keep=None):
@@ -1826,6 +1854,20 @@ def summarize_count_histogram(histogram: torch.Tensor, min_k: int, max_k: int, b
     }
 
 
+def _stacked(routings: list[tuple]) -> tuple:
+    """(weights [L, N, K], index [L, N, K], counts [L, N] or None, keep [N] or None) of L layers' routings
+    (weights, index, counts or None, keep or None) of the same N rows; the first layer's keep."""
+    weights, index, counts, keep = zip(*routings, strict=True)
+    slots = index[0].shape[-1]
+    if all(layer_counts is None for layer_counts in counts):
+        counts = None
+    else:
+        full = [c if c is not None else i.new_full(i.shape[:-1], slots) for c, i in zip(counts, index, strict=True)]
+        counts = torch.stack([c.reshape(-1) for c in full])
+    weights = torch.stack([w.reshape(-1, slots) for w in weights])
+    return weights, torch.stack([i.reshape(-1, slots) for i in index]), counts, keep[0]
+
+
 class RoutingStatistics:
     """Per-layer routing statistics of a patcher (`LayerAccumulators`), kept on each layer's device and read
     only by the methods below (which synchronise). A call may name the rows that count (`keep`, e.g. the
@@ -1851,6 +1893,7 @@ class RoutingStatistics:
         self.num_layers, self.num_experts = num_layers, num_experts
         self.record_token_counts, self.token_capacity = bool(record_token_counts), token_capacity
         self.layers: list[LayerAccumulators | None] = [None] * num_layers
+        self.groups: list[tuple[torch.Tensor, list[int]]] = []  # (counters [L_d, 2E + 4], its layers) per device
         self._pending: list[list[tuple]] = [[] for _ in range(num_layers)]
 
     def allocate(self, layer: int, device) -> LayerAccumulators:
@@ -1859,7 +1902,39 @@ class RoutingStatistics:
         if current is None or current.selections.device != torch.device(device):
             capacity = self.token_capacity if self.record_token_counts else None
             self.layers[layer] = LayerAccumulators(self.num_experts, device, capacity)
+            self.groups = [group for group in self.groups if layer not in group[1]]
         return self.layers[layer]
+
+    def allocate_layers(self, devices: list) -> None:
+        """Every layer's accumulators, layer l's on devices[l], unless they are there already: the layers of a
+        device keep their counters as rows of one tensor, so that a compiled forward folds in a step's
+        routing of all of them with one scatter-add (`accumulate_step`) rather than one per layer."""
+        devices = [torch.device(device) for device in devices]
+        layers_and_devices = zip(self.layers, devices, strict=True)
+        if all(layer is not None and layer.counters.device == device for layer, device in layers_and_devices):
+            return
+        capacity = self.token_capacity if self.record_token_counts else None
+        self.groups = []
+        for device in dict.fromkeys(devices):
+            layers = [layer for layer, layer_device in enumerate(devices) if layer_device == device]
+            counters = _static_zeros((len(layers), 2 * self.num_experts + 4), torch.float64, device)
+            for row, layer in enumerate(layers):
+                self.layers[layer] = LayerAccumulators(self.num_experts, device, capacity, counters=counters[row])
+            self.groups.append((counters, layers))
+
+    def accumulate_step(self, routings: dict) -> None:
+        """Fold one forward pass's routing of its layers into their sums, traceable (the patcher calls it at
+        the end of a compiled forward): one `accumulate_layers` per device whose layers all routed, one
+        `accumulate_sums` per other layer. routings: layer -> (weights [..., K], index [..., K], counts [...]
+        or None, keep or None), every layer over the same rows."""
+        folded = set()
+        for counters, layers in self.groups:
+            if all(layer in routings for layer in layers):
+                accumulate_layers(counters, *_stacked([routings[layer] for layer in layers]))
+                folded.update(layers)
+        for layer, (weights, index, counts, keep) in routings.items():
+            if layer not in folded:
+                accumulate_sums(self.layers[layer], weights, index, counts, keep)
 
     def reset(self) -> None:
         """Forget everything recorded so far (in place: compiled forwards and graphs keep the same tensors)."""
@@ -3553,7 +3628,7 @@ class PatchedRouter:
     """
 
     def __init__(self, patcher: MoERouterPatcher, index: int, routes: tuple, graphed: bool):
-        layer, self.patcher = patcher.layers[index], patcher
+        layer, self.patcher, self.index = patcher.layers[index], patcher, index
         self.spec, self.renormalize = layer.spec, patcher.params.get("renormalize", False)
         self.family_weighting = not (layer.spec.plain or patcher.in_expert_space)
         self.route, eager_route = routes  # None, None: the native routing, observed
@@ -3570,6 +3645,14 @@ class PatchedRouter:
 
     def accumulate(self, top_weights, top_index, expert_counts, keep) -> None:
         accumulate_routing(self.accumulators, top_weights, top_index, expert_counts, keep)
+
+    def defer(self, top_weights, top_index, expert_counts, keep) -> None:
+        """`accumulate` inside a compiled forward of the decoder stack: the token counts now, the sums with
+        every other layer's at the stack's end (`RoutingStatistics.accumulate_step`), where one
+        scatter-add replaces one per layer and step."""
+        if self.accumulators.token_counts is not None:
+            write_token_counts(self.accumulators, top_index, expert_counts, keep)
+        self.patcher._step_routings[self.index] = (top_weights, top_index, expert_counts, keep)
 
     def routed(self, route, router_logits, native_weights, native_index):
         """(weights [T, K], index [T, K], counts [T] or None) of the method, in expert space."""
@@ -3597,6 +3680,7 @@ class PatchedRouter:
         keep = keep if keep is not None and keep.numel() == router_logits.shape[0] else None
         if torch.compiler.is_compiling():
             record = None if self.accumulators is None else self.accumulate
+            record = self.defer if record is not None and self.patcher._step_routings is not None else record
             routed = self.step(self.route, record, router_logits, native_weights, native_index, keep)
         else:
             routed = self.eager(router_logits, native_weights, native_index, keep)
@@ -3711,6 +3795,7 @@ class MoERouterPatcher:
         self._patched_routers: list = []  # (router, its own class) while patched
         self._thread: int | None = None
         self._keep: torch.Tensor | None = None  # this forward's real positions
+        self._step_routings: dict | None = None  # layer -> routing, within a compiled forward (`defer`)
         self.attention_mask: torch.Tensor | None = None  # set_attention_mask
         self.in_expert_space = False  # the patched method routes in the router's own output (top-k's reuse)
         self.native_routing = True  # the patched routing is the router's own (observed, top-k at the native k)
@@ -3771,6 +3856,8 @@ class MoERouterPatcher:
         stack = getattr(self.model, "base_model", self.model)
         self._handles.append(stack.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(stack.register_forward_hook(self._after_forward))
+        if self.record_statistics:
+            self.statistics.allocate_layers([router.weight.device for router in self.routers])
         patches = [PatchedRouter(self, index, route, self.cuda_graphs) for index, route in enumerate(routes)]
         for router, patch in zip(self.routers, patches, strict=True):
             setattr(router, PATCH_ATTRIBUTE, patch)
@@ -3855,8 +3942,12 @@ class MoERouterPatcher:
                 "thread-safe: patch, run and unpatch it in one thread, or give each thread its own model"
             )
         self._keep = self._real_positions(args, kwargs)
+        self._step_routings = {} if torch.compiler.is_compiling() and self.record_statistics else None
 
     def _after_forward(self, module, args, output) -> None:
+        routings, self._step_routings = self._step_routings, None
+        if routings:
+            self.statistics.accumulate_step(routings)
         self._keep = None  # a submodule called on its own later gets no stale mask
 
     def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:

@@ -97,6 +97,51 @@ def test_statistics_updated_in_a_compiled_graph_equal_a_plain_computation():
     assert len(br.LayerAccumulators(64, "cpu", token_capacity=None).tensors()) == 1
 
 
+def test_several_layers_fold_in_with_one_scatter_add_as_each_would_alone():
+    statistics = br.RoutingStatistics(3, 64)
+    statistics.allocate_layers(["cpu"] * 3)
+    [(counters, layers)] = statistics.groups  # one device: the three layers' counters are rows of one tensor
+    assert layers == [0, 1, 2]
+    assert all(statistics.layers[i].counters.data_ptr() == counters[i].data_ptr() for i in layers)
+    generator = torch.Generator().manual_seed(7)
+    keep = torch.rand(9, generator=generator) < 0.7
+    routings, alone = {}, []
+    for layer in layers:
+        logits = torch.randn(9, 64, generator=generator) * 3
+        weights, index, counts = br.route_bh_tensors(logits, None, 0.2, 1.0, 0, 6, "robust_z", False)
+        routings[layer] = (weights, index, counts, keep)
+        alone.append(br.LayerAccumulators(64, "cpu", token_capacity=None))
+        br.accumulate_sums(alone[-1], weights, index, counts, keep)
+    statistics.accumulate_step(routings)
+    for layer in layers:
+        mine, theirs = statistics.layers[layer], alone[layer]
+        assert torch.equal(mine.selections, theirs.selections) and torch.equal(mine.histogram, theirs.histogram)
+        assert torch.equal(mine.decisions, theirs.decisions) and mine.decisions.item() == keep.sum().item()
+        assert mine.entropy_sum.item() == pytest.approx(theirs.entropy_sum.item(), rel=1e-12)
+
+
+def test_a_compiled_forward_folds_every_layers_statistics_in_with_one_scatter_add(tiny_model):
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    input_ids = torch.randint(2, 512, (2, 6), generator=torch.Generator().manual_seed(8))
+    with br.MoERouterPatcher(tiny_model) as patcher:
+        patcher.patch_with_bh(alpha=0.2, max_k=8)
+        with torch.no_grad():
+            tiny_model(input_ids)
+            eager = patcher.get_stats()
+            patcher.reset_stats()
+            torch.compile(tiny_model, backend=backend, fullgraph=True)(input_ids)
+        compiled = patcher.get_stats()
+    scatter_adds = [node for node in graphs[0].graph.nodes if "index_add" in str(node.target)]
+    assert len(graphs) == 1 and len(scatter_adds) == 1  # one for both layers, not one per layer
+    assert compiled["expert_utilization_per_layer"] == eager["expert_utilization_per_layer"]
+    assert compiled["avg_experts"] == eager["avg_experts"] and compiled["num_tokens"] == input_ids.numel()
+
+
 def generate(model, input_ids, compiled: bool):
     """Greedy generation of 6 tokens: dynamic cache and eager, or a static cache and the forward compiled
     whole with fullgraph=True (inductor, as generate does on a GPU)."""
