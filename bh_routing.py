@@ -1712,7 +1712,8 @@ class LayerAccumulators:
         (the four are views of one float64 `counters` tensor [2E + 4], which one scatter-add updates per
         call: float64 counts are exact up to 2**53; inductor compiles a float64 scatter-add into atomic adds
         where an int64 one falls back to aten's sort-based kernel, several launches per call; and a compiled
-        forward guards on every tensor it reads, one more guard evaluation per tensor and decode step)
+        forward guards on every tensor it reads, one more guard evaluation per tensor and decode step. A
+        patcher's layers on one device hold their `counters` as rows of one tensor: `accumulate_layers`.)
         token_counts [C] int16 or None: a ring buffer of every routed row's count (-1 for a row left out),
             written at positions written, written + 1, ... modulo C.
         written [1] int64 or None: rows written to the ring buffer so far.
@@ -3646,6 +3647,13 @@ class PatchedRouter:
     def accumulate(self, top_weights, top_index, expert_counts, keep) -> None:
         accumulate_routing(self.accumulators, top_weights, top_index, expert_counts, keep)
 
+    def traced_record(self) -> Callable | None:
+        """How a traced call records: not at all without statistics; inside a compiled forward of the decoder
+        stack, at its end (`defer`); in a layer compiled on its own, at once (`accumulate`)."""
+        if self.accumulators is None:
+            return None
+        return self.accumulate if self.patcher._step_routings is None else self.defer
+
     def defer(self, top_weights, top_index, expert_counts, keep) -> None:
         """`accumulate` inside a compiled forward of the decoder stack: the token counts now, the sums with
         every other layer's at the stack's end (`RoutingStatistics.accumulate_step`), where one
@@ -3679,9 +3687,7 @@ class PatchedRouter:
         keep = self.patcher._keep
         keep = keep if keep is not None and keep.numel() == router_logits.shape[0] else None
         if torch.compiler.is_compiling():
-            record = None if self.accumulators is None else self.accumulate
-            record = self.defer if record is not None and self.patcher._step_routings is not None else record
-            routed = self.step(self.route, record, router_logits, native_weights, native_index, keep)
+            routed = self.step(self.route, self.traced_record(), router_logits, native_weights, native_index, keep)
         else:
             routed = self.eager(router_logits, native_weights, native_index, keep)
         return (router_logits, *routed) if routed else None
