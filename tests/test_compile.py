@@ -254,6 +254,19 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
     assert refused.returncode == 2 and "--new-tokens must be >= 2" in refused.stderr
 
 
+def test_the_guard_benchmark_finds_each_configurations_compiled_decode_step(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_guards.py"
+    out = tmp_path / "guards.json"
+    command = [sys.executable, str(script), "--configs", "topk_k8", "bh_k8_a005", "--layers", "2", "--rounds", "2",
+               "--calls", "2", "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    results = json.loads(out.read_text())
+    assert list(results["rows"]) == ["native", "topk_k8", "bh_k8_a005"]  # native first: the baseline
+    assert results["rows"]["native"]["over_native_us"] == 0.0
+    assert all(row["guard_check_us"] > 0 for row in results["rows"].values())
+    assert results["settings"]["layers"] == 2 and results["environment"]["torch"] == torch.__version__
+
+
 def test_the_benchmark_interval_for_a_median_is_the_order_statistics_of_the_binomial_table():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import bench_generate
