@@ -1780,8 +1780,7 @@ def accumulate_layers(counters, top_weights, top_index, expert_counts=None, keep
     num_layers, num_rows, slots = top_index.shape
     width = counters.shape[-1]
     bins = (width - 2) // 2  # E + 1: the selections' and the histogram's
-    if expert_counts is None:
-        expert_counts = top_index.new_full((num_layers, num_rows), slots)
+    expert_counts = _flat_counts(top_index, expert_counts).reshape(num_layers, num_rows)
     weights = top_weights.detach().float()  # statistics never join an autograd graph
     shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     entropy = -torch.xlogy(shares, shares).sum(dim=-1)  # [L, N]
@@ -1796,7 +1795,7 @@ def accumulate_layers(counters, top_weights, top_index, expert_counts=None, keep
     # entropy into the entropy sum.
     positions = [
         (top_index + start.unsqueeze(-1)).reshape(-1),
-        (expert_counts.long() + bins + start).reshape(-1),
+        (expert_counts + bins + start).reshape(-1),
         (start + 2 * bins).expand(num_layers, num_rows).reshape(-1),
         (start + 2 * bins + 1).expand(num_layers, num_rows).reshape(-1),
     ]
@@ -1863,8 +1862,7 @@ def _stacked(routings: list[tuple]) -> tuple:
     if all(layer_counts is None for layer_counts in counts):
         counts = None
     else:
-        full = [c if c is not None else i.new_full(i.shape[:-1], slots) for c, i in zip(counts, index, strict=True)]
-        counts = torch.stack([c.reshape(-1) for c in full])
+        counts = torch.stack([_flat_counts(i, c) for i, c in zip(index, counts, strict=True)])
     weights = torch.stack([w.reshape(-1, slots) for w in weights])
     return weights, torch.stack([i.reshape(-1, slots) for i in index]), counts, keep[0]
 

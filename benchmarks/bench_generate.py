@@ -146,16 +146,22 @@ def model_copies(model, count: int) -> list:
     return [copy.deepcopy(model, memo=dict(shared)) for _ in range(count)]
 
 
+def patch_copy(model, name: str):
+    """The patcher of configuration `name` (`CONFIGS`) on this copy of the model, patched; None for native."""
+    spec, statistics_on = CONFIGS[name]
+    if spec is None:
+        return None
+    patcher = bh_routing.MoERouterPatcher(model, record_statistics=statistics_on)
+    bh_routing.RoutingConfig.parse(spec).apply(patcher)
+    return patcher
+
+
 def prepare(copies: dict, path: str, prompt, args) -> dict:
     """Each copy patched with its configuration (native: none), warmed up (compiled on the static path; the
     time apart) and its reference output kept: name -> {"patcher", "warm_up_s", "cudagraph_skips", "output"}."""
     states = {}
     for name, model in copies.items():
-        spec, statistics_on = CONFIGS[name]
-        patcher = None
-        if spec is not None:
-            patcher = bh_routing.MoERouterPatcher(model, record_statistics=statistics_on)
-            bh_routing.RoutingConfig.parse(spec).apply(patcher)
+        patcher = patch_copy(model, name)
         skips_before = cudagraph_skips()
         warm_up = timed(functools.partial(generate, model, prompt, path, args.new_tokens), args.device)
         states[name] = {

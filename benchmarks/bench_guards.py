@@ -95,10 +95,7 @@ def main() -> None:
     configs = bench_generate.native_first(args.configs)
     guards, patchers = {}, []
     for name, copy in zip(configs, bench_generate.model_copies(model, len(configs)), strict=True):
-        spec, statistics_on = bench_generate.CONFIGS[name]
-        if spec is not None:  # the copy's patcher is kept: its patch lives as long as the run
-            patchers.append(bh_routing.MoERouterPatcher(copy, record_statistics=statistics_on))
-            bh_routing.RoutingConfig.parse(spec).apply(patchers[-1])
+        patchers.append(bench_generate.patch_copy(copy, name))  # kept: each patch lives as long as the run
         guards[name] = decode_step_guards(copy, prompt, new_tokens=4)
     fastest = fastest_checks(guards, args.rounds, args.calls)
     rows = {name: {"guard_check_us": us, "over_native_us": us - fastest["native"]} for name, us in fastest.items()}
