@@ -101,6 +101,7 @@ __all__ = [
     "summarize_expert_counts",
     "expert_load_balance",
     "RoutingStatistics",
+    "static_zeros",
     "LayerAccumulators",
     "accumulate_routing",
     "accumulate_layers",
@@ -169,6 +170,7 @@ __all__ = [
     "register_variable_k_experts",
     "OLMoERouterPatcher",
     "MoERouterPatcher",
+    "PATCH_ATTRIBUTE",
     "PatchedRouter",
     "patched_router_class",
     "MoELayer",
@@ -1694,7 +1696,8 @@ def expert_load_balance(selections: torch.Tensor) -> float:
     return (-torch.xlogy(load_shares, load_shares).sum(dim=-1) / math.log(selections.shape[-1])).mean().item()
 
 
-def _static_zeros(shape: tuple, dtype, device) -> torch.Tensor:
+def static_zeros(shape: tuple, dtype, device) -> torch.Tensor:
+    """Zeros that a compiled forward may update in place, also under CUDA graphs (the statistics' counters)."""
     tensor = torch.zeros(shape, dtype=dtype, device=device)
     # Updated in place inside compiled forwards: a static address lets CUDA-graph trees keep it.
     torch._dynamo.mark_static_address(tensor)
@@ -1723,9 +1726,9 @@ class LayerAccumulators:
     def __init__(self, num_experts: int, device, token_capacity: int | None, counters: torch.Tensor | None = None):
         self.num_experts = num_experts
         # counters: given as a row of one tensor for several layers (`RoutingStatistics.allocate_layers`).
-        self.counters = _static_zeros((2 * num_experts + 4,), torch.float64, device) if counters is None else counters
-        self.token_counts = None if token_capacity is None else _static_zeros((token_capacity,), torch.int16, device)
-        self.written = None if token_capacity is None else _static_zeros((1,), torch.int64, device)
+        self.counters = static_zeros((2 * num_experts + 4,), torch.float64, device) if counters is None else counters
+        self.token_counts = None if token_capacity is None else static_zeros((token_capacity,), torch.int16, device)
+        self.written = None if token_capacity is None else static_zeros((1,), torch.int64, device)
 
     @property
     def selections(self) -> torch.Tensor:
@@ -1916,7 +1919,7 @@ class RoutingStatistics:
         self.groups = []
         for device in dict.fromkeys(devices):
             layers = [layer for layer, layer_device in enumerate(devices) if layer_device == device]
-            counters = _static_zeros((len(layers), 2 * self.num_experts + 4), torch.float64, device)
+            counters = static_zeros((len(layers), 2 * self.num_experts + 4), torch.float64, device)
             for row, layer in enumerate(layers):
                 self.layers[layer] = LayerAccumulators(self.num_experts, device, capacity, counters=counters[row])
             self.groups.append((counters, layers))

@@ -23,13 +23,19 @@ number of distinct experts E * (1 - (1 - k/E)^b), assuming tokens pick experts i
 uniformly), divided by the measured copy bandwidth of the card; floor tokens/s = b / that time.
 
 Correctness, per path and batch size: patched top-8 generates the native tokens; each copy, unpatched after
-the rounds, generates the native logits again, bit for bit. With --check-counts, BH's per-token
-counts on the static compiled path equal the dynamic path's on the same inputs (first 8 new tokens).
+the rounds, generates the native logits again, bit for bit. --check-counts BATCH...: BH's decisions on the
+static compiled path against the eager computation on the same inputs (`check_counts`): the compiled
+forward's decode decisions replayed eagerly on the logits it routed, and a whole generate's per-token counts
+against the dynamic and static eager paths, with the native router's own choices on those paths beside them.
+
+--targets runs `TARGET_BLOCKS`, the blocks that the issue's targets (`TARGETS`) read, in one process; the
+targets table (`target_table`) follows the rows' table.
 
 Results go to --out (JSON, merged with what is there: an interrupted run keeps its finished blocks of
 path and batch size, and a rerun skips them unless --redo), with the card, versions and date; --table
-prints the markdown table.
+prints the tables.
 
+    python benchmarks/bench_generate.py --targets --check-counts 1 16 --out benchmarks/results/bench_generate_h100.json
     python benchmarks/bench_generate.py --out benchmarks/results/bench_generate_h100.json --paths static_compiled
     python benchmarks/bench_generate.py --model embedded --device cpu --out benchmarks/results/bench_generate_cpu.json
 """
@@ -44,6 +50,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch._inductor.config
@@ -52,6 +59,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
 
+CHECKED_K, CHECKED_TOKENS = 8, 32  # --check-counts: BH at max_k 8 and top-8, 32 new tokens
+CHECKED_BH = f"bh:alpha=0.05,max_k={CHECKED_K}"
 CONFIGS = {  # name -> (routing configuration or None for the unpatched model, statistics on)
     "native": (None, True),
     "topk_k8": ("topk:k=8", True),
@@ -175,15 +184,15 @@ def prepare(copies: dict, path: str, prompt, args) -> dict:
     return states
 
 
-def time_rounds(copies: dict, path: str, prompt, args) -> tuple[dict, dict]:
-    """`--repeats` rounds, each timing every configuration once, in an order rotated by one each round: a
+def time_rounds(copies: dict, path: str, prompt, repeats: int, args) -> tuple[dict, dict]:
+    """`repeats` rounds, each timing every configuration once, in an order rotated by one each round: a
     drift in the host's speed (most of a decode step at batch 1) falls on every configuration alike, and
     each round gives a ratio to native. Each configuration also generates one token (the prefill, eager on
     every path) just before, so that a step of decoding can be told apart. (name -> seconds per round,
     name -> seconds of the one-token generate per round)."""
     names, cache_tokens = list(copies), prompt.shape[1] + args.new_tokens
     seconds, first_token = {name: [] for name in names}, {name: [] for name in names}
-    for round_index in range(-1, args.repeats):  # round -1 is not kept: the first calls after compiling others
+    for round_index in range(-1, repeats):  # round -1 is not kept: the first calls after compiling others
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             one = functools.partial(generate, copies[name], prompt, path, 1, cache_tokens=cache_tokens)
@@ -278,17 +287,125 @@ def block_rows(copies: dict, states: dict, timings: tuple, path: str, prompt, ar
     return rows
 
 
-def check_counts(model, prompt, args) -> dict:
-    """BH's per-token counts on the static compiled path against the dynamic path, same inputs."""
-    counts = {}
+class RouteRecorder:
+    """A layer's traced route (`PatchedRouter.route`, what a compiled forward runs; None: the native routing,
+    observed) that also keeps, in device rings updated in place, the logits it was given (float64: exact for
+    any float dtype), the experts it chose (index [C, K]) and its counts [C]: the compiled path's decisions
+    and their very inputs, to replay eagerly (`check_counts`). The prefill runs eagerly on every path and
+    does not reach it: decode steps only."""
+
+    def __init__(self, route, capacity: int, num_experts: int, slots: int, device):
+        self.route = route
+        self.logits = bh_routing.static_zeros((capacity, num_experts), torch.float64, device)
+        self.index = bh_routing.static_zeros((capacity, slots), torch.int64, device)
+        self.counts = bh_routing.static_zeros((capacity,), torch.int64, device)
+        self.written = bh_routing.static_zeros((1,), torch.int64, device)
+
+    def __call__(self, logits, native_weights, native_index):
+        if self.route is None:  # the patch observes the native routing (top-k at the router's own k)
+            top_weights, top_index, expert_counts = native_weights, native_index, None
+        else:
+            top_weights, top_index, expert_counts = self.route(logits, native_weights, native_index)
+        rows, capacity = logits.shape[0], self.counts.shape[0]
+        positions = (self.written + torch.arange(rows, device=logits.device)) % capacity
+        counts = top_index.new_full((rows,), top_index.shape[-1]) if expert_counts is None else expert_counts
+        self.logits.index_copy_(0, positions, logits.double())
+        self.index.index_copy_(0, positions, top_index)
+        self.counts.index_copy_(0, positions, counts.long())
+        self.written.add_(rows)
+        return top_weights, top_index, expert_counts
+
+    def recorded(self) -> dict:
+        """The rows recorded so far, in order (a run must not write more than the capacity)."""
+        written = int(self.written)
+        if written > self.counts.shape[0]:
+            raise ValueError(f"{written} rows recorded in a ring of {self.counts.shape[0]}: raise the capacity")
+        return {"logits": self.logits[:written], "index": self.index[:written], "counts": self.counts[:written]}
+
+
+def record_routes(patcher, capacity: int, slots: int) -> list[RouteRecorder]:
+    """Each patched layer's traced route replaced by a `RouteRecorder` of it (before the first compiled call)."""
+    recorders = []
+    for router in patcher.routers:
+        patch = getattr(router, bh_routing.PATCH_ATTRIBUTE)
+        patch.route = RouteRecorder(patch.route, capacity, patcher.shape.num_experts, slots, router.weight.device)
+        recorders.append(patch.route)
+    return recorders
+
+
+def decode_choices(model, prompt, path: str, new_tokens: int) -> torch.Tensor:
+    """[L, decode rows, k] the unpatched model's expert choices, sorted, in its decode steps on `path` (an
+    eager path: forward hooks on the routers)."""
+    batch, choices = prompt.shape[0], []
+    layers = bh_routing.find_moe_layers(model)
+    for _ in layers:
+        choices.append([])
+
+    def keep(layer: int, module, args, output) -> None:
+        if output[2].shape[0] == batch:  # a decode step: one row per sequence
+            choices[layer].append(output[2].sort(dim=-1).values)
+
+    handles = [layer.router.register_forward_hook(functools.partial(keep, i)) for i, layer in enumerate(layers)]
+    try:
+        generate(model, prompt, path, new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([torch.cat(layer_choices) for layer_choices in choices])
+
+
+def agreement(first: torch.Tensor, second: torch.Tensor) -> dict:
+    """How many decisions two runs share: elements of [L, rows] counts, or rows of [L, rows, k] expert sets."""
+    if first.shape != second.shape:
+        return {"shapes": [list(first.shape), list(second.shape)], "equal": False}
+    same = first.cpu() == second.cpu()
+    same = same.all(dim=-1) if same.dim() == 3 else same
+    return {"decisions": same.numel(), "different": int((~same).sum()), "equal": bool(same.all())}
+
+
+def compiled_decode_records(model, prompt, spec: str, new_tokens: int) -> tuple[list[dict], list, torch.Tensor]:
+    """A generate of configuration `spec` on the static compiled path: its decode decisions (every layer's
+    `RouteRecorder` rows), the layer routes they replay with, and the per-token counts [rows, L] of the
+    whole generate (prefill rows, then decode rows)."""
+    capacity = prompt.shape[0] * new_tokens
     with bh_routing.MoERouterPatcher(model, record_token_counts=True) as patcher:
-        for path in ("dynamic", "static_compiled"):
-            patcher.patch_with_bh(alpha=0.05, max_k=8)
-            generate(model, prompt, path, 8)
-            counts[path] = patcher.get_stats()["token_counts"]
-    equal = bool(torch.equal(counts["dynamic"], counts["static_compiled"]))
-    agreement = (counts["dynamic"] == counts["static_compiled"]).double().mean().item()
-    return {"bh_counts_static_equal_dynamic": equal, "agreement": agreement, "decisions": counts["dynamic"].numel()}
+        bh_routing.RoutingConfig.parse(spec).apply(patcher)
+        recorders = record_routes(patcher, capacity, slots=CHECKED_K)
+        generate(model, prompt, "static_compiled", new_tokens)
+        return [r.recorded() for r in recorders], [r.route for r in recorders], patcher.statistics.token_counts()
+
+
+def bh_counts_of(model, prompt, path: str, new_tokens: int) -> torch.Tensor:
+    """[rows, L] `CHECKED_BH`'s per-token counts of a generate on `path` (prefill rows, then decode rows)."""
+    with bh_routing.MoERouterPatcher(model, record_token_counts=True) as patcher:
+        bh_routing.RoutingConfig.parse(CHECKED_BH).apply(patcher)
+        generate(model, prompt, path, new_tokens)
+        return patcher.statistics.token_counts()
+
+
+def check_counts(model, prompt, args) -> dict:
+    """BH's counts on the static compiled path against the eager computation, on the same inputs:
+    routing: the compiled forward's decode decisions against BH's layer route run eagerly on the very logits
+        that forward routed (`RouteRecorder`);
+    generation: the per-token counts of a whole generate, static compiled path against the dynamic and the
+        static eager paths; their router inputs differ by the kernels' bf16 rounding, so native_sets gives
+        the unpatched router's own decode choices on those paths against the compiled path's (top-8 patch)."""
+    new_tokens, decode_start = CHECKED_TOKENS, prompt.shape[1] * prompt.shape[0]
+    records, routes, compiled_counts = compiled_decode_records(model, prompt, CHECKED_BH, new_tokens)
+    dtype = bh_routing.find_moe_layers(model)[0].router.weight.dtype
+    replayed = [route(r["logits"].to(dtype), None, None) for r, route in zip(records, routes, strict=True)]
+    recorded = {name: torch.stack([r[name] for r in records]) for name in ("counts", "index")}
+    result = {"new_tokens": new_tokens, "config": CHECKED_BH,
+              "routing": agreement(recorded["counts"], torch.stack([r[2] for r in replayed])),
+              "routing_experts": agreement(recorded["index"], torch.stack([r[1] for r in replayed]))}  # fmt: skip
+    counts = {path: bh_counts_of(model, prompt, path, new_tokens) for path in ("dynamic", "static")}
+    native = compiled_decode_records(model, prompt, f"topk:k={CHECKED_K}", new_tokens)[0]
+    compiled_sets = torch.stack([r["index"].sort(dim=-1).values for r in native])
+    for path in ("dynamic", "static"):
+        result[f"generation_vs_{path}"] = agreement(compiled_counts, counts[path])
+        result[f"generation_vs_{path}_decode"] = agreement(compiled_counts[decode_start:], counts[path][decode_start:])
+        result[f"native_sets_vs_{path}"] = agreement(compiled_sets, decode_choices(model, prompt, path, new_tokens))
+    return result
 
 
 def random_prompt(model, batch: int, args):
@@ -303,31 +420,56 @@ def native_first(configs: list[str]) -> list[str]:
     return ["native"] + [name for name in dict.fromkeys(configs) if name != "native"]
 
 
-def run_block(model, path: str, batch: int, args, results: dict, save) -> None:
-    """Every configuration on one path and batch size, each on its own copy of the model, timed in turn
-    (`time_rounds`); then each copy unpatched must generate native's logits again, bit for bit. The block's
-    rows are saved together, as their ratios come from the same rounds; a rerun skips a finished block."""
-    keys = {name: f"{path}/b{batch}/{name}" for name in args.configs}
-    prompt = random_prompt(model, batch, args)
-    if args.redo or not all(key in results["rows"] for key in keys.values()):
-        copies = dict(zip(args.configs, model_copies(model, len(args.configs)), strict=True))
-        states = prepare(copies, path, prompt, args)
-        rows = block_rows(copies, states, time_rounds(copies, path, prompt, args), path, prompt, args)
-        native_logits = states["native"]["output"].logits
-        for name, state in states.items():
-            if state["patcher"] is not None:
-                state["patcher"].unpatch()
-            after = generate(copies[name], prompt, path, args.new_tokens, logits=True).logits
-            rows[name]["unpatched_bit_identical"] = all(map(torch.equal, after, native_logits))
-        for name, row in rows.items():
-            results["rows"][keys[name]] = row | {"path": path, "batch": batch, "config": name,
-                                                 "process": results["process"]}  # fmt: skip
-            print(f"{keys[name]}: {row['tokens_per_second']:.1f} tok/s, {row['ratio_to_native']:.2f}x native, "
-                  f"{row['avg_experts']:.2f} experts, warm-up {row['warm_up_s']:.1f} s", flush=True)  # fmt: skip
-        save()
-    if args.check_counts and f"b{batch}/counts" not in results["checks"]:
-        results["checks"][f"b{batch}/counts"] = check_counts(model, prompt, args)
-        save()
+class Block(NamedTuple):
+    """Configurations timed together on one path and batch size, in `repeats` rounds (`run_block`)."""
+
+    path: str
+    batch: int
+    configs: tuple[str, ...]  # native first
+    repeats: int
+
+
+_TOP8_BH = ("native", "topk_k8", "topk_k8_nostats", "bh_k8_a005", "bh_k8_a005_nostats")  # statistics on and off
+TARGET_BLOCKS = (  # --targets: every block that the issue's targets (`TARGETS`) read, in one process
+    Block("static_compiled", 1, (*_TOP8_BH, "topk_k2"), 20),
+    Block("static_compiled", 16, ("native", "topk_k8", "topk_k2", "bh_k8_a005"), 10),
+    Block("dynamic", 1, _TOP8_BH, 30),  # the eager path's host time varies the most from round to round
+)
+
+
+def blocks(args) -> list[Block]:
+    """The blocks to run: `TARGET_BLOCKS` with --targets (--repeats, if given, for all of them), else every
+    --paths and --batch-sizes with --configs."""
+    if args.targets:
+        return [block._replace(repeats=args.repeats or block.repeats) for block in TARGET_BLOCKS]
+    configs = tuple(native_first(args.configs))
+    return [Block(path, batch, configs, args.repeats or 3) for path in args.paths for batch in args.batch_sizes]
+
+
+def run_block(model, block: Block, args, results: dict, save) -> None:
+    """Every configuration of a block, each on its own copy of the model, timed in turn (`time_rounds`);
+    then each copy unpatched must generate native's logits again, bit for bit. The block's rows are saved
+    together, as their ratios come from the same rounds; a rerun skips a finished block."""
+    keys = {name: f"{block.path}/b{block.batch}/{name}" for name in block.configs}
+    if not args.redo and all(key in results["rows"] for key in keys.values()):
+        return
+    prompt = random_prompt(model, block.batch, args)
+    copies = dict(zip(block.configs, model_copies(model, len(block.configs)), strict=True))
+    states = prepare(copies, block.path, prompt, args)
+    timings = time_rounds(copies, block.path, prompt, block.repeats, args)
+    rows = block_rows(copies, states, timings, block.path, prompt, args)
+    native_logits = states["native"]["output"].logits
+    for name, state in states.items():
+        if state["patcher"] is not None:
+            state["patcher"].unpatch()
+        after = generate(copies[name], prompt, block.path, args.new_tokens, logits=True).logits
+        rows[name]["unpatched_bit_identical"] = all(map(torch.equal, after, native_logits))
+    for name, row in rows.items():
+        results["rows"][keys[name]] = row | {"path": block.path, "batch": block.batch, "config": name,
+                                             "process": results["process"]}  # fmt: skip
+        print(f"{keys[name]}: {row['tokens_per_second']:.1f} tok/s, {row['ratio_to_native']:.2f}x native, "
+              f"{row['avg_experts']:.2f} experts, warm-up {row['warm_up_s']:.1f} s", flush=True)  # fmt: skip
+    save()
 
 
 def number(value: float | None, digits: int = 2) -> str:
@@ -367,6 +509,73 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+TARGETS = (  # the issue's speed targets: (path, batch, config, baseline, lowest, highest) on tokens/s of
+    # config over baseline's, the median over the rounds of one block (one process); highest None: no bound
+    ("static_compiled", 1, "topk_k8", "native", 0.97, None),
+    ("static_compiled", 1, "topk_k2", "native", 1.25, None),
+    ("static_compiled", 1, "bh_k8_a005", "native", 1.25, None),
+    ("static_compiled", 16, "topk_k2", "native", 1.3, None),
+    ("static_compiled", 16, "bh_k8_a005", "native", 1.3, None),
+    ("dynamic", 1, "topk_k8", "native", 0.95, None),
+    ("dynamic", 1, "bh_k8_a005", "native", 0.95, None),
+    ("static_compiled", 1, "topk_k8", "topk_k8_nostats", 0.97, 1.03),  # statistics on vs off: within 3%
+    ("static_compiled", 1, "bh_k8_a005", "bh_k8_a005_nostats", 0.97, 1.03),
+    ("dynamic", 1, "topk_k8", "topk_k8_nostats", 0.97, 1.03),
+    ("dynamic", 1, "bh_k8_a005", "bh_k8_a005_nostats", 0.97, 1.03),
+)
+
+
+def target_rows(results: dict) -> list[dict]:
+    """Each speed target of `TARGETS` whose rows `results` holds from one process: the per-round ratio
+    (baseline's seconds over config's), its median and the 95% interval of the median (`median_interval`),
+    whether the median meets the target and whether the whole interval does."""
+    found = []
+    for path, batch, config, baseline, lowest, highest in TARGETS:
+        rows = [results["rows"].get(f"{path}/b{batch}/{name}") for name in (config, baseline)]
+        if None in rows or rows[0]["process"] != rows[1]["process"]:
+            continue
+        ratios = [b / a for a, b in zip(rows[0]["seconds_per_round"], rows[1]["seconds_per_round"], strict=True)]
+        median, interval = statistics.median(ratios), median_interval(ratios)
+        inside = [lowest <= value and (highest is None or value <= highest) for value in (median, *interval)]
+        found.append({"path": path, "batch": batch, "config": config, "baseline": baseline, "bounds": (lowest, highest),
+                      "ratio": median, "ci95": interval, "rounds": len(ratios),
+                      "met": inside[0], "interval_met": all(inside[1:])})  # fmt: skip
+    return found
+
+
+def correctness_lines(results: dict) -> list[str]:
+    """The correctness targets: top-8 generates native's tokens and unpatch restores native's logits bit for
+    bit in every block; BH's counts of `check_counts`."""
+    lines = []
+    for block in sorted({(row["path"], row["batch"]) for row in results["rows"].values()}):
+        rows = [row for row in results["rows"].values() if (row["path"], row["batch"]) == block]
+        top8 = [row["same_tokens_as_native"] for row in rows if row["config"] == "topk_k8"]
+        restored = sum(row["unpatched_bit_identical"] for row in rows)
+        lines.append(f"- {block[0]}, batch {block[1]}: top-8 generates native's tokens: "
+                     f"{'yes' if top8 and all(top8) else 'no' if top8 else '-'}; unpatched bit-identical: "
+                     f"{restored} of {len(rows)} configurations")  # fmt: skip
+    for name, check in results["checks"].items():
+        parts = [f"{key}: " + (f"{part['decisions'] - part['different']} of {part['decisions']} equal"
+                               if "decisions" in part else f"shapes differ {part['shapes']}")
+                 for key, part in check.items() if isinstance(part, dict)]  # fmt: skip
+        lines.append(f"- counts {name} ({check.get('config', 'BH')}, {check.get('new_tokens', 8)} new tokens): "
+                     + "; ".join(parts))  # fmt: skip
+    return lines
+
+
+def target_table(results: dict) -> str:
+    """Markdown: the speed targets of `TARGETS` found in `results` (`target_rows`), then the correctness ones."""
+    lines = ["| path | batch | config | against | target | median ratio (95% interval) | rounds | met | interval met |",
+             "|" + " --- |" * 9]  # fmt: skip
+    for row in target_rows(results):
+        lowest, highest = row["bounds"]
+        target = f">= {lowest:.2f}x" if highest is None else f"{lowest:.2f}-{highest:.2f}x"
+        lines.append(f"| {row['path']} | {row['batch']} | {row['config']} | {row['baseline']} | {target} | "
+                     f"{row['ratio']:.2f}x ({row['ci95'][0]:.2f}-{row['ci95'][1]:.2f}) | {row['rounds']} | "
+                     f"{'yes' if row['met'] else 'no'} | {'yes' if row['interval_met'] else 'no'} |")  # fmt: skip
+    return "\n".join(lines + [""] + correctness_lines(results))
+
+
 def add_floors(results: dict, model) -> None:
     """Each row's HBM floor (module docstring), from the card's measured copy bandwidth."""
     bandwidth = results["environment"].get("copy_bandwidth_bytes_per_s")
@@ -390,24 +599,28 @@ def main() -> None:
                         choices=list(bh_routing.GENERATION_PATHS))  # fmt: skip
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--targets", action="store_true",
+                        help="run TARGET_BLOCKS, not --paths, --batch-sizes and --configs")  # fmt: skip
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--check-counts", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per block (default 3; --targets: its own)")
+    parser.add_argument("--check-counts", nargs="*", type=int, default=[], metavar="BATCH",
+                        help="after the blocks, `check_counts` at these batch sizes")  # fmt: skip
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--emulate-precision-casts", action="store_true",
                         help="inductor rounds at every dtype cast, as eager does")  # fmt: skip
-    parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    parser.add_argument("--table", action="store_true", help="print the tables of --out and exit")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if args.new_tokens < 2 or args.repeats < 1:
+    if args.new_tokens < 2 or (args.repeats is not None and args.repeats < 1):
         parser.error(f"--new-tokens must be >= 2 and --repeats >= 1, got {args.new_tokens} and {args.repeats}")
-    args.configs = native_first(args.configs)
+    if any(batch < 1 for batch in args.batch_sizes + args.check_counts):
+        parser.error(f"batch sizes must be >= 1, got {args.batch_sizes} and --check-counts {args.check_counts}")
     results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": {}, "checks": {}}
-    if args.table:
-        print(table(results))
-        return
-    measure(args, results)
+    if not args.table:
+        measure(args, results)
+    print(table(results))
+    print(target_table(results))
 
 
 def measure(args, results: dict) -> None:
@@ -418,19 +631,23 @@ def measure(args, results: dict) -> None:
     environment["copy_bandwidth_bytes_per_s"] = copy_bandwidth(args.device)
     results["environment"] = results.get("environment", {}) | environment
     results["process"] = f"{environment.get('date', time.time())}-{id(results)}"
-    results["settings"] = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                           "repeats": args.repeats, "model": args.model, "configs": CONFIGS,
+    planned = blocks(args)
+    results["settings"] = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "model": args.model,
+                           "blocks": [block._asdict() for block in planned], "configs": CONFIGS,
                            "emulate_precision_casts": args.emulate_precision_casts}  # fmt: skip
 
     def save():
         add_floors(results, model)
         bh_routing.atomic_write_text(args.out, json.dumps(results, indent=1, default=str))
 
-    for path in args.paths:
-        for batch in args.batch_sizes:
-            run_block(model, path, batch, args, results, save)
+    for block in planned:
+        run_block(model, block, args, results, save)
+    for batch in args.check_counts:
+        if args.redo or f"b{batch}/counts" not in results["checks"]:
+            check = check_counts(model, random_prompt(model, batch, args), args)
+            results["checks"][f"b{batch}/counts"] = check | {"process": results["process"]}
+            save()
     save()
-    print(table(results))
 
 
 if __name__ == "__main__":

@@ -235,9 +235,18 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
     out = tmp_path / "generate.json"
     command = [sys.executable, str(script), "--model", "embedded", "--device", "cpu", "--paths", "dynamic", "static",
                "--batch-sizes", "2", "--configs", "native", "topk_k8", "bh_k8_a005_nostats", "--new-tokens", "3",
-               "--prompt-tokens", "5", "--repeats", "2", "--out", str(out)]  # fmt: skip
+               "--prompt-tokens", "5", "--repeats", "2", "--check-counts", "2", "--out", str(out)]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=600)
-    rows = json.loads(out.read_text())["rows"]
+    rows, checks = json.loads(out.read_text())["rows"], json.loads(out.read_text())["checks"]
+    # The compiled decode decisions, replayed eagerly on the logits they routed, and whole generates.
+    counts = checks["b2/counts"]
+    assert counts["routing"] == {"decisions": 4 * 2 * 31, "different": 0, "equal": True}  # 4 layers, 31 steps
+    assert counts["routing_experts"]["equal"] and counts["generation_vs_dynamic"]["decisions"] == 4 * 2 * (5 + 31)
+    assert all(
+        counts[f"{key}_{path}"]["equal"]
+        for key in ("generation_vs", "native_sets_vs")
+        for path in ("dynamic", "static")
+    )
     assert len(rows) == 6 and {row["batch"] for row in rows.values()} == {2}
     for path in ("dynamic", "static"):
         native, top8 = rows[f"{path}/b2/native"], rows[f"{path}/b2/topk_k8"]
@@ -255,6 +264,8 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
     assert json.loads(out.read_text())["rows"] == json.loads(first)["rows"]
     table = subprocess.run(command + ["--table"], check=True, capture_output=True, text=True).stdout
     assert table.count("\n| static | 2 |") == 3 and "1.00x" in table
+    assert "- static, batch 2: top-8 generates native's tokens: yes; unpatched bit-identical: 3 of 3" in table
+    assert "routing: 248 of 248 equal" in table
     refused = subprocess.run(command[:-2] + ["--new-tokens", "1", "--out", str(out)], capture_output=True, text=True)
     assert refused.returncode == 2 and "--new-tokens must be >= 2" in refused.stderr
 
@@ -270,6 +281,33 @@ def test_the_guard_benchmark_finds_each_configurations_compiled_decode_step(tmp_
     assert results["rows"]["native"]["over_native_us"] == 0.0
     assert all(row["guard_check_us"] > 0 for row in results["rows"].values())
     assert results["settings"]["layers"] == 2 and results["environment"]["torch"] == torch.__version__
+
+
+def test_the_benchmark_targets_read_ratios_of_one_process_with_their_interval():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_generate
+
+    def row(config, seconds, process="p"):
+        return {"path": "dynamic", "batch": 1, "config": config, "seconds_per_round": seconds, "process": process,
+                "same_tokens_as_native": True, "unpatched_bit_identical": True}  # fmt: skip
+
+    native = [1.0] * 9
+    results = {"checks": {}, "rows": {
+        "dynamic/b1/native": row("native", native),
+        "dynamic/b1/topk_k8": row("topk_k8", [0.99] * 5 + [1.1] * 4),  # median ratio 1/0.99: met
+        "dynamic/b1/topk_k8_nostats": row("topk_k8_nostats", [0.9] * 9),  # top-8 at 0.9/0.99 of it: below 3%
+        "dynamic/b1/bh_k8_a005": row("bh_k8_a005", [1.2] * 9, process="q"),  # another process: no target
+    }}  # fmt: skip
+    found = {(row["config"], row["baseline"]): row for row in bench_generate.target_rows(results)}
+    assert set(found) == {("topk_k8", "native"), ("topk_k8", "topk_k8_nostats")}
+    top8 = found["topk_k8", "native"]
+    assert top8["ratio"] == pytest.approx(1 / 0.99) and top8["met"] and top8["rounds"] == 9
+    assert top8["ci95"] == (pytest.approx(1 / 1.1), pytest.approx(1 / 0.99)) and not top8["interval_met"]  # n = 9
+    assert found["topk_k8", "topk_k8_nostats"]["ratio"] == pytest.approx(0.9 / 0.99)
+    assert not found["topk_k8", "topk_k8_nostats"]["met"]
+    text = bench_generate.target_table(results)
+    assert "| dynamic | 1 | topk_k8 | native | >= 0.95x | 1.01x (0.91-1.01) | 9 | yes | no |" in text
+    assert "- dynamic, batch 1: top-8 generates native's tokens: yes; unpatched bit-identical: 4 of 4" in text
 
 
 def test_the_benchmark_interval_for_a_median_is_the_order_statistics_of_the_binomial_table():
