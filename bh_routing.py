@@ -3328,6 +3328,20 @@ class RouterSpec:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         return weights * self.scale if self.scale != 1.0 else weights
 
+    def relative_weights(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """[T, K] float32, per token proportional to the family's weights of the kept experts `index` (0 in
+        sentinel slots): all that their normalised entropy needs, read from K logits (scaling and
+        renormalising change no share). Softmax families: exp of each kept logit less the first slot's (the
+        largest where the router sorts its output; the exponent is clamped at 80 so that a router whose kept
+        logits spread over more than that cannot overflow float32)."""
+        kept = index < self.num_experts
+        kept_logits = logits.gather(-1, index.clamp_max(self.num_experts - 1)).float()
+        if self.score == "sigmoid":
+            scores = kept_logits.sigmoid()  # the score-correction bias ranks experts, it does not weight them
+        else:
+            scores = (kept_logits - kept_logits[..., :1]).clamp_max(80.0).exp()
+        return torch.where(kept, scores, torch.zeros((), device=scores.device))
+
     def native(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The family's own top-k (weights [T, k], index [T, k]) from its logits: what `describe_router`
         checks against the router's output."""
@@ -3634,6 +3648,7 @@ class PatchedRouter:
         self.spec, self.renormalize = layer.spec, patcher.params.get("renormalize", False)
         self.family_weighting = not (layer.spec.plain or patcher.in_expert_space)
         self.route, eager_route = routes  # None, None: the native routing, observed
+        self.own_weights = self.route is None or patcher.in_expert_space  # the router's weights kept as they are
         graphed = graphed and eager_route is not None  # observing alone launches no kernel worth a graph
         self.accumulators = eager_record = None
         if patcher.record_statistics:
@@ -3679,8 +3694,21 @@ class PatchedRouter:
         else:
             top_weights, top_index, expert_counts = self.routed(route, router_logits, native_weights, native_index)
         if record is not None:
-            record(top_weights, top_index, expert_counts, keep)
+            record(self.recorded_weights(router_logits, top_weights, top_index), top_index, expert_counts, keep)
         return () if route is None else (top_weights.to(native_weights.dtype), top_index)
+
+    def recorded_weights(self, router_logits, top_weights, top_index) -> torch.Tensor:
+        """The kept weights the statistics read (their entropy, which scaling and renormalising leave alone).
+
+        Traced, where the router's own weights are kept (observing, top-k at its own k), they are the family's
+        weights up to a factor per token, recomputed from the kept logits in float32
+        (`RouterSpec.relative_weights`): a second reader of the router's
+        weights would make inductor store them, rounded to their dtype, before the experts read them, where
+        the unpatched graph computes them inside the experts' kernel; the model's outputs would then differ
+        from native's in the last bits (bf16), and its greedy tokens where two logits nearly tie."""
+        if self.own_weights and torch.compiler.is_compiling():
+            return self.spec.relative_weights(router_logits, top_index)
+        return top_weights
 
     def __call__(self, output: tuple) -> tuple | None:
         """The router's output with the patch's weights and index; None to keep it (observing)."""

@@ -81,6 +81,10 @@ def test_the_spec_reproduces_the_router_on_fresh_inputs(family):
         torch.testing.assert_close(
             ours_weights.to(weights.dtype).gather(-1, ours_order), weights.gather(-1, order), rtol=1e-6, atol=1e-7
         )
+        # What a compiled forward's statistics read instead of the router's weights: the same shares.
+        relative = layer.spec.relative_weights(logits, index)
+        shares = weights.float() / weights.float().sum(-1, keepdim=True)
+        torch.testing.assert_close(relative / relative.sum(-1, keepdim=True), shares, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
