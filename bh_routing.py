@@ -1857,17 +1857,25 @@ def summarize_count_histogram(histogram: torch.Tensor, min_k: int, max_k: int, b
     }
 
 
+STATISTICS_FOLD_LAYERS = 8  # layers folded in per scatter-add of a compiled step (`accumulate_step`)
+
+
 def _stacked(routings: list[tuple]) -> tuple:
-    """(weights [L, N, K], index [L, N, K], counts [L, N] or None, keep [N] or None) of L layers' routings
-    (weights, index, counts or None, keep or None) of the same N rows; the first layer's keep."""
+    """(weights [L, N, K] float32, index [L, N, K] int32, counts [L, N] int32 or None, keep [N] or None) of L
+    layers' routings (weights, index, counts or None, keep or None) of the same N rows; the first layer's keep.
+
+    Each layer's tensors are cast before they are stacked: inductor computes a concatenation of at most 8
+    inputs (its max_pointwise_cat_inputs) inside the kernel that reads it, where each input is an op of its
+    own, but copies every input of a longer one, or one that is already stored, with a kernel of its own
+    (about 37 kernels per decode step for 16 layers, run 49 of benchmarks/gpu_notes.md)."""
     weights, index, counts, keep = zip(*routings, strict=True)
     slots = index[0].shape[-1]
     if all(layer_counts is None for layer_counts in counts):
         counts = None
     else:
-        counts = torch.stack([_flat_counts(i, c) for i, c in zip(index, counts, strict=True)])
-    weights = torch.stack([w.reshape(-1, slots) for w in weights])
-    return weights, torch.stack([i.reshape(-1, slots) for i in index]), counts, keep[0]
+        counts = torch.stack([_flat_counts(i, c).int() for i, c in zip(index, counts, strict=True)])
+    weights = torch.stack([w.reshape(-1, slots).float() for w in weights])
+    return weights, torch.stack([i.reshape(-1, slots).int() for i in index]), counts, keep[0]
 
 
 class RoutingStatistics:
@@ -1910,7 +1918,7 @@ class RoutingStatistics:
     def allocate_layers(self, devices: list) -> None:
         """Every layer's accumulators, layer l's on devices[l], unless they are there already: the layers of a
         device keep their counters as rows of one tensor, so that a compiled forward folds in a step's
-        routing of all of them with one scatter-add (`accumulate_step`) rather than one per layer."""
+        routing of 8 of them with one scatter-add (`accumulate_step`) rather than one per layer."""
         devices = [torch.device(device) for device in devices]
         layers_and_devices = zip(self.layers, devices, strict=True)
         if all(layer is not None and layer.counters.device == device for layer, device in layers_and_devices):
@@ -1926,13 +1934,17 @@ class RoutingStatistics:
 
     def accumulate_step(self, routings: dict) -> None:
         """Fold one forward pass's routing of its layers into their sums, traceable (the patcher calls it at
-        the end of a compiled forward): one `accumulate_layers` per device whose layers all routed, one
-        `accumulate_sums` per other layer. routings: layer -> (weights [..., K], index [..., K], counts [...]
-        or None, keep or None), every layer over the same rows."""
+        the end of a compiled forward): one `accumulate_layers` per `STATISTICS_FOLD_LAYERS` layers of a device
+        whose layers all routed (`_stacked` says why not all at once), one `accumulate_sums` per other layer.
+        routings: layer -> (weights [..., K], index [..., K], counts [...] or None, keep or None), every layer
+        over the same rows."""
         folded = set()
         for counters, layers in self.groups:
             if all(layer in routings for layer in layers):
-                accumulate_layers(counters, *_stacked([routings[layer] for layer in layers]))
+                for start in range(0, len(layers), STATISTICS_FOLD_LAYERS):
+                    chunk = layers[start : start + STATISTICS_FOLD_LAYERS]
+                    stacked = _stacked([routings[layer] for layer in chunk])
+                    accumulate_layers(counters[start : start + len(chunk)], *stacked)
                 folded.update(layers)
         for layer, (weights, index, counts, keep) in routings.items():
             if layer not in folded:

@@ -97,11 +97,11 @@ def test_statistics_updated_in_a_compiled_graph_equal_a_plain_computation():
     assert len(br.LayerAccumulators(64, "cpu", token_capacity=None).tensors()) == 1
 
 
-def test_several_layers_fold_in_with_one_scatter_add_as_each_would_alone():
-    statistics = br.RoutingStatistics(3, 64)
-    statistics.allocate_layers(["cpu"] * 3)
-    [(counters, layers)] = statistics.groups  # one device: the three layers' counters are rows of one tensor
-    assert layers == [0, 1, 2]
+def test_several_layers_fold_in_with_one_scatter_add_per_eight_as_each_would_alone():
+    statistics = br.RoutingStatistics(11, 64)
+    statistics.allocate_layers(["cpu"] * 11)
+    [(counters, layers)] = statistics.groups  # one device: the layers' counters are rows of one tensor
+    assert layers == list(range(11))
     assert all(statistics.layers[i].counters.data_ptr() == counters[i].data_ptr() for i in layers)
     generator = torch.Generator().manual_seed(7)
     keep = torch.rand(9, generator=generator) < 0.7
@@ -112,9 +112,17 @@ def test_several_layers_fold_in_with_one_scatter_add_as_each_would_alone():
         routings[layer] = (weights, index, counts, keep)
         alone.append(br.LayerAccumulators(64, "cpu", token_capacity=None))
         br.accumulate_sums(alone[-1], weights, index, counts, keep)
-    statistics.accumulate_step(routings)
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.compile(statistics.accumulate_step, backend=backend, fullgraph=True)(routings)
+    scatter_adds = [node for node in graphs[0].graph.nodes if "index_add" in str(node.target)]
+    assert len(scatter_adds) == 2  # layers 0-7, then 8-10 (inductor fuses a concatenation of up to 8 inputs)
     statistics.accumulate_step({0: routings[0], 2: routings[2]})  # not every layer routed: folded one by one
-    for accumulators, (weights, index, counts, _) in zip(alone[::2], (routings[0], routings[2]), strict=True):
+    for accumulators, (weights, index, counts, _) in zip((alone[0], alone[2]), (routings[0], routings[2]), strict=True):
         br.accumulate_sums(accumulators, weights, index, counts, keep)
     for layer in layers:
         mine, theirs = statistics.layers[layer], alone[layer]
@@ -122,7 +130,7 @@ def test_several_layers_fold_in_with_one_scatter_add_as_each_would_alone():
         assert torch.equal(mine.decisions, theirs.decisions)
         assert mine.entropy_sum.item() == pytest.approx(theirs.entropy_sum.item(), rel=1e-12)
     kept = int(keep.sum())
-    assert [int(statistics.layers[layer].decisions) for layer in layers] == [2 * kept, kept, 2 * kept]
+    assert [int(statistics.layers[layer].decisions) for layer in layers] == [2 * kept, kept, 2 * kept] + [kept] * 8
 
 
 def test_a_compiled_forward_folds_every_layers_statistics_in_with_one_scatter_add(tiny_model):
