@@ -383,7 +383,7 @@ def bh_counts_of(model, prompt, path: str, new_tokens: int) -> torch.Tensor:
         return patcher.statistics.token_counts()
 
 
-def check_counts(model, prompt, args) -> dict:
+def check_counts(model, prompt) -> dict:
     """BH's counts on the static compiled path against the eager computation, on the same inputs:
     routing: the compiled forward's decode decisions against BH's layer route run eagerly on the very logits
         that forward routed (`RouteRecorder`);
@@ -644,7 +644,7 @@ def measure(args, results: dict) -> None:
         run_block(model, block, args, results, save)
     for batch in args.check_counts:
         if args.redo or f"b{batch}/counts" not in results["checks"]:
-            check = check_counts(model, random_prompt(model, batch, args), args)
+            check = check_counts(model, random_prompt(model, batch, args))
             results["checks"][f"b{batch}/counts"] = check | {"process": results["process"]}
             save()
     save()
