@@ -105,6 +105,7 @@ __all__ = [
     "LayerAccumulators",
     "accumulate_routing",
     "accumulate_layers",
+    "ring_write",
     "summarize_count_histogram",
     "saturation_analysis",
     "frontier_table",
@@ -1811,15 +1812,21 @@ def accumulate_layers(counters, top_weights, top_index, expert_counts=None, keep
     counters.view(-1).index_add_(0, torch.cat(positions), torch.cat(values))
 
 
+def ring_write(ring: torch.Tensor, written: torch.Tensor, values: torch.Tensor) -> None:
+    """Write values [N, ...] into the ring buffer `ring` [C, ...] (its dtype) at positions written, written + 1,
+    ... modulo C and add N to `written` [1] int64, in place with device ops only (traceable, no host sync)."""
+    num_rows, capacity = values.shape[0], ring.shape[0]
+    skipped = max(0, num_rows - capacity)  # a call longer than the ring writes its last rows only
+    offsets = torch.arange(skipped, num_rows, device=values.device)
+    ring.index_copy_(0, (written + offsets) % capacity, values[skipped:].to(ring.dtype))
+    written.add_(num_rows)
+
+
 def write_token_counts(accumulators: LayerAccumulators, top_index, expert_counts=None, keep=None):
     """The ordered part of `accumulate_routing`: each row's count (-1 where keep is False) into the ring."""
     counts = _flat_counts(top_index, expert_counts)  # [N]
-    num_rows, capacity = counts.shape[0], accumulators.token_counts.shape[0]
     values = counts if keep is None else counts.masked_fill(keep.reshape(-1) == 0, -1)
-    skipped = max(0, num_rows - capacity)  # a call longer than the ring writes its last rows only
-    offsets = torch.arange(skipped, num_rows, device=counts.device)
-    accumulators.token_counts.index_copy_(0, (accumulators.written + offsets) % capacity, values[skipped:].short())
-    accumulators.written.add_(num_rows)
+    ring_write(accumulators.token_counts, accumulators.written, values)
 
 
 def _value_at_rank(cumulative: torch.Tensor, rank: int) -> int:

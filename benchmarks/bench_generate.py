@@ -289,16 +289,14 @@ def block_rows(copies: dict, states: dict, timings: tuple, path: str, prompt, ar
 
 class RouteRecorder:
     """A layer's traced route (`PatchedRouter.route`, what a compiled forward runs; None: the native routing,
-    observed) that also keeps, in device rings updated in place, the logits it was given (float64: exact for
-    any float dtype), the experts it chose (index [C, K]) and its counts [C]: the compiled path's decisions
-    and their very inputs, to replay eagerly (`check_counts`). The prefill runs eagerly on every path and
-    does not reach it: decode steps only."""
+    observed) that also keeps, in a device ring updated in place (`bh_routing.ring_write`), the logits it was
+    given, the experts it chose and its count, one float64 row [E + K + 1] per routed row (exact for any float
+    dtype and for the integers): the compiled path's decisions and their very inputs, to replay eagerly
+    (`check_counts`). The prefill runs eagerly on every path and does not reach it: decode steps only."""
 
     def __init__(self, route, capacity: int, num_experts: int, slots: int, device):
-        self.route = route
-        self.logits = bh_routing.static_zeros((capacity, num_experts), torch.float64, device)
-        self.index = bh_routing.static_zeros((capacity, slots), torch.int64, device)
-        self.counts = bh_routing.static_zeros((capacity,), torch.int64, device)
+        self.route, self.num_experts = route, num_experts
+        self.rows = bh_routing.static_zeros((capacity, num_experts + slots + 1), torch.float64, device)
         self.written = bh_routing.static_zeros((1,), torch.int64, device)
 
     def __call__(self, logits, native_weights, native_index):
@@ -306,21 +304,21 @@ class RouteRecorder:
             top_weights, top_index, expert_counts = native_weights, native_index, None
         else:
             top_weights, top_index, expert_counts = self.route(logits, native_weights, native_index)
-        rows, capacity = logits.shape[0], self.counts.shape[0]
-        positions = (self.written + torch.arange(rows, device=logits.device)) % capacity
+        rows = logits.shape[0]
         counts = top_index.new_full((rows,), top_index.shape[-1]) if expert_counts is None else expert_counts
-        self.logits.index_copy_(0, positions, logits.double())
-        self.index.index_copy_(0, positions, top_index)
-        self.counts.index_copy_(0, positions, counts.long())
-        self.written.add_(rows)
+        row = torch.cat([logits.double(), top_index.double(), counts.double().unsqueeze(-1)], dim=-1)
+        bh_routing.ring_write(self.rows, self.written, row)
         return top_weights, top_index, expert_counts
 
     def recorded(self) -> dict:
-        """The rows recorded so far, in order (a run must not write more than the capacity)."""
-        written = int(self.written)
-        if written > self.counts.shape[0]:
-            raise ValueError(f"{written} rows recorded in a ring of {self.counts.shape[0]}: raise the capacity")
-        return {"logits": self.logits[:written], "index": self.index[:written], "counts": self.counts[:written]}
+        """The rows recorded so far, in order (a run must not write more than the capacity): logits [N, E]
+        float64, index [N, K] and counts [N] int64."""
+        written, capacity = int(self.written), self.rows.shape[0]
+        if written > capacity:
+            raise ValueError(f"{written} rows recorded in a ring of {capacity}: raise the capacity")
+        rows = self.rows[:written]
+        experts = self.num_experts
+        return {"logits": rows[:, :experts], "index": rows[:, experts:-1].long(), "counts": rows[:, -1].long()}
 
 
 def record_routes(patcher, capacity: int, slots: int) -> list[RouteRecorder]:
@@ -336,10 +334,8 @@ def record_routes(patcher, capacity: int, slots: int) -> list[RouteRecorder]:
 def decode_choices(model, prompt, path: str, new_tokens: int) -> torch.Tensor:
     """[L, decode rows, k] the unpatched model's expert choices, sorted, in its decode steps on `path` (an
     eager path: forward hooks on the routers)."""
-    batch, choices = prompt.shape[0], []
-    layers = bh_routing.find_moe_layers(model)
-    for _ in layers:
-        choices.append([])
+    batch, layers = prompt.shape[0], bh_routing.find_moe_layers(model)
+    choices = [[] for _ in layers]
 
     def keep(layer: int, module, args, output) -> None:
         if output[2].shape[0] == batch:  # a decode step: one row per sequence

@@ -103,7 +103,7 @@ def main() -> None:
         print(f"{name}: {row['guard_check_us']:.1f} us per guard check, {row['over_native_us']:+.1f} over native's")
     environment = bh_routing.environment_info(model, "cpu") | {"threads": torch.get_num_threads()}
     results = {"environment": environment, "settings": vars(args) | {"out": None}, "rows": rows}
-    args.out.write_text(json.dumps(results, indent=1, default=str))
+    bh_routing.atomic_write_text(args.out, json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":
