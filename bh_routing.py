@@ -1028,7 +1028,8 @@ class RoutingMethod:
     def layer_routes(self, params: dict, patcher: MoERouterPatcher, compiled: bool = False) -> list[Callable]:
         """One function per MoE layer of the patcher's model, built at patch time with the layer's tables on
         its router's device: (selection_logits [T, E'], native_weights [T, k], native_index [T, k]) ->
-        (top_weights [T, K], top_index [T, K], expert_counts [T] or None when every token keeps K).
+        (top_weights [T, K], top_index [T, K], expert_counts [T] or None when every token keeps K). Only a
+        method `in_expert_space` reads the router's own weights and index (an eager call passes None else).
 
         Each must trace under torch.compile(fullgraph=True) and replay in a CUDA graph: tensor ops only,
         no host sync, no Python state changed. compiled: the function runs eagerly (not inside a compiled
@@ -1864,6 +1865,11 @@ def summarize_count_histogram(histogram: torch.Tensor, min_k: int, max_k: int, b
     }
 
 
+def _rows(tensor: torch.Tensor, *shape: int) -> torch.Tensor:
+    """tensor.reshape(*shape), without the call (a dispatch per eager routing call) where it has as many dims."""
+    return tensor if tensor.dim() == len(shape) else tensor.reshape(*shape)
+
+
 STATISTICS_FOLD_LAYERS = 8  # layers folded in per scatter-add of a compiled step (`accumulate_step`)
 
 
@@ -1890,9 +1896,10 @@ class RoutingStatistics:
     only by the methods below (which synchronise). A call may name the rows that count (`keep`, e.g. the
     positions an attention mask marks as real, not padding): the others are left out of every statistic.
 
-    Compiled forwards and CUDA graphs update the accumulators in place (`accumulate_routing`); eager calls go
-    through `record`, which keeps references and folds them in batches of `max_pending` calls per layer, so
-    that an eager forward pays a list append rather than a dozen small kernels per layer.
+    Compiled forwards (CUDA-graphed or not) update the accumulators in place (`accumulate_routing`); eager
+    calls, the patcher's CUDA-graphed routes among them, go through `record`, which keeps references and folds
+    them in batches of `max_pending` calls per layer, so that an eager forward pays a list append rather than
+    a dozen small kernels per layer.
 
     record_token_counts: also keep every routed row's count per layer in a ring buffer of `token_capacity`
     rows (`token_counts`); off, the count histogram still gives every summary statistic.
@@ -1916,7 +1923,7 @@ class RoutingStatistics:
     def allocate(self, layer: int, device) -> LayerAccumulators:
         """Layer `layer`'s accumulators on `device` (allocated once; zeroed by `reset`, never reallocated there)."""
         current = self.layers[layer]
-        if current is None or current.selections.device != torch.device(device):
+        if current is None or current.counters.device != torch.device(device):
             capacity = self.token_capacity if self.record_token_counts else None
             self.layers[layer] = LayerAccumulators(self.num_experts, device, capacity)
             self.groups = [group for group in self.groups if layer not in group[1]]
@@ -1972,7 +1979,8 @@ class RoutingStatistics:
         accumulators = self.allocate(layer, top_index.device)
         if accumulators.token_counts is not None:
             write_token_counts(accumulators, top_index, expert_counts, keep)
-        self._pending[layer].append((top_weights.detach(), top_index, expert_counts, keep))
+        weights = top_weights.detach() if top_weights.requires_grad else top_weights  # detach: an op per call
+        self._pending[layer].append((weights, top_index, expert_counts, keep))
         if len(self._pending[layer]) >= self.max_pending:
             self._fold(layer)
 
@@ -1982,12 +1990,12 @@ class RoutingStatistics:
         if not pending:
             return
         slots, device = pending[0][1].shape[-1], pending[0][1].device
-        weights = torch.cat([w.reshape(-1, slots) for w, _, _, _ in pending])
-        index = torch.cat([i.reshape(-1, slots) for _, i, _, _ in pending])
+        weights = torch.cat([_rows(w, -1, slots) for w, _, _, _ in pending])
+        index = torch.cat([_rows(i, -1, slots) for _, i, _, _ in pending])
         counts = keep = None
         if any(c is not None for _, _, c, _ in pending):
             full = [i.new_full(i.shape[:-1], slots) if c is None else c for _, i, c, _ in pending]
-            counts = torch.cat([c.reshape(-1) for c in full])
+            counts = torch.cat([_rows(c, -1) for c in full])
         if any(k is not None for *_, k in pending):
             every = [i[..., 0].reshape(-1) >= 0 if k is None else k.reshape(-1).to(device) for _, i, _, k in pending]
             keep = torch.cat(every)  # a call without a mask keeps every row
@@ -3498,15 +3506,14 @@ class CudaGraphed:
     """Replay `function(*args)` as one CUDA graph per (shape, dtype, device) of its tensor arguments.
 
     Capturing needs a function without host synchronisation. The tensor arguments are copied into the
-    graph's static buffers and the outputs (a tuple of tensors) are cloned out, because the next replay
-    (the next layer) overwrites them; arguments that are not tensors (None) are part of the key. A function
-    that updates tensors in place (statistics) names them in `preserve`: the two warm-up runs before a
-    capture change them, so they are restored after it. At most `max_graphs` keys are kept (least recently
-    used dropped); other devices than CUDA, and calls inside another capture or a compiled region, call the
-    function directly."""
+    graph's static buffers and the outputs (a tuple of tensors or None) are cloned out, because the next
+    replay (the next layer) overwrites them; arguments that are not tensors (None) are part of the key. The
+    function must leave every other tensor alone: the two warm-up runs before a capture run it too. At most
+    `max_graphs` keys are kept (least recently used dropped); other devices than CUDA, and calls inside
+    another capture or a compiled region, call the function directly."""
 
-    def __init__(self, function, max_graphs: int = 16, preserve: Callable[[], list[torch.Tensor]] | None = None):
-        self.function, self.max_graphs, self.preserve = function, max_graphs, preserve
+    def __init__(self, function, max_graphs: int = 16):
+        self.function, self.max_graphs = function, max_graphs
         self.graphs: dict = {}
 
     def __call__(self, *args):
@@ -3528,15 +3535,12 @@ class CudaGraphed:
                 if isinstance(arg, torch.Tensor):
                     static.copy_(arg)
             graph.replay()
-            return tuple(output.clone() for output in static_outputs)
+            return tuple(None if output is None else output.clone() for output in static_outputs)
 
     def _capture(self, device, args):
         with torch.cuda.device(device):
             static_args = [arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args]
-            saved = [tensor.clone() for tensor in self.preserve()] if self.preserve else []
             graph, static_outputs = capture_cuda_graph(lambda: self.function(*static_args))
-            for tensor, value in zip(self.preserve() if self.preserve else [], saved, strict=True):
-                tensor.copy_(value)
         return graph, static_args, static_outputs
 
 
@@ -3653,7 +3657,7 @@ class PatchedRouter:
 
     Under torch.compile (a model compiled whole, e.g. by generate with a static cache) it is traced
     into the model's graph, with its plain route; run eagerly it calls its `eager` form: the route fused
-    by torch.compile and the whole step replayed as one CUDA graph where the patcher uses them. The layer is
+    by torch.compile and replayed as one CUDA graph where the patcher uses them. The layer is
     held as this object, never as a Python int a compiled graph would specialise on.
 
     A compiled forward re-checks, at every call, each object the traced router reached (dynamo's guards):
@@ -3668,16 +3672,16 @@ class PatchedRouter:
         self.family_weighting = not (layer.spec.plain or patcher.in_expert_space)
         self.route, eager_route = routes  # None, None: the native routing, observed
         self.own_weights = self.route is None or patcher.in_expert_space  # the router's weights kept as they are
-        graphed = graphed and eager_route is not None  # observing alone launches no kernel worth a graph
-        self.accumulators = eager_record = None
+        self.accumulators = None
         if patcher.record_statistics:
             self.accumulators = patcher.statistics.allocate(index, layer.router.weight.device)
-            # Eager calls append to the statistics' pending list, except inside a CUDA graph, which must
-            # update the accumulators themselves at every replay.
-            eager_record = self.accumulate if graphed else functools.partial(patcher.statistics.record, index)
-        eager = functools.partial(self.step, eager_route, eager_record)
-        preserve = None if self.accumulators is None else self.accumulators.tensors
-        self.eager = CudaGraphed(eager, preserve=preserve) if graphed else eager
+        # A route in expert space slices the router's own output (no kernel worth a graph); any other reads
+        # the logits alone, so that a graph replaying it copies no other input.
+        self.reads_native = patcher.in_expert_space
+        self.eager_route = None
+        if eager_route is not None:
+            outputs = functools.partial(self.eager_outputs, eager_route, self.accumulators is not None)
+            self.eager_route = CudaGraphed(outputs) if graphed and not self.reads_native else outputs
 
     def accumulate(self, top_weights, top_index, expert_counts, keep) -> None:
         accumulate_routing(self.accumulators, top_weights, top_index, expert_counts, keep)
@@ -3716,15 +3720,36 @@ class PatchedRouter:
             record(self.recorded_weights(router_logits, top_weights, top_index), top_index, expert_counts, keep)
         return () if route is None else (top_weights.to(native_weights.dtype), top_index)
 
+    def eager_outputs(self, route, with_record, router_logits, dtype, native_weights, native_index) -> tuple:
+        """The eager route's (weights in `dtype`, the router's, index) and, with_record, the weights and counts
+        (None: every row keeps K) its statistics read: the function a CUDA graph replays, which leaves the
+        statistics to `eager` so that the graph launches no statistics kernel (a list append outside it)."""
+        top_weights, top_index, expert_counts = self.routed(route, router_logits, native_weights, native_index)
+        outputs = (top_weights.to(dtype), top_index)
+        return outputs + (top_weights, expert_counts) if with_record else outputs
+
+    def eager(self, router_logits, native_weights, native_index, keep) -> tuple:
+        """`step` run eagerly: the route (fused by torch.compile, replayed as a CUDA graph where the patcher
+        uses them), then its statistics recorded outside the graph (`RoutingStatistics.record`)."""
+        if self.eager_route is None:  # observing: the router's own routing
+            if self.accumulators is not None:
+                self.patcher.statistics.record(self.index, native_weights, native_index, None, keep)
+            return ()
+        natives = (native_weights, native_index) if self.reads_native else (None, None)
+        top_weights, top_index, *recorded = self.eager_route(router_logits, native_weights.dtype, *natives)
+        if recorded:  # the route's own weights and counts
+            self.patcher.statistics.record(self.index, recorded[0], top_index, recorded[1], keep)
+        return top_weights, top_index
+
     def recorded_weights(self, router_logits, top_weights, top_index) -> torch.Tensor:
         """The kept weights the statistics read (their entropy, which scaling and renormalising leave alone).
 
         Traced, where the router's own weights are kept (observing, top-k at its own k), they are the family's
         weights up to a factor per token, recomputed from the kept logits in float32
-        (`RouterSpec.relative_weights`): a second reader of the router's
-        weights would make inductor store them, rounded to their dtype, before the experts read them, where
-        the unpatched graph computes them inside the experts' kernel; the model's outputs would then differ
-        from native's in the last bits (bf16), and its greedy tokens where two logits nearly tie."""
+        (`RouterSpec.relative_weights`): a second reader of the router's weights would make inductor store
+        them, rounded to their dtype, before the experts read them, where the unpatched graph computes them
+        inside the experts' kernel; the model's outputs would then differ from native's in the last bits
+        (bf16), and its greedy tokens where two logits nearly tie."""
         if self.own_weights and torch.compiler.is_compiling():
             return self.spec.relative_weights(router_logits, top_index)
         return top_weights

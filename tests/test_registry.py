@@ -147,6 +147,8 @@ def test_routing_statistics_equal_a_direct_computation(max_pending):
     statistics.max_pending = max_pending  # eager calls folded in batches, or one at a time
     for layer, layer_records in enumerate(records):
         for weights, index, counts in layer_records:
+            if weights.shape[0] == 7:  # a call with a batch dimension: [1, T, K], [1, T]
+                weights, index, counts = weights[None], index[None], None if counts is None else counts[None]
             statistics.record(layer, weights, index, counts)
     token_counts, selections, entropy = reference_statistics(records, 64)
     summary = statistics.summary(min_k=0, max_k=6, baseline_k=8)
