@@ -407,3 +407,35 @@ def test_generation_with_a_padded_batch_counts_real_tokens_only(tiny_model):
     stats = patcher.get_stats()
     assert stats["num_tokens"] == 3 + 5 + 2 * 2  # real prompt tokens, then one token per row and new step
     patcher.unpatch()
+
+
+@pytest.mark.parametrize(
+    "method, params, graphed",
+    [
+        ("bh", {"alpha": 0.2, "min_k": 0, "max_k": 16}, True),
+        ("topk", {"k": 4, "temperature": 2.0}, True),  # every token keeps K: no counts among its outputs
+        ("topk", {"k": 4}, False),  # in expert space: slices the router's output, no graph
+    ],
+)
+def test_cuda_graphed_routes_give_the_plain_routes_outputs_and_statistics(tiny_model, method, params, graphed):
+    # On the CPU CudaGraphed calls its function directly: this checks what the patcher passes to the graph
+    # and how it records what comes out (a GPU replays the same function: benchmarks/gpu_checks.py).
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, 512, (2, 9), generator=generator)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    results = []
+    for cuda_graphs in (False, True):
+        patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True, cuda_graphs=cuda_graphs)
+        patcher.patch(method, **params)
+        routes = [getattr(router, bh_routing.PATCH_ATTRIBUTE).eager_route for router in patcher.routers]
+        assert all(isinstance(route, bh_routing.CudaGraphed) == (cuda_graphs and graphed) for route in routes)
+        with torch.no_grad():
+            logits = tiny_model(ids, attention_mask=mask).logits
+        results.append((logits, patcher.get_stats()))
+        patcher.unpatch()
+    (plain_logits, plain), (graphed_logits, stats) = results
+    assert torch.equal(plain_logits, graphed_logits)
+    assert torch.equal(plain["token_counts"], stats["token_counts"]) and stats["num_tokens"] == 15
+    for name in ("avg_experts", "weight_entropy", "expert_utilization_per_layer"):
+        assert stats[name] == plain[name]
