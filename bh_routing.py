@@ -105,6 +105,7 @@ __all__ = [
     "LayerAccumulators",
     "accumulate_routing",
     "accumulate_layers",
+    "flat_counts",
     "ring_write",
     "summarize_count_histogram",
     "saturation_analysis",
@@ -1762,8 +1763,9 @@ def accumulate_routing(accumulators: LayerAccumulators, top_weights, top_index, 
         write_token_counts(accumulators, top_index, expert_counts, keep)
 
 
-def _flat_counts(top_index: torch.Tensor, expert_counts) -> torch.Tensor:
-    """[N] int64 counts of a call, K for every row of a method without counts."""
+def flat_counts(top_index: torch.Tensor, expert_counts) -> torch.Tensor:
+    """[N] int64 experts kept per row of a routing call (top_index [..., K], expert_counts [...] or None): K
+    for every row of a method without counts."""
     slots = top_index.shape[-1]
     if expert_counts is None:
         return top_index.new_full((top_index.numel() // slots,), slots)
@@ -1785,7 +1787,7 @@ def accumulate_layers(counters, top_weights, top_index, expert_counts=None, keep
     num_layers, num_rows, slots = top_index.shape
     width = counters.shape[-1]
     bins = (width - 2) // 2  # E + 1: the selections' and the histogram's
-    expert_counts = _flat_counts(top_index, expert_counts).reshape(num_layers, num_rows)
+    expert_counts = flat_counts(top_index, expert_counts).reshape(num_layers, num_rows)
     weights = top_weights.detach().float()  # statistics never join an autograd graph
     shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     entropy = -torch.xlogy(shares, shares).sum(dim=-1)  # [L, N]
@@ -1825,7 +1827,7 @@ def ring_write(ring: torch.Tensor, written: torch.Tensor, values: torch.Tensor) 
 
 def write_token_counts(accumulators: LayerAccumulators, top_index, expert_counts=None, keep=None):
     """The ordered part of `accumulate_routing`: each row's count (-1 where keep is False) into the ring."""
-    counts = _flat_counts(top_index, expert_counts)  # [N]
+    counts = flat_counts(top_index, expert_counts)  # [N]
     values = counts if keep is None else counts.masked_fill(keep.reshape(-1) == 0, -1)
     ring_write(accumulators.token_counts, accumulators.written, values)
 
@@ -1886,7 +1888,7 @@ def _stacked(routings: list[tuple]) -> tuple:
     if all(layer_counts is None for layer_counts in counts):
         counts = None
     else:
-        counts = torch.stack([_flat_counts(i, c).int() for i, c in zip(index, counts, strict=True)])
+        counts = torch.stack([flat_counts(i, c).int() for i, c in zip(index, counts, strict=True)])
     weights = torch.stack([w.reshape(-1, slots).float() for w in weights])
     return weights, torch.stack([i.reshape(-1, slots).int() for i in index]), counts, keep[0]
 
@@ -3710,15 +3712,17 @@ class PatchedRouter:
         top_index = self.spec.expand(top_index, allowed)
         return self.spec.weights(router_logits, top_index, self.renormalize), top_index, expert_counts
 
-    def step(self, route, record, router_logits, native_weights, native_index, keep) -> tuple:
-        """The layer's patched (weights, index) in the router's dtypes, statistics recorded; () when observing."""
-        if route is None:
+    def traced(self, router_logits, native_weights, native_index, keep) -> tuple:
+        """The layer's patched (weights, index) in the router's dtypes, statistics recorded (`traced_record`),
+        inside a compiled forward; () when observing."""
+        if self.route is None:
             top_weights, top_index, expert_counts = native_weights, native_index, None
         else:
-            top_weights, top_index, expert_counts = self.routed(route, router_logits, native_weights, native_index)
+            top_weights, top_index, expert_counts = self.routed(self.route, router_logits, native_weights, native_index)
+        record = self.traced_record()
         if record is not None:
             record(self.recorded_weights(router_logits, top_weights, top_index), top_index, expert_counts, keep)
-        return () if route is None else (top_weights.to(native_weights.dtype), top_index)
+        return () if self.route is None else (top_weights.to(native_weights.dtype), top_index)
 
     def eager_outputs(self, route, with_record, router_logits, dtype, native_weights, native_index) -> tuple:
         """The eager route's (weights in `dtype`, the router's, index) and, with_record, the weights and counts
@@ -3729,7 +3733,7 @@ class PatchedRouter:
         return outputs + (top_weights, expert_counts) if with_record else outputs
 
     def eager(self, router_logits, native_weights, native_index, keep) -> tuple:
-        """`step` run eagerly: the route (fused by torch.compile, replayed as a CUDA graph where the patcher
+        """`traced` run eagerly: the route (fused by torch.compile, replayed as a CUDA graph where the patcher
         uses them), then its statistics recorded outside the graph (`RoutingStatistics.record`)."""
         if self.eager_route is None:  # observing: the router's own routing
             if self.accumulators is not None:
@@ -3744,13 +3748,13 @@ class PatchedRouter:
     def recorded_weights(self, router_logits, top_weights, top_index) -> torch.Tensor:
         """The kept weights the statistics read (their entropy, which scaling and renormalising leave alone).
 
-        Traced, where the router's own weights are kept (observing, top-k at its own k), they are the family's
+        Where the router's own weights are kept (observing, top-k at its own k), they are the family's
         weights up to a factor per token, recomputed from the kept logits in float32
         (`RouterSpec.relative_weights`): a second reader of the router's weights would make inductor store
         them, rounded to their dtype, before the experts read them, where the unpatched graph computes them
         inside the experts' kernel; the model's outputs would then differ from native's in the last bits
         (bf16), and its greedy tokens where two logits nearly tie."""
-        if self.own_weights and torch.compiler.is_compiling():
+        if self.own_weights:
             return self.spec.relative_weights(router_logits, top_index)
         return top_weights
 
@@ -3760,7 +3764,7 @@ class PatchedRouter:
         keep = self.patcher._keep
         keep = keep if keep is not None and keep.numel() == router_logits.shape[0] else None
         if torch.compiler.is_compiling():
-            routed = self.step(self.route, self.traced_record(), router_logits, native_weights, native_index, keep)
+            routed = self.traced(router_logits, native_weights, native_index, keep)
         else:
             routed = self.eager(router_logits, native_weights, native_index, keep)
         return (router_logits, *routed) if routed else None

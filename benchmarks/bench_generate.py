@@ -304,8 +304,7 @@ class RouteRecorder:
             top_weights, top_index, expert_counts = native_weights, native_index, None
         else:
             top_weights, top_index, expert_counts = self.route(logits, native_weights, native_index)
-        rows = logits.shape[0]
-        counts = top_index.new_full((rows,), top_index.shape[-1]) if expert_counts is None else expert_counts
+        counts = bh_routing.flat_counts(top_index, expert_counts)
         row = torch.cat([logits.double(), top_index.double(), counts.double().unsqueeze(-1)], dim=-1)
         bh_routing.ring_write(self.rows, self.written, row)
         return top_weights, top_index, expert_counts
