@@ -1,40 +1,29 @@
-"""Benjamini-Hochberg adaptive expert routing for OLMoE (and any transformers OLMoE-layout MoE).
+"""Benjamini-Hochberg adaptive expert routing for OLMoE and any transformers MoE family: the module a user
+imports to route a model. The experiment (text, evaluation, tables, the report) is `bh_experiment.py`; the
+experts path that computes only the kept pairs is `variable_k_experts.py`.
 
-The routing science and its integration with transformers, readable top to bottom. The experiment
-(prompts, the 25 configurations, the sweep, tables, figures and the report) lives in the notebook
-`OLMoE_BH_Routing_Experiments.ipynb`, which imports this module.
+    from bh_routing import MoERouterPatcher
+    patcher = MoERouterPatcher(model).patch("bh", alpha=0.05, max_k=8)  # model.generate(...) now routes by BH
+    print(patcher.get_stats()["avg_experts"]); patcher.unpatch()
 
 1. Argument checks shared by every routing method.
-2. The Benjamini-Hochberg step-up procedure: `bh_reject` (the procedure as stated), and the sort-free
-   fast count `fast_bh_count` used on the hot path (tested equal to it).
-3. Per-expert p-values from router logits: the design's `one_minus_prob`, the default `robust_z` (a
-   per-token Gaussian bulk null, calibrated by simulation of its pivotal statistic), and (3b) the nulls
-   fitted to each layer on calibration text (`fit_routing_calibration`: "empirical", "pooled", with the
-   tables of dynamic skipping and entropy-adaptive k).
-4. Routing methods, one object per method in a registry (`ROUTING_METHODS`: BH, Higher Criticism, dynamic
-   skipping, entropy-adaptive k, top-k, top-p, top-k at a per-layer budget and the model's own routing):
-   parameters, how it routes, how a configuration of it is named (`RoutingConfig`); `route_logits`.
-5. Routing functions with one return contract: `benjamini_hochberg_routing`, `topk_routing`,
-   `topp_routing`, and the design's `run_bh_multi_k` / `compare_multi_k_statistics`.
-6. Statistics: `summarize_expert_counts`, `RoutingStatistics` (the patcher's device accumulators),
-   `saturation_analysis`, `frontier_table` and `best_at_budget` (quality at equal compute, with paired
-   bootstrap intervals over windows), `layer_matched_table`, the calibration diagnostics
-   (`null_rejection_rates`, `bulk_shape`, `null_pvalue_quantiles`), `token_level_analysis`.
-7. Models: `load_model` (hub id, local path, or the embedded default), `build_random_olmoe`,
-   `environment_info`.
-8. Variable-k experts (`variable_k_experts_forward`, experts_implementation="variable_k"): only the
-   kept (token, expert) pairs are computed, so fewer experts take less time on a GPU.
-9. `MoERouterPatcher` (alias `OLMoERouterPatcher`): swaps the top-k router of any transformers MoE family
-   (`find_moe_layers`, `RouterSpec`) for any registered method, so that the experts module computes only the
-   selected pairs, and records routing statistics (routed and shared experts apart).
-10. Evaluation: `load_heldout_text`, `sliding_windows`, `evaluate_language_model`, `collect_router_logits`,
-    the oracle check (`oracle_drop_effects`, `oracle_table`), `generate_timed` on a generation path
-    (`GENERATION_PATHS`, `fastest_generation_path`, `generation_settings`).
-11. Results on disk: `atomic_write`, `ResultStore` (one file per configuration, resumable, failures recorded).
-12. Downstream accuracy through lm-evaluation-harness (optional dependency, requirements-eval.txt):
-    `evaluate_downstream` runs routing configurations on lm-eval tasks (the offline `OFFLINE_TASKS` built
-    from the held-out text, or any named task), with routing statistics over real tokens only;
-    `downstream_table`, `plot_downstream`, `downstream_markdown`, `paired_difference`.
+2. The Benjamini-Hochberg step-up procedure: `bh_reject` (the procedure as stated) and the sort-free count
+   `fast_bh_count` the hot path uses (tested equal to it).
+3. P-values, one object per method in a registry (`PVALUE_METHODS`): the default `robust_z` (a per-token
+   Gaussian bulk null, calibrated by simulation), the design's `one_minus_prob`, and the nulls fitted to each
+   layer (`empirical`, `pooled`); `compute_p_values`.
+4. Calibration: the tables fitted to each layer on calibration text (`fit_routing_calibration`).
+5. How one layer routes: `route_bh`, `route_topk`, `route_topp`, `route_hc`, `route_skip`, `route_entropy`,
+   `route_layer_budget`, each returning a `Routing`.
+6. Routing methods, one object per method in a registry (`ROUTING_METHODS`): parameters, the route a layer
+   runs (built from a `LayerContext`), configuration names (`RoutingConfig`); `route_logits`.
+7. The design's routing functions with one return contract: `benjamini_hochberg_routing`, `topk_routing`,
+   `topp_routing`, `run_bh_multi_k`, `compare_multi_k_statistics`.
+8. Statistics: `summarize_expert_counts`, and the patcher's counters kept on the device (`RoutingStatistics`).
+9. MoE families: `find_moe_layers` and `RouterSpec` (how each family's router scores and weights experts),
+   `moe_shape`.
+10. `MoERouterPatcher`: swaps the router of every MoE layer for a registered method, so that the experts
+    module computes only the kept pairs, and records the routing statistics.
 
 Shapes use E for the number of experts (64 for OLMoE), K for a method's slot width (max_k, or k for top-k),
 L for the number of MoE layers, and "..." for leading token dimensions ([tokens] inside the model,
@@ -44,200 +33,78 @@ L for the number of MoE layers, and "..." for leading token dimensions ([tokens]
 from __future__ import annotations
 
 import ast
-import contextlib
 import functools
 import importlib.util
 import inspect
-import json
 import math
-import pickle
-import random
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import median
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+
+from variable_k_experts import (
+    VARIABLE_K_EXPERTS,
+    CudaGraphed,
+    compile_once,
+    eager_skips_sentinels,
+    fused_path_supported,
+    grouped_mm_masks_sentinels,
+    is_experts_module,
+    raise_recompile_limit,
+    register_variable_k_experts,
+    variable_k_plan,
+    variable_k_unsupported,
+)
 
 __all__ = [
-    "PVALUE_METHODS",
-    "DEFAULT_PVALUE_METHOD",
-    "HUB_MODEL_ID",
-    "EMBEDDED_MODEL_DIR",
+    # p-values and BH
     "bh_reject",
-    "bh_num_rejections",
-    "fast_bh_count",
-    "fast_bh_count_robust_z_cpu",
     "compute_p_values",
-    "robust_z_statistic",
-    "robust_z_null_table",
-    "robust_z_critical_statistics",
-    "robust_z_first_passing_rank",
+    "PValueMethod",
+    "PVALUE_METHODS",
+    "register_pvalue_method",
+    "pvalue_method_of",
+    "DEFAULT_PVALUE_METHOD",
+    "NullTable",
+    # calibration
+    "RoutingCalibration",
+    "fit_routing_calibration",
+    # routing methods and configurations
     "Routing",
-    "route_bh",
-    "route_bh_tensors",
-    "route_topk",
-    "route_topp",
     "RouterShape",
+    "LayerContext",
     "RoutingMethod",
     "ROUTING_METHODS",
     "register_routing_method",
     "routing_method",
     "RoutingConfig",
-    "BenjaminiHochbergMethod",
-    "TopKMethod",
-    "TopPMethod",
-    "NativeMethod",
+    "route_logits",
+    # the design's routing functions
     "benjamini_hochberg_routing",
     "topk_routing",
     "topp_routing",
     "run_bh_multi_k",
     "compare_multi_k_statistics",
     "summarize_expert_counts",
-    "expert_load_balance",
-    "RoutingStatistics",
-    "static_zeros",
-    "LayerAccumulators",
-    "accumulate_routing",
-    "accumulate_layers",
-    "flat_counts",
-    "ring_write",
-    "summarize_count_histogram",
-    "saturation_analysis",
-    "frontier_table",
-    "FRONTIER_RESAMPLES",
-    "window_sums",
-    "bootstrap_window_weights",
-    "BUDGETS",
-    "best_at_budget",
-    "paired_perplexity_difference",
-    "layer_matched_table",
-    "LayerBudgetMethod",
-    "route_layer_budget",
-    "count_correlation",
-    "CALIBRATION_ALPHAS",
-    "null_rejection_rates",
-    "bulk_shape",
-    "null_pvalue_quantiles",
-    "CALIBRATED_PVALUE_METHODS",
-    "NullTable",
-    "robust_z_null",
-    "permute_experts",
-    "RoutingCalibration",
-    "fit_routing_calibration",
-    "ENTROPY_QUANTILES",
-    "higher_criticism",
-    "route_hc",
-    "route_skip",
-    "route_entropy",
-    "router_entropy",
-    "route_logits",
-    "HigherCriticismMethod",
-    "DynamicSkipMethod",
-    "EntropyMethod",
-    "collect_router_logits",
-    "oracle_drop_effects",
-    "oracle_table",
-    "HELDOUT_SOURCES",
-    "EMBEDDED_TEXTS",
-    "token_level_analysis",
-    "load_model",
-    "load_config",
-    "model_source",
-    "native_dtype",
-    "memory_plan",
-    "GIB",
-    "weights_gib",
-    "LOSS_CHUNK_ELEMENTS",
-    "PATCHER_ATTRIBUTE",
-    "build_random_olmoe",
-    "environment_info",
-    "run_settings",
-    "VARIABLE_K_EXPERTS",
-    "variable_k_experts_forward",
-    "variable_k_plan",
-    "VariableKPlan",
-    "variable_k_experts_torch",
-    "variable_k_experts_triton",
-    "variable_k_experts_decode",
-    "DECODE_PAIRS",
-    "sort_pairs_by_expert",
-    "grouped_mm_usable",
-    "grouped_matmul",
-    "register_variable_k_experts",
-    "OLMoERouterPatcher",
-    "MoERouterPatcher",
-    "PATCH_ATTRIBUTE",
-    "PatchedRouter",
-    "patched_router_class",
-    "MoELayer",
-    "RouterSpec",
-    "describe_router",
+    # families and the patcher
     "find_moe_layers",
     "moe_shape",
-    "build_random_moe",
-    "CudaGraphed",
-    "capture_cuda_graph",
-    "compile_once",
-    "grouped_mm_masks_sentinels",
-    "load_heldout_text",
-    "sliding_windows",
-    "evaluate_language_model",
-    "generate_timed",
-    "synchronize",
-    "GENERATION_PATHS",
-    "fastest_generation_path",
-    "generation_settings",
-    "atomic_write",
-    "ResultStore",
-    "code_fingerprint",
-    "function_fingerprint",
-    "throughput_summary",
-    "atomic_write_text",
-    "note_failures",
-    "save_figure",
-    "OFFLINE_TASKS",
-    "STANDARD_TASKS",
-    "PRIMARY_METRICS",
-    "DownstreamTaskError",
-    "heldout_documents",
-    "continuation_items",
-    "offline_task_configs",
-    "lm_eval_task_manager",
-    "check_task_names",
-    "check_limit",
-    "check_lm_eval_tasks",
-    "harness_padding_masked",
-    "harness_model",
-    "task_metrics",
-    "primary_metric",
-    "paired_difference",
-    "evaluate_task",
-    "evaluate_downstream",
-    "downstream_table",
-    "plot_downstream",
-    "downstream_markdown",
-    "downstream_header",
-    "write_downstream_outputs",
+    "MoERouterPatcher",
+    "OLMoERouterPatcher",
+    "PATCHER_ATTRIBUTE",
 ]
 
-PVALUE_METHODS = ("robust_z", "one_minus_prob", "empirical", "pooled")
-CALIBRATED_PVALUE_METHODS = ("empirical", "pooled")  # their null is fitted per layer (`fit_routing_calibration`)
-DEFAULT_PVALUE_METHOD = "robust_z"
-HUB_MODEL_ID = "allenai/OLMoE-1B-7B-0924"  # the model the project studies; needs the hub and a GPU
-REPO_DIR = Path(__file__).resolve().parent
-EMBEDDED_MODEL_DIR = REPO_DIR / "models" / "tiny-olmoe"
-HELDOUT_TEXT_PATH = REPO_DIR / "data" / "heldout.txt"
 NATIVE_TOP_K = 8  # OLMoE-1B-7B routes every token to 8 experts: the default k of `topk_routing`
+DEFAULT_PVALUE_METHOD = "robust_z"
 TOKEN_COUNTS_CAPACITY = 1 << 16  # routed positions whose per-token counts a patcher keeps (a ring buffer)
 MIN_TRANSFORMERS = "5.24"  # the first release whose experts paths skip the sentinel expert index
 PATCHER_ATTRIBUTE = "_bh_routing_patcher"  # set on a model while a patcher holds it
-LOSS_CHUNK_ELEMENTS = 2**26  # float32 logits per chunk of the loss (256 MiB): never a full [B, W, V] copy
+PATCH_ATTRIBUTE = "_moe_patch"  # a patched router's PatchedRouter
+EXPERTS_PATHS = (VARIABLE_K_EXPERTS, "model")  # MoERouterPatcher(experts_path=...)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,11 +155,6 @@ def _check_k_bounds(min_k: int, max_k: int, num_experts: int) -> None:
 def _check_top_k(k: int, num_experts: int) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or not (1 <= k <= num_experts):
         raise ValueError(f"k must be an integer in [1, num_experts={num_experts}], got {k!r}")
-
-
-def _check_pvalue_method(pvalue_method: str) -> None:
-    if pvalue_method not in PVALUE_METHODS:
-        raise ValueError(f"pvalue_method must be one of {PVALUE_METHODS}, got {pvalue_method!r}")
 
 
 def _check_top_p(p: float) -> None:
@@ -380,15 +242,13 @@ def fast_bh_count(first_passing_rank: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. P-values
+# 3. P-values: one object per p-value method, in a registry
 # ----------------------------------------------------------------------------------------------------
 #
-# one_minus_prob (the design document): p_i = 1 - softmax(logits / T)_i. BH rejects k experts only if
-#   p_(k) <= k*alpha/m, i.e. k experts each have prob >= 1 - k*alpha/m; their probabilities sum to at
-#   most 1, so k*(1 - k*alpha/m) <= 1, i.e. alpha >= m*(k-1)/k^2. Over k = 2..m that bound is smallest at
-#   k = m: (m-1)/m (0.984 for m = 64). So for alpha < (m-1)/m BH rejects at most one expert and the count
-#   is max(min_k, <=1) whatever the logits; for alpha >= (m-1)/m it can reject all m (at alpha = 1 it
-#   always does, since p_(m) <= 1). Kept so that the report can show what the design's formula does.
+# A p-value method reads each expert's statistic (larger: more relevant to the token) against a null
+# distribution of it. BH's hot path never materialises the p-values: each expert's first passing rank j
+# (smallest j with p <= alpha*j/E) is read off its statistic against the critical statistics c_j, and
+# `fast_bh_count` turns ranks into counts.
 #
 # robust_z (default): each token's E logits are E tests of "H0_i: expert i belongs to the token's bulk of
 #   irrelevant experts", the bulk modelled as N(mu, sigma^2) with mu, sigma unknown per token. Relevant
@@ -403,19 +263,34 @@ def fast_bh_count(first_passing_rank: torch.Tensor) -> torch.Tensor:
 #   changes the probabilities used as weights). Needs no calibration data and no full sort (a top-J).
 #   The calibration rests on the Gaussian bulk: where a token's irrelevant logits have heavier tails or
 #   are skewed to the right, small p-values are too frequent and BH's false discovery rate exceeds alpha.
+#
+# one_minus_prob (the design document): p_i = 1 - softmax(logits / T)_i. BH rejects k experts only if
+#   p_(k) <= k*alpha/m, i.e. k experts each have prob >= 1 - k*alpha/m; their probabilities sum to at
+#   most 1, so k*(1 - k*alpha/m) <= 1, i.e. alpha >= m*(k-1)/k^2. Over k = 2..m that bound is smallest at
+#   k = m: (m-1)/m (0.984 for m = 64). So for alpha < (m-1)/m BH rejects at most one expert and the count
+#   is max(min_k, <=1) whatever the logits; for alpha >= (m-1)/m it can reject all m (at alpha = 1 it
+#   always does, since p_(m) <= 1). Kept so that the report can show what the design's formula does.
+#
+# empirical: robust_z's statistic, but its null is the layer's own bulk shape rather than a Gaussian: the
+#   statistic of calibration logits whose token-specific signal is removed (each expert's logit permuted
+#   across tokens, `permute_experts`), pooled over experts. On text like the calibration text and with no
+#   token-specific signal, p-values are uniform pooled over experts, whatever the shape of the layer's
+#   logits; per expert they are not (an expert whose logits run high gets small p-values more often), which
+#   BH's guarantee would need.
+#
+# pooled: the public attempt's p-value, P(Z >= z) with Z drawn from every raw logit of the layer on the
+#   calibration text, all experts pooled (signal included; not standardised per token).
 
 _NULL_SIMULATED_TOKENS = 2**17  # 131072 simulated tokens x E experts: p resolves to ~1e-7 at E=64
 _NULL_SEED = 20240902
 _NULL_GRID = (-40.0, 80.0, 1.0 / 64)  # s grid (first, last, step) of the tabulated log survival function
 _null_table_cache: dict[tuple[int, str], NullTable] = {}
 _critical_statistics_cache: dict[tuple[float, int, str], torch.Tensor] = {}
-
-
 MIN_ROBUST_Z_EXPERTS = 4  # J = E/4 >= 1 trimmed logits and a bulk of E - J >= 3 to estimate its spread
 
 
-def _num_trimmed(num_experts: int) -> int:
-    """J: how many of the largest logits the null estimate leaves out (E/4, 16 for OLMoE)."""
+def robust_z_trimmed(num_experts: int) -> int:
+    """J: how many of the largest logits robust_z's null estimate leaves out (E/4, 16 for OLMoE)."""
     if num_experts < MIN_ROBUST_Z_EXPERTS:  # a Python int: free inside a traced forward
         raise ValueError(
             f"the robust_z statistic (pvalue_method 'robust_z' or 'empirical') needs at least {MIN_ROBUST_Z_EXPERTS} "
@@ -428,7 +303,7 @@ def _num_trimmed(num_experts: int) -> int:
 def _robust_location_scale(logits: torch.Tensor, top_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, 1 / std) of each token's logits without its J largest: [..., E], [..., >= J] -> [..., 1] each."""
     num_experts = logits.shape[-1]
-    num_trimmed = _num_trimmed(num_experts)
+    num_trimmed = robust_z_trimmed(num_experts)
     # Moments of all E logits, then remove the J largest, centred on the mean so that the sums of
     # squares do not cancel in float32.
     mean = logits.mean(dim=-1, keepdim=True)  # [..., 1]
@@ -450,7 +325,7 @@ def robust_z_statistic(logits: torch.Tensor, top_logits: torch.Tensor | None = N
     top_logits: the token's largest logits ([..., >= J], from a topk already at hand), or None.
     """
     if top_logits is None:
-        top_logits = torch.topk(logits, _num_trimmed(logits.shape[-1]), dim=-1).values
+        top_logits = torch.topk(logits, robust_z_trimmed(logits.shape[-1]), dim=-1).values
     center, inverse_std = _robust_location_scale(logits, top_logits)
     return torch.addcmul(-center * inverse_std, logits, inverse_std)  # (z - center) / std in one pass
 
@@ -541,16 +416,6 @@ def robust_z_critical_statistics(alpha: float, num_experts: int, device) -> torc
     return _critical_statistics_cache[key]
 
 
-def robust_z_first_passing_rank(statistics: torch.Tensor, critical: torch.Tensor) -> torch.Tensor:
-    """Smallest rank j with s_i >= c_j (E + 1 if none): j = 1 + #{j : c_j > s_i}. [..., E] -> [..., E] int32."""
-    num_experts = statistics.shape[-1]
-    return (
-        1
-        + num_experts
-        - torch.searchsorted(critical.flip(0), statistics.float().contiguous(), right=True, out_int32=True)
-    )
-
-
 def fast_bh_count_robust_z_cpu(logits: torch.Tensor, top_logits: torch.Tensor, critical: torch.Tensor) -> torch.Tensor:
     """BH's count for robust_z from the top J statistics alone, exact, for the CPU.
 
@@ -559,7 +424,7 @@ def fast_bh_count_robust_z_cpu(logits: torch.Tensor, top_logits: torch.Tensor, c
     sorted. The other tokens (rare) go through the full histogram. [..., E] -> [...] int64.
     """
     num_experts = logits.shape[-1]
-    num_top = _num_trimmed(num_experts)
+    num_top = robust_z_trimmed(num_experts)
     center, inverse_std = _robust_location_scale(logits, top_logits)
     top_statistics = (top_logits[..., :num_top] - center) * inverse_std  # [..., J], descending
     ranks = torch.arange(1, num_top + 1, device=logits.device)
@@ -573,7 +438,7 @@ def fast_bh_count_robust_z_cpu(logits: torch.Tensor, top_logits: torch.Tensor, c
             logits.reshape(-1, num_experts)[flat_many],
             top_logits.reshape(-1, top_logits.shape[-1])[flat_many],
         )
-        full = fast_bh_count(robust_z_first_passing_rank(robust_z_statistic(rows, row_top), critical))
+        full = fast_bh_count(first_passing_rank(robust_z_statistic(rows, row_top), critical))
         num_significant = (
             num_significant.reshape(-1).index_put((flat_many.nonzero().squeeze(-1),), full).reshape(many.shape)
         )
@@ -586,21 +451,180 @@ def _work_logits(router_logits: torch.Tensor, temperature: float) -> torch.Tenso
     return router_logits.to(work_dtype) / temperature
 
 
-def _standardised(pvalue_method: str) -> bool:
-    """Whether the p-value reads the robust_z statistic s (robust_z, empirical) rather than the logit itself."""
-    return pvalue_method in ("robust_z", "empirical")
+def first_passing_rank(statistics: torch.Tensor, critical: torch.Tensor) -> torch.Tensor:
+    """Smallest rank j with s_i >= c_j (E + 1 if none): j = 1 + #{j : c_j > s_i}. [..., E] -> [..., E] int32."""
+    num_experts = statistics.shape[-1]
+    return (
+        1
+        + num_experts
+        - torch.searchsorted(critical.flip(0), statistics.float().contiguous(), right=True, out_int32=True)
+    )
 
 
-def _null_of(pvalue_method: str, num_experts: int, null: NullTable | None, device) -> NullTable:
-    """The null table a p-value method reads: robust_z's simulated one (on `device`), or the fitted one given."""
-    if pvalue_method == "robust_z":
+class PValueMethod:
+    """How a token's E router logits become E p-values of "expert i is not relevant to this token": each
+    expert's statistic (larger: more relevant) read against a null distribution of it.
+
+    Subclass, then `register_pvalue_method(Subclass())`: BH and Higher Criticism (pvalue_method=<name>),
+    `compute_p_values`, `fit_routing_calibration` (for a fitted null) and configuration names then know it.
+    A p-value must fall as its expert's logit rises, so that the experts a test rejects are the most probable.
+    Arguments of the methods below: logits [..., E] as the router gave them; scaled_logits = logits / T in
+    float32 or better; top_logits [..., >= top_width] the largest scaled logits, sorted (or None).
+    """
+
+    name = ""
+    code = ""  # how configuration names write it: bh{code}_k8_a005
+    fitted = False  # its null is fitted to each layer on calibration text (`fit_routing_calibration`)
+
+    def check(self, num_experts: int) -> None:
+        """ValueError if the method cannot test `num_experts` experts (checked before any forward pass)."""
+
+    def top_width(self, num_experts: int) -> int:
+        """How many of a token's largest scaled logits `statistics` reads (0: none)."""
+        return 0
+
+    def fit(self, logits: torch.Tensor, generator: torch.Generator) -> NullTable:
+        """A fitted method's null for one layer from its calibration logits [N, E] (float32, on the CPU)."""
+        raise NotImplementedError
+
+    def null(self, num_experts: int, fitted: NullTable | None, device) -> NullTable | None:
+        """The null the statistics are read against, on `device`; fitted: the layer's fitted null, if any."""
+        if self.fitted and fitted is None:
+            raise ValueError(
+                f"pvalue_method={self.name!r} needs a fitted null table (null=, from a RoutingCalibration: "
+                "fit_routing_calibration); robust_z and one_minus_prob need none"
+            )
+        return fitted
+
+    def statistics(self, logits, scaled_logits, top_logits=None) -> torch.Tensor:
+        """Every expert's statistic: [..., E]."""
+        raise NotImplementedError
+
+    def top_statistics(self, logits, scaled_logits, top_logits, top_index) -> torch.Tensor:
+        """The statistics of the experts in top_index [..., W] (most probable first): [..., W]."""
+        return self.statistics(logits, scaled_logits, top_logits).gather(-1, top_index)
+
+    def p_values(self, statistics: torch.Tensor, null: NullTable | None) -> torch.Tensor:
+        """The p-values of statistics [...] under `null`: [...], float32 or better."""
+        return null.p_values(statistics)
+
+    def critical(self, alpha: float, num_experts: int, null: NullTable | None, device) -> torch.Tensor | None:
+        """c_j [E] on `device`, with p(s) <= alpha * j / E  <=>  s >= c_j (None: not read through a null)."""
+        return null.critical_statistics(alpha, num_experts).to(device)
+
+    def first_passing_rank(self, statistics, critical, alpha: float) -> torch.Tensor:
+        """Each expert's smallest rank j with p <= alpha * j / E (E + 1 if none): [..., E] int."""
+        return first_passing_rank(statistics, critical)
+
+    def fast_count(self, scaled_logits, top_logits, critical) -> torch.Tensor | None:
+        """BH's count by an exact shortcut that branches on the data (eager CPU calls only), or None."""
+        return None
+
+
+class OneMinusProbPValue(PValueMethod):
+    """The design's p_i = 1 - softmax(logits / T)_i (keeps min_k experts for every alpha < (E-1)/E)."""
+
+    name, code = "one_minus_prob", "1mp"
+
+    def statistics(self, logits, scaled_logits, top_logits=None):
+        return torch.softmax(scaled_logits, dim=-1)  # the probability itself
+
+    def p_values(self, statistics, null):
+        return 1.0 - statistics
+
+    def critical(self, alpha, num_experts, null, device):
+        return None
+
+    def first_passing_rank(self, statistics, critical, alpha):
+        # 1 - prob_i <= alpha*j/m  <=>  j >= m * (1 - prob_i) / alpha
+        num_experts = statistics.shape[-1]
+        return torch.ceil(num_experts * (1.0 - statistics) / alpha).long().clamp(1, num_experts + 1)
+
+
+class RobustZStatistic(PValueMethod):
+    """The statistic s = (z - mean) / std of the token's logits without its J = E/4 largest (`robust_z_statistic`)."""
+
+    def check(self, num_experts):
+        robust_z_trimmed(num_experts)
+
+    def top_width(self, num_experts):
+        return robust_z_trimmed(num_experts)
+
+    def statistics(self, logits, scaled_logits, top_logits=None):
+        return robust_z_statistic(scaled_logits, top_logits)
+
+    def top_statistics(self, logits, scaled_logits, top_logits, top_index):
+        center, inverse_std = _robust_location_scale(scaled_logits, top_logits)
+        return (top_logits - center) * inverse_std
+
+    def fast_count(self, scaled_logits, top_logits, critical):
+        return fast_bh_count_robust_z_cpu(scaled_logits, top_logits, critical)
+
+
+class RobustZPValue(RobustZStatistic):
+    """robust_z: the statistic against its simulated null under a Gaussian bulk (no calibration data)."""
+
+    name, code = "robust_z", ""
+
+    def null(self, num_experts, fitted, device):
         return robust_z_null(num_experts, device)
-    if null is None:
-        raise ValueError(
-            f"pvalue_method={pvalue_method!r} needs a fitted null table (null=, from a RoutingCalibration: "
-            "fit_routing_calibration); robust_z and one_minus_prob need none"
-        )
-    return null
+
+    def critical(self, alpha, num_experts, null, device):
+        return robust_z_critical_statistics(alpha, num_experts, device)  # cached per (alpha, E, device)
+
+
+class EmpiricalPValue(RobustZStatistic):
+    """empirical: the robust_z statistic against the layer's fitted null (permuted calibration logits)."""
+
+    name, code, fitted = "empirical", "emp", True
+
+    def fit(self, logits, generator):
+        return NullTable.from_sample(robust_z_statistic(permute_experts(logits, generator)))
+
+
+class PooledPValue(PValueMethod):
+    """pooled: the raw logit against every raw logit of the layer on the calibration text (the public attempt's)."""
+
+    name, code, fitted = "pooled", "pool", True
+
+    def fit(self, logits, generator):
+        return NullTable.from_sample(logits)
+
+    def statistics(self, logits, scaled_logits, top_logits=None):
+        return logits.to(scaled_logits.dtype)  # the pooled null is a null of the raw logit
+
+
+def register(registry: dict, kind: type, item):
+    """Make `item` (an instance of `kind` with a name) known in `registry` by its name, replacing an item of the
+    same name: the one way a routing method or a p-value method is added."""
+    if not isinstance(item, kind) or not item.name:
+        raise ValueError(f"method must be a {kind.__name__} with a name, got {item!r}")
+    registry[item.name] = item
+    return item
+
+
+def registered(registry: dict, argument: str, name: str):
+    """The item of `registry` called `name`; ValueError naming the argument and the registered names otherwise."""
+    if name not in registry:
+        raise ValueError(f"{argument} must be one of {sorted(registry)}, got {name!r}")
+    return registry[name]
+
+
+PVALUE_METHODS: dict[str, PValueMethod] = {}
+
+
+def register_pvalue_method(method: PValueMethod) -> PValueMethod:
+    """Make `method` known by its name (replacing a method of the same name)."""
+    return register(PVALUE_METHODS, PValueMethod, method)
+
+
+def pvalue_method_of(name: str) -> PValueMethod:
+    """The registered p-value method called `name`."""
+    return registered(PVALUE_METHODS, "pvalue_method", name)
+
+
+for _pvalue in (RobustZPValue(), OneMinusProbPValue(), EmpiricalPValue(), PooledPValue()):
+    register_pvalue_method(_pvalue)
 
 
 def compute_p_values(
@@ -613,37 +637,26 @@ def compute_p_values(
 
     Args:
         router_logits: [..., E] router logits (any float dtype; computed in float32, or float64 if given).
-        pvalue_method: one of PVALUE_METHODS: "robust_z" (default), "one_minus_prob" (the design's formula),
-            "empirical" (robust_z's statistic against the layer's fitted null), "pooled" (the raw logit
-            against the layer's pooled logits); see the notes of section 3.
-        temperature: softmax temperature; only "one_minus_prob" depends on it.
-        null: the layer's fitted NullTable for "empirical" and "pooled" (`RoutingCalibration.null`).
+        pvalue_method: a registered p-value method (`PVALUE_METHODS`): "robust_z" (default),
+            "one_minus_prob" (the design's formula), "empirical" (robust_z's statistic against the layer's
+            fitted null), "pooled" (the raw logit against the layer's pooled logits); see section 3's notes.
+        temperature: softmax temperature; of these, only "one_minus_prob" depends on it.
+        null: the layer's fitted NullTable for a fitted method (`RoutingCalibration.null`).
     Returns:
         [..., E] p-values in (0, 1], float32 (float64 for float64 input), in expert order.
     """
-    _check_pvalue_method(pvalue_method)
+    method = pvalue_method_of(pvalue_method)
     _check_temperature(temperature)
+    table = method.null(router_logits.shape[-1], null, router_logits.device)
     scaled_logits = _work_logits(router_logits, temperature)  # [..., E]
-    if pvalue_method == "one_minus_prob":
-        return 1.0 - torch.softmax(scaled_logits, dim=-1)
-    table = _null_of(pvalue_method, router_logits.shape[-1], null, router_logits.device)
-    if _standardised(pvalue_method):
-        return table.p_values(robust_z_statistic(scaled_logits))
-    return table.p_values(_work_logits(router_logits, 1.0))
+    return method.p_values(method.statistics(router_logits, scaled_logits), table)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3b. Tables fitted on the model's own routers (calibration text disjoint from evaluation)
+# 4. Calibration: tables fitted to each layer on calibration text disjoint from the evaluation
 # ----------------------------------------------------------------------------------------------------
 #
-# empirical: robust_z's statistic, but its null is the layer's own bulk shape rather than a Gaussian: the
-#   statistic of calibration logits whose token-specific signal is removed (each expert's logit permuted
-#   across tokens, `permute_experts`), pooled over experts. On text like the calibration text and with no
-#   token-specific signal, p-values are uniform pooled over experts, whatever the shape of the layer's
-#   logits; per expert they are not (an expert whose logits run high gets small p-values more often), which
-#   BH's guarantee would need.
-# pooled: the public attempt's p-value, P(Z >= z) with Z drawn from every raw logit of the layer on the
-#   calibration text, all experts pooled (signal included; not standardised per token).
+# nulls: each fitted p-value method's null per layer (`PValueMethod.fit`).
 # skip_beta: each layer's median over calibration tokens of w2 / w1 (dynamic skipping, beta="median").
 # entropy_knots: each layer's quantiles of the router entropy (entropy-adaptive k).
 
@@ -655,75 +668,77 @@ def permute_experts(router_logits: torch.Tensor, generator: torch.Generator | No
     return router_logits.gather(0, order)
 
 
+def router_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each token's routing distribution: [..., E] -> [...]."""
+    return -torch.xlogy(probabilities, probabilities).sum(dim=-1)
+
+
 ENTROPY_QUANTILES = 256  # the entropy-adaptive k's resolution: bands of 1/256 of the calibration tokens
 
 
 @dataclass
 class RoutingCalibration:
     """Per-layer tables fitted on calibration text (`fit_routing_calibration`) for the methods that read the
-    model's own routers: BH and HC with pvalue_method "empirical" or "pooled", dynamic skipping with
+    model's own routers: BH and HC with a fitted p-value ("empirical", "pooled"), dynamic skipping with
     beta="median", entropy-adaptive k. Saved and loaded with `save` / `load` (a small torch file)."""
 
-    empirical: list[NullTable]  # per layer: robust_z statistic of permuted calibration logits
-    pooled: list[NullTable]  # per layer: raw calibration logits, all experts pooled
+    nulls: dict[str, list[NullTable]]  # per fitted p-value method, per layer
     skip_beta: list[float]  # per layer: median of w2 / w1
     entropy_knots: torch.Tensor  # [L, ENTROPY_QUANTILES + 1] router-entropy quantiles (nats)
     info: dict  # num_tokens, num_experts, seed and what the caller adds (text, model)
 
     @property
     def num_layers(self) -> int:
-        return len(self.empirical)
+        return len(self.skip_beta)
 
     def null(self, pvalue_method: str, layer: int) -> NullTable:
-        """The layer's fitted null of a calibrated p-value method ("empirical" or "pooled")."""
-        if pvalue_method not in CALIBRATED_PVALUE_METHODS:
-            raise ValueError(f"pvalue_method must be one of {CALIBRATED_PVALUE_METHODS}, got {pvalue_method!r}")
-        return getattr(self, pvalue_method)[layer]
+        """The layer's fitted null of a fitted p-value method (e.g. "empirical", "pooled")."""
+        if pvalue_method not in self.nulls:
+            raise ValueError(
+                f"pvalue_method must be one of {tuple(self.nulls)} for this calibration, got {pvalue_method!r}"
+            )
+        return self.nulls[pvalue_method][layer]
 
     def save(self, path: str | Path) -> Path:
-        state = {
-            name: [(t.first, t.step, t.log_survival) for t in getattr(self, name)] for name in ("empirical", "pooled")
-        }
-        state |= {"skip_beta": self.skip_beta, "entropy_knots": self.entropy_knots, "info": self.info}
-        return atomic_write(path, lambda target: torch.save(state, target))
+        """Write the tables to `path` with torch.save (no pickled code: `load` reads them with weights_only)."""
+        nulls = {name: [(t.first, t.step, t.log_survival) for t in tables] for name, tables in self.nulls.items()}
+        state = {"nulls": nulls, "skip_beta": self.skip_beta, "entropy_knots": self.entropy_knots, "info": self.info}
+        torch.save(state, path)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingCalibration:
         state = torch.load(path, weights_only=True)
-        tables = {name: [NullTable(*table) for table in state[name]] for name in ("empirical", "pooled")}
-        return cls(**tables, skip_beta=state["skip_beta"], entropy_knots=state["entropy_knots"], info=state["info"])
+        nulls = {name: [NullTable(*table) for table in tables] for name, tables in state["nulls"].items()}
+        return cls(nulls, skip_beta=state["skip_beta"], entropy_knots=state["entropy_knots"], info=state["info"])
 
 
 def fit_routing_calibration(router_logits: list[torch.Tensor], seed: int = 0, info: dict | None = None):
-    """A RoutingCalibration from each layer's router logits on calibration text ([N, E] per layer; use
-    `collect_router_logits`). Deterministic for a given seed (the permutation of the empirical null)."""
+    """A RoutingCalibration from each layer's router logits on calibration text ([N, E] per layer, e.g.
+    `bh_experiment.collect_router_logits`): every fitted p-value method's null, in registry order, and the
+    tables of dynamic skipping and entropy-adaptive k. Deterministic for a given seed (the permutations)."""
     if not router_logits or any(t.dim() != 2 or t.shape[0] < 2 for t in router_logits):
         raise ValueError("router_logits must be a non-empty list of [tokens >= 2, num_experts] tensors, one per layer")
     generator = torch.Generator().manual_seed(seed)
-    empirical, pooled, skip_beta, knots = [], [], [], []
+    fitted = [method for method in PVALUE_METHODS.values() if method.fitted]
+    nulls, skip_beta, knots = {method.name: [] for method in fitted}, [], []
     levels = torch.linspace(0, 1, ENTROPY_QUANTILES + 1, dtype=torch.float64)
     for logits in router_logits:
         logits = logits.detach().float().cpu()
-        empirical.append(NullTable.from_sample(robust_z_statistic(permute_experts(logits, generator))))
-        pooled.append(NullTable.from_sample(logits))
+        for method in fitted:
+            nulls[method.name].append(method.fit(logits, generator))
         top = torch.topk(torch.softmax(logits, dim=-1), 2, dim=-1).values  # [N, 2]
         skip_beta.append(float((top[:, 1] / top[:, 0]).median()))
         entropy = router_entropy(torch.softmax(logits.double(), dim=-1))
         knots.append(torch.quantile(entropy, levels).float())
     num_tokens, num_experts = router_logits[0].shape
     info = {"num_tokens": int(num_tokens), "num_experts": int(num_experts), "seed": seed} | (info or {})
-    return RoutingCalibration(empirical, pooled, skip_beta, torch.stack(knots), info)
+    return RoutingCalibration(nulls, skip_beta, torch.stack(knots), info)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Routing methods: one object per method, in a registry
+# 5. How one layer routes: the routing functions behind every method
 # ----------------------------------------------------------------------------------------------------
-#
-# Every method decides `expert_counts` per token and keeps that many of the most probable experts, in
-# `K` slots ordered most probable first. Unused slots hold the index E (= num_experts) and weight 0:
-# transformers' OLMoE experts module skips that sentinel index, so the experts the method dropped are
-# never computed. Weights are the softmax probabilities of the kept experts (as OLMoE, whose
-# norm_topk_prob is false), or renormalised to sum to 1 with renormalize=True (the design's step 5).
 
 
 @dataclass(frozen=True)
@@ -758,30 +773,18 @@ def _keep_top(
     return top_weights, torch.where(kept, top_index, torch.full_like(top_index, num_experts))
 
 
-def _bh_count(logits, scaled_logits, top_logits, probabilities, alpha, pvalue_method, critical, with_stats):
+def _bh_count(method: PValueMethod, logits, scaled_logits, top_logits, alpha, critical, with_stats):
     """BH's number of rejections per token, and (when the full path ran) each expert's first passing rank
-    and the statistics.
-
-    The p-values are never materialised: each expert's first passing rank j (smallest j with
-    p <= alpha*j/E) is read off its statistic against the critical statistics, and `fast_bh_count` turns
-    ranks into counts.
-    """
-    num_experts = scaled_logits.shape[-1]
-    if pvalue_method == "one_minus_prob":
-        # 1 - prob_i <= alpha*j/m  <=>  j >= m * (1 - prob_i) / alpha
-        first_passing_rank = torch.ceil(num_experts * (1.0 - probabilities) / alpha).long().clamp(1, num_experts + 1)
-        return fast_bh_count(first_passing_rank), first_passing_rank, None
-    # The CPU shortcut branches on the data (free there): eager only, not in a compiled graph.
-    eager_cpu = scaled_logits.device.type == "cpu" and not torch.compiler.is_compiling()
-    if _standardised(pvalue_method) and eager_cpu and not with_stats:
-        return fast_bh_count_robust_z_cpu(scaled_logits, top_logits, critical), None, None
+    and the statistics. The p-values are never materialised (section 3's notes)."""
+    # A shortcut branches on the data (free on the CPU): eager only, never in a compiled graph.
+    if scaled_logits.device.type == "cpu" and not torch.compiler.is_compiling() and not with_stats:
+        count = method.fast_count(scaled_logits, top_logits, critical)
+        if count is not None:
+            return count, None, None
     # No data-dependent branch here: no host synchronisation on a GPU, one graph under torch.compile.
-    if _standardised(pvalue_method):
-        statistics = robust_z_statistic(scaled_logits, top_logits)  # [..., E]
-    else:
-        statistics = logits.to(scaled_logits.dtype)  # the pooled null is a null of the raw logit
-    first_passing_rank = robust_z_first_passing_rank(statistics, critical)
-    return fast_bh_count(first_passing_rank), first_passing_rank, statistics
+    statistics = method.statistics(logits, scaled_logits, top_logits)  # [..., E]
+    first_rank = method.first_passing_rank(statistics, critical, alpha)
+    return fast_bh_count(first_rank), first_rank, statistics
 
 
 def route_bh(
@@ -800,21 +803,18 @@ def route_bh(
 
     critical: the critical statistics for (alpha, E) and this layer's null on this device, if already at
     hand (the patcher passes them so that a compiled call touches no cache); null: the layer's fitted
-    NullTable for the calibrated p-values ("empirical", "pooled").
+    NullTable for a fitted p-value method ("empirical", "pooled").
     """
     num_experts = logits.shape[-1]
+    method = pvalue_method_of(pvalue_method)
     scaled_logits = _work_logits(logits, temperature)  # [..., E]
     probabilities = torch.softmax(scaled_logits, dim=-1)  # [..., E]
-    # One top-k gives the experts to keep (most probable first) and the logits the null estimate trims.
-    width = max(max_k, _num_trimmed(num_experts)) if _standardised(pvalue_method) else max_k
-    top_logits, top_index = torch.topk(scaled_logits, width, dim=-1)  # [..., width]
-    if critical is None and pvalue_method == "robust_z":
-        critical = robust_z_critical_statistics(alpha, num_experts, logits.device)  # [E], cached
-    elif critical is None and pvalue_method != "one_minus_prob":
-        critical = _null_of(pvalue_method, num_experts, null, "cpu").critical_statistics(alpha, num_experts)
-        critical = critical.to(logits.device)  # [E], non-increasing
-    num_significant, first_passing_rank, statistics = _bh_count(
-        logits, scaled_logits, top_logits, probabilities, alpha, pvalue_method, critical, with_stats
+    # One top-k gives the experts to keep (most probable first) and the logits the statistic trims.
+    top_logits, top_index = torch.topk(scaled_logits, max(max_k, method.top_width(num_experts)), dim=-1)
+    if critical is None:
+        critical = method.critical(alpha, num_experts, method.null(num_experts, null, "cpu"), logits.device)
+    num_significant, first_rank, statistics = _bh_count(
+        method, logits, scaled_logits, top_logits, alpha, critical, with_stats
     )
     expert_counts = num_significant.clamp(min_k, max_k)
     top_probabilities = probabilities.gather(-1, top_index[..., :max_k])
@@ -823,14 +823,11 @@ def route_bh(
     )
     extra_stats = {}
     if with_stats:
-        if statistics is None:
-            p_values = 1.0 - probabilities
-        else:
-            p_values = _null_of(pvalue_method, num_experts, null, logits.device).p_values(statistics)
+        p_values = method.p_values(statistics, method.null(num_experts, null, logits.device))
         extra_stats = {
             "p_values": p_values,
             "bh_threshold": _bh_critical_value(num_significant, alpha, num_experts, p_values.dtype),
-            "significant_mask": first_passing_rank <= num_significant.unsqueeze(-1),
+            "significant_mask": first_rank <= num_significant.unsqueeze(-1),
             "num_significant": num_significant,
         }
     return Routing(top_weights, kept_index, expert_counts, probabilities, extra_stats)
@@ -872,17 +869,6 @@ def route_topp(logits, p, temperature, min_k, max_k, renormalize) -> Routing:
     return Routing(top_weights, top_index, expert_counts, probabilities, {"num_needed": num_needed})
 
 
-def _top_p_values(logits, scaled_logits, top_logits, top_index, probabilities, pvalue_method, null) -> torch.Tensor:
-    """p-values of the experts in `top_index` (most probable first, so ascending p): [..., W]."""
-    if pvalue_method == "one_minus_prob":
-        return 1.0 - probabilities.gather(-1, top_index)
-    table = _null_of(pvalue_method, logits.shape[-1], null, logits.device)
-    if _standardised(pvalue_method):
-        center, inverse_std = _robust_location_scale(scaled_logits, top_logits)
-        return table.p_values((top_logits - center) * inverse_std)
-    return table.p_values(logits.to(scaled_logits.dtype).gather(-1, top_index))
-
-
 def higher_criticism(sorted_p_values: torch.Tensor, num_tests: int) -> torch.Tensor:
     """HC_i = sqrt(m) * (i/m - p_(i)) / sqrt(p_(i) * (1 - p_(i))), i = 1..n, for p-values sorted ascending.
 
@@ -905,12 +891,14 @@ def route_hc(logits, beta, temperature, min_k, max_k, pvalue_method, renormalize
     smallest floor(beta * E) p-values (Donoho & Jin 2008, "Higher criticism thresholding", PNAS 105(39)),
     clamped to [min_k, max_k]."""
     num_experts = logits.shape[-1]
+    method = pvalue_method_of(pvalue_method)
     searched = _hc_searched(beta, num_experts)
     scaled_logits = _work_logits(logits, temperature)  # [..., E]
     probabilities = torch.softmax(scaled_logits, dim=-1)
-    width = max(max_k, searched, _num_trimmed(num_experts) if _standardised(pvalue_method) else 1)
+    width = max(max_k, searched, method.top_width(num_experts))
     top_logits, top_index = torch.topk(scaled_logits, width, dim=-1)  # [..., width]
-    sorted_p = _top_p_values(logits, scaled_logits, top_logits, top_index, probabilities, pvalue_method, null)
+    top_statistics = method.top_statistics(logits, scaled_logits, top_logits, top_index)
+    sorted_p = method.p_values(top_statistics, method.null(num_experts, null, logits.device))  # ascending
     objective = higher_criticism(sorted_p[..., :searched], num_experts)  # [..., searched]
     num_selected = objective.argmax(dim=-1) + 1  # the first maximum
     expert_counts = num_selected.clamp(min_k, max_k)
@@ -930,11 +918,6 @@ def route_skip(logits, beta, k, temperature, min_k, renormalize) -> Routing:
     expert_counts = (top_probabilities >= beta * top_probabilities[..., :1]).sum(dim=-1).clamp(min_k, k)
     top_weights, top_index = _keep_top(top_probabilities, top_index, expert_counts, logits.shape[-1], renormalize)
     return Routing(top_weights, top_index, expert_counts, probabilities, {})
-
-
-def router_entropy(probabilities: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each token's routing distribution: [..., E] -> [...]."""
-    return -torch.xlogy(probabilities, probabilities).sum(dim=-1)
 
 
 def route_entropy(logits, knots, temperature, min_k, max_k, renormalize) -> Routing:
@@ -966,13 +949,31 @@ def route_layer_budget(logits, budget: float, temperature, renormalize) -> Routi
     return _routing_of_counts(probabilities, expert_counts, max(1, math.ceil(budget)), renormalize)
 
 
+# ----------------------------------------------------------------------------------------------------
+# 6. Routing methods: one object per method, in a registry
+# ----------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class RouterShape:
-    """What a routing method needs to know of the routers it replaces."""
+    """What a routing method knows of the routers it replaces, the same in every layer."""
 
-    num_experts: int
+    num_experts: int  # the experts a token may choose from (E', fewer than E for group-limited routers)
     native_top_k: int = NATIVE_TOP_K
     norm_topk_prob: bool = False  # the model renormalises its kept weights (renormalize=None follows it)
+    native_slices: bool = False  # the router's own output is its top-k softmax probabilities, sorted and
+    # unscaled, so that its first k slots are top-k at k (`RouterSpec.plain` and `sorted_output`)
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What a routing method sees of one MoE layer when it builds that layer's route (`layer_route`): the
+    patcher builds one per layer, `route_logits` one for the layer it is given."""
+
+    layer: int
+    shape: RouterShape
+    device: torch.device
+    calibration: RoutingCalibration | None = None  # the model's fitted tables, read at `layer`
 
 
 def _renormalize(renormalize: bool | None, shape: RouterShape) -> bool:
@@ -990,7 +991,8 @@ class RoutingMethod:
     """A routing method: its name, its parameters, how it routes, and how its configurations are named.
 
     Subclass, then `register_routing_method(Subclass())`; the patcher (`MoERouterPatcher.patch(name,
-    **params)`), `RoutingConfig.of(name, **params)` and `frontier_table` then know it.
+    **params)`), `RoutingConfig.of(name, **params)`, `route_logits` and the experiment's tables then know it.
+    A method sees one layer at a time (`LayerContext`), never the patcher.
     """
 
     name = ""
@@ -1014,9 +1016,9 @@ class RoutingMethod:
         None when it needs none."""
         return None
 
-    def layer_tables(self, params: dict, calibration: RoutingCalibration | None, layer: int) -> dict:
-        """The constants a configuration routes layer `layer` with, from the calibration ({} if none)."""
-        use = self.calibration_use(params)
+    def layer_tables(self, params: dict, context: LayerContext) -> dict:
+        """The constants a configuration routes the context's layer with, from its calibration ({} if none)."""
+        use, calibration, layer = self.calibration_use(params), context.calibration, context.layer
         if use is not None and calibration is None:
             raise ValueError(
                 f"method {self.name!r} with {params} uses {use}: give a RoutingCalibration "
@@ -1026,26 +1028,23 @@ class RoutingMethod:
             raise ValueError(f"layer must be in [0, {calibration.num_layers}) for this calibration, got {layer!r}")
         return {}
 
-    def layer_routes(self, params: dict, patcher: MoERouterPatcher, compiled: bool = False) -> list[Callable]:
-        """One function per MoE layer of the patcher's model, built at patch time with the layer's tables on
-        its router's device: (selection_logits [T, E'], native_weights [T, k], native_index [T, k]) ->
-        (top_weights [T, K], top_index [T, K], expert_counts [T] or None when every token keeps K). Only a
-        method `in_expert_space` reads the router's own weights and index (an eager call passes None else).
+    def layer_route(self, params: dict, context: LayerContext, compiled: bool = False) -> Callable:
+        """The function one MoE layer routes with, built at patch time with the layer's tables on its device:
+        (selection_logits [T, E'], native_weights [T, k], native_index [T, k]) -> (top_weights [T, K],
+        top_index [T, K], expert_counts [T] or None when every token keeps K). Only a method
+        `in_expert_space` reads the router's own weights and index (an eager call passes None else).
 
-        Each must trace under torch.compile(fullgraph=True) and replay in a CUDA graph: tensor ops only,
-        no host sync, no Python state changed. compiled: the function runs eagerly (not inside a compiled
+        It must trace under torch.compile(fullgraph=True) and replay in a CUDA graph: tensor ops only, no
+        host sync, no Python state changed. compiled: the function runs eagerly (not inside a compiled
         model) and may fuse itself with torch.compile."""
-        tables = [
-            _tables_to(self.layer_tables(params, patcher.calibration, layer), router.weight.device)
-            for layer, router in enumerate(patcher.routers)
-        ]
-        # A route per layer reaching only objects of its own (the method through the registry, one global):
-        # a compiled forward checks every object it reads at every decode step, and an object that several
+        tables = _tables_to(self.layer_tables(params, context), context.device)
+        # A route reaching only objects of its own layer (the method through the registry, one global): a
+        # compiled forward checks every object it reads at every decode step, and an object that several
         # layers share costs each layer an identity check evaluated in Python.
-        return [functools.partial(_route_with_tables, self.name, dict(params), layer_tables) for layer_tables in tables]
+        return functools.partial(_route_with_tables, self.name, dict(params), tables)
 
-    def in_expert_space(self, params: dict, patcher: MoERouterPatcher) -> bool:
-        """Whether `layer_routes` returns experts of the router's own output (the patcher then applies no
+    def in_expert_space(self, params: dict, shape: RouterShape) -> bool:
+        """Whether `layer_route` returns experts of the router's own output (the patcher then applies no
         family selection or weighting) rather than slots of the selection logits."""
         return False
 
@@ -1070,7 +1069,7 @@ class RoutingMethod:
 
 
 def _route_with_tables(method: str, params: dict, tables: dict, logits, native_weights, native_index):
-    """A layer route of `RoutingMethod.layer_routes`: the registered method's Routing of the logits, as tensors."""
+    """A layer route of `RoutingMethod.layer_route`: the registered method's Routing of the logits, as tensors."""
     # A method that reads no tables may define route(logits, params, with_stats=False) without them.
     routing = ROUTING_METHODS[method].route(logits, params, **({"tables": tables} if tables else {}))
     return routing.top_weights, routing.top_index, routing.expert_counts
@@ -1093,37 +1092,32 @@ ROUTING_METHODS: dict[str, RoutingMethod] = {}
 
 def register_routing_method(method: RoutingMethod) -> RoutingMethod:
     """Make `method` known by its name (replacing a method of the same name)."""
-    if not isinstance(method, RoutingMethod) or not method.name:
-        raise ValueError(f"method must be a RoutingMethod with a name, got {method!r}")
-    ROUTING_METHODS[method.name] = method
-    return method
+    return register(ROUTING_METHODS, RoutingMethod, method)
 
 
 def routing_method(name: str) -> RoutingMethod:
     """The registered method called `name`."""
-    if name not in ROUTING_METHODS:
-        raise ValueError(f"method must be one of {sorted(ROUTING_METHODS)}, got {name!r}")
-    return ROUTING_METHODS[name]
+    return registered(ROUTING_METHODS, "method", name)
 
 
-_PVALUE_CODES = {"robust_z": "", "one_minus_prob": "1mp", "empirical": "emp", "pooled": "pool"}  # in names
+def _pvalue_code(pvalue_method: str) -> str:
+    """How a configuration name writes its p-value method (the method's code; the name of an unknown one)."""
+    return PVALUE_METHODS[pvalue_method].code if pvalue_method in PVALUE_METHODS else str(pvalue_method)
 
 
 def _check_pvalue_params(pvalue_method: str, num_experts: int) -> None:
-    _check_pvalue_method(pvalue_method)
-    if _standardised(pvalue_method):
-        _num_trimmed(num_experts)  # refuses too few experts before any forward pass
+    pvalue_method_of(pvalue_method).check(num_experts)  # refuses too few experts before any forward pass
 
 
-def _null_tables(params: dict, calibration: RoutingCalibration | None, layer: int) -> dict:
-    """{"null": the layer's fitted NullTable} for a calibrated p-value, else {}."""
-    if params["pvalue_method"] not in CALIBRATED_PVALUE_METHODS:
+def _null_tables(params: dict, context: LayerContext) -> dict:
+    """{"null": the layer's fitted NullTable} for a fitted p-value method, else {}."""
+    if not pvalue_method_of(params["pvalue_method"]).fitted:
         return {}
-    return {"null": calibration.null(params["pvalue_method"], layer)}
+    return {"null": context.calibration.null(params["pvalue_method"], context.layer)}
 
 
 def _bh_layer_route(route, critical, constants, logits, native_weights, native_index):
-    """A layer route of `BenjaminiHochbergMethod.layer_routes`: `route_bh_tensors` with the layer's critical
+    """A layer route of `BenjaminiHochbergMethod.layer_route`: `route_bh_tensors` with the layer's critical
     statistics (built at patch time, so that no call looks up a cache)."""
     return route(logits, critical, *constants)
 
@@ -1151,33 +1145,26 @@ class BenjaminiHochbergMethod(RoutingMethod):
         return params | {"renormalize": _renormalize(renormalize, shape)}
 
     def calibration_use(self, params):
-        calibrated = params["pvalue_method"] in CALIBRATED_PVALUE_METHODS
-        return f"the layer's fitted {params['pvalue_method']!r} null" if calibrated else None
+        fitted = pvalue_method_of(params["pvalue_method"]).fitted
+        return f"the layer's fitted {params['pvalue_method']!r} null" if fitted else None
 
-    def layer_tables(self, params, calibration, layer):
-        return RoutingMethod.layer_tables(self, params, calibration, layer) | _null_tables(params, calibration, layer)
+    def layer_tables(self, params, context):
+        return RoutingMethod.layer_tables(self, params, context) | _null_tables(params, context)
 
     def route(self, logits, params, with_stats=False, tables=None):
         return route_bh(logits, with_stats=with_stats, null=(tables or {}).get("null"), **params)
 
-    def _critical(self, params, patcher, layer: int, device) -> torch.Tensor | None:
-        """The layer's critical statistics on its router's device, built now rather than in a timed forward."""
-        alpha, method = params["alpha"], params["pvalue_method"]
-        if method == "one_minus_prob":
-            return None
-        if method == "robust_z":
-            return robust_z_critical_statistics(alpha, patcher.shape.num_experts, device)
-        null = self.layer_tables(params, patcher.calibration, layer)["null"]
-        return null.critical_statistics(alpha, patcher.shape.num_experts).to(device)
-
-    def layer_routes(self, params, patcher, compiled=False):
+    def layer_route(self, params, context, compiled=False):
         route = compile_once(route_bh_tensors) if compiled else route_bh_tensors
         constants = tuple(
             params[name] for name in ("alpha", "temperature", "min_k", "max_k", "pvalue_method", "renormalize")
         )
-        critical = [self._critical(params, patcher, i, r.weight.device) for i, r in enumerate(patcher.routers)]
-        critical = [None if table is None else table.clone() for table in critical]  # see RoutingMethod.layer_routes
-        return [functools.partial(_bh_layer_route, route, layer_critical, constants) for layer_critical in critical]
+        # The layer's critical statistics on its device, built now rather than in a timed forward, and the
+        # layer's own copy (see RoutingMethod.layer_route).
+        method, num_experts = pvalue_method_of(params["pvalue_method"]), context.shape.num_experts
+        null = self.layer_tables(params, context).get("null")
+        critical = method.critical(params["alpha"], num_experts, method.null(num_experts, null, "cpu"), context.device)
+        return functools.partial(_bh_layer_route, route, None if critical is None else critical.clone(), constants)
 
     def config_name(
         self, alpha=0.05, max_k=16, min_k=1, pvalue_method=DEFAULT_PVALUE_METHOD, temperature=1.0, renormalize=None
@@ -1185,7 +1172,7 @@ class BenjaminiHochbergMethod(RoutingMethod):
         """The design's bh_k{max_k}_a{alpha*100:03d}; 'bh1mp' for the design's own p-value, 'bhemp' and
         'bhpool' for the fitted nulls; a suffix for each other parameter that differs from its default
         (e.g. _min4 for min_k = 4)."""
-        prefix = "bh" + _PVALUE_CODES.get(pvalue_method, str(pvalue_method))
+        prefix = "bh" + _pvalue_code(pvalue_method)
         return f"{prefix}_k{max_k}_a{_percent_code(alpha)}" + _common_suffix(min_k, 1, temperature, renormalize)
 
     def series(self, params):
@@ -1230,18 +1217,18 @@ class TopKMethod(RoutingMethod):
     def route(self, logits, params, with_stats=False, tables=None):
         return route_topk(logits, params["k"], params["temperature"], params["renormalize"])
 
-    def in_expert_space(self, params, patcher):
+    def in_expert_space(self, params, shape):
         # The router's own output is this routing at its own k (any family: same slots, same weights, bit for
         # bit), and its first k slots are at a smaller k for a plain softmax router, sorted, not renormalised.
         k, renormalize = params["k"], params["renormalize"]
-        native = params["temperature"] == 1.0 and renormalize == patcher.shape.norm_topk_prob
-        sliceable = native and not renormalize and patcher.spec.plain and patcher.spec.sorted_output
-        return native and (k == patcher.native_top_k or (sliceable and k < patcher.native_top_k))
+        native = params["temperature"] == 1.0 and renormalize == shape.norm_topk_prob
+        sliceable = native and not renormalize and shape.native_slices
+        return native and (k == shape.native_top_k or (sliceable and k < shape.native_top_k))
 
-    def layer_routes(self, params, patcher, compiled=False):
-        if self.in_expert_space(params, patcher):
-            return [functools.partial(_native_slots, params["k"]) for _ in range(patcher.num_layers)]
-        return [functools.partial(_without_counts, route) for route in super().layer_routes(params, patcher)]
+    def layer_route(self, params, context, compiled=False):
+        if self.in_expert_space(params, context.shape):
+            return functools.partial(_native_slots, params["k"])
+        return functools.partial(_without_counts, super().layer_route(params, context))
 
     def config_name(self, k=None, temperature=1.0, renormalize=None) -> str:
         _require_for_name(self.name, k=k)
@@ -1341,7 +1328,7 @@ class HigherCriticismMethod(RoutingMethod):
     def config_name(
         self, beta=0.3, max_k=None, min_k=1, pvalue_method=DEFAULT_PVALUE_METHOD, temperature=1.0, renormalize=None
     ) -> str:
-        name = "hc" + _PVALUE_CODES.get(pvalue_method, str(pvalue_method)) + f"_b{_percent_code(beta)}"
+        name = "hc" + _pvalue_code(pvalue_method) + f"_b{_percent_code(beta)}"
         return name + ("" if max_k is None else f"_k{max_k}") + _common_suffix(min_k, 1, temperature, renormalize)
 
     def series(self, params):
@@ -1371,9 +1358,10 @@ class DynamicSkipMethod(RoutingMethod):
     def calibration_use(self, params):
         return "each layer's median w2 / w1 (beta='median')" if params["beta"] == "median" else None
 
-    def layer_tables(self, params, calibration, layer):
-        tables = super().layer_tables(params, calibration, layer)
-        return tables | ({"beta": calibration.skip_beta[layer]} if params["beta"] == "median" else {})
+    def layer_tables(self, params, context):
+        tables = super().layer_tables(params, context)
+        median = params["beta"] == "median"
+        return tables | ({"beta": context.calibration.skip_beta[context.layer]} if median else {})
 
     def route(self, logits, params, with_stats=False, tables=None):
         beta = (tables or {}).get("beta", params["beta"])
@@ -1404,8 +1392,8 @@ class EntropyMethod(RoutingMethod):
     def calibration_use(self, params):
         return "each layer's router-entropy quantiles"
 
-    def layer_tables(self, params, calibration, layer):
-        return super().layer_tables(params, calibration, layer) | {"knots": calibration.entropy_knots[layer]}
+    def layer_tables(self, params, context):
+        return super().layer_tables(params, context) | {"knots": context.calibration.entropy_knots[context.layer]}
 
     def route(self, logits, params, with_stats=False, tables=None):
         if not tables or "knots" not in tables:
@@ -1445,10 +1433,10 @@ class LayerBudgetMethod(RoutingMethod):
         min_k, max_k = math.floor(min(budgets)), max(1, math.ceil(max(budgets)))
         return dict(budgets=budgets, min_k=min_k, max_k=max_k, temperature=temperature, renormalize=renormalize)
 
-    def layer_tables(self, params, calibration, layer):
-        if not 0 <= layer < len(params["budgets"]):
-            raise ValueError(f"layer {layer} has no budget: budgets has {len(params['budgets'])} layers")
-        return {"budget": float(params["budgets"][layer])}
+    def layer_tables(self, params, context):
+        if not 0 <= context.layer < len(params["budgets"]):
+            raise ValueError(f"layer {context.layer} has no budget: budgets has {len(params['budgets'])} layers")
+        return {"budget": float(params["budgets"][context.layer])}
 
     def route(self, logits, params, with_stats=False, tables=None):
         if not tables or "budget" not in tables:
@@ -1477,8 +1465,10 @@ def route_logits(
     _check_logits(router_logits)
     spec = routing_method(method)
     spec.check_names(params)
-    params = spec.parameters(RouterShape(router_logits.shape[-1], num_experts_per_tok), **params)
-    tables = _tables_to(spec.layer_tables(params, calibration, layer), router_logits.device)
+    shape = RouterShape(router_logits.shape[-1], num_experts_per_tok)
+    params = spec.parameters(shape, **params)
+    context = LayerContext(layer, shape, router_logits.device, calibration)
+    tables = _tables_to(spec.layer_tables(params, context), router_logits.device)
     return spec.route(router_logits, params, with_stats, **({"tables": tables} if tables else {}))
 
 
@@ -1532,7 +1522,7 @@ class RoutingConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Routing functions: one contract for BH and the baselines
+# 7. The design's routing functions: one contract for BH and the baselines
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -1657,20 +1647,19 @@ def run_bh_multi_k(
     return results
 
 
-def compare_multi_k_statistics(results: dict[int, dict], baseline_k: int = NATIVE_TOP_K):
-    """One row per max_k of `run_bh_multi_k` results: the metrics of `summarize_expert_counts`."""
-    import pandas as pd
-
-    rows = []
+def compare_multi_k_statistics(results: dict[int, dict], baseline_k: int = NATIVE_TOP_K) -> dict[int, dict]:
+    """One row per max_k of `run_bh_multi_k` results, {max_k: {"alpha", the metrics of
+    `summarize_expert_counts`}}: a table as pandas reads it, `pandas.DataFrame.from_dict(rows, orient="index")`."""
+    rows = {}
     for max_k, result in results.items():
         params = result["params"]
         summary = summarize_expert_counts(result["expert_counts"], params["min_k"], max_k, baseline_k)
-        rows.append({"max_k": max_k, "alpha": params["alpha"], **summary})
-    return pd.DataFrame(rows).set_index("max_k")
+        rows[max_k] = {"alpha": params["alpha"], **summary}
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Statistics: counts, the patcher's accumulators, saturation, quality at equal compute, token level
+# 8. Statistics: the patcher's counters on the device, and their summaries
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -1723,7 +1712,7 @@ class LayerAccumulators:
         token_counts [C] int16 or None: a ring buffer of every routed row's count (-1 for a row left out),
             written at positions written, written + 1, ... modulo C.
         written [1] int64 or None: rows written to the ring buffer so far.
-    Scalars are [1], not 0-d: inductor (torch 2.13, CPU) drops in-place updates of 0-d static tensors.
+    Scalars are [1], not 0-d: inductor has dropped in-place updates of 0-d static tensors (on the CPU).
     """
 
     def __init__(self, num_experts: int, device, token_capacity: int | None, counters: torch.Tensor | None = None):
@@ -1882,7 +1871,7 @@ def _stacked(routings: list[tuple]) -> tuple:
     Each layer's tensors are cast before they are stacked: inductor computes a concatenation of at most 8
     inputs (its max_pointwise_cat_inputs) inside the kernel that reads it, where each input is an op of its
     own, but copies every input of a longer one, or one that is already stored, with a kernel of its own
-    (about 37 kernels per decode step for 16 layers, run 49 of benchmarks/gpu_notes.md)."""
+    (benchmarks/gpu_notes.md counts what that costs a decode step)."""
     weights, index, counts, keep = zip(*routings, strict=True)
     slots = index[0].shape[-1]
     if all(layer_counts is None for layer_counts in counts):
@@ -2059,1203 +2048,14 @@ class RoutingStatistics:
         return stats | ({"token_counts": self.token_counts()} if self.record_token_counts else {})
 
 
-def saturation_analysis(table, group_by=("pvalue_method", "alpha"), threshold_percent: float = 5.0):
-    """Per group (by default per p-value method and alpha): the smallest max_k beyond which raising
-    max_k grows avg_experts by < threshold_percent.
-
-    table: rows of one method's grid over max_k (columns: group_by, "max_k", "avg_experts", "status").
-    Returns one row per group with the saturation max_k (NaN if avg_experts still grows at the largest
-    step), the average at the largest max_k and the growth at each step.
-    """
-    import pandas as pd
-
-    columns = [*group_by, "saturation_max_k", "avg_experts_at_largest_max_k", "growth_percent_by_step"]
-    rows = []
-    for key, group in table[table["status"] == "ok"].groupby(list(group_by)):
-        group = group.sort_values("max_k")
-        max_ks, averages = group["max_k"].tolist(), group["avg_experts"].tolist()
-        growth = [100.0 * (averages[i + 1] / averages[i] - 1.0) for i in range(len(averages) - 1)]
-        saturated = [i for i in range(len(growth)) if all(g < threshold_percent for g in growth[i:])]
-        rows.append(
-            {
-                **dict(zip(group_by, key, strict=True)),
-                "saturation_max_k": max_ks[saturated[0]] if saturated else float("nan"),
-                "avg_experts_at_largest_max_k": averages[-1],
-                "growth_percent_by_step": {f"{max_ks[i]}->{max_ks[i + 1]}": round(g, 2) for i, g in enumerate(growth)},
-            }
-        )
-    return pd.DataFrame(rows, columns=columns)
-
-
-FRONTIER_RESAMPLES = 1000  # paired bootstrap resamples of the evaluation windows
-FRONTIER_LEVEL = 0.95
-
-
-def window_sums(nll: torch.Tensor, window_ids: torch.Tensor, expert_counts: torch.Tensor | None) -> dict:
-    """Per evaluation window, sums of what the frontier's bootstrap resamples: "window_nll" (surprisal),
-    "window_tokens" and "window_experts" (experts per position, mean over layers). nll: [S]; window_ids:
-    [S] the window that scored each position (any labels; windows ordered by label); expert_counts:
-    [S, L] or None (then every window's experts sum is NaN)."""
-    labels, inverse = torch.unique(window_ids, sorted=True, return_inverse=True)
-    num_windows = labels.numel()
-    tokens = torch.zeros(num_windows, dtype=torch.float64).index_add_(
-        0, inverse, torch.ones_like(nll, dtype=torch.float64)
-    )
-    sums = torch.zeros(num_windows, dtype=torch.float64).index_add_(0, inverse, nll.double())
-    if expert_counts is None:
-        experts = torch.full((num_windows,), math.nan, dtype=torch.float64)
-    else:
-        per_position = expert_counts.double().mean(dim=-1)
-        experts = torch.zeros(num_windows, dtype=torch.float64).index_add_(0, inverse, per_position)
-    return {"window_nll": sums.tolist(), "window_tokens": tokens.tolist(), "window_experts": experts.tolist()}
-
-
-def bootstrap_window_weights(num_windows: int, resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
-    """[1 + resamples, W] multiplicities of each window: row 0 all ones (the point estimate), then
-    `resamples` draws of W windows with replacement (the paired bootstrap: every configuration is
-    resampled with the same windows)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(num_windows, np.full(num_windows, 1.0 / num_windows), size=resamples)
-    return np.vstack([np.ones((1, num_windows)), draws]).astype(np.float64)
-
-
-def _resampled(results: list[dict], weights):
-    """(mean NLL, average experts) of each result under each row of bootstrap weights: [R, C] each; None
-    when some result lacks per-window sums or the results' windows differ."""
-    import numpy as np
-
-    if not results or any("window_nll" not in r for r in results):
-        return None
-    tokens = np.asarray(results[0]["window_tokens"])
-    if weights.shape[1] != tokens.size or any(r["window_tokens"] != results[0]["window_tokens"] for r in results):
-        return None
-    scored = weights @ tokens  # [R]
-    nll = weights @ np.asarray([r["window_nll"] for r in results]).T / scored[:, None]
-    experts = weights @ np.asarray([r["window_experts"] for r in results]).T / scored[:, None]
-    return nll, experts
-
-
-def _interpolate_rows(x, xs, ys):
-    """Row-wise linear interpolation, NaN outside each row's [min xs, max xs]: x [R, C], xs/ys [R, n]."""
-    import numpy as np
-
-    out = np.full(x.shape, np.nan)
-    for row in range(x.shape[0]):
-        order = np.argsort(xs[row], kind="stable")
-        curve_x, curve_y = xs[row][order], ys[row][order]
-        inside = (x[row] >= curve_x[0]) & (x[row] <= curve_x[-1])
-        out[row] = np.where(inside, np.interp(x[row], curve_x, curve_y), np.nan)
-    return out
-
-
-def _percentile_interval(samples, level: float = FRONTIER_LEVEL) -> tuple[float, float]:
-    """Percentile interval of bootstrap samples [R - 1, C] -> ([C], [C]); NaN where more than (1 - level) / 2
-    of the resamples are NaN (a point that leaves the baseline's range in them: dropping those resamples
-    would narrow the interval)."""
-    import numpy as np
-
-    low, high = np.full(samples.shape[1], np.nan), np.full(samples.shape[1], np.nan)
-    enough = np.isfinite(samples).mean(axis=0) >= 1 - (1 - level) / 2
-    if enough.any():
-        tail = 100 * (1 - level) / 2
-        low[enough], high[enough] = np.nanpercentile(samples[:, enough], [tail, 100 - tail], axis=0)
-    return low, high
-
-
-def _versus_baselines(ok: list[dict], resamples: int, seed: int) -> dict:
-    """For every result and baseline: the delta to the baseline at equal average experts (percent of
-    perplexity), as point estimate [C] and bootstrap samples [R, C] (None without per-window sums)."""
-    import numpy as np
-
-    baselines = [name for name, method in ROUTING_METHODS.items() if method.is_baseline]
-    weights = (
-        None
-        if not ok or "window_tokens" not in ok[0]
-        else bootstrap_window_weights(len(ok[0]["window_tokens"]), resamples, seed)
-    )
-    resampled = None if weights is None else _resampled(ok, weights)
-    measured = np.log([r["perplexity"] for r in ok]), np.asarray([r["avg_experts"] for r in ok], dtype=float)
-    nll, experts = (measured[0][None], measured[1][None]) if resampled is None else resampled
-    nll[0], experts[0] = measured  # row 0 as measured (the resampled row 0 equals it up to rounding)
-    found = {}
-    for baseline in baselines:
-        members = [i for i, r in enumerate(ok) if r["method"] == baseline]
-        if len(members) < 2:
-            found[baseline] = np.full(nll.shape, np.nan)
-            continue
-        at_equal = _interpolate_rows(experts, experts[:, members], nll[:, members])
-        found[baseline] = 100.0 * np.expm1(nll - at_equal)  # [R, C]
-    return {"deltas": found, "nll": nll, "experts": experts}
-
-
-def frontier_table(quality: dict[str, dict], resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
-    """Quality at equal compute: for each configuration of a method that is not a baseline (one row with
-    its name, method, series and parameters), its perplexity and that of each baseline (top-k, top-p:
-    `RoutingMethod.is_baseline`) at the same average experts; NaN where its average lies outside the
-    baseline's measured range. A negative `delta_vs_<baseline>_percent` means the configuration is better
-    at equal compute; `..._low` / `..._high` bound its paired bootstrap 95% interval over evaluation
-    windows (every configuration and baseline point resampled with the same windows, the baseline curve
-    re-interpolated in each resample), when the results carry per-window sums (`window_sums`).
-
-    Between two measured baseline points the log-perplexity (mean NLL) is interpolated linearly in
-    average experts: that is the mean NLL of routing a matching fraction of tokens with each of the two,
-    whereas interpolating perplexity itself would flatter the method (perplexity is convex in the
-    experts kept).
-    """
-    import numpy as np
-    import pandas as pd
-
-    ok = [r for r in quality.values() if r["status"] == "ok"]
-    compared = _versus_baselines(ok, resamples, seed) if ok else {"deltas": {}}
-    rows = []
-    for column, result in enumerate(ok):
-        method = routing_method(result["method"])
-        if method.is_baseline or not method.changes_routing:
-            continue
-        row = {
-            "config": result["name"],
-            "method": method.name,
-            "series": method.series(result["params"]),
-            **result["params"],
-            "avg_experts": result["avg_experts"],
-            "perplexity": result["perplexity"],
-        }
-        for baseline, deltas in compared["deltas"].items():
-            delta = deltas[0, column]
-            row[f"{baseline}_perplexity_at_equal_experts"] = result["perplexity"] / (1 + delta / 100)
-            row[f"delta_vs_{baseline}_percent"] = delta
-            low, high = _percentile_interval(deltas[1:, [column]]) if len(deltas) > 1 else ([np.nan], [np.nan])
-            row[f"delta_vs_{baseline}_low"], row[f"delta_vs_{baseline}_high"] = float(low[0]), float(high[0])
-        rows.append(row)
-    baselines = [name for name, method in ROUTING_METHODS.items() if method.is_baseline]
-    compared_columns = [
-        f"{prefix}{name}{suffix}"
-        for name in baselines
-        for prefix, suffix in (
-            ("", "_perplexity_at_equal_experts"),
-            ("delta_vs_", "_percent"),
-            ("delta_vs_", "_low"),
-            ("delta_vs_", "_high"),
-        )
-    ]
-    columns = ["config", "method", "series", "avg_experts", "perplexity"] + compared_columns
-    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)  # the same columns with no rows
-
-
-def paired_perplexity_difference(result: dict, reference: dict, resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
-    """Perplexity of `result` against `reference`, both evaluated on the same windows (`window_sums`), in
-    percent, with its paired bootstrap 95% interval: {"percent", "low", "high"}."""
-    import numpy as np
-
-    weights = bootstrap_window_weights(len(result["window_tokens"]), resamples, seed)
-    resampled = _resampled([result, reference], weights)
-    if resampled is None:
-        raise ValueError("result and reference must carry per-window sums over the same windows (window_sums)")
-    delta = 100.0 * np.expm1(resampled[0][:, 0] - resampled[0][:, 1])  # [R]
-    low, high = _percentile_interval(delta[1:, None])
-    return {"percent": float(delta[0]), "low": float(low[0]), "high": float(high[0])}
-
-
-def layer_matched_table(quality: dict, matched: dict, frontier, resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
-    """Configurations at equal per-layer budget: for each name in `matched` (its `layerk` evaluation with the
-    configuration's own per-layer averages), the range of its per-layer averages, its difference to top-k
-    at equal average experts (from `frontier`) and to top-k at equal per-layer budget, each with its paired
-    bootstrap 95% interval."""
-    import pandas as pd
-
-    by_config = frontier.set_index("config") if len(frontier) else None
-    rows = []
-    for name, reference in matched.items():
-        result = quality.get(name, {})
-        if reference.get("status") != "ok" or result.get("status") != "ok":
-            continue
-        layers = result["per_layer_avg_experts"]
-        row = {"config": name, "series": routing_method(result["method"]).series(result["params"])}
-        row |= {"avg_experts": result["avg_experts"], "layer_min": min(layers), "layer_max": max(layers)}
-        for part in ("percent", "low", "high"):
-            at_equal = by_config is not None and name in by_config.index
-            row[f"delta_vs_topk_{part}"] = by_config.loc[name, f"delta_vs_topk_{part}"] if at_equal else math.nan
-        paired = paired_perplexity_difference(result, reference, resamples, seed)
-        rows.append(row | {f"delta_vs_layer_matched_{part}": value for part, value in paired.items()})
-    return pd.DataFrame(rows)
-
-
-BUDGETS = (1, 2, 3, 4, 6)  # experts per token at which the best method is named
-
-
-def best_at_budget(
-    quality: dict[str, dict],
-    budgets=BUDGETS,
-    tolerance: float = 0.01,
-    resamples: int = FRONTIER_RESAMPLES,
-    seed: int = 0,
-):
-    """For each compute budget b and each series (method and variant): its configuration with the lowest
-    perplexity among those averaging at most b * (1 + tolerance) experts, ranked (rank 1: the best method
-    at that budget); with its difference to top-k and to top-p at its own average experts, as in
-    `frontier_table`, each with its paired bootstrap 95% interval over windows.
-
-    The interval is that of the chosen configuration; choosing the best of many configurations on the same
-    windows favours it (winner's curse), which the interval does not account for.
-    """
-    import numpy as np
-    import pandas as pd
-
-    ok = [r for r in quality.values() if r["status"] == "ok" and routing_method(r["method"]).changes_routing]
-    if not ok:
-        return pd.DataFrame()
-    deltas = _versus_baselines(ok, resamples, seed)["deltas"]
-    rows = []
-    for budget in budgets:
-        best = {}
-        for i, result in enumerate(ok):
-            series = routing_method(result["method"]).series(result["params"])
-            within = result["avg_experts"] <= budget * (1 + tolerance)
-            if within and (series not in best or result["perplexity"] < ok[best[series]]["perplexity"]):
-                best[series] = i
-        for rank, (series, i) in enumerate(sorted(best.items(), key=lambda item: ok[item[1]]["perplexity"]), 1):
-            row = {"budget": budget, "rank": rank, "series": series, "config": ok[i]["name"]}
-            row |= {"avg_experts": ok[i]["avg_experts"], "perplexity": ok[i]["perplexity"]}
-            for baseline, delta in deltas.items():
-                low, high = _percentile_interval(delta[1:, [i]]) if len(delta) > 1 else ([np.nan], [np.nan])
-                row |= {
-                    f"delta_vs_{baseline}_percent": delta[0, i],
-                    f"delta_vs_{baseline}_low": low[0],
-                    f"delta_vs_{baseline}_high": high[0],
-                }
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-CALIBRATION_ALPHAS = (0.01, 0.05, 0.10, 0.20)
-
-
-def null_rejection_rates(
-    router_logits, alphas=CALIBRATION_ALPHAS, pvalue_methods=PVALUE_METHODS, calibration=None, seed=0
-):
-    """BH's observed false discovery rate under a global null with the token-specific signal removed.
-
-    Each layer's logits ([N, E], one tensor per layer) get each expert's column permuted across tokens
-    (`permute_experts`): no expert is relevant to any token, every rejection is false, and the FDR is the
-    share of tokens with at least one rejection (there equal to the family-wise error rate). BH keeps the
-    FDR <= alpha when the p-values of the irrelevant experts are uniform and independent (or PRDS); a rate
-    above alpha shows that those conditions fail for this model's logits. A rate at alpha does not show
-    that the FDR holds on real tokens, and for a fitted null it shows that the null carries over from the
-    calibration text (`calibration`, which must come from other text than these logits) to this one.
-
-    Returns a DataFrame: layer, pvalue_method, alpha, tokens, rejection_rate, standard_error (binomial),
-    ratio_to_alpha, mean_rejections.
-    """
-    import pandas as pd
-
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for layer, logits in enumerate(router_logits):
-        permuted = permute_experts(logits.float(), generator)
-        num_tokens, num_experts = permuted.shape
-        for method in pvalue_methods:
-            for alpha in alphas:
-                params = dict(alpha=alpha, min_k=0, max_k=num_experts, pvalue_method=method)
-                counts = route_logits("bh", permuted, layer, calibration, **params).expert_counts.double()
-                rate = (counts > 0).double().mean().item()
-                rows.append(
-                    {"layer": layer, "pvalue_method": method, "alpha": alpha, "tokens": num_tokens,
-                     "rejection_rate": rate, "standard_error": math.sqrt(rate * (1 - rate) / num_tokens),
-                     "ratio_to_alpha": rate / alpha, "mean_rejections": counts.mean().item()}
-                )  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def _bulk_moments(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(skewness, excess kurtosis) of each token's bulk, its logits without the E/4 largest: [N, E] -> [N] each."""
-    num_experts = logits.shape[-1]
-    bulk = torch.sort(logits.double(), dim=-1).values[..., : num_experts - _num_trimmed(num_experts)]
-    centered = bulk - bulk.mean(dim=-1, keepdim=True)
-    variance = centered.square().mean(dim=-1).clamp_min(1e-300)
-    skew = centered.pow(3).mean(dim=-1) / variance.pow(1.5)
-    return skew, centered.pow(4).mean(dim=-1) / variance.square() - 3.0
-
-
-def bulk_shape(router_logits, seed: int = 0):
-    """Per layer: the mean over tokens of the skewness and excess kurtosis of each token's bulk (its logits
-    without the E/4 largest, which robust_z's null estimate leaves out), next to the same for E i.i.d.
-    Gaussian logits, the bulk robust_z assumes (not 0: the trimming and E's small size bias both).
-    A DataFrame: layer, tokens, skew, excess_kurtosis, gaussian_skew, gaussian_excess_kurtosis."""
-    import pandas as pd
-
-    num_experts = router_logits[0].shape[-1]
-    generator = torch.Generator().manual_seed(seed)
-    gaussian = _bulk_moments(torch.randn(_NULL_SIMULATED_TOKENS // 4, num_experts, generator=generator))
-    rows = []
-    for layer, logits in enumerate(router_logits):
-        skew, kurtosis = _bulk_moments(logits)
-        row = {"layer": layer, "tokens": logits.shape[0], "skew": skew.mean().item()}
-        row |= {"excess_kurtosis": kurtosis.mean().item(), "gaussian_skew": gaussian[0].mean().item()}
-        rows.append(row | {"gaussian_excess_kurtosis": gaussian[1].mean().item()})
-    return pd.DataFrame(rows)
-
-
-def null_pvalue_quantiles(router_logits, pvalue_methods=PVALUE_METHODS, calibration=None, seed=0, num_levels=60):
-    """The p-values of permuted logits (as in `null_rejection_rates`, all experts) against the uniform they
-    should follow: per layer and p-value method, observed quantiles at log-spaced levels from 1/(N E) to 1.
-    A DataFrame: layer, pvalue_method, expected, observed (a QQ plot on log axes shows the tail BH uses)."""
-    import numpy as np
-    import pandas as pd
-
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for layer, logits in enumerate(router_logits):
-        permuted = permute_experts(logits.float(), generator)
-        levels = np.geomspace(1.0 / permuted.numel(), 1.0, num_levels)
-        for method in pvalue_methods:
-            null = calibration.null(method, layer) if method in CALIBRATED_PVALUE_METHODS and calibration else None
-            p_values = compute_p_values(permuted, method, null=null).flatten().double()
-            observed = torch.quantile(p_values[torch.randperm(p_values.numel(), generator=generator)[: 2**24]],
-                                      torch.from_numpy(levels))  # fmt: skip
-            rows += [{"layer": layer, "pvalue_method": method, "expected": e, "observed": o}
-                     for e, o in zip(levels, observed.tolist(), strict=True)]  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def count_correlation(counts_a: torch.Tensor, counts_b: torch.Tensor) -> float:
-    """Spearman correlation of two methods' experts per position (mean over layers) on the same positions:
-    [S, L] each -> float (whether they spend their experts on the same tokens)."""
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(counts_a.double().mean(-1).numpy(), counts_b.double().mean(-1).numpy()).statistic)
-
-
-def token_level_analysis(
-    expert_counts: torch.Tensor,
-    inputs: torch.Tensor,
-    baseline_nll: torch.Tensor,
-    tokenizer,
-    num_tokens: int = 15,
-    min_occurrences: int = 5,
-) -> dict:
-    """Which tokens draw the most and fewest experts, and whether the count follows difficulty.
-
-    expert_counts: [S, L] experts kept at each evaluated position and layer; inputs: [S] the token at
-    each position; baseline_nll: [S] the baseline model's surprisal of the token each position predicts.
-    Returns the Spearman correlation between a position's average experts (over layers) and that
-    surprisal, and the tokens (seen at least min_occurrences times) with the fewest and most experts.
-    """
-    import pandas as pd
-    from scipy.stats import spearmanr
-
-    experts = expert_counts.double().mean(-1)  # [S]
-    correlation = spearmanr(experts.numpy(), baseline_nll.numpy())
-    tokens = [tokenizer.decode([int(t)]) for t in inputs.tolist()]
-    per_token = pd.DataFrame({"token": tokens, "experts": experts.numpy()}).groupby("token")["experts"]
-    per_token = per_token.agg(["mean", "count"])
-    per_token = per_token[per_token["count"] >= min_occurrences].sort_values("mean")
-
-    def listed(frame):
-        return [(token, round(row["mean"], 3), int(row["count"])) for token, row in frame.iterrows()]
-
-    return {
-        "spearman_experts_vs_next_token_surprisal": float(correlation.statistic),
-        "spearman_p_value": float(correlation.pvalue),
-        "num_positions": int(experts.numel()),
-        "fewest_experts": listed(per_token.head(num_tokens)),
-        "most_experts": listed(per_token.tail(num_tokens)[::-1]),
-    }
-
-
 # ----------------------------------------------------------------------------------------------------
-# 7. Models: the hub model, a local directory, or the embedded default
+# 9. MoE families: finding a model's MoE layers and how each family's router routes
 # ----------------------------------------------------------------------------------------------------
 
-
-_TINY_MOE = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=512,
-    pad_token_id=1,
-    eos_token_id=0,
-    bos_token_id=None,
-)
-_DEEPSEEK_ATTENTION = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
-_GROUPED = dict(n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, first_k_dense_replace=0,
-                n_group=4, topk_group=2, n_shared_experts=1)  # fmt: skip
-_JAMBA = dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=1, attn_layer_offset=0, mamba_d_state=4,
-              mamba_dt_rank=4, use_mamba_kernels=False)  # fmt: skip
-# Small instances of each family (2 layers, hidden 64): its routing geometry at a size a CPU builds in seconds.
-TINY_MOE_CONFIGS = {
-    "olmoe": dict(num_experts=64, num_experts_per_tok=8, norm_topk_prob=False),
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(
-        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, shared_expert_intermediate_size=64
-    ),
-    "qwen3_moe": dict(
-        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, norm_topk_prob=True, head_dim=16
-    ),
-    "deepseek_v2": _GROUPED
-    | _DEEPSEEK_ATTENTION
-    | dict(n_shared_experts=2, topk_method="group_limited_greedy", routed_scaling_factor=1.5),
-    "deepseek_v3": _GROUPED | _DEEPSEEK_ATTENTION | dict(routed_scaling_factor=2.5),
-    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
-    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, layer_types=["full_attention"] * 2),
-    "jamba": dict(num_experts=8, num_experts_per_tok=2, **_JAMBA),
-    "glm4_moe": _GROUPED | dict(head_dim=16),
-    "dots1": _GROUPED | dict(head_dim=16),
-}
-
-
-def _moe_config(model_type: str, config, overrides: dict):
-    """A transformers config of `model_type` from None (`TINY_MOE_CONFIGS`), a dict, a config.json path or
-    a config object, with `overrides` applied."""
-    from transformers import AutoConfig
-
-    if config is None:
-        if model_type not in TINY_MOE_CONFIGS:
-            raise ValueError(
-                f"model_type must be one of {sorted(TINY_MOE_CONFIGS)} without a config, got {model_type!r}"
-            )
-        config = _TINY_MOE | TINY_MOE_CONFIGS[model_type]
-    elif isinstance(config, (str, Path)):
-        config = json.loads(Path(config).read_text())
-    if isinstance(config, dict):
-        fields = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype", "model_type")}
-        return AutoConfig.for_model(config.get("model_type", model_type), **{**fields, **overrides})
-    for name, value in overrides.items():
-        setattr(config, name, value)
-    return config
-
-
-def build_random_moe(model_type: str = "olmoe", config=None, seed: int = 0, device: str = "cpu", dtype=torch.float32,
-                     **config_overrides):  # fmt: skip
-    """A randomly initialised causal LM (eval mode) of any transformers MoE family.
-
-    Args:
-        model_type: the family ("olmoe", "mixtral", "qwen2_moe", "deepseek_v3", ...; `TINY_MOE_CONFIGS`).
-        config: None (the family's small instance in `TINY_MOE_CONFIGS`: 2 layers, hidden 64), a dict, a
-            config object, or the path of a config.json (its model_type wins; e.g.
-            benchmarks/qwen3-30b-a3b.config.json with num_hidden_layers=4 for the real shape, fewer layers).
-        seed: torch seed for the initialisation.
-        device, dtype: where and in which dtype the weights are created (a hub-sized shape: on a GPU in bf16).
-        config_overrides: fields to override (e.g. num_hidden_layers=1).
-    """
-    from transformers import AutoModelForCausalLM
-
-    config = _moe_config(model_type, config, config_overrides)
-    torch.manual_seed(seed)
-    previous_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.set_default_dtype(previous_dtype)
-    return model.eval()
-
-
-def build_random_olmoe(config=None, seed: int = 0, device: str = "cpu", dtype=torch.float32, **config_overrides):
-    """A randomly initialised `OlmoeForCausalLM` (`build_random_moe("olmoe", ...)`): None gives a small
-    model (2 layers, hidden 64, 64 experts, top-8); a config.json path such as
-    benchmarks/olmoe-1b-7b-0924.config.json gives the real shape."""
-    return build_random_moe("olmoe", config, seed, device, dtype, **config_overrides)
-
-
-class MoEShape(NamedTuple):
-    """A model's routing geometry from its config: experts per layer, native top-k, and the experts a token
-    may choose from (fewer than E for group-limited routers)."""
-
-    num_experts: int
-    top_k: int
-    selectable: int
-
-
-def moe_shape(config) -> MoEShape:
-    """`MoEShape` of a transformers MoE config, whichever names its family gives the fields."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    names = ("num_experts", "num_local_experts", "n_routed_experts")
-    num_experts = next((getattr(config, n) for n in names if getattr(config, n, None)), None)
-    top_k = getattr(config, "num_experts_per_tok", None)
-    if not num_experts or not top_k:
-        raise TypeError(f"{type(config).__name__} describes no mixture-of-experts model (no experts and top-k fields)")
-    groups, allowed = getattr(config, "n_group", None), getattr(config, "topk_group", None)
-    limited = groups and allowed and allowed < groups and getattr(config, "topk_method", None) != "greedy"
-    return MoEShape(num_experts, top_k, num_experts // groups * allowed if limited else num_experts)
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def native_dtype(device) -> torch.dtype:
-    """The dtype a device computes in natively: bfloat16 on GPUs of compute capability 8.0 or later (A100,
-    L4, H100), float16 on older GPUs (T4, V100: no bfloat16 units; a model trained in bfloat16 may overflow
-    in float16, in which case ask for float32), float32 on a CPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return torch.float32
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float16
-
-
-def _resolve_dtype(dtype, device: str):
-    if dtype in (None, "auto"):
-        return native_dtype(device)
-    if isinstance(dtype, str):
-        allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype not in allowed:
-            raise ValueError(f"dtype must be one of {sorted(allowed)} or 'auto', got {dtype!r}")
-        return allowed[dtype]
-    return dtype
-
-
-def model_source(model_name_or_path: str | Path) -> str:
-    """Where `model_name_or_path` loads from: "embedded", "local" (an existing directory) or "hub" (an id
-    such as "allenai/OLMoE-1B-7B-0924"). A name that can only be a path (absolute, relative with ./ or ../,
-    ~, or more than one "/") and does not exist raises FileNotFoundError, rather than a hub error."""
-    name = str(model_name_or_path)
-    if name == "embedded":
-        return "embedded"
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return "local"
-    if path.exists():
-        raise NotADirectoryError(f"model_name_or_path {name!r} is a file; give the model's directory")
-    if name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1 or not name:
-        raise FileNotFoundError(
-            f"model_name_or_path {name!r} is not an existing local directory (and cannot be a hub id, which has "
-            "the form 'organisation/name'); check the path, or use 'embedded' or a hub id such as "
-            f"{HUB_MODEL_ID!r}"
-        )
-    return "hub"
-
-
-def _from_pretrained(model_name_or_path, read: Callable[[str], object]):
-    """read(location) for the embedded model, a local directory or a hub id, with errors that say which."""
-    source = model_source(model_name_or_path)
-    location = str(EMBEDDED_MODEL_DIR if source == "embedded" else model_name_or_path)
-    if source == "embedded" and not (EMBEDDED_MODEL_DIR / "config.json").exists():
-        raise FileNotFoundError(
-            f"The embedded model is missing from {EMBEDDED_MODEL_DIR}; this checkout is incomplete "
-            "(it is committed in the repository; scripts/train_tiny_olmoe.py rebuilds it)."
-        )
-    try:
-        return read(location)
-    except OSError as error:
-        if source != "hub":
-            raise
-        raise RuntimeError(
-            f"Could not load {location!r} from the Hugging Face hub (no network, or not cached?). "
-            f"Original error: {error}. Offline, use the embedded model instead: "
-            f"load_model('embedded') (files in {EMBEDDED_MODEL_DIR})."
-        ) from error
-
-
-def load_config(model_name_or_path: str | Path = "embedded"):
-    """The model's transformers config alone, without its weights (e.g. its experts and native top-k before
-    anything is loaded). Same sources and errors as `load_model`."""
-    from transformers import AutoConfig
-
-    return _from_pretrained(model_name_or_path, AutoConfig.from_pretrained)
-
-
-def load_model(
-    model_name_or_path: str | Path = "embedded",
-    device: str | None = None,
-    dtype="auto",
-    device_map: str | dict | None = None,
-):
-    """Load an OLMoE causal LM and its tokenizer with plain transformers (no trust_remote_code).
-
-    Args:
-        model_name_or_path: "embedded" (the model this repository ships, models/tiny-olmoe), a local
-            directory, or a hub id such as "allenai/OLMoE-1B-7B-0924".
-        device: "cuda", "cuda:1", "cpu", ... (default: cuda if available). Ignored when device_map is given.
-            On a GPU the weights are loaded straight onto it, never as a full copy in host memory.
-        dtype: "auto" (`native_dtype` of the device: bfloat16 on sm80+, float16 on older GPUs, float32 on a
-            CPU), "float32", "bfloat16", "float16" or a torch dtype.
-        device_map: passed to from_pretrained (e.g. "auto" to spread a model over several GPUs).
-    Returns:
-        (model in eval mode, tokenizer)
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or _default_device()
-    torch_dtype = _resolve_dtype(dtype, device if device_map is None else "cuda")
-    if device_map is None and torch.device(device).type == "cuda":
-        device_map = str(device)  # from_pretrained then places each weight on the GPU as it reads it
-
-    def read(location: str):
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        return AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, device_map=device_map), tokenizer
-
-    model, tokenizer = _from_pretrained(model_name_or_path, read)
-    if device_map is None:
-        model = model.to(device)
-    return model.eval(), tokenizer
-
-
-GIB = 2**30
-
-
-def weights_gib(model) -> float:
-    """The model's parameters in GiB, in the dtypes they are stored in."""
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
-
-
-def memory_plan(model, eval_batch_size: int, eval_window: int, generate_tokens: int) -> dict:
-    """Estimated device memory in GiB: the weights, the key/value cache of one generation of
-    `generate_tokens` tokens, and the peak of a quality-evaluation forward pass (activations of the widest
-    layer, the logits in the model's dtype and one float32 chunk of `evaluate_language_model`'s loss).
-    Estimates from the config (within a few tens of percent), printed before a run so that a batch size
-    that cannot fit is seen before it fails; `evaluate_language_model` still backs off on out-of-memory."""
-    config = model.config
-    element = next(model.parameters()).element_size()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    per_token_kv = 2 * config.num_hidden_layers * kv_heads * head_dim * element
-    tokens = eval_batch_size * eval_window
-    expert_width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    widest = max(config.hidden_size * 4, 2 * expert_width * moe_shape(config).top_k)
-    activations = tokens * widest * element * 2  # a layer's input, output and widest intermediate
-    logits = tokens * config.vocab_size * element + min(LOSS_CHUNK_ELEMENTS, tokens * config.vocab_size) * 4 * 3
-    weights = weights_gib(model)
-    return {
-        "weights_gib": weights,
-        "kv_cache_gib": per_token_kv * generate_tokens / GIB,
-        "evaluation_peak_gib": weights + (activations + logits) / GIB,
-    }
-
-
-def environment_info(model=None, device=None) -> dict:
-    """Versions, hardware and date, for the report and the JSON."""
-    import datetime
-    import platform
-
-    import transformers
-
-    device = str(device or (next(model.parameters()).device if model is not None else "cpu"))
-    info = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-        "hardware": torch.cuda.get_device_name(torch.device(device))
-        if device.startswith("cuda")
-        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-    }
-    if model is not None:
-        info["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        info["model_parameters"] = sum(p.numel() for p in model.parameters())
-    return info
-
-
-def run_settings(model, model_name_or_path, device: str) -> dict:
-    """What every measurement of `model` depends on besides its own settings and this module (the key that
-    `ResultStore` resumes by): the model's name or path, its dtype, the device as the caller placed it
-    (e.g. "cpu", "cuda", "auto (spread over GPUs)") and the hardware."""
-    info = environment_info(model)
-    return {
-        "model": str(model_name_or_path),
-        "dtype": info["model_dtype"],
-        "device": device,
-        "hardware": info["hardware"],
-    }
-
-
-# ----------------------------------------------------------------------------------------------------
-# 8. Variable-k expert execution: compute only the kept (token, expert) pairs
-# ----------------------------------------------------------------------------------------------------
-#
-# transformers' experts paths take a fixed slot width K: "eager" loops over experts in Python with a
-# host sync per layer, and "grouped_mm" runs its gather, activation and combine passes over all T x K
-# slots (and, when sentinel slots may occur, extra masking passes), so fewer experts per token save
-# little time. Here the kept pairs are sorted by expert (sentinels last), one grouped GEMM per projection
-# runs over the kept rows only (grouped_mm skips rows past the last group's offset), and the three
-# element-wise passes (gather, SiLU-and-multiply, weighted combine) read the number of kept pairs from
-# the device and touch only those rows: Triton kernels on CUDA, plain torch elsewhere (the reference).
-# No pass reads a count back to the host, so the path has no per-layer sync and can be CUDA-graphed.
-
-VARIABLE_K_EXPERTS = "variable_k"  # the name registered in transformers' ExpertsInterface
-EXPERTS_PATHS = (VARIABLE_K_EXPERTS, "model")  # MoERouterPatcher(experts_path=...)
-# Up to this many (token, slot) pairs (decoding a few sequences) the fused path computes each kept pair with
-# matrix-vector kernels on its expert's weights: there a sort and grouped GEMMs cost more launches and fixed
-# time than the few experts' bytes (benchmarks/gpu_notes.md, run 37).
-DECODE_PAIRS = 16
-
-try:  # Triton ships with CUDA builds of torch; CPU-only installs use the torch reference below.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-
-
-def sort_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order the T*K (token, slot) pairs by expert, sentinel slots (index E) last.
-
-    Args:
-        top_k_index: [T, K] expert ids, E in unused slots.
-    Returns:
-        pair_order [T*K] int64: flat pair ids (token * K + slot), sorted by expert id.
-        offsets [E] int32: offsets[e] is one past the last row of expert e's group; offsets[E-1] is the
-            number of kept pairs. Computed on the device (searchsorted), never read back.
-    """
-    # The narrowest key that holds the sentinel: a radix sort makes one pass per key byte.
-    key_dtype = torch.uint8 if num_experts < 2**8 else torch.int16 if num_experts < 2**15 else torch.int32
-    sorted_expert_ids, pair_order = torch.sort(top_k_index.reshape(-1).to(key_dtype))
-    expert_ids = torch.arange(num_experts, device=top_k_index.device, dtype=key_dtype)
-    offsets = torch.searchsorted(sorted_expert_ids, expert_ids, right=True, out_int32=True)
-    return pair_order, offsets
-
-
-@functools.cache  # called per layer: no version parsing on the hot path
-def grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch has a grouped GEMM kernel here: on CPU from torch 2.9 (any float dtype); on CUDA in
-    bf16, on sm80+ from torch 2.9 and on Hopper (sm90) before (not on a T4, sm75)."""
-    from packaging.version import Version
-
-    if not hasattr(F, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
-        return False
-    recent = Version(torch.__version__.split("+")[0]) >= Version("2.9")
-    if device.type == "cpu":
-        return recent
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        capability = torch.cuda.get_device_capability(device)
-        return capability >= (8, 0) if recent else capability[0] == 9
-    return False
-
-
-def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor, grouped=None) -> torch.Tensor:
-    """rows [S, in] sorted by group, weights [E, out, in] (nn.Linear layout), offsets [E] -> [S, out].
-
-    Rows at and past offsets[-1] are not computed (their values are undefined). torch's grouped GEMM where
-    it has one (grouped: True, or None to ask `grouped_mm_usable`); otherwise one matmul per expert, which
-    reads the offsets back to the host once, or, inside a compiled graph, one batched product with each
-    row's expert's weights gathered (no host read; memory S x out x in, for the small inputs compiled
-    decoding sees)."""
-    if grouped_mm_usable(rows.device, rows.dtype) if grouped is None else grouped:
-        grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
-        return grouped_mm(rows, weights.transpose(-2, -1), offs=offsets)
-    if torch.compiler.is_compiling():
-        row_ids = torch.arange(rows.shape[0], device=rows.device, dtype=offsets.dtype)
-        expert_of_row = torch.searchsorted(offsets, row_ids, right=True).clamp_max(weights.shape[0] - 1)  # [S]
-        return torch.bmm(weights[expert_of_row], rows.unsqueeze(-1)).squeeze(-1)
-    output = torch.zeros(rows.shape[0], weights.shape[1], device=rows.device, dtype=rows.dtype)
-    start = 0
-    for expert, end in enumerate(offsets.tolist()):  # fallback only: one sync, loop over experts
-        if end > start:
-            output[start:end] = rows[start:end] @ weights[expert].T
-        start = end
-    return output
-
-
-def variable_k_unsupported(experts: torch.nn.Module) -> str | None:
-    """Why the variable-k path cannot run this experts module (None: it can). It serves every layout of the
-    experts interface (gate/up concatenated or interleaved through the module's own `_apply_gate`, weights
-    transposed or not, biases, no gate) except a norm after each expert."""
-    if getattr(experts, "has_post_expert_norm", False):
-        return f"{type(experts).__name__} (a norm after each expert)"
-    if not _is_contract_experts(experts):
-        return f"{type(experts).__name__} (not an experts module of transformers' experts interface)"
-    return None
-
-
-@functools.cache
-def _eager_skips_sentinels(experts_class: type) -> bool:
-    forward = getattr(experts_class.forward, "__wrapped__", experts_class.forward)
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):
-        return False
-    return "num_experts + 1" in source  # its one-hot has a class for the sentinel, whose loop skips it
-
-
-def eager_skips_sentinels(experts: torch.nn.Module) -> bool:
-    """Whether the family's own (eager) experts forward skips the sentinel index E (OLMoE's, Mixtral's,
-    DeepSeek's do; gpt-oss's one-hot has no class for it)."""
-    return _eager_skips_sentinels(type(experts))
-
-
-def _expert_linear(experts, name: str, rows, offsets, sorted_experts, grouped) -> torch.Tensor:
-    """rows [S, in] sorted by expert through the experts' projection `name` (its layout and bias)."""
-    weights = getattr(experts, name)
-    weights = weights.transpose(-2, -1) if experts.is_transposed else weights  # [E, out, in], a view
-    output = grouped_matmul(rows, weights, offsets, grouped)
-    return output + getattr(experts, f"{name}_bias")[sorted_experts] if experts.has_bias else output
-
-
-def variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts, grouped=None):
-    """The reference (and CPU) variable-k experts forward, for any layout `variable_k_unsupported` accepts.
-    Shapes as in `variable_k_experts_forward`; grouped as in `grouped_matmul`."""
-    num_tokens, slots = top_k_index.shape
-    num_experts = experts.num_experts
-    pair_order, offsets = sort_pairs_by_expert(top_k_index, num_experts)
-    sorted_experts = top_k_index.reshape(-1)[pair_order].clamp_max(num_experts - 1)  # [S]: for the biases
-    sorted_hidden = hidden_states[pair_order // slots]  # [S, H]
-    first = "gate_up_proj" if experts.has_gate else "up_proj"
-    projected = _expert_linear(experts, first, sorted_hidden, offsets, sorted_experts, grouped)
-    activated = experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)  # [S, I]
-    expert_outputs = _expert_linear(experts, "down_proj", activated, offsets, sorted_experts, grouped)  # tail undefined
-    sorted_rows = torch.arange(pair_order.numel(), device=pair_order.device)  # [S]
-    # Rows past the kept pairs are undefined (may hold NaN): zero them before any weighted sum.
-    expert_outputs = torch.where((sorted_rows < offsets[-1])[:, None], expert_outputs, 0.0)
-    pair_rows = torch.empty_like(pair_order)
-    pair_rows[pair_order] = sorted_rows  # pair -> sorted row
-    slot_weights = top_k_weights.float().masked_fill(top_k_index >= num_experts, 0.0)  # [T, K]
-    per_slot = expert_outputs[pair_rows].view(num_tokens, slots, -1).float()  # [T, K, H]
-    return (per_slot * slot_weights[..., None]).sum(dim=1).to(hidden_states.dtype)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _gather_kept_pairs_kernel(
-        hidden_ptr,
-        pair_order_ptr,
-        offsets_ptr,
-        sorted_hidden_ptr,
-        pair_rows_ptr,
-        hidden_size,
-        num_experts,
-        SLOTS: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """For each sorted row r < kept: sorted_hidden[r] = hidden[pair_order[r] // K], and records
-        pair_rows[pair_order[r]] = r for the combine. The programs stride over the kept rows only, so rows
-        past the kept count cost nothing."""
-        num_kept = tl.load(offsets_ptr + num_experts - 1)
-        for row in range(tl.program_id(0), num_kept, tl.num_programs(0)):
-            row = tl.cast(row, tl.int64)  # 64-bit offsets: rows x hidden may pass 2**31
-            pair = tl.load(pair_order_ptr + row)
-            tl.store(pair_rows_ptr + pair, row)
-            source = hidden_ptr + (pair // SLOTS) * hidden_size
-            target = sorted_hidden_ptr + row * hidden_size
-            columns = tl.arange(0, BLOCK)
-            for start in range(0, hidden_size, BLOCK):
-                mask = start + columns < hidden_size
-                tl.store(target + start + columns, tl.load(source + start + columns, mask=mask), mask=mask)
-
-    @triton.jit
-    def _silu_and_mul_kept_kernel(
-        gate_up_ptr, output_ptr, offsets_ptr, intermediate_size, num_experts, BLOCK: tl.constexpr
-    ):
-        """output[r] = silu(gate_up[r, :I]) * gate_up[r, I:] for kept rows r, in float32 then rounded once."""
-        num_kept = tl.load(offsets_ptr + num_experts - 1)
-        for row in range(tl.program_id(0), num_kept, tl.num_programs(0)):  # kept rows only, as above
-            row = tl.cast(row, tl.int64)
-            source = gate_up_ptr + row * 2 * intermediate_size
-            target = output_ptr + row * intermediate_size
-            columns = tl.arange(0, BLOCK)
-            for start in range(0, intermediate_size, BLOCK):
-                mask = start + columns < intermediate_size
-                gate = tl.load(source + start + columns, mask=mask).to(tl.float32)
-                up = tl.load(source + intermediate_size + start + columns, mask=mask).to(tl.float32)
-                activated = gate * tl.sigmoid(gate) * up
-                tl.store(target + start + columns, activated.to(output_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _combine_kept_pairs_kernel(
-        expert_outputs_ptr,
-        pair_rows_ptr,
-        top_k_index_ptr,
-        top_k_weights_ptr,
-        output_ptr,
-        hidden_size,
-        num_experts,
-        SLOTS: tl.constexpr,
-        BLOCK: tl.constexpr,
-        ROWS_ARE_PAIRS: tl.constexpr = False,
-    ):
-        """output[t, block] = sum over kept slots k of weight[t, k] * expert_outputs[pair_rows[t*K + k], block],
-        accumulated in float32; sentinel slots load nothing. ROWS_ARE_PAIRS: expert_outputs has one row per
-        pair (row t*K + k; pair_rows is not read)."""
-        token = tl.program_id(0).to(tl.int64)
-        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = columns < hidden_size
-        accumulator = tl.zeros([BLOCK], dtype=tl.float32)
-        for slot in tl.static_range(SLOTS):
-            pair = token * SLOTS + slot
-            kept = tl.load(top_k_index_ptr + pair) < num_experts
-            weight = tl.load(top_k_weights_ptr + pair).to(tl.float32)
-            if ROWS_ARE_PAIRS:
-                row = pair
-            else:
-                row = tl.load(pair_rows_ptr + pair, mask=kept, other=0)
-            kept_columns = columns < tl.where(kept, hidden_size, 0)  # all False in a sentinel slot
-            values = tl.load(expert_outputs_ptr + row * hidden_size + columns, mask=kept_columns, other=0.0)
-            accumulator += tl.where(kept, weight, 0.0) * values.to(tl.float32)
-        tl.store(output_ptr + token * hidden_size + columns, accumulator.to(output_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _pair_gate_up_kernel(
-        hidden_ptr,
-        top_k_index_ptr,
-        gate_up_ptr,
-        activated_ptr,
-        hidden_size,
-        intermediate_size,
-        num_experts,
-        SLOTS: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        """activated[p, rows] = silu(gate) * up for a block of the I rows of pair p = t*K + k, where gate and up
-        are expert e's gate and up rows times hidden[t] (matrix-vector products, float32 sums rounded to the
-        weights' dtype as the grouped GEMM's output is); a sentinel pair writes nothing."""
-        pair = tl.program_id(0).to(tl.int64)
-        expert = tl.load(top_k_index_ptr + pair).to(tl.int64)
-        if expert < num_experts:
-            dtype = gate_up_ptr.dtype.element_ty
-            rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-            columns = tl.arange(0, BLOCK_K)
-            source = hidden_ptr + (pair // SLOTS) * hidden_size
-            gate_rows = gate_up_ptr + expert * 2 * intermediate_size * hidden_size + rows[:, None] * hidden_size
-            up_rows = gate_rows + intermediate_size * hidden_size
-            gate = tl.zeros([BLOCK_N], dtype=tl.float32)
-            up = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for start in range(0, hidden_size, BLOCK_K):
-                column_mask = start + columns < hidden_size
-                mask = (rows[:, None] < intermediate_size) & column_mask[None, :]
-                vector = tl.load(source + start + columns, mask=column_mask, other=0.0).to(dtype).to(tl.float32)
-                weights = tl.load(gate_rows + start + columns[None, :], mask=mask, other=0.0)
-                gate += tl.sum(weights.to(tl.float32) * vector[None, :], axis=1)
-                weights = tl.load(up_rows + start + columns[None, :], mask=mask, other=0.0)
-                up += tl.sum(weights.to(tl.float32) * vector[None, :], axis=1)
-            gate = gate.to(dtype).to(tl.float32)
-            activated = gate * tl.sigmoid(gate) * up.to(dtype).to(tl.float32)
-            target = activated_ptr + pair * intermediate_size + rows
-            tl.store(target, activated.to(activated_ptr.dtype.element_ty), mask=rows < intermediate_size)
-
-    @triton.jit
-    def _pair_down_kernel(
-        activated_ptr,
-        top_k_index_ptr,
-        down_ptr,
-        expert_outputs_ptr,
-        hidden_size,
-        intermediate_size,
-        num_experts,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        """expert_outputs[p, rows] = expert e's down rows times activated[p] for a block of the H rows of pair p
-        (a matrix-vector product, float32 sums rounded to the weights' dtype); a sentinel pair writes nothing."""
-        pair = tl.program_id(0).to(tl.int64)
-        expert = tl.load(top_k_index_ptr + pair).to(tl.int64)
-        if expert < num_experts:
-            rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-            columns = tl.arange(0, BLOCK_K)
-            source = activated_ptr + pair * intermediate_size
-            weight_rows = down_ptr + expert * hidden_size * intermediate_size + rows[:, None] * intermediate_size
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for start in range(0, intermediate_size, BLOCK_K):
-                column_mask = start + columns < intermediate_size
-                mask = (rows[:, None] < hidden_size) & column_mask[None, :]
-                vector = tl.load(source + start + columns, mask=column_mask, other=0.0).to(tl.float32)
-                weights = tl.load(weight_rows + start + columns[None, :], mask=mask, other=0.0)
-                total += tl.sum(weights.to(tl.float32) * vector[None, :], axis=1)
-            target = expert_outputs_ptr + pair * hidden_size + rows
-            tl.store(target, total.to(expert_outputs_ptr.dtype.element_ty), mask=rows < hidden_size)
-
-
-@functools.cache
-def _num_row_programs(device: torch.device) -> int:
-    """Programs for the row kernels: a few per streaming multiprocessor, each striding over the kept rows."""
-    if device.type != "cuda":
-        return 64
-    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, row_programs=None):
-    """The fused variable-k experts forward (SiLU-gated experts): sort, Triton gather, two grouped GEMMs
-    with a Triton SiLU-and-multiply between them, Triton weighted combine; for at most `DECODE_PAIRS`
-    (token, slot) pairs, `variable_k_experts_decode` instead. Shapes as in `variable_k_experts_forward`;
-    row_programs: programs of the row kernels (None: a few per SM). Runs wherever Triton runs (CUDA; CPU
-    under TRITON_INTERPRET=1)."""
-    num_tokens, slots = top_k_index.shape
-    num_experts, double_intermediate, hidden_size = gate_up_proj.shape
-    num_pairs = num_tokens * slots
-    hidden_states, top_k_index, top_k_weights = (t.contiguous() for t in (hidden_states, top_k_index, top_k_weights))
-    if num_pairs == 0:
-        return torch.empty_like(hidden_states)
-    if num_pairs <= DECODE_PAIRS:
-        return variable_k_experts_decode(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
-    pair_order, offsets = sort_pairs_by_expert(top_k_index, num_experts)
-    sorted_hidden = torch.empty(num_pairs, hidden_size, device=hidden_states.device, dtype=gate_up_proj.dtype)
-    pair_rows = torch.empty_like(pair_order)
-    row_programs = _num_row_programs(hidden_states.device) if row_programs is None else row_programs
-    row_programs = (min(num_pairs, row_programs),)
-    _gather_kept_pairs_kernel[row_programs](
-        hidden_states, pair_order, offsets, sorted_hidden, pair_rows, hidden_size, num_experts, SLOTS=slots, BLOCK=1024
-    )
-    gate_up = grouped_matmul(sorted_hidden, gate_up_proj, offsets, grouped=True)  # [S, 2I]
-    activated = torch.empty(num_pairs, double_intermediate // 2, device=gate_up.device, dtype=gate_up.dtype)
-    _silu_and_mul_kept_kernel[row_programs](
-        gate_up, activated, offsets, double_intermediate // 2, num_experts, BLOCK=1024
-    )
-    expert_outputs = grouped_matmul(activated, down_proj, offsets, grouped=True)  # [S, H]
-    return _combine_kept_pairs(expert_outputs, pair_rows, top_k_index, top_k_weights, hidden_states, num_experts)
-
-
-def variable_k_experts_decode(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
-    """The fused variable-k experts forward for a few (token, slot) pairs, as in decoding: each kept pair's
-    gate/up and down projections as matrix-vector products that read its expert's weights directly, then
-    the weighted combine. Three kernels, no sort, no grouped GEMM; every pair reads its expert's weights
-    (pairs that share an expert read them twice, which is why larger inputs take the grouped path).
-    Contiguous inputs, shapes as in `variable_k_experts_forward`."""
-    num_tokens, slots = top_k_index.shape
-    num_experts, double_intermediate, hidden_size = gate_up_proj.shape
-    intermediate_size, num_pairs = double_intermediate // 2, num_tokens * slots
-    activated = torch.empty(num_pairs, intermediate_size, device=hidden_states.device, dtype=gate_up_proj.dtype)
-    expert_outputs = torch.empty(num_pairs, hidden_size, device=hidden_states.device, dtype=down_proj.dtype)
-    sizes, rows = (hidden_size, intermediate_size, num_experts), 8  # output rows per program: I/8 programs a pair
-    gate_up_block = min(512, triton.next_power_of_2(hidden_size))
-    _pair_gate_up_kernel[(num_pairs, triton.cdiv(intermediate_size, rows))](
-        hidden_states, top_k_index, gate_up_proj, activated, *sizes, SLOTS=slots, BLOCK_N=rows, BLOCK_K=gate_up_block
-    )
-    down_block = min(512, triton.next_power_of_2(intermediate_size))
-    _pair_down_kernel[(num_pairs, triton.cdiv(hidden_size, 2 * rows))](
-        activated, top_k_index, down_proj, expert_outputs, *sizes, BLOCK_N=2 * rows, BLOCK_K=down_block
-    )
-    return _combine_kept_pairs(expert_outputs, None, top_k_index, top_k_weights, hidden_states, num_experts)
-
-
-def _combine_kept_pairs(expert_outputs, pair_rows, top_k_index, top_k_weights, hidden_states, num_experts: int):
-    """[T, H] weighted sum of each token's kept pairs' expert outputs (rows given by pair_rows [T*K], or one
-    row per pair when pair_rows is None); slots holding the sentinel num_experts are skipped."""
-    (num_tokens, slots), hidden_size = top_k_index.shape, hidden_states.shape[-1]
-    output = torch.empty_like(hidden_states)
-    block = min(1024, triton.next_power_of_2(hidden_size))
-    rows_are_pairs = pair_rows is None
-    _combine_kept_pairs_kernel[(num_tokens, triton.cdiv(hidden_size, block))](
-        expert_outputs,
-        top_k_index if rows_are_pairs else pair_rows,  # not read when the rows are the pairs
-        top_k_index,
-        top_k_weights,
-        output,
-        hidden_size,
-        num_experts,
-        SLOTS=slots,
-        BLOCK=block,
-        ROWS_ARE_PAIRS=rows_are_pairs,
-    )
-    return output
-
-
-def _olmoe_layout(experts: torch.nn.Module) -> bool:
-    """Concatenated [E, 2I, H] gate/up with the default gate, [E, H, I] down, no bias, no post norm."""
-    layout = tuple(
-        getattr(experts, name, None) for name in ("has_gate", "has_bias", "is_transposed", "is_concatenated")
-    )
-    default_gate = getattr(type(experts), "_apply_gate", None)
-    return (
-        layout == (True, False, False, True)
-        and not getattr(experts, "has_post_expert_norm", False)
-        and getattr(default_gate, "__name__", "") == "_default_apply_gate"
-    )
-
-
-def _triton_path_supported(experts: torch.nn.Module, device: torch.device) -> bool:
-    """The fused path: CUDA with Triton, the OLMoE layout in bf16, SiLU gating and a grouped GEMM kernel."""
-    return (
-        triton is not None
-        and device.type == "cuda"
-        and _olmoe_layout(experts)
-        and getattr(experts.config, "hidden_act", None) == "silu"
-        and grouped_mm_usable(device, experts.gate_up_proj.dtype)
-    )
-
-
-class VariableKPlan(NamedTuple):
-    """How `variable_k_experts_forward` runs one experts module on one device and dtype: decided once,
-    eagerly (`variable_k_plan`), so that a compiled forward reads it and traces no capability check."""
-
-    device: torch.device
-    dtype: torch.dtype
-    fused: bool  # the Triton path (`_triton_path_supported`)
-    grouped: bool  # torch's grouped GEMM (`grouped_mm_usable`), else one matmul per expert
-    row_programs: int  # programs of the Triton row kernels
-
-
-def variable_k_plan(experts: torch.nn.Module) -> VariableKPlan:
-    """The plan of `experts` on its weights' device and dtype, made now and kept on the module
-    (`experts._variable_k_plan`). NotImplementedError if the variable-k path cannot serve the module."""
-    unsupported = variable_k_unsupported(experts)
-    if unsupported is not None:
-        raise NotImplementedError(f"experts_implementation={VARIABLE_K_EXPERTS!r} cannot serve {unsupported}")
-    weight = experts.down_proj
-    fused = _triton_path_supported(experts, weight.device)
-    row_programs = _num_row_programs(weight.device) if fused else 0
-    grouped = grouped_mm_usable(weight.device, weight.dtype)
-    plan = VariableKPlan(weight.device, weight.dtype, fused, grouped, row_programs)
-    experts._variable_k_plan = plan
-    return plan
-
-
-def _plan_of(experts: torch.nn.Module) -> VariableKPlan:
-    plan = getattr(experts, "_variable_k_plan", None)
-    if torch.compiler.is_compiling():
-        if plan is None:
-            raise RuntimeError(
-                "the variable-k experts path was compiled before its plan was made: call "
-                "bh_routing.variable_k_plan(experts) on every experts module (the patcher does) before compiling"
-            )
-        return plan
-    weight = experts.down_proj  # a model moved or cast since the plan gets a new one
-    stale = plan is None or plan.device != weight.device or plan.dtype != weight.dtype
-    return variable_k_plan(experts) if stale else plan
-
-
-def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
-    """Experts forward that computes only the kept (token, expert) pairs; registered in transformers as
-    experts_implementation="variable_k" (`model.set_experts_implementation("variable_k")`).
-
-    Args:
-        experts: an experts module of transformers' experts interface (`variable_k_unsupported` is None):
-            e.g. `OlmoeExperts` (gate_up_proj [E, 2I, H], down_proj [E, H, I]) or `GptOssExperts`
-            (transposed, interleaved gate/up, biases).
-        hidden_states: [T, H].
-        top_k_index: [T, K] expert ids; the sentinel E marks an unused slot (any number per token, 0..K).
-        top_k_weights: [T, K] routing weights (ignored in sentinel slots).
-    Returns:
-        [T, H] in hidden_states' dtype: sum over kept slots of weight * expert(hidden_state).
-    Where `_triton_path_supported` (CUDA, Triton, the OLMoE layout in bf16, SiLU, a grouped GEMM kernel) the
-    Triton path runs; otherwise the torch reference (on a GPU without a grouped GEMM kernel, one matmul per
-    expert). The choice is the module's `variable_k_plan`, made eagerly; a compiled forward only reads it.
-    """
-    plan = _plan_of(experts)
-    if not plan.fused:
-        # torch traces its grouped GEMM in bfloat16 only (its meta function refuses other dtypes).
-        grouped = plan.grouped and (plan.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
-        return variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts, grouped)
-    arguments = (hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj, plan.row_programs)
-    if torch.compiler.is_compiling() or hidden_states.device.index == torch.cuda.current_device():
-        return variable_k_experts_triton(*arguments)
-    with torch.cuda.device(hidden_states.device):  # Triton launches on the current device
-        return variable_k_experts_triton(*arguments)
-
-
-def register_variable_k_experts() -> None:
-    """Make experts_implementation="variable_k" known to transformers (from_pretrained, set_experts_implementation)."""
-    from transformers.integrations.moe import ExpertsInterface
-
-    ExpertsInterface.register(VARIABLE_K_EXPERTS, variable_k_experts_forward)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 8b. MoE families: finding a model's MoE layers and how each family's router routes
-# ----------------------------------------------------------------------------------------------------
-# transformers' MoE families share one contract: a block holds an experts module decorated with
-# `use_experts_implementation` (forward(hidden [T, H], top_k_index [T, K], top_k_weights [T, K]), the
-# sentinel index E skipped by the eager and grouped_mm paths) and a router module whose forward returns
-# (router_logits [T, E], top_k_weights [T, K], top_k_index [T, K]). The routers differ in how they score
-# and weight experts; a `RouterSpec` says how, is read off the router's attributes and is checked against
-# the router's own output before anything is patched.
 
 ROUTER_SCORES = ("softmax", "softmax_kept", "sigmoid")
+
+
 SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")  # block children always computed
 
 
@@ -3450,11 +2250,6 @@ class MoELayer:
     shared_experts: int = 0
 
 
-def _is_contract_experts(module) -> bool:
-    """An experts module decorated with transformers' `use_experts_implementation`."""
-    return all(hasattr(module, name) for name in ("has_gate", "is_transposed", "_is_expert_parallel", "num_experts"))
-
-
 def _router_of(block, experts) -> torch.nn.Module | None:
     """The block's child that routes to `experts`: a module with a top_k and a [E, H] weight."""
     for child in block.children():
@@ -3483,7 +2278,7 @@ def find_moe_layers(model: torch.nn.Module) -> list[MoELayer]:
         experts = getattr(block, "experts", None)
         if not isinstance(experts, torch.nn.Module) or block is experts:
             continue
-        router = _router_of(block, experts) if _is_contract_experts(experts) else None
+        router = _router_of(block, experts) if is_experts_module(experts) else None
         if router is None:
             other_experts.append(f"{name} ({type(experts).__name__})")
             continue
@@ -3499,121 +2294,31 @@ def find_moe_layers(model: torch.nn.Module) -> list[MoELayer]:
     return layers
 
 
+class MoEShape(NamedTuple):
+    """A model's routing geometry from its config: experts per layer, native top-k, and the experts a token
+    may choose from (fewer than E for group-limited routers)."""
+
+    num_experts: int
+    top_k: int
+    selectable: int
+
+
+def moe_shape(config) -> MoEShape:
+    """`MoEShape` of a transformers MoE config, whichever names its family gives the fields."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    names = ("num_experts", "num_local_experts", "n_routed_experts")
+    num_experts = next((getattr(config, n) for n in names if getattr(config, n, None)), None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not num_experts or not top_k:
+        raise TypeError(f"{type(config).__name__} describes no mixture-of-experts model (no experts and top-k fields)")
+    groups, allowed = getattr(config, "n_group", None), getattr(config, "topk_group", None)
+    limited = groups and allowed and allowed < groups and getattr(config, "topk_method", None) != "greedy"
+    return MoEShape(num_experts, top_k, num_experts // groups * allowed if limited else num_experts)
+
+
 # ----------------------------------------------------------------------------------------------------
-# 9. The router patcher
+# 10. The router patcher
 # ----------------------------------------------------------------------------------------------------
-
-
-class CudaGraphed:
-    """Replay `function(*args)` as one CUDA graph per (shape, dtype, device) of its tensor arguments.
-
-    Capturing needs a function without host synchronisation. The tensor arguments are copied into the
-    graph's static buffers and the outputs (a tuple of tensors or None) are cloned out, because the next
-    replay (the next layer) overwrites them; arguments that are not tensors (None) are part of the key. The
-    function must leave every other tensor alone: the two warm-up runs before a capture run it too. At most
-    `max_graphs` keys are kept (least recently used dropped); other devices than CUDA, and calls inside
-    another capture or a compiled region, call the function directly."""
-
-    def __init__(self, function, max_graphs: int = 16):
-        self.function, self.max_graphs = function, max_graphs
-        self.graphs: dict = {}
-
-    def __call__(self, *args):
-        device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
-        if device.type != "cuda" or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            return self.function(*args)
-        key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
-        entry = self.graphs.pop(key, None)
-        if entry is None:
-            entry = self._capture(device, args)
-            if len(self.graphs) >= self.max_graphs:
-                self.graphs.pop(next(iter(self.graphs)))
-        self.graphs[key] = entry  # most recently used last
-        graph, static_args, static_outputs = entry
-        # Replay on the input's device: a graph launched on another device's current stream (layers spread
-        # over GPUs with device_map="auto") would not be ordered after the copy into its input.
-        with torch.cuda.device(device):
-            for static, arg in zip(static_args, args, strict=True):
-                if isinstance(arg, torch.Tensor):
-                    static.copy_(arg)
-            graph.replay()
-            return tuple(None if output is None else output.clone() for output in static_outputs)
-
-    def _capture(self, device, args):
-        with torch.cuda.device(device):
-            static_args = [arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args]
-            graph, static_outputs = capture_cuda_graph(lambda: self.function(*static_args))
-        return graph, static_args, static_outputs
-
-
-def capture_cuda_graph(function: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
-    """Capture function() as a CUDA graph on the current device: (graph, the outputs graph.replay() refills).
-
-    function is first run twice on a side stream, so that lazy initialisations (allocator pools, cuBLAS
-    handles, autotuning) happen outside the capture; it must not synchronise with the host."""
-    side_stream = torch.cuda.Stream()
-    side_stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side_stream):
-        for _ in range(2):
-            function()
-    torch.cuda.current_stream().wait_stream(side_stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = function()
-    return graph, outputs
-
-
-def _raise_recompile_limit(limit: int = 128) -> None:
-    """Configurations differ in Python constants (alpha, max_k, ...) and hooks, each a recompilation of a
-    compiled function: a 30-configuration sweep must stay compiled (dynamo's default limit is 8)."""
-    import torch._dynamo
-
-    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
-
-
-_compiled_cache: dict = {}
-
-
-def compile_once(function):
-    """torch.compile(function) once per process, falling back to `function` (with a warning) if it fails.
-
-    Configurations differ in Python constants (alpha, max_k, ...), each a recompilation: the dynamo
-    recompile limit is raised so that a 30-configuration sweep stays compiled."""
-    if function not in _compiled_cache:
-        _raise_recompile_limit()
-        compiled = torch.compile(function, dynamic=True)
-        state = {"failed": False}
-
-        def run(*args, **kwargs):
-            if not state["failed"]:
-                try:
-                    return compiled(*args, **kwargs)
-                except Exception as error:  # noqa: BLE001 - e.g. no working compiler on this machine
-                    warnings.warn(
-                        f"torch.compile of {function.__name__} failed ({type(error).__name__}: {error}); "
-                        "running it uncompiled",
-                        stacklevel=2,
-                    )
-                    state["failed"] = True
-            return function(*args, **kwargs)
-
-        _compiled_cache[function] = run
-    return _compiled_cache[function]
-
-
-def grouped_mm_masks_sentinels() -> bool:
-    """True if this transformers' grouped_mm experts path masks sentinel indices when asked to.
-
-    transformers 5.x sorts sentinel rows (index E) to the tail and skips them in grouped_mm only when the
-    experts module is flagged `_is_expert_parallel`; older 5.x releases lack that branch.
-    """
-    try:
-        from transformers.integrations import moe
-    except ImportError:
-        return False
-    forward = getattr(moe, "grouped_mm_experts_forward", None)
-    return forward is not None and "_is_expert_parallel" in inspect.getsource(forward)
 
 
 def _require_transformers() -> None:
@@ -3628,7 +2333,6 @@ def _require_transformers() -> None:
 
 
 _PATCHED_ROUTER_CLASSES: dict[type, type] = {}
-PATCH_ATTRIBUTE = "_moe_patch"  # a patched router's PatchedRouter
 
 
 def patched_router_class(router_class: type) -> type:
@@ -3846,7 +2550,7 @@ class MoERouterPatcher:
         record_statistics: accumulate the routing statistics (on each layer's device, in place: a few small
             kernels per layer); False routes without them, and get_stats raises."""
         _require_transformers()
-        _raise_recompile_limit()
+        raise_recompile_limit()
         self.model = model
         self.layers = find_moe_layers(model)
         self.routers = [layer.router for layer in self.layers]
@@ -3857,7 +2561,7 @@ class MoERouterPatcher:
             raise TypeError(f"{type(model).__name__}'s MoE layers route differently; one patcher needs one routing")
         self.spec = spec
         # The methods choose among each token's selectable experts (all E unless the family limits groups).
-        self.shape = RouterShape(spec.selectable, spec.top_k, spec.renormalize)
+        self.shape = RouterShape(spec.selectable, spec.top_k, spec.renormalize, spec.plain and spec.sorted_output)
         self.num_experts, self.native_top_k = spec.num_experts, spec.top_k
         self.shared_experts = [layer.shared_experts for layer in self.layers]
         self.router_devices = sorted({router.weight.device for router in self.routers}, key=str)
@@ -3891,7 +2595,7 @@ class MoERouterPatcher:
     def _choose_experts_path(self, experts_path: str | None) -> str:
         experts = self.experts[0]
         if experts_path is None:
-            fused = _triton_path_supported(experts, next(experts.parameters()).device)
+            fused = fused_path_supported(experts, next(experts.parameters()).device)
             experts_path = VARIABLE_K_EXPERTS if fused else "model"
         if experts_path not in EXPERTS_PATHS:
             raise ValueError(f"experts_path must be one of {EXPERTS_PATHS} or None, got {experts_path!r}")
@@ -3920,13 +2624,13 @@ class MoERouterPatcher:
         spec = routing_method(method)
         spec.check_names(params)
         params = spec.parameters(self.shape, **params)
-        in_expert_space = spec.changes_routing and spec.in_expert_space(params, self)
+        in_expert_space = spec.changes_routing and spec.in_expert_space(params, self.shape)
         # The router's own routing at its own k (top-k at the native k) is observed, not recomputed.
         native = not spec.changes_routing or (in_expert_space and params["max_k"] == self.native_top_k)
         routes = [(None, None)] * self.num_layers
         if not native:
-            traced = spec.layer_routes(params, self)
-            routes = list(zip(traced, spec.layer_routes(params, self, compiled=self.compile_routing), strict=True))
+            compiled = self.compile_routing
+            routes = [(spec.layer_route(params, c), spec.layer_route(params, c, compiled)) for c in self.contexts()]
         self.unpatch()
         self._claim_model()
         self.statistics.reset()
@@ -3947,6 +2651,10 @@ class MoERouterPatcher:
             self._patched_routers.append((router, type(router)))
             router.__class__ = patched_router_class(type(router))
         return self
+
+    def contexts(self) -> list[LayerContext]:
+        """What a routing method sees of each MoE layer when it builds the layer's route."""
+        return [LayerContext(i, self.shape, r.weight.device, self.calibration) for i, r in enumerate(self.routers)]
 
     def patch_with_bh(
         self, alpha=0.05, temperature=1.0, min_k=1, max_k=16, pvalue_method=DEFAULT_PVALUE_METHOD, renormalize=None
@@ -4141,1113 +2849,3 @@ class MoERouterPatcher:
 
 
 OLMoERouterPatcher = MoERouterPatcher  # the name before other families were supported
-
-
-# ----------------------------------------------------------------------------------------------------
-# 10. Evaluation: held-out text, sliding-window perplexity, timed generation
-# ----------------------------------------------------------------------------------------------------
-
-
-HELDOUT_SOURCES = (("wordnet", 47), ("kjv", 19), ("pydoc", 13), ("devil", 1))  # documents per source, in file order
-EMBEDDED_TEXTS = ("embedded", *(f"embedded:{name}" for name, _ in HELDOUT_SOURCES))
-
-
-def _heldout_source_text(source: str) -> str:
-    """The held-out documents of one source of data/heldout.txt (data/CORPUS.md: sources in this order)."""
-    documents = heldout_documents("embedded")
-    if len(documents) != sum(count for _, count in HELDOUT_SOURCES):
-        raise RuntimeError(f"{HELDOUT_TEXT_PATH} has {len(documents)} documents; HELDOUT_SOURCES expects another split")
-    begin = 0
-    for name, count in HELDOUT_SOURCES:
-        if name == source:
-            return "\n<|endoftext|>\n".join(documents[begin : begin + count]) + "\n"
-        begin += count
-    raise ValueError(f"source must be one of {list(EMBEDDED_TEXTS)}, 'wikitext2' or a file, got 'embedded:{source}'")
-
-
-def load_heldout_text(source: str | Path = "embedded") -> str:
-    """Evaluation text: "embedded" (data/heldout.txt, never trained on), "embedded:<source>" (its documents
-    of one source, e.g. "embedded:pydoc": HELDOUT_SOURCES), "wikitext2" (WikiText-2 raw test split through
-    `datasets`, needs internet), or a path to a text file."""
-    if str(source) == "embedded":
-        return HELDOUT_TEXT_PATH.read_text()
-    if str(source).startswith("embedded:"):
-        return _heldout_source_text(str(source).partition(":")[2])
-    if str(source) == "wikitext2":
-        try:
-            from datasets import load_dataset
-
-            return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
-        except Exception as error:  # offline, or datasets missing
-            raise RuntimeError(
-                f"Could not load WikiText-2 through `datasets` ({type(error).__name__}: {error}). Offline, "
-                f"use load_heldout_text('embedded') ({HELDOUT_TEXT_PATH})."
-            ) from error
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"source must be 'embedded', 'wikitext2' or an existing text file, got {source!r}")
-    return path.read_text()
-
-
-def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows (begin, end, num_scored): each window scores its last num_scored tokens, which no
-    earlier window scored; the tokens before them are context only (the Hugging Face perplexity recipe)."""
-    _check_windows(window, stride)
-    windows, previous_end = [], 0
-    for begin in range(0, num_tokens - 1, stride):
-        end = min(begin + window, num_tokens)
-        num_scored = end - max(previous_end, begin + 1)  # position begin has no context: never scored
-        if num_scored > 0:
-            windows.append((begin, end, num_scored))
-        previous_end = end
-        if end == num_tokens:
-            break
-    return windows
-
-
-def _check_windows(window: int, stride: int, batch_size: int = 1) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if window < 2:
-        raise ValueError(f"window must be >= 2, got {window}")
-    if not (1 <= stride <= window):
-        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
-
-
-def _score_windows(model, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position surprisal of the next token and whether the argmax predicted it: [B, length - 1] each.
-
-    The logits stay in the model's dtype; the loss is computed in float32 over chunks of positions of at
-    most LOSS_CHUNK_ELEMENTS logits, as logsumexp minus the target's logit (= -log_softmax[target])."""
-    logits = model(inputs, use_cache=False).logits  # [B, length, V]
-    targets = inputs[:, 1:]  # position t predicts token t + 1
-    batch, length, vocab = logits.shape
-    step = max(1, LOSS_CHUNK_ELEMENTS // (batch * vocab))
-    nll, correct = [], []
-    for begin in range(0, length - 1, step):
-        chunk = logits[:, begin : min(begin + step, length - 1)].float()  # [B, c, V]
-        target = targets[:, begin : begin + chunk.shape[1]]
-        nll.append(torch.logsumexp(chunk, dim=-1) - chunk.gather(-1, target.unsqueeze(-1)).squeeze(-1))
-        correct.append(chunk.argmax(-1) == target)
-    return torch.cat(nll, dim=1), torch.cat(correct, dim=1)
-
-
-def _empty_parts() -> dict[str, list]:
-    return {"nll": [], "targets": [], "inputs": [], "correct": [], "expert_counts": [], "window_ids": []}
-
-
-def _score_batch(model, token_ids, batch, device, patcher) -> dict[str, list]:
-    """The scored positions of a batch of windows (equal lengths share a forward pass): lists per field."""
-    parts = _empty_parts()
-    for length in sorted({end - begin for begin, end, _ in batch}, reverse=True):
-        group = [w for w in batch if w[1] - w[0] == length]
-        inputs = torch.stack([token_ids[begin:end] for begin, end, _ in group]).to(device)  # [B, length]
-        if patcher is not None:
-            patcher.reset_stats()
-        nll, correct = _score_windows(model, inputs)
-        counts = patcher.statistics.token_counts().view(len(group), length, -1) if patcher else None
-        for row, (begin, _, num_scored) in enumerate(group):
-            predicting = slice(length - 1 - num_scored, length - 1)  # the positions that made the predictions
-            parts["window_ids"].append(torch.full((num_scored,), begin, dtype=torch.int64))
-            parts["nll"].append(nll[row, -num_scored:].cpu())
-            parts["targets"].append(inputs[row, 1:][-num_scored:].cpu())
-            parts["inputs"].append(inputs[row, predicting].cpu())
-            parts["correct"].append(correct[row, -num_scored:].cpu())
-            if counts is not None:
-                parts["expert_counts"].append(counts[row, predicting])
-    return parts
-
-
-def _score_all(model, token_ids, windows, batch_size, patcher) -> tuple[dict[str, list], int]:
-    """Every window scored, `batch_size` windows per forward pass; on out-of-memory the batch is halved and
-    retried (its partial results are dropped). Returns the parts and the batch size that ran last."""
-    device = next(model.parameters()).device
-    parts = _empty_parts()
-    position = 0
-    while position < len(windows):
-        batch = windows[position : position + batch_size]
-        try:
-            scored = _score_batch(model, token_ids, batch, device, patcher)
-        except torch.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            scored = None
-        if scored is None:  # outside the except block, where the failed batch's tensors are already released
-            batch_size //= 2
-            torch.cuda.empty_cache()
-            warnings.warn(f"out of memory: evaluating with batch_size={batch_size}", stacklevel=3)
-            continue
-        for name, values in scored.items():
-            parts[name] += values
-        position += len(batch)
-    return parts, batch_size
-
-
-@torch.no_grad()
-def evaluate_language_model(
-    model,
-    token_ids: torch.Tensor,
-    window: int = 256,
-    stride: int | None = None,
-    batch_size: int = 8,
-    patcher: MoERouterPatcher | None = None,
-) -> dict:
-    """Perplexity and next-token accuracy on `token_ids` ([N] int64) with sliding windows.
-
-    Windows of `window` tokens advance by `stride` (default: window, i.e. disjoint windows; a smaller
-    stride gives every scored token more context). Each token is scored once. Up to `batch_size` windows
-    share a forward pass; on out-of-memory the batch size is halved (down to 1) and the run goes on. With a
-    patched `patcher`, the routing decisions of the scored tokens' positions are returned too.
-
-    Returns {"perplexity", "token_accuracy", "num_scored", "mean_nll", "batch_size" (the one that ran last),
-    "nll" [S], "targets" [S], "inputs" [S], "expert_counts" [S, L] or None, "window_ids" [S]}: nll[i] is
-    the surprisal (nats) of targets[i] given its context; inputs[i] is the token at the position that
-    predicts it, expert_counts[i] the experts kept there in each layer, and window_ids[i] the first token
-    of the window that scored it (`window_sums` folds them per window, for bootstrap intervals).
-    """
-    stride = window if stride is None else stride
-    if patcher is not None and not patcher.statistics.record_token_counts:
-        raise ValueError("patcher must record token counts: MoERouterPatcher(model, record_token_counts=True)")
-    if token_ids.dim() != 1 or token_ids.numel() < 2:
-        raise ValueError(f"token_ids must be a 1-D tensor of at least 2 tokens, got shape {tuple(token_ids.shape)}")
-    _check_windows(window, stride, batch_size)
-    windows = sliding_windows(token_ids.numel(), window, stride)
-    parts, batch_size = _score_all(model, token_ids, windows, batch_size, patcher)
-    nll = torch.cat(parts["nll"]).double()
-    return {
-        "perplexity": math.exp(nll.mean().item()),
-        "token_accuracy": torch.cat(parts["correct"]).double().mean().item(),
-        "num_scored": nll.numel(),
-        "mean_nll": nll.mean().item(),
-        "batch_size": batch_size,
-        "nll": nll,
-        "targets": torch.cat(parts["targets"]),
-        "inputs": torch.cat(parts["inputs"]),
-        "expert_counts": torch.cat(parts["expert_counts"]) if parts["expert_counts"] else None,
-        "window_ids": torch.cat(parts["window_ids"]),
-    }
-
-
-@torch.no_grad()
-def collect_router_logits(model, token_ids: torch.Tensor, window: int = 256, batch_size: int = 8) -> list[torch.Tensor]:
-    """Every MoE layer's router logits on `token_ids` ([N] int64, disjoint windows of `window` tokens, up to
-    `batch_size` windows per forward pass), under the routing the model runs (its own, or a patcher's: the
-    logits each patched router received): a list of L float32 tensors [positions, E'] on the CPU. These are
-    the logits the routing methods route (`RouterSpec.selection`): the router's own logits, except for the
-    sigmoid and group-limited families, whose E' selectable experts vary by token."""
-    _check_windows(window, window, batch_size)
-    layers = find_moe_layers(model)
-    collected: list[list[torch.Tensor]] = [[] for _ in layers]
-
-    def keep(layer):
-        spec = layers[layer].spec
-        return lambda module, args, output: collected[layer].append(
-            (output[0] if spec.plain else spec.selection(output[0])[0]).detach().float().cpu()
-        )
-
-    handles = [moe.router.register_forward_hook(keep(layer)) for layer, moe in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        spans = [(begin, end) for begin, end, _ in sliding_windows(token_ids.numel(), window, window)]
-        full = [token_ids[begin:end] for begin, end in spans if end - begin == window]
-        batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
-        batches += [token_ids[begin:end].unsqueeze(0) for begin, end in spans if end - begin != window]  # the tail
-        for inputs in batches:
-            model(inputs.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [torch.cat(parts) for parts in collected]
-
-
-def _drop_last_position_slots(num_slots: int, length: int, captured: list, spec: RouterSpec):
-    """A router hook for `oracle_drop_effects`: rows come in groups of num_slots + 1 copies of one prefix;
-    copy 0 keeps the routing (its last position's logits are captured), copy v zeroes the weight of slot
-    v - 1 at the last position only. A zero weight removes the expert's contribution exactly."""
-
-    def hook(module, args, output):
-        router_logits, weights, index = output[:3]
-        weights = weights.reshape(-1, length, weights.shape[-1]).clone()  # [R, length, k]
-        variant = torch.arange(weights.shape[0], device=weights.device) % (num_slots + 1)
-        rows = (variant > 0).nonzero().squeeze(-1)
-        weights[rows, -1, variant[rows] - 1] = 0
-        selection = router_logits if spec.plain else spec.selection(router_logits)[0]
-        captured.append(selection.reshape(weights.shape[0], length, -1)[variant == 0, -1].float().cpu())
-        return router_logits, weights.reshape(-1, weights.shape[-1]), index
-
-    return hook
-
-
-@torch.no_grad()
-def oracle_drop_effects(
-    model, token_ids: torch.Tensor, layer: int, positions, context: int = 64, batch_positions: int = 16
-):
-    """The loss each native top-k expert of one layer is worth, one routing decision at a time.
-
-    For each position t (context - 1 <= t < N - 1): the increase in the surprisal of token t + 1 when the
-    expert in slot s (s = 0..k-1, most probable first) of layer `layer` is dropped at position t alone, with
-    the previous `context` tokens as context. Only the last position of each prefix is changed, so the
-    effect is that decision's alone. Returns {"layer", "positions" [P], "router_logits" [P, E] (the
-    layer's logits at t under the model's own routing), "loss_increase" [P, k]}.
-    """
-    moe_layers = find_moe_layers(model)
-    if not 0 <= layer < len(moe_layers):
-        raise ValueError(f"layer must be in [0, {len(moe_layers)}), got {layer!r}")
-    positions = [int(t) for t in positions]
-    if any(not context - 1 <= t < token_ids.numel() - 1 for t in positions):
-        raise ValueError(f"positions must lie in [context - 1, {token_ids.numel() - 1}) = [{context - 1}, ...)")
-    spec, device = moe_layers[layer].spec, next(model.parameters()).device
-    num_slots, captured, increases = spec.top_k, [], []
-    hook = _drop_last_position_slots(num_slots, context, captured, spec)
-    handle = moe_layers[layer].router.register_forward_hook(hook)
-    try:
-        for start in range(0, len(positions), batch_positions):
-            chunk = positions[start : start + batch_positions]
-            prefixes = torch.stack([token_ids[t - context + 1 : t + 1] for t in chunk])  # [P, context]
-            inputs = prefixes.repeat_interleave(num_slots + 1, dim=0).to(device)  # [P (k + 1), context]
-            logits = model(inputs, use_cache=False).logits[:, -1].float()  # [P (k + 1), V]
-            targets = token_ids[torch.tensor(chunk) + 1].repeat_interleave(num_slots + 1).to(device)
-            nll = torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)
-            nll = nll.view(len(chunk), num_slots + 1).cpu()
-            increases.append(nll[:, 1:] - nll[:, :1])
-    finally:
-        handle.remove()
-    return {
-        "layer": layer,
-        "positions": torch.tensor(positions),
-        "router_logits": torch.cat(captured),
-        "loss_increase": torch.cat(increases).double(),
-    }
-
-
-def oracle_table(effects: list[dict], configs, calibration=None, num_experts_per_tok: int = NATIVE_TOP_K):
-    """Whether each configuration keeps the experts that matter (`oracle_drop_effects` per layer): over every
-    (position, native slot) pair, the Spearman correlation between "the method keeps it" and the loss its
-    drop costs, the share kept, and the mean loss increase of the experts it drops (what its choices would
-    cost if the drops added up). The first row ranks by the router's own order (slot k - s) for reference.
-    """
-    import pandas as pd
-    from scipy.stats import spearmanr
-
-    increase = torch.cat([e["loss_increase"] for e in effects]).flatten().numpy()  # [P k]
-    slots = torch.arange(num_experts_per_tok).expand(len(increase) // num_experts_per_tok, -1)
-    rank = spearmanr(-slots.flatten().numpy(), increase).statistic
-    rows = [{"config": "router order", "series": "reference", "spearman_kept_vs_loss": rank, "kept_share": math.nan,
-             "avg_kept": math.nan, "mean_loss_of_dropped": math.nan}]  # fmt: skip
-    for config in configs:
-        method = routing_method(config.method)
-        if not method.changes_routing:
-            continue
-        route = functools.partial(route_logits, config.method, calibration=calibration, **config.kwargs)
-        counts = torch.cat(
-            [
-                route(e["router_logits"], e["layer"], num_experts_per_tok=num_experts_per_tok).expert_counts
-                for e in effects
-            ]
-        )
-        kept = (slots < counts.clamp_max(num_experts_per_tok)[:, None]).flatten().numpy()
-        varies = 0 < kept.mean() < 1
-        shape = RouterShape(effects[0]["router_logits"].shape[-1], num_experts_per_tok)
-        series = method.series(method.parameters(shape, **config.kwargs))
-        row = {"config": config.name, "series": series, "kept_share": float(kept.mean())}
-        row["spearman_kept_vs_loss"] = spearmanr(kept, increase).statistic if varies else math.nan
-        row["avg_kept"] = counts.double().mean().item()
-        rows.append(row | {"mean_loss_of_dropped": float(increase[~kept].mean()) if (~kept).any() else 0.0})
-    return pd.DataFrame(rows)
-
-
-def synchronize(device) -> None:
-    """Wait for every GPU (a model spread with device_map="auto" runs on several) when `device` is CUDA."""
-    if torch.device(device).type == "cuda":
-        for index in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(index)
-
-
-GENERATION_PATHS = {
-    "dynamic": "dynamic cache, eager forward",
-    "static": "static cache, eager forward",
-    "static_compiled": "static cache, decode forward compiled by torch.compile (inductor; CUDA graphs on a GPU, as "
-    "transformers' generate compiles it for a static cache)",
-}
-
-
-def fastest_generation_path(device) -> str:
-    """The generation path to time on `device`: "static_compiled" on a GPU (5x the dynamic path's decode
-    speed for OLMoE-1B-7B on an H100, benchmarks/README.md); "dynamic" on a CPU, where the three paths are
-    measured in benchmarks/README.md and compiling costs seconds per configuration."""
-    return "static_compiled" if torch.device(device).type == "cuda" else "dynamic"
-
-
-def generation_settings(path: str, max_cache_len: int | None = None, device=None) -> dict:
-    """generate's keyword arguments for a path of `GENERATION_PATHS`. max_cache_len: the static cache's
-    length, the longest prompt plus new tokens of a run, so that every call reuses one cache and one
-    compiled graph (None: each call's own length, a recompilation for every new length). device: where the
-    model runs; generate compiles on GPUs only unless told, so "static_compiled" tells it elsewhere."""
-    if path not in GENERATION_PATHS:
-        raise ValueError(f"path must be one of {sorted(GENERATION_PATHS)}, got {path!r}")
-    if path == "dynamic":
-        return {}
-    settings = {"cache_implementation": "static"} | ({"max_cache_len": max_cache_len} if max_cache_len else {})
-    if path == "static":
-        return settings | {"disable_compile": True}
-    if device is not None and torch.device(device).type != "cuda":
-        from transformers import CompileConfig
-
-        config = CompileConfig(mode="default")  # no CUDA graphs off a GPU
-        config._compile_all_devices = True  # transformers' own switch for compiling off a GPU
-        settings["compile_config"] = config
-    return settings
-
-
-def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int, exact: bool = False, settings=None):
-    """Greedy generation of `prompt` (a string), timed: (input_ids [1, P], output_ids [1, P + n], seconds).
-
-    The seconds are the wall-clock time of `generate`, with the GPUs synchronised before and after.
-
-    exact: generate exactly max_new_tokens (no stop at the end-of-text token), as a warm-up wants.
-    settings: more keyword arguments of generate (`generation_settings`: the cache and compilation).
-    """
-    device = next(model.parameters()).device
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    minimum = {"min_new_tokens": max_new_tokens} if exact else {}
-    synchronize(device)
-    start = time.perf_counter()
-    output_ids = model.generate(
-        input_ids,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        **minimum,
-        **(settings or {}),
-    )
-    synchronize(device)
-    return input_ids, output_ids, time.perf_counter() - start
-
-
-def throughput_summary(new_tokens: int, seconds_per_repeat: list[float]) -> dict:
-    """Generated tokens per second over repeated timed runs of the same work (`new_tokens` each time): the
-    median and the range (min, max) across repeats, which is the noise a difference must exceed."""
-    if not seconds_per_repeat or min(seconds_per_repeat) <= 0:
-        raise ValueError(f"seconds_per_repeat must be a non-empty list of positive times, got {seconds_per_repeat}")
-    rates = sorted(new_tokens / seconds for seconds in seconds_per_repeat)
-    return {
-        "tokens_per_second": median(rates),
-        "tokens_per_second_min": rates[0],
-        "tokens_per_second_max": rates[-1],
-        "timing_repeats": len(rates),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------
-# 11. Results on disk: atomic writes, one file per configuration, resume, failures recorded
-# ----------------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call write(temporary) on a temporary file beside `path`, then rename it to `path`: readers (and a
-    run that is killed) never see a half-written file. The temporary keeps the suffix (name.tmp.png), so
-    writers that pick a format from it (matplotlib) work."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    try:
-        write(temporary)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """`atomic_write` of a string."""
-    return atomic_write(path, lambda temporary: temporary.write_text(text))
-
-
-def note_failures(figure, names: list[str]) -> None:
-    """Name the configurations a figure does not show because they failed, in a strip along its bottom."""
-    if names:
-        figure.text(0.01, 0.005, "Failed (not shown): " + ", ".join(names), fontsize=8, color="tab:red", wrap=True)
-
-
-def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:
-    """Lay a figure out (keeping `note_failures`' bottom strip clear) and save it to `path` atomically."""
-    figure.tight_layout(rect=(0, 0.02, 1, 1))
-    return atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=dpi))
-
-
-def _as_json(value):
-    """`value` as it reads back from JSON (tuples become lists, keys strings)."""
-    return json.loads(json.dumps(value))
-
-
-def code_fingerprint() -> dict:
-    """What a saved result depends on besides its settings: a hash of this module's source and the versions
-    of Python, torch and transformers. A result saved under another fingerprint is recomputed."""
-    import hashlib
-    import platform
-
-    import transformers
-
-    return {
-        "bh_routing_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def function_fingerprint(*functions: Callable) -> str:
-    """A hash of functions' compiled code (bytecode, names, constants, nested functions): it changes when
-    their code does, whether they are defined in a file, a notebook cell or exec'd text (line numbers and
-    comments do not count). The notebook adds its measuring functions' fingerprint to its resume key."""
-    import hashlib
-
-    digest = hashlib.sha256()
-
-    def feed(code) -> None:
-        digest.update(code.co_code)
-        digest.update(repr(code.co_names).encode())
-        for constant in code.co_consts:
-            if hasattr(constant, "co_code"):
-                feed(constant)
-            elif isinstance(constant, frozenset):  # its order follows string hashing, which varies by process
-                digest.update(repr(sorted(map(repr, constant))).encode())
-            else:
-                digest.update(repr(constant).encode())
-
-    for function in functions:
-        feed(function.__code__)
-    return digest.hexdigest()[:16]
-
-
-class ResultStore:
-    """Results of a sweep, one JSON file per configuration in `directory`, written as each finishes.
-
-    A configuration is resumed (read back instead of rerun) when its file holds status "ok", the same
-    `settings` (the JSON of everything that changes its result, e.g. the model and the prompts) and the same
-    `code_fingerprint()`. A configuration that raises is recorded with status "failed" and its error, and
-    is retried next time. A saved file that cannot be read (truncated, corrupted) is named in a warning,
-    moved aside (name.corrupt.json) and recomputed; so is a configuration whose tensors (name.pt) cannot be.
-
-        store = ResultStore("results/configs", settings={"model": "embedded", ...})
-        result = store.run(config.name, lambda: measure(config), describe={"method": config.method})
-    """
-
-    def __init__(self, directory: str | Path, settings: dict):
-        self.directory = Path(directory)
-        self.settings = _as_json({**settings, "code": code_fingerprint()})
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    def path(self, name: str, suffix: str = ".json") -> Path:
-        return self.directory / f"{name}{suffix}"
-
-    def _move_aside(self, name: str, error: Exception) -> None:
-        """Warn, naming the unreadable file, and move the configuration's files aside (*.corrupt*)."""
-        for suffix in (".json", ".pt"):
-            path = self.path(name, suffix)
-            if path.exists():
-                path.replace(path.with_name(f"{name}.corrupt{suffix}"))
-        warnings.warn(
-            f"{self.path(name)}: saved result unreadable ({type(error).__name__}: {error}); moved aside as "
-            f"{name}.corrupt.* and recomputed",
-            stacklevel=3,
-        )
-
-    def load(self, name: str) -> dict | None:
-        """The saved result of `name` if it can be resumed (status ok, same settings and code, its tensors
-        readable), else None."""
-        path = self.path(name)
-        if not path.exists():
-            return None
-        try:
-            saved = json.loads(path.read_text())
-            if not isinstance(saved, dict):
-                raise ValueError(f"expected a JSON object, found {type(saved).__name__}")
-            resumable = saved.get("status") == "ok" and saved.get("settings") == self.settings
-            if resumable and saved.get("tensors"):
-                self.load_tensors(name)
-        except (ValueError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-            self._move_aside(name, error)
-            return None
-        return saved if resumable else None
-
-    def save(self, name: str, result: dict) -> dict:
-        """Write `result` with the store's settings; returns it as it reads back."""
-        result = _as_json({**result, "name": name, "settings": self.settings})
-        atomic_write_text(self.path(name), json.dumps(result))
-        return result
-
-    def run(self, name: str, compute: Callable[[], dict], describe: dict | None = None, redo: bool = False) -> dict:
-        """The result of `name`: resumed from disk (unless redo), else compute() saved as status "ok", or, if
-        compute raises an Exception, a "failed" record with the error (`describe` adds fields to it, e.g.
-        the method and parameters). KeyboardInterrupt and other BaseExceptions propagate, saving nothing."""
-        saved = None if redo else self.load(name)
-        if saved is not None:
-            return saved
-        self.path(name, ".pt").unlink(missing_ok=True)  # an older run's tensors must not pass for this one's
-        try:
-            result = {**compute(), "status": "ok"}
-        except Exception as error:  # noqa: BLE001 - a failed configuration is recorded; the sweep goes on
-            result = {**(describe or {}), "status": "failed", "error": f"{type(error).__name__}: {error}"}
-        if result["status"] == "failed" and torch.cuda.is_available():
-            torch.cuda.empty_cache()  # e.g. after an out-of-memory error, once its tensors are released
-        return self.save(name, {**result, "tensors": self.path(name, ".pt").exists()})
-
-    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
-        """Per-token arrays of `name` beside its JSON (name.pt), written atomically."""
-        return atomic_write(self.path(name, ".pt"), lambda temporary: torch.save(tensors, temporary))
-
-    def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """The per-token arrays saved by `save_tensors` (RuntimeError naming the file if it is unreadable)."""
-        path = self.path(name, ".pt")
-        try:
-            return torch.load(path, weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-            raise RuntimeError(f"{path}: saved tensors unreadable ({type(error).__name__}: {error})") from error
-
-
-# ----------------------------------------------------------------------------------------------------
-# 12. Downstream accuracy: routing configurations on lm-evaluation-harness tasks
-# ----------------------------------------------------------------------------------------------------
-
-LM_EVAL_REQUIREMENTS = "requirements-eval.txt"  # lm-eval is optional: make eval and the tests install it
-OFFLINE_TASKS = ("heldout_continuation", "heldout_perplexity")  # built from data/heldout.txt, no download
-STANDARD_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "lambada_openai", "mmlu")  # need the hub
-# The metric a task is plotted and summarised by: the first of these that it reports.
-PRIMARY_METRICS = ("acc_norm", "acc", "word_perplexity", "exact_match")
-CONTINUATION_SEED = 20261126
-CONTINUATION_CHOICES = 4
-CONTINUATION_WORDS = (10, 40)  # lines of this many words (inclusive) become items
-CONTINUATION_MAX_ITEMS = 400
-
-
-class DownstreamTaskError(RuntimeError):
-    """An lm-evaluation-harness task could not be loaded (e.g. its dataset is on the hub, unreachable offline)."""
-
-
-def _require_lm_eval():
-    """The lm_eval package, or ImportError saying how to install it."""
-    try:
-        import lm_eval
-    except ImportError as error:
-        raise ImportError(
-            f"downstream evaluation needs lm-evaluation-harness: pip install -r {LM_EVAL_REQUIREMENTS}"
-        ) from error
-    return lm_eval
-
-
-def heldout_documents(source: str | Path = "embedded") -> list[str]:
-    """The documents of a held-out text (`load_heldout_text`), split at lines holding only <|endoftext|>."""
-    documents = load_heldout_text(source).split("\n<|endoftext|>\n")
-    return [doc.strip() for doc in documents if doc.strip() and doc.strip() != "<|endoftext|>"]
-
-
-def _line_halves(line: str) -> tuple[str, str] | None:
-    """(first half, second half) of a line of prose split at its middle word, or None for other lines."""
-    words = line.split()
-    letters = sum(character.isalpha() for character in line)
-    if not CONTINUATION_WORDS[0] <= len(words) <= CONTINUATION_WORDS[1] or letters < 0.7 * len(line):
-        return None
-    middle = len(words) // 2
-    return " ".join(words[:middle]), " ".join(words[middle:])
-
-
-def continuation_items(documents: list[str], seed: int = CONTINUATION_SEED) -> list[dict]:
-    """The multiple-choice items of the `heldout_continuation` task: the first half of a line of prose,
-    and CONTINUATION_CHOICES candidate second halves: its own and those of other lines of the same document
-    (same source, same topic, so that style alone does not give the answer away). At most
-    CONTINUATION_MAX_ITEMS items, {"context", "choices", "label", "document"}, shuffled with `seed`."""
-    rng = random.Random(seed)
-    items = []
-    for doc_index, doc in enumerate(documents):
-        pairs = [pair for pair in map(_line_halves, doc.splitlines()) if pair is not None]
-        for index, (context, continuation) in enumerate(pairs):
-            others = {pairs[j][1] for j in range(len(pairs)) if j != index} - {continuation}
-            if len(others) < CONTINUATION_CHOICES - 1:
-                continue
-            choices = [continuation, *rng.sample(sorted(others), CONTINUATION_CHOICES - 1)]
-            rng.shuffle(choices)
-            items.append(
-                {"context": context, "choices": choices, "label": choices.index(continuation), "document": doc_index}
-            )
-    rng.shuffle(items)
-    return items[:CONTINUATION_MAX_ITEMS]
-
-
-def _test_split(rows: list[dict]):
-    import datasets
-
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
-
-
-def offline_task_configs() -> dict[str, dict]:
-    """The lm-eval task configurations of OFFLINE_TASKS, built from data/heldout.txt when loaded (never
-    trained on: data/CORPUS.md): `heldout_continuation` (multiple choice, accuracy) and
-    `heldout_perplexity` (every document scored whole, as lm-eval scores WikiText: word and byte
-    perplexity, bits per byte)."""
-    metric = {"aggregation": "mean", "higher_is_better": True}
-    common = {"test_split": "test", "metadata": {"version": 1.0}}
-    return {
-        "heldout_continuation": common
-        | {
-            "task": "heldout_continuation",
-            "custom_dataset": lambda **_: _test_split(continuation_items(heldout_documents())),
-            "output_type": "multiple_choice",
-            "doc_to_text": "{{context}}",
-            "doc_to_choice": "choices",
-            "doc_to_target": "label",
-            "metric_list": [{"metric": "acc"} | metric, {"metric": "acc_norm"} | metric],
-        },
-        "heldout_perplexity": common
-        | {
-            "task": "heldout_perplexity",
-            "custom_dataset": lambda **_: _test_split([{"text": doc} for doc in heldout_documents()]),
-            "output_type": "loglikelihood_rolling",
-            "doc_to_text": "",
-            "doc_to_target": "{{text}}",
-            "metric_list": [
-                {"metric": name, "aggregation": aggregation, "higher_is_better": False}
-                for name, aggregation in (
-                    ("word_perplexity", "weighted_perplexity"),
-                    ("byte_perplexity", "weighted_perplexity"),
-                    ("bits_per_byte", "bits_per_byte"),
-                )
-            ],
-        },
-    }
-
-
-def _task_names(tasks) -> list[str]:
-    """Task names from a list or a comma-separated string (ValueError naming the argument otherwise)."""
-    if isinstance(tasks, str):
-        tasks = [name.strip() for name in tasks.split(",") if name.strip()]
-    if not isinstance(tasks, list | tuple) or not tasks or not all(isinstance(n, str) and n for n in tasks):
-        raise ValueError(f"tasks must be a non-empty list of lm-eval task names (or 'a,b'), got {tasks!r}")
-    return list(tasks)
-
-
-def _task_spec(name: str):
-    """A task as lm-eval takes it: an OFFLINE_TASKS name as its configuration, any other as the name."""
-    return offline_task_configs().get(name, name)
-
-
-@functools.cache
-def lm_eval_task_manager():
-    """lm-eval's task index (built once per process: indexing its thousands of task files takes seconds)."""
-    _require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
-
-
-def check_task_names(tasks) -> list[str]:
-    """The task names, checked against OFFLINE_TASKS and lm-eval's registry without loading any data:
-    ValueError for an unknown name, or for a tag (a bare list of tasks with no aggregate of its own, e.g.
-    ai2_arc: name its tasks, arc_easy and arc_challenge)."""
-    names = _task_names(tasks)
-    manager = lm_eval_task_manager()
-    for name in names:
-        if name in OFFLINE_TASKS:
-            continue
-        if name not in manager.all_tasks:
-            raise ValueError(
-                f"unknown lm-eval task {name!r}: give one of this repository's {OFFLINE_TASKS} or a task of "
-                "lm-eval's registry (`lm-eval ls tasks` lists them; e.g. " + ", ".join(STANDARD_TASKS) + ")"
-            )
-        if name in manager.all_tags:
-            raise ValueError(f"{name!r} is an lm-eval tag, a list of tasks without an aggregate: name its tasks")
-    return names
-
-
-def check_limit(limit) -> int | float | None:
-    """lm-eval's `limit`: None (every sample), an integer >= 1 (samples per task) or a fraction in (0, 1)."""
-    whole = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
-    fraction = isinstance(limit, float) and 0 < limit < 1
-    if limit is not None and not (whole or fraction):
-        raise ValueError(f"limit must be None, an integer >= 1 or a fraction in (0, 1), got {limit!r}")
-    return limit
-
-
-def check_lm_eval_tasks(tasks) -> list[str]:
-    """`check_task_names`, then load every task once (downloading a standard task's dataset into the
-    Hugging Face cache); DownstreamTaskError naming the task, and why, if one cannot be loaded."""
-    names = check_task_names(tasks)
-    for name in names:
-        try:
-            lm_eval_task_manager().load([_task_spec(name)])
-        except Exception as error:  # noqa: BLE001 - lm-eval and datasets raise many types; all are reported
-            raise DownstreamTaskError(
-                f"lm-eval task {name!r} could not be loaded ({type(error).__name__}: {error}). Standard tasks "
-                f"(e.g. {', '.join(STANDARD_TASKS)}) download their data from the Hugging Face hub and need "
-                f"internet; offline, use {', '.join(OFFLINE_TASKS)}"
-            ) from error
-    return names
-
-
-@contextlib.contextmanager
-def harness_padding_masked(patcher: MoERouterPatcher):
-    """While active, the patcher's statistics leave out the padding of lm-eval's log-likelihood batches.
-
-    lm-eval's HFLM (0.4.x) right-pads a batch of (context + continuation) inputs with zeros and calls
-    model(input_ids) with no attention mask (padding cannot change a causal model's real positions, so it
-    needs none); the routing statistics would count the padding. Its `pad_and_concat` sees each sequence's
-    length: wrapped here, it also hands the patcher the batch's mask (`set_attention_mask`). Generation
-    batches carry their own attention mask, which the patcher reads anyway."""
-    _require_lm_eval()
-    from lm_eval.models import huggingface as harness_module
-
-    original = harness_module.pad_and_concat
-
-    def pad_and_mask(max_length: int, tensors: list[torch.Tensor], padding_side: str = "right"):
-        lengths = torch.tensor([tensor.shape[-1] for tensor in tensors])  # before pad_and_concat pads in place
-        batch = original(max_length, tensors, padding_side=padding_side)
-        positions = torch.arange(max_length)
-        real = positions < lengths[:, None] if padding_side == "right" else positions >= (max_length - lengths)[:, None]
-        patcher.set_attention_mask(real.to(batch.device))
-        return batch
-
-    harness_module.pad_and_concat = pad_and_mask
-    try:
-        yield patcher
-    finally:
-        harness_module.pad_and_concat = original
-        patcher.set_attention_mask(None)
-
-
-def harness_model(model, tokenizer, batch_size: int = 8, max_length: int | None = None):
-    """An lm-eval HFLM around an already loaded (and possibly patched) model: lm-eval then evaluates the
-    routing the patcher sets."""
-    _require_lm_eval()
-    from lm_eval.models.huggingface import HFLM
-
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-
-
-def task_metrics(task_results: dict, higher_is_better: dict | None = None) -> dict[str, dict]:
-    """{metric: {"value", "stderr", "higher_is_better"}} from one task's entry of lm-eval's results
-    ("acc,none": 0.5, "acc_stderr,none": 0.02, ...). A metric of filter "none" is named as is, another
-    filter's as "metric,filter" (e.g. "exact_match,strict-match"); stderr is None where lm-eval gives none
-    (e.g. perplexities); higher_is_better comes from lm-eval's own table for the task (None if absent)."""
-    metrics = {}
-    for key, value in task_results.items():
-        metric, comma, kind = key.partition(",")
-        if not comma or metric.endswith("_stderr") or not isinstance(value, int | float):
-            continue
-        stderr = task_results.get(f"{metric}_stderr,{kind}")
-        metrics[metric if kind == "none" else key] = {
-            "value": float(value),
-            "stderr": float(stderr) if isinstance(stderr, int | float) else None,
-            "higher_is_better": (higher_is_better or {}).get(metric),
-        }
-    return metrics
-
-
-def primary_metric(metrics: dict) -> str | None:
-    """The metric a task is summarised by: the first of PRIMARY_METRICS it reports, else its first metric."""
-    return next((name for name in PRIMARY_METRICS if name in metrics), next(iter(metrics), None))
-
-
-def _sample_values(output: dict, metric: str | None) -> dict[str, object]:
-    """{"<task>/<doc_id>": value of `metric`} for every sample lm-eval logged under the metric's filter (a
-    group's subtasks included): a number (accuracy) or [log-likelihood, words or bytes] (perplexities)."""
-    name, _, kind = (metric or "").partition(",")
-    values = {}
-    for task, samples in (output.get("samples") or {}).items():
-        for sample in samples:
-            if name in sample and sample.get("filter", "none") == (kind or "none"):
-                value = sample[name]
-                values[f"{task}/{sample['doc_id']}"] = (
-                    [float(v) for v in value] if isinstance(value, tuple | list) else float(value)
-                )
-    return values
-
-
-# How lm-eval aggregates the per-sample values of a metric, for the paired bootstrap: the mean, unless named
-# here (pairs are [log-likelihood, words or bytes]). A metric aggregated otherwise over the corpus (f1, bleu)
-# gets no interval.
-_AGGREGATIONS = {
-    "word_perplexity": lambda v: math.exp(-v[:, 0].sum() / v[:, 1].sum()),
-    "byte_perplexity": lambda v: math.exp(-v[:, 0].sum() / v[:, 1].sum()),
-    "bits_per_byte": lambda v: -v[:, 0].sum() / v[:, 1].sum() / math.log(2),
-    "perplexity": lambda v: math.exp(-v.mean()),
-}
-_MEAN_METRICS = ("acc", "acc_norm", "exact_match", "acc_mutual_info", "mc1", "mc2")
-
-
-def paired_difference(samples: dict, reference: dict, metric: str = "acc", resamples: int = 2000, seed: int = 0):
-    """The difference of a task's metric between two configurations evaluated on the same samples
-    ({sample id: value}, as `evaluate_task` saves them), with a paired bootstrap 95% interval: the shared
-    samples are resampled with replacement, the same draw for both, and the metric re-aggregated as lm-eval
-    aggregates it (the mean; weighted perplexity and bits per byte from [log-likelihood, count] pairs;
-    exp(-mean) for "perplexity"). The interval assumes the samples are independent draws from the task's
-    population (Efron & Tibshirani 1993, ch. 13, percentile interval). Returns {"difference", "low", "high",
-    "num_samples"}; NaN where fewer than 2 samples are shared or the metric is not aggregated as above."""
-    import numpy as np
-
-    base = metric.partition(",")[0]
-    aggregate = _AGGREGATIONS.get(base, (lambda v: float(v.mean())) if base in _MEAN_METRICS else None)
-    shared = sorted(set(samples) & set(reference))
-    if aggregate is None or len(shared) < 2:
-        return {"difference": math.nan, "low": math.nan, "high": math.nan, "num_samples": len(shared)}
-    ours = np.asarray([samples[key] for key in shared], dtype=np.float64)
-    theirs = np.asarray([reference[key] for key in shared], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(resamples):  # one draw at a time: [resamples, n] indices would not fit for MMLU's 14k
-        draw = rng.integers(0, len(shared), size=len(shared))
-        boot.append(aggregate(ours[draw]) - aggregate(theirs[draw]))
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return {
-        "difference": float(aggregate(ours) - aggregate(theirs)),
-        "low": float(low),
-        "high": float(high),
-        "num_samples": len(shared),
-    }
-
-
-def evaluate_task(harness, patcher: MoERouterPatcher, config: RoutingConfig, task, limit=None, bootstrap_iters=1000):
-    """One routing configuration on one lm-eval task: patch, `simple_evaluate`, unpatch.
-
-    Returns {"metrics": {metric: {"value", "stderr", "higher_is_better"}}, "primary_metric", "samples" (each
-    sample's value of the primary metric, for `paired_difference`), "num_samples", "seconds", "date", and
-    the routing statistics of the evaluation's forward passes over real tokens only (padding left out):
-    "avg_experts", "per_layer_avg_experts", "num_tokens"}. lm-eval's stderr of a mean is its standard
-    error under independent samples; bootstrap_iters sets the resamples for metrics it bootstraps."""
-    from lm_eval import simple_evaluate
-
-    check_limit(limit)
-    config.apply(patcher)
-    try:
-        with harness_padding_masked(patcher):
-            start = time.perf_counter()
-            output = simple_evaluate(
-                model=harness,
-                tasks=[_task_spec(task)],
-                limit=limit,
-                bootstrap_iters=bootstrap_iters,
-                log_samples=True,
-                task_manager=lm_eval_task_manager(),
-            )
-            seconds = time.perf_counter() - start
-        stats = patcher.get_stats()
-    finally:
-        patcher.unpatch()
-    metrics = task_metrics(output["results"][task], output.get("higher_is_better", {}).get(task))
-    primary = primary_metric(metrics)
-    samples = _sample_values(output, primary)
-    return {
-        "metrics": metrics,
-        "primary_metric": primary,
-        "samples": samples,
-        "num_samples": len(samples),
-        "seconds": seconds,
-        "date": environment_info()["date"],
-        "avg_experts": stats["avg_experts"],
-        "per_layer_avg_experts": stats["per_layer_avg_experts"],
-        "num_tokens": stats["num_tokens"],
-    }
-
-
-def _downstream_settings(model, settings: dict | None, tasks: list[str], limit, batch_size: int, bootstrap_iters):
-    """What a saved (configuration, task) result depends on besides this module's code: the model's dtype and
-    hardware, the caller's settings (e.g. the model's name), the task list, limit, batch size, resamples,
-    lm-eval's version and the held-out text the offline tasks are built from."""
-    import hashlib
-
-    lm_eval = _require_lm_eval()
-    info = environment_info(model)
-    return (
-        {"dtype": info["model_dtype"], "hardware": info["hardware"]}
-        | (settings or {})
-        | {
-            "tasks": tasks,
-            "limit": limit,
-            "batch_size": batch_size,
-            "bootstrap_iters": bootstrap_iters,
-            "lm_eval": lm_eval.__version__,
-            "heldout_sha256": hashlib.sha256(HELDOUT_TEXT_PATH.read_bytes()).hexdigest()[:16],
-        }
-    )
-
-
-def evaluate_downstream(
-    model,
-    tokenizer,
-    configs: list[RoutingConfig],
-    tasks,
-    output_dir: str | Path,
-    settings: dict | None = None,
-    limit: int | float | None = None,
-    batch_size: int = 8,
-    bootstrap_iters: int = 1000,
-    patcher: MoERouterPatcher | None = None,
-    redo: bool = False,
-) -> dict[str, dict]:
-    """Every routing configuration on every lm-eval task, one result file per (configuration, task).
-
-    configs: `RoutingConfig`s (e.g. `RoutingConfig.parse("bh:alpha=0.05,max_k=8")`); tasks: lm-eval task
-    names (OFFLINE_TASKS need no download); limit: `check_limit`. Each task's result (`evaluate_task`) is
-    saved to output_dir/configs/<config>.<task>.json as it finishes, resumed on a rerun with the same
-    settings (`_downstream_settings`) and code, and recorded as "failed" with its error if it raises
-    (`ResultStore`), while the other tasks and configurations go on. Every task is loaded once first, so
-    that an unreachable one fails (DownstreamTaskError) before any work. patcher: the model's patcher
-    (None: a new one); redo: recompute saved results.
-    Returns {config name: {"method", "params", "tasks": {task: result with its "status"}}}."""
-    if not configs or not all(isinstance(config, RoutingConfig) for config in configs):
-        raise ValueError(f"configs must be a non-empty list of RoutingConfig, got {configs!r}")
-    if not isinstance(bootstrap_iters, int) or isinstance(bootstrap_iters, bool) or bootstrap_iters < 0:
-        raise ValueError(f"bootstrap_iters must be an integer >= 0, got {bootstrap_iters!r}")
-    names = check_lm_eval_tasks(tasks)
-    harness = harness_model(model, tokenizer, batch_size)
-    settings = _downstream_settings(model, settings, names, check_limit(limit), batch_size, bootstrap_iters)
-    store = ResultStore(Path(output_dir) / "configs", settings)
-    patcher = patcher or MoERouterPatcher(model)
-    # Every configuration's parameters checked (and completed) before any work.
-    results = {
-        c.name: {
-            "method": c.method,
-            "params": routing_method(c.method).parameters(patcher.shape, **c.kwargs),
-            "tasks": {},
-        }
-        for c in configs
-    }
-    for config in configs:
-        for task in names:
-            compute = functools.partial(evaluate_task, harness, patcher, config, task, limit, bootstrap_iters)
-            saved = store.run(f"{config.name}.{task}", compute, describe={"task": task}, redo=redo)
-            results[config.name]["tasks"][task] = saved
-    return results
-
-
-def _task_row(evaluation: dict, native: dict | None) -> dict:
-    """The columns of one ok (configuration, task) row of `downstream_table`."""
-    metric = evaluation["primary_metric"]
-    value = evaluation["metrics"].get(metric, {})
-    row = {
-        "metric": metric,
-        "higher_is_better": value.get("higher_is_better"),
-        "value": value.get("value"),
-        "stderr": value.get("stderr"),
-        "avg_experts": evaluation["avg_experts"],
-        "num_tokens": evaluation["num_tokens"],
-        "num_samples": evaluation["num_samples"],
-        "date": evaluation.get("date"),
-    }
-    if native is not None and metric is not None:
-        difference = paired_difference(evaluation["samples"], native["samples"], metric)
-        row |= {f"{key}_vs_native": difference[key] for key in ("difference", "low", "high")}
-    return row
-
-
-def downstream_table(results: dict[str, dict]):
-    """One row per (configuration, task): config, method, series, its parameters, task, status, error,
-    primary metric, whether higher is better, its value and lm-eval's stderr, average experts per real
-    token, tokens, samples, the evaluation's date, and the difference to the native configuration with its
-    paired bootstrap 95% interval (`paired_difference`; absent without an ok native result for the task)."""
-    import pandas as pd
-
-    native = next((r for r in results.values() if r["method"] == "native"), None)
-    rows = []
-    for name, result in results.items():
-        method = routing_method(result["method"])
-        head = {"config": name, "method": method.name, "series": method.series(result["params"]), **result["params"]}
-        for task, evaluation in result["tasks"].items():
-            row = head | {"task": task, "status": evaluation["status"], "error": evaluation.get("error", "")}
-            reference = native["tasks"].get(task, {}) if native is not None and native is not result else {}
-            if evaluation["status"] == "ok":
-                row |= _task_row(evaluation, reference if reference.get("status") == "ok" else None)
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def plot_downstream(table, path: str | Path | None = None):
-    """Each task's primary metric against average experts per token, one panel per task and one line per
-    method series, with +-1 stderr bars where lm-eval gives one. Saved to `path` (atomically) if given."""
-    import matplotlib.pyplot as plt
-
-    ok = table[table["status"] == "ok"] if len(table) else table
-    tasks = list(dict.fromkeys(ok["task"])) if len(ok) else []
-    figure, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=False):
-        rows = ok[ok["task"] == task].sort_values("avg_experts")
-        for series, points in rows.groupby("series", sort=False):
-            stderr = points["stderr"].astype(float)
-            yerr = None if stderr.isna().all() else stderr
-            ax.errorbar(points["avg_experts"], points["value"], yerr=yerr, marker="o", capsize=3, label=series)
-        metric = rows["metric"].iloc[0]
-        ax.set(xlabel="average experts per token", ylabel=metric, title=task)
-        ax.set_yscale("log" if "perplexity" in str(metric) else "linear")
-        ax.legend(fontsize=8)
-    if not tasks:
-        axes[0][0].text(0.5, 0.5, "no configuration evaluated", ha="center", va="center")
-    note_failures(figure, sorted({f"{r.config} ({r.task})" for r in table.itertuples() if r.status != "ok"}))
-    if path is not None:
-        save_figure(figure, path, dpi=120)
-    return figure
-
-
-def _interval(row) -> str:
-    difference = getattr(row, "difference_vs_native", math.nan)
-    if difference is None or math.isnan(difference):
-        return ""
-    return f"{difference:+.4g} [{row.low_vs_native:+.4g}, {row.high_vs_native:+.4g}]"
-
-
-def _task_lines(task: str, rows) -> list[str]:
-    """One task's table of `downstream_markdown`."""
-    metric, better = rows["metric"].iloc[0], rows["higher_is_better"].iloc[0]
-    direction = {True: "higher is better", False: "lower is better"}.get(better, "direction not given by lm-eval")
-    lines = [f"### {task}: {metric} ({direction}; {int(rows['num_samples'].iloc[0])} samples)", ""]
-    lines += [f"| config | avg experts | {metric} | difference to native [95% interval] |", "| --- | --- | --- | --- |"]
-    for row in rows.sort_values("avg_experts").itertuples():
-        stderr = "" if row.stderr is None or math.isnan(row.stderr) else f" +- {row.stderr:.4f}"
-        lines.append(f"| {row.config} | {row.avg_experts:.2f} | {row.value:.4f}{stderr} | {_interval(row)} |")
-    return [*lines, ""]
-
-
-def downstream_markdown(table, header: str = "", title: str = "## Downstream accuracy (lm-evaluation-harness)") -> str:
-    """The report's section from `downstream_table`: `header` (what ran), then per task each configuration's
-    primary metric (with lm-eval's stderr), average experts per real token and the difference to the native
-    configuration with its paired bootstrap 95% interval; then the failed (configuration, task) pairs."""
-    ok = table[table["status"] == "ok"] if len(table) else table
-    lines = [title, "", *([header, ""] if header else [])]
-    for task, rows in ok.groupby("task", sort=False) if len(ok) else []:
-        lines += _task_lines(task, rows)
-    failed = table[table["status"] != "ok"] if len(table) else table
-    lines += [f"- {row.config} on {row.task} failed: {row.error}" for row in failed.itertuples()]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def downstream_header(results: dict[str, dict]) -> str:
-    """What ran, from the settings saved with the results: model, dtype, hardware, lm-eval version, limit,
-    batch size, and the dates of the first and last evaluation."""
-    saved = [evaluation for result in results.values() for evaluation in result["tasks"].values()]
-    settings = saved[0]["settings"] if saved else {}
-    dates = sorted(evaluation["date"] for evaluation in saved if evaluation.get("date"))
-    when = f"; evaluated {dates[0]} to {dates[-1]}" if dates else ""
-    return (
-        f"Model `{settings.get('model')}` ({settings.get('dtype')}, {settings.get('hardware')}), lm-eval "
-        f"{settings.get('lm_eval')}, limit {settings.get('limit')}, batch size {settings.get('batch_size')}{when}. "
-        "Intervals: paired bootstrap over the task's samples, assuming they are independent; not adjusted for "
-        "the several comparisons per task."
-    )
-
-
-def write_downstream_outputs(results: dict[str, dict], output_dir: str | Path) -> dict[str, Path]:
-    """The table (downstream.csv), the figure (downstream.png) and the markdown section (downstream.md) of
-    `evaluate_downstream`'s results, written atomically to output_dir. Returns their paths."""
-    import matplotlib.pyplot as plt
-
-    output_dir = Path(output_dir)
-    table = downstream_table(results)
-    paths = {
-        "csv": atomic_write(output_dir / "downstream.csv", lambda temporary: table.to_csv(temporary, index=False)),
-        "markdown": atomic_write_text(
-            output_dir / "downstream.md", downstream_markdown(table, downstream_header(results))
-        ),
-    }
-    figure = plot_downstream(table, output_dir / "downstream.png")
-    plt.close(figure)
-    return paths | {"figure": output_dir / "downstream.png"}

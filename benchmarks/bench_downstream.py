@@ -23,6 +23,8 @@ from common import strengthen_experts
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import bh_downstream as bd  # noqa: E402
+import bh_experiment as bx  # noqa: E402
 import bh_routing as br  # noqa: E402
 
 REAL_SHAPE = REPO / "benchmarks" / "olmoe-1b-7b-0924.config.json"
@@ -32,12 +34,12 @@ BATCH_SIZES = (8, 32)
 
 
 def measure(model, tokenizer, batch_size: int, spec: str, task: str) -> dict:
-    harness = br.harness_model(model, tokenizer, batch_size)
+    harness = bd.harness_model(model, tokenizer, batch_size)
     patcher = br.OLMoERouterPatcher(model)
     config = br.RoutingConfig.parse(spec)
-    br.evaluate_task(harness, patcher, config, task, limit=4)  # warm-up
+    bd.evaluate_task(harness, patcher, config, task, limit=4)  # warm-up
     torch.cuda.synchronize()
-    result = br.evaluate_task(harness, patcher, config, task, limit=TASK_LIMITS[task])
+    result = bd.evaluate_task(harness, patcher, config, task, limit=TASK_LIMITS[task])
     return {
         "config": config.name,
         "task": task,
@@ -58,9 +60,9 @@ def main(output: Path) -> None:
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
-    model = br.build_random_olmoe(REAL_SHAPE, device="cuda", dtype=torch.bfloat16)
+    model = bx.build_random_olmoe(REAL_SHAPE, device="cuda", dtype=torch.bfloat16)
     strengthen_experts(model)
-    tokenizer = AutoTokenizer.from_pretrained(br.EMBEDDED_MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(bx.EMBEDDED_MODEL_DIR)
     rows = []
     for batch_size in BATCH_SIZES:
         for task in TASK_LIMITS:
@@ -71,7 +73,7 @@ def main(output: Path) -> None:
         "benchmark": "bench_downstream",
         "lm_eval": lm_eval.__version__,
         "wall_seconds": time.perf_counter() - started,
-        **br.environment_info(model),
+        **bx.environment_info(model),
         "rows": rows,
     }
     output.write_text(json.dumps(record, indent=1))

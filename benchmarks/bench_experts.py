@@ -36,7 +36,9 @@ from common import median_ms, relative_error
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import bh_experiment  # noqa: E402
 import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
+import variable_k_experts  # noqa: E402
 from bh_routing import MoERouterPatcher  # noqa: E402
 
 SLOTS = 8
@@ -73,10 +75,10 @@ def correctness(model, generator) -> list[dict]:
         model.set_experts_implementation("eager")
         eager = experts(hidden, index, weights)
         with torch.no_grad():
-            fp32 = bh_routing.variable_k_experts_torch(hidden.float(), index, weights, reference)
-        call = functools.partial(bh_routing.variable_k_experts_forward, experts, hidden, index, weights)
+            fp32 = variable_k_experts.variable_k_experts_torch(hidden.float(), index, weights, reference)
+        call = functools.partial(variable_k_experts.variable_k_experts_forward, experts, hidden, index, weights)
         ours = call()
-        graph, graphed = bh_routing.capture_cuda_graph(call)
+        graph, graphed = variable_k_experts.capture_cuda_graph(call)
         graph.replay()
         torch.cuda.synchronize()
         zero_rows = counts == 0
@@ -103,7 +105,7 @@ def native_layer_rows(model, experts, phase: str, hidden, generator) -> list[dic
         model.set_experts_implementation(implementation)
         graphed = None
         if implementation == "grouped_mm":
-            graph, _ = bh_routing.capture_cuda_graph(call)
+            graph, _ = variable_k_experts.capture_cuda_graph(call)
             graphed = median_ms(graph.replay)
         rows.append(
             dict(
@@ -130,8 +132,8 @@ def variable_k_layer_rows(experts, phase: str, hidden, generator) -> list[dict]:
             else:
                 counts = spread_counts(num_tokens, mean_k, generator)
             weights, index = routing_with_counts(num_tokens, counts, generator, experts.num_experts)
-            call = functools.partial(bh_routing.variable_k_experts_forward, experts, hidden, index, weights)
-            graph, _ = bh_routing.capture_cuda_graph(call)
+            call = functools.partial(variable_k_experts.variable_k_experts_forward, experts, hidden, index, weights)
+            graph, _ = variable_k_experts.capture_cuda_graph(call)
             mean = counts.float().mean().item()
             plain, graphed = median_ms(call), median_ms(graph.replay)
             rows.append(
@@ -203,7 +205,7 @@ def decode_graphed_ms(model, batch: int, prompt: torch.Tensor, steps: int = 32) 
     def step():
         return model(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits
 
-    graph, _ = bh_routing.capture_cuda_graph(step)
+    graph, _ = variable_k_experts.capture_cuda_graph(step)
     return median_ms(graph.replay, warmup=2, reps=steps)
 
 
@@ -328,15 +330,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the config (a large shape)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
-    assert bh_routing.triton is not None, "needs Triton"
+    assert variable_k_experts.triton is not None, "needs Triton"
 
     torch.backends.cuda.matmul.allow_tf32 = True
     generator = torch.Generator("cuda").manual_seed(0)
     started = time.time()
     layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
-    model = bh_routing.build_random_moe(config=args.config, seed=0, device="cuda", dtype=torch.bfloat16, **layers)
+    model = bh_experiment.build_random_moe(config=args.config, seed=0, device="cuda", dtype=torch.bfloat16, **layers)
     assert bh_routing.moe_shape(model.config).top_k == SLOTS, "the counts below are for a native top-8"
-    bh_routing.register_variable_k_experts()
+    variable_k_experts.register_variable_k_experts()
     report = environment(args.config, model)
     print(report, f"model built in {time.time() - started:.0f} s", flush=True)
     with torch.no_grad():

@@ -57,6 +57,7 @@ import torch._inductor.config
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import bh_experiment  # noqa: E402
 import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
 
 CHECKED_K, CHECKED_TOKENS = 8, 32  # --check-counts: BH at max_k 8 and top-8, 32 new tokens
@@ -78,16 +79,16 @@ CONFIGS = {  # name -> (routing configuration or None for the unpatched model, s
 
 def load(args):
     if args.model == "embedded":
-        model, tokenizer = bh_routing.load_model("embedded", device=args.device)[:2]
+        model, tokenizer = bh_experiment.load_model("embedded", device=args.device)[:2]
         return model
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    return bh_routing.build_random_moe(config=args.model, device=args.device, dtype=torch.bfloat16, **overrides)
+    return bh_experiment.build_random_moe(config=args.model, device=args.device, dtype=torch.bfloat16, **overrides)
 
 
 def generate(model, prompt, path: str, new_tokens: int, logits: bool = False, cache_tokens: int | None = None):
     """Greedy generate of exactly new_tokens: the output (ids, and logits per step if asked). cache_tokens:
     the static cache's length (default prompt + new tokens); one length keeps one cache and compiled graph."""
-    settings = bh_routing.generation_settings(path, cache_tokens or prompt.shape[1] + new_tokens, prompt.device)
+    settings = bh_experiment.generation_settings(path, cache_tokens or prompt.shape[1] + new_tokens, prompt.device)
     return model.generate(
         prompt,
         max_new_tokens=new_tokens,
@@ -108,10 +109,10 @@ def cudagraph_skips() -> int:
 
 
 def timed(function, device) -> float:
-    bh_routing.synchronize(device)
+    bh_experiment.synchronize(device)
     start = time.perf_counter()
     function()
-    bh_routing.synchronize(device)
+    bh_experiment.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -224,7 +225,7 @@ def device_profile(model, prompt, path: str, args) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         generate(model, prompt, path, args.new_tokens)
-        bh_routing.synchronize(args.device)
+        bh_experiment.synchronize(args.device)
     tokens, kernels, host = prompt.shape[0] * args.new_tokens, {}, {}
     for event in profiler.events():
         table = kernels if event.device_type == DeviceType.CUDA else host
@@ -267,7 +268,7 @@ def block_rows(copies: dict, states: dict, timings: tuple, path: str, prompt, ar
         steps = [(a - b) / (args.new_tokens - 1) for a, b in zip(seconds[name], first_token[name], strict=True)]
         rows[name] = {
             "warm_up_s": state["warm_up_s"],
-            **bh_routing.throughput_summary(tokens, seconds[name]),  # median tok/s and range
+            **bh_experiment.throughput_summary(tokens, seconds[name]),  # median tok/s and range
             "ratio_to_native": statistics.median(ratios),
             "ratio_to_native_min": ratios[0],
             "ratio_to_native_max": ratios[-1],
@@ -591,7 +592,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the config's (a quick check)")
     parser.add_argument("--paths", nargs="+", default=["dynamic", "static_compiled"],
-                        choices=list(bh_routing.GENERATION_PATHS))  # fmt: skip
+                        choices=list(bh_experiment.GENERATION_PATHS))  # fmt: skip
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--targets", action="store_true",
@@ -622,7 +623,7 @@ def measure(args, results: dict) -> None:
     if args.emulate_precision_casts:
         torch._inductor.config.emulate_precision_casts = True
     model = load(args)
-    environment = bh_routing.environment_info(model, args.device)
+    environment = bh_experiment.environment_info(model, args.device)
     environment["copy_bandwidth_bytes_per_s"] = copy_bandwidth(args.device)
     results["environment"] = results.get("environment", {}) | environment
     results["process"] = f"{environment.get('date', time.time())}-{id(results)}"
@@ -633,7 +634,7 @@ def measure(args, results: dict) -> None:
 
     def save():
         add_floors(results, model)
-        bh_routing.atomic_write_text(args.out, json.dumps(results, indent=1, default=str))
+        bh_experiment.atomic_write_text(args.out, json.dumps(results, indent=1, default=str))
 
     for block in planned:
         run_block(model, block, args, results, save)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate  # noqa: E402 - the benchmark's configurations and model copies
 
-import bh_routing  # noqa: E402 - on sys.path once bench_generate is imported
+import bh_experiment  # noqa: E402
 
 
 def compiled_step_inputs(model) -> dict:
@@ -47,7 +47,7 @@ def compiled_step_inputs(model) -> dict:
 def decode_step_guards(model, prompt, new_tokens: int):
     """(the guard manager that accepts the model's last compiled decode step, that step's frame locals)."""
     captured = compiled_step_inputs(model)
-    settings = bh_routing.generation_settings("static_compiled", prompt.shape[1] + new_tokens, "cpu")
+    settings = bh_experiment.generation_settings("static_compiled", prompt.shape[1] + new_tokens, "cpu")
     settings["compile_config"].backend = "eager"
     for _ in range(2):  # the second generate runs the compiled step without compiling
         model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **settings)
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch._dynamo.config.skip_nnmodule_hook_guards = not args.hook_guards
-    model = bh_routing.build_random_olmoe(seed=0, num_hidden_layers=args.layers)
+    model = bh_experiment.build_random_olmoe(seed=0, num_hidden_layers=args.layers)
     prompt = torch.randint(2, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
     configs = bench_generate.native_first(args.configs)
     guards, patchers = {}, []
@@ -101,9 +101,9 @@ def main() -> None:
     rows = {name: {"guard_check_us": us, "over_native_us": us - fastest["native"]} for name, us in fastest.items()}
     for name, row in rows.items():
         print(f"{name}: {row['guard_check_us']:.1f} us per guard check, {row['over_native_us']:+.1f} over native's")
-    environment = bh_routing.environment_info(model, "cpu") | {"threads": torch.get_num_threads()}
+    environment = bh_experiment.environment_info(model, "cpu") | {"threads": torch.get_num_threads()}
     results = {"environment": environment, "settings": vars(args) | {"out": None}, "rows": rows}
-    bh_routing.atomic_write_text(args.out, json.dumps(results, indent=1, default=str))
+    bh_experiment.atomic_write_text(args.out, json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

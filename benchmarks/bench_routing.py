@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bh_experiment  # noqa: E402
 import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
+import variable_k_experts  # noqa: E402
 from bh_routing import OLMoERouterPatcher, route_bh  # noqa: E402
 
 
@@ -63,9 +65,9 @@ def routing_candidates(logits: torch.Tensor, device: str) -> dict:
     }
     if device == "cuda":  # the patcher's options on CUDA: CUDA graph (default), torch.compile, both
         critical = bh_routing.robust_z_critical_statistics(0.05, 64, logits.device)
-        compiled = bh_routing.compile_once(bh_routing.route_bh_tensors)
-        graphed = bh_routing.CudaGraphed(bh_routing.route_bh_tensors)
-        compiled_graphed = bh_routing.CudaGraphed(compiled)
+        compiled = variable_k_experts.compile_once(bh_routing.route_bh_tensors)
+        graphed = variable_k_experts.CudaGraphed(bh_routing.route_bh_tensors)
+        compiled_graphed = variable_k_experts.CudaGraphed(compiled)
         constants = (critical, 0.05, 1.0, 1, 8, "robust_z", False)
         candidates["bh robust_z max_k=8 (CUDA graph, default)"] = lambda: graphed(logits, *constants)
         candidates["bh robust_z max_k=8 (compiled)"] = lambda: compiled(logits, *constants)
@@ -91,9 +93,11 @@ def bench_routing(device: str, dtype: torch.dtype, repeats: int) -> list[dict]:
 def forward_model(device: str, model_config: str | None):
     """The OLMoE-1B-7B shape in bf16 on CUDA; a small float32 OLMoE on CPU. Random weights."""
     if device == "cuda":
-        model = bh_routing.build_random_olmoe(model_config, seed=0, device=device, dtype=torch.bfloat16)
+        model = bh_experiment.build_random_olmoe(model_config, seed=0, device=device, dtype=torch.bfloat16)
     else:
-        model = bh_routing.build_random_olmoe(None, seed=0, num_hidden_layers=4, hidden_size=128, intermediate_size=64)
+        model = bh_experiment.build_random_olmoe(
+            None, seed=0, num_hidden_layers=4, hidden_size=128, intermediate_size=64
+        )
     return model.eval()
 
 
@@ -165,7 +169,7 @@ def environment(device: str) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "grouped_mm_masks_sentinels": bh_routing.grouped_mm_masks_sentinels(),
+        "grouped_mm_masks_sentinels": variable_k_experts.grouped_mm_masks_sentinels(),
     }
     if device == "cuda":
         info["cuda"] = torch.version.cuda

@@ -27,14 +27,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-import bh_routing as br  # noqa: E402
+import bh_experiment as bx  # noqa: E402
 
 REAL_SHAPE = REPO / "benchmarks" / "olmoe-1b-7b-0924.config.json"
 HUB_PARAMETERS = {"eval_window": 1024}  # the README's hub settings (eval_text: the embedded text, offline here)
 
 
 def peak_host_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / br.GIB  # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / bx.GIB  # ru_maxrss is in KiB on Linux
 
 
 def anonymous_gib() -> float:
@@ -42,7 +42,7 @@ def anonymous_gib() -> float:
     safetensors file, which count in RSS but are page cache the kernel can drop."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024 / br.GIB
+            return int(line.split()[1]) * 1024 / bx.GIB
     return float("nan")
 
 
@@ -66,26 +66,26 @@ def sampled_peak(function, interval: float = 0.01):
 
 
 def build(directory: Path) -> None:
-    model = br.build_random_olmoe(REAL_SHAPE, device="cuda", dtype=torch.bfloat16)
+    model = bx.build_random_olmoe(REAL_SHAPE, device="cuda", dtype=torch.bfloat16)
     model.save_pretrained(directory, max_shard_size="5GB")  # shards of the hub checkpoint's size
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(br.EMBEDDED_MODEL_DIR / name, directory / name)
-    print(json.dumps({"checkpoint": str(directory), "weights_gib": br.weights_gib(model)}))
+        shutil.copy(bx.EMBEDDED_MODEL_DIR / name, directory / name)
+    print(json.dumps({"checkpoint": str(directory), "weights_gib": bx.weights_gib(model)}))
 
 
 def load(directory: Path, output: Path) -> None:
     started, before = time.perf_counter(), anonymous_gib()
-    (model, _), peak_anonymous = sampled_peak(lambda: br.load_model(directory))
+    (model, _), peak_anonymous = sampled_peak(lambda: bx.load_model(directory))
     seconds = time.perf_counter() - started
-    files = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / br.GIB
+    files = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / bx.GIB
     record = {
         "load_seconds": seconds,
-        "weights_gib": br.weights_gib(model),
+        "weights_gib": bx.weights_gib(model),
         "checkpoint_files_gib": files,
         "peak_host_rss_gib": peak_host_gib(),
         "peak_anonymous_rss_gib": peak_anonymous,
         "anonymous_rss_before_gib": before,
-        **br.environment_info(model),
+        **bx.environment_info(model),
     }
     output.write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
@@ -96,22 +96,22 @@ def notebook(directory: Path, output_dir: Path, cap_gib: float | None, overrides
 
     total = torch.cuda.get_device_properties(0).total_memory
     if cap_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(cap_gib * br.GIB / total)
+        torch.cuda.set_per_process_memory_fraction(cap_gib * bx.GIB / total)
     parameters = {**HUB_PARAMETERS, "model_name_or_path": str(directory), "output_dir": str(output_dir), **overrides}
     started = time.perf_counter()
     namespace = run_cells(parameters, log=lambda line: print(line, flush=True))
     record = {
         "wall_seconds": time.perf_counter() - started,
         "cap_gib": cap_gib,
-        "card_total_gib": total / br.GIB,
-        "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / br.GIB,
-        "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / br.GIB,
+        "card_total_gib": total / bx.GIB,
+        "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / bx.GIB,
+        "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / bx.GIB,
         "peak_host_rss_gib": peak_host_gib(),
         "parameters": parameters,
         "memory_plan_gib": namespace["plan"],
         "quality_batch_sizes": {name: r.get("batch_size") for name, r in namespace["quality"].items()},
         "failed": namespace["failed"] + [f"{name} (quality)" for name in namespace["quality_failed"]],
-        **br.environment_info(namespace["model"]),
+        **bx.environment_info(namespace["model"]),
     }
     (output_dir / "gpu_run.json").write_text(json.dumps(record, indent=1))
     print(json.dumps({k: v for k, v in record.items() if k != "quality_batch_sizes"}))

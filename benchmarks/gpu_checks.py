@@ -11,7 +11,7 @@
    layer the counts that `route_logits` gives for that layer's logits, and decode like the plain patcher.
 5. The decode form of the variable-k path (`variable_k_experts_decode`, at most DECODE_PAIRS pairs) and the
    grouped form, on OLMoE-1B-7B's expert shape in bf16, against a float64 computation of the same inputs.
-6. Every MoE family of `bh_routing.TINY_MOE_CONFIGS` in bf16 on CUDA, with the patcher's defaults there
+6. Every MoE family of `bh_experiment.TINY_MOE_CONFIGS` in bf16 on CUDA, with the patcher's defaults there
    (CUDA-graph and compiled routing): native top-k bit-identical, BH's counts equal to `route_logits` on the
    selection logits each layer saw, the variable-k path against the family's own experts path, and the
    model restored bit for bit.
@@ -25,7 +25,9 @@ import torch
 from common import relative_error, strengthen_experts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bh_experiment  # noqa: E402
 import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
+import variable_k_experts  # noqa: E402
 from bh_routing import OLMoERouterPatcher  # noqa: E402
 
 IMPLEMENTATIONS = ("variable_k", "grouped_mm", "eager")
@@ -133,7 +135,7 @@ FITTED = ["bh:pvalue_method=empirical,alpha=0.1", "bh:pvalue_method=pooled,alpha
 def layer_counts_agree(model, patcher, config, input_ids) -> float:
     """Share of (token, layer) counts of the patched forward equal to `route_logits` on that layer's logits."""
     config.apply(patcher)
-    kept = bh_routing.collect_router_logits(model, input_ids.flatten(), input_ids.shape[1], input_ids.shape[0])
+    kept = bh_experiment.collect_router_logits(model, input_ids.flatten(), input_ids.shape[1], input_ids.shape[0])
     counts = patcher.get_stats()["token_counts"]  # [T, L] on the CPU
     patcher.unpatch()
     route = [bh_routing.route_logits(config.method, kept[layer].cuda(), layer, patcher.calibration, **config.kwargs)
@@ -145,7 +147,7 @@ def layer_counts_agree(model, patcher, config, input_ids) -> float:
 def check_fitted_methods(model, input_ids) -> None:
     """Check 4, on a calibration fitted to other random tokens of the same model."""
     other = torch.randint(2, 512, (4096,), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    calibration = bh_routing.fit_routing_calibration(bh_routing.collect_router_logits(model, other, 256))
+    calibration = bh_routing.fit_routing_calibration(bh_experiment.collect_router_logits(model, other, 256))
     # CUDA graphs and compiled routing on
     graphed = OLMoERouterPatcher(model, calibration=calibration, record_token_counts=True)
     configs = [bh_routing.RoutingConfig.parse(spec) for spec in FITTED]
@@ -165,7 +167,7 @@ def check_fitted_methods(model, input_ids) -> None:
 
 def sharpened_family(family: str):
     """A tiny random instance of `family` in bf16 on CUDA with routers sharpened, so that BH's counts vary."""
-    model = bh_routing.build_random_moe(family, seed=0, device="cuda", dtype=torch.bfloat16)
+    model = bh_experiment.build_random_moe(family, seed=0, device="cuda", dtype=torch.bfloat16)
     generator = torch.Generator("cuda").manual_seed(3)
     with torch.no_grad():
         for layer in bh_routing.find_moe_layers(model):
@@ -218,17 +220,20 @@ def check_decode_kernels() -> None:
             gate, up = (gate_up[expert].double() @ hidden[token].double()).chunk(2)
             activated = torch.nn.functional.silu(gate) * up
             expected[token] += weights[token, slot].double() * (down[expert].double() @ activated)
-        forms = {"decode": bh_routing.variable_k_experts_decode(hidden, index, weights, gate_up, down)}
-        saved, bh_routing.DECODE_PAIRS = bh_routing.DECODE_PAIRS, 0  # the grouped form, below its threshold
-        forms["grouped"] = bh_routing.variable_k_experts_triton(hidden, index, weights, gate_up, down)
-        bh_routing.DECODE_PAIRS = saved
+        forms = {"decode": variable_k_experts.variable_k_experts_decode(hidden, index, weights, gate_up, down)}
+        saved, variable_k_experts.DECODE_PAIRS = (
+            variable_k_experts.DECODE_PAIRS,
+            0,
+        )  # the grouped form, below its threshold
+        forms["grouped"] = variable_k_experts.variable_k_experts_triton(hidden, index, weights, gate_up, down)
+        variable_k_experts.DECODE_PAIRS = saved
         errors = ", ".join(f"{name} {relative_error(out.double(), expected):.2e}" for name, out in forms.items())
         print(f"variable-k decode/grouped forms, {num_tokens} tokens x {slots} slots, against float64: {errors}")
 
 
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA device"
-    model = bh_routing.build_random_olmoe(
+    model = bh_experiment.build_random_olmoe(
         None, seed=0, device="cuda", dtype=torch.bfloat16, num_hidden_layers=4, hidden_size=256, intermediate_size=128
     )
     strengthen_experts(model)
@@ -245,7 +250,7 @@ def main() -> None:
         restored = model(input_ids).logits
     print(f"unpatched logits bit-identical to before patching: {torch.equal(restored, reference)}")
     check_decode_kernels()
-    for family in bh_routing.TINY_MOE_CONFIGS:
+    for family in bh_experiment.TINY_MOE_CONFIGS:
         check_family(family, input_ids)
 
 

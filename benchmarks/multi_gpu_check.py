@@ -13,12 +13,13 @@ from common import relative_error, strengthen_experts
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bh_experiment as bx  # noqa: E402
 import bh_routing as br  # noqa: E402 - importable only once the repository root is on sys.path
 
 
 def main() -> None:
     assert torch.cuda.device_count() >= 2, "needs at least 2 GPUs"
-    model = br.build_random_olmoe(None, seed=0, num_hidden_layers=6, hidden_size=256, intermediate_size=128)
+    model = bx.build_random_olmoe(None, seed=0, num_hidden_layers=6, hidden_size=256, intermediate_size=128)
     strengthen_experts(model)
     directory = tempfile.mkdtemp()
     model.save_pretrained(directory)

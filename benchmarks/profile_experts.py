@@ -14,18 +14,19 @@ from common import median_ms
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
+import bh_experiment  # noqa: E402
+import variable_k_experts  # noqa: E402
 
 
 def main() -> None:
     config = Path(__file__).resolve().parent / "olmoe-1b-7b-0924.config.json"
-    model = bh_routing.build_random_olmoe(config, device="cuda", dtype=torch.bfloat16, num_hidden_layers=1)
+    model = bh_experiment.build_random_olmoe(config, device="cuda", dtype=torch.bfloat16, num_hidden_layers=1)
     experts = model.model.layers[0].mlp.experts
     generator = torch.Generator("cuda").manual_seed(0)
     hidden = torch.randn(4096, experts.hidden_dim, device="cuda", generator=generator).bfloat16()
     for k in (8, 2):
         weights, index = routing_with_counts(4096, torch.full((4096,), k, device="cuda"), generator)
-        call = functools.partial(bh_routing.variable_k_experts_forward, experts, hidden, index, weights)
+        call = functools.partial(variable_k_experts.variable_k_experts_forward, experts, hidden, index, weights)
         median_ms(call)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):

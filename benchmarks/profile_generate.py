@@ -18,14 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate  # noqa: E402 - the benchmark's model, copies, warm-up and generate
 
-import bh_routing  # noqa: E402 - on sys.path once bench_generate is imported
+import bh_experiment  # noqa: E402
 
 
 def own_times(model, prompt, path: str, new_tokens: int) -> dict:
     """function -> [calls, own seconds] in one generate under cProfile."""
     profiler = cProfile.Profile()
     profiler.runcall(bench_generate.generate, model, prompt, path, new_tokens)
-    bh_routing.synchronize(prompt.device)
+    bh_experiment.synchronize(prompt.device)
     return {
         f"{Path(file).name}:{line}({name})": [calls, own]
         for (file, line, name), (_, calls, own, _, _) in pstats.Stats(profiler).stats.items()
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(bench_generate.REPO / "benchmarks" / "olmoe-1b-7b-0924.config.json"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--path", default="static_compiled", choices=list(bh_routing.GENERATION_PATHS))
+    parser.add_argument("--path", default="static_compiled", choices=list(bh_experiment.GENERATION_PATHS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--configs", nargs="+", default=["native", "topk_k8_nostats", "bh_k8_a005"],
                         choices=list(bench_generate.CONFIGS))  # fmt: skip
@@ -66,7 +66,10 @@ def main() -> None:
         bench_generate.generate(copy, prompt, args.path, args.new_tokens)  # the first call after the others
         profiles[name] = own_times(copy, prompt, args.path, args.new_tokens)
     tokens = args.batch * args.new_tokens
-    results = {"environment": bh_routing.environment_info(model, args.device), "settings": vars(args) | {"out": None}}
+    results = {
+        "environment": bh_experiment.environment_info(model, args.device),
+        "settings": vars(args) | {"out": None},
+    }
     for name, profile in profiles.items():
         results[name] = {"own_seconds_per_token": sum(own for _, own in profile.values()) / tokens,
                          "calls_per_token": sum(calls for calls, _ in profile.values()) / tokens,

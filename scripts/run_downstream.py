@@ -1,4 +1,4 @@
-"""`make eval`: routing configurations on lm-evaluation-harness tasks (bh_routing.evaluate_downstream).
+"""`make eval`: routing configurations on lm-evaluation-harness tasks (bh_downstream.evaluate_downstream).
 
     python scripts/run_downstream.py                                  # the embedded model, offline tasks
     python scripts/run_downstream.py --model allenai/OLMoE-1B-7B-0924 --tasks hellaswag,arc_easy --limit 500 \
@@ -19,6 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import bh_downstream as bd  # noqa: E402
+import bh_experiment as bx  # noqa: E402
 import bh_routing as br  # noqa: E402 - after the repository is on the path
 
 
@@ -40,7 +42,7 @@ def limit(text: str) -> int | float | None:
     except ValueError:
         value = text  # not a number: check_limit names it
     try:
-        return br.check_limit(int(value) if isinstance(value, float) and value.is_integer() else value)
+        return bd.check_limit(int(value) if isinstance(value, float) and value.is_integer() else value)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"--{error}") from error
 
@@ -55,7 +57,7 @@ def batch_size(text: str) -> int:
 def parse_arguments(arguments: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded", help="'embedded', a local directory or a hub id")
-    parser.add_argument("--tasks", default=",".join(br.OFFLINE_TASKS), help="lm-eval task names, comma-separated")
+    parser.add_argument("--tasks", default=",".join(bd.OFFLINE_TASKS), help="lm-eval task names, comma-separated")
     parser.add_argument("--configs", nargs="+", help="method:name=value,... (default: default_configs)")
     parser.add_argument("--limit", type=limit, default=None, help="samples per task (default: all)")
     parser.add_argument("--batch-size", type=batch_size, default=8)
@@ -68,20 +70,20 @@ def parse_arguments(arguments: list[str]) -> argparse.Namespace:
 
 def main(arguments: list[str]) -> int:
     options = parse_arguments(arguments)
-    native_k = br.load_config(options.model).num_experts_per_tok
+    native_k = bx.load_config(options.model).num_experts_per_tok
     configs = [br.RoutingConfig.parse(spec) for spec in options.configs or default_configs(native_k)]
     device = None if options.device == "auto" else options.device
-    model, tokenizer = br.load_model(options.model, device=device, dtype=options.dtype)
-    settings = br.run_settings(model, options.model, str(model.device))
+    model, tokenizer = bx.load_model(options.model, device=device, dtype=options.dtype)
+    settings = bx.run_settings(model, options.model, str(model.device))
     try:
-        results = br.evaluate_downstream(
+        results = bd.evaluate_downstream(
             model, tokenizer, configs, options.tasks, options.output_dir, settings, options.limit,
             options.batch_size, redo=options.redo,
         )  # fmt: skip
-    except br.DownstreamTaskError as error:
+    except bd.DownstreamTaskError as error:
         print(f"run_downstream.py: {error}", file=sys.stderr)
         return 1
-    paths = br.write_downstream_outputs(results, options.output_dir)
+    paths = bd.write_downstream_outputs(results, options.output_dir)
     print(paths["markdown"].read_text())
     print("Written:", ", ".join(str(path) for path in paths.values()))
     failed = [

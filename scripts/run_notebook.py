@@ -7,7 +7,8 @@ The default run (no arguments) writes results/ and results/OLMoE_BH_Routing_Expe
 A run with other parameters and no output_dir of its own writes to results/runs/<hash of its arguments>/,
 so that it neither mixes with nor replaces the committed default run's results (the same arguments resume
 in the same directory). The executed notebook is written under a temporary name and renamed only when every
-cell succeeded; a failed run leaves <output_dir>/OLMoE_BH_Routing_Experiments.failed.ipynb and exits 1.
+cell succeeded; a failed run leaves <output_dir>/OLMoE_BH_Routing_Experiments.failed.ipynb and exits 1. What
+the notebook prints (its progress: each configuration done, of how many, in how long) streams to stdout.
 """
 
 import base64
@@ -60,7 +61,10 @@ def main(arguments: list[str]) -> int:
     running = output_dir / f"{NOTEBOOK.stem}.running.ipynb"
     command = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(running), "-k", "python3"]
     print(f"output_dir: {output_dir}", flush=True)
-    status = subprocess.run([*command, "--log-level", "WARNING", *arguments], cwd=REPO).returncode
+    # The notebook's printed lines (each configuration done, of how many, in how long) as they come: "-" is
+    # papermill's own stdout; its log stays at warnings.
+    logged = ["--log-level", "WARNING", "--stdout-file", "-", "--no-progress-bar"]
+    status = subprocess.run([*command, *logged, *arguments], cwd=REPO).returncode
     if status != 0:
         failed = running.with_name(f"{NOTEBOOK.stem}.failed.ipynb")
         if running.exists():

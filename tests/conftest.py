@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import bh_routing  # noqa: E402
+import bh_experiment  # noqa: E402
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def tiny_model():
     A random router has no relevant experts (BH rightly keeps min_k everywhere); scaling five router rows
     plants experts whose logits stand out for some tokens and not others, so counts vary per token.
     """
-    model = bh_routing.build_random_olmoe(seed=0)
+    model = bh_experiment.build_random_olmoe(seed=0)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate.weight[:5] *= 25.0

@@ -12,7 +12,8 @@ MAX_LINES = 60
 
 
 def python_sources():
-    yield "bh_routing.py", (REPO / "bh_routing.py").read_text()
+    for path in sorted(REPO.glob("*.py")):
+        yield path.name, path.read_text()
     for folder in ("scripts", "benchmarks", "tests"):
         for path in sorted((REPO / folder).glob("*.py")):
             yield str(path.relative_to(REPO)), path.read_text()

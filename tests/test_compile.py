@@ -12,7 +12,9 @@ import pytest
 import torch
 from transformers import CompileConfig
 
+import bh_experiment as bx
 import bh_routing as br
+import variable_k_experts as vk
 
 # Every registered method, with the calibrated tables where it reads them.
 LAYER_ROUTES = [
@@ -40,7 +42,7 @@ def fresh_dynamo():
 @pytest.fixture
 def calibration(tiny_model):
     token_ids = torch.randint(0, tiny_model.config.vocab_size, (400,), generator=torch.Generator().manual_seed(0))
-    return br.fit_routing_calibration(br.collect_router_logits(tiny_model, token_ids, window=100))
+    return br.fit_routing_calibration(bx.collect_router_logits(tiny_model, token_ids, window=100))
 
 
 @pytest.mark.parametrize("spec", LAYER_ROUTES)
@@ -52,7 +54,8 @@ def test_every_layer_route_compiles_as_one_graph_and_routes_as_eager(tiny_model,
     patcher.params = params
     logits = torch.randn(13, 64, generator=torch.Generator().manual_seed(1)) * 4
     native_weights, native_index = torch.softmax(logits, -1).topk(8)
-    for layer, route in enumerate(method.layer_routes(params, patcher)):
+    for layer, context in enumerate(patcher.contexts()):
+        route = method.layer_route(params, context)
         expected = route(logits, native_weights, native_index)
         compiled = torch.compile(route, fullgraph=True, backend="eager")
         actual = compiled(logits, native_weights, native_index)
@@ -218,7 +221,7 @@ def test_top_k_at_the_native_k_generates_the_native_tokens_on_both_paths(tiny_mo
     input_ids = torch.randint(2, 512, (2, 7), generator=torch.Generator().manual_seed(4))
     for compiled in (False, True):
         native = generate(tiny_model, input_ids, compiled)
-        with br.MoERouterPatcher(tiny_model, experts_path=br.VARIABLE_K_EXPERTS) as patcher:
+        with br.MoERouterPatcher(tiny_model, experts_path=vk.VARIABLE_K_EXPERTS) as patcher:
             patcher.patch_with_topk(8)
             assert torch.equal(generate(tiny_model, input_ids, compiled), native)
             assert patcher.get_stats()["avg_experts"] == 8
@@ -228,7 +231,7 @@ def test_statistics_of_the_native_routing_leave_a_compiled_bf16_model_bit_for_bi
     # A second reader of the router's weights made inductor store them rounded to bf16 before the experts
     # read them (native's graph computes them inside the experts' kernel): logits off in the last bits from
     # the first compiled decode step, greedy tokens off where two logits nearly tie (batch 16 on a GPU).
-    model = br.build_random_olmoe(seed=0, num_hidden_layers=4).to(torch.bfloat16)
+    model = bx.build_random_olmoe(seed=0, num_hidden_layers=4).to(torch.bfloat16)
     input_ids = torch.randint(2, 512, (16, 9), generator=torch.Generator().manual_seed(3))
     config = CompileConfig(fullgraph=True, mode="default")
     config._compile_all_devices = True
@@ -245,17 +248,17 @@ def test_statistics_of_the_native_routing_leave_a_compiled_bf16_model_bit_for_bi
 
 
 def test_generation_settings_name_the_paths():
-    assert br.generation_settings("dynamic") == {}
-    assert br.generation_settings("static", 40) == {
+    assert bx.generation_settings("dynamic") == {}
+    assert bx.generation_settings("static", 40) == {
         "cache_implementation": "static",
         "max_cache_len": 40,
         "disable_compile": True,
     }
-    assert br.generation_settings("static_compiled", 40, "cpu")["compile_config"]._compile_all_devices
-    assert "compile_config" not in br.generation_settings("static_compiled", 40, "cuda")  # generate's own
-    assert br.fastest_generation_path("cpu") == "dynamic" and br.fastest_generation_path("cuda:0") == "static_compiled"
+    assert bx.generation_settings("static_compiled", 40, "cpu")["compile_config"]._compile_all_devices
+    assert "compile_config" not in bx.generation_settings("static_compiled", 40, "cuda")  # generate's own
+    assert bx.fastest_generation_path("cpu") == "dynamic" and bx.fastest_generation_path("cuda:0") == "static_compiled"
     with pytest.raises(ValueError, match=r"path must be one of \['dynamic', 'static', 'static_compiled'\]"):
-        br.generation_settings("compiled")
+        bx.generation_settings("compiled")
 
 
 def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):

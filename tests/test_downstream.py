@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import bh_downstream as bd
+import bh_experiment as bx
 import bh_routing as br
 
 pytest.importorskip("lm_eval", reason="make test installs requirements-eval.txt")
@@ -20,7 +22,7 @@ CONFIGS = ["native:k=8", "topk:k=2", "bh:alpha=0.2,max_k=8,min_k=2"]
 
 @pytest.fixture(scope="module")
 def embedded():
-    return br.load_model("embedded", device="cpu")
+    return bx.load_model("embedded", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def evaluated(embedded, tmp_path_factory):
     """Three configurations on both offline tasks (the first 16 samples of each), as make eval runs them."""
     output_dir = tmp_path_factory.mktemp("downstream")
     configs = [br.RoutingConfig.parse(spec) for spec in CONFIGS]
-    results = br.evaluate_downstream(*embedded, configs, br.OFFLINE_TASKS, output_dir, {"model": "embedded"}, 16)
+    results = bd.evaluate_downstream(*embedded, configs, bd.OFFLINE_TASKS, output_dir, {"model": "embedded"}, 16)
     return output_dir, configs, results
 
 
@@ -37,9 +39,9 @@ def test_three_configurations_on_the_offline_tasks_give_result_files(evaluated):
     assert list(results) == [config.name for config in configs] == ["topk_8_baseline", "topk_k2", "bh_k8_a020_min2"]
     for config in configs:
         assert results[config.name]["method"] == config.method
-        assert list(results[config.name]["tasks"]) == list(br.OFFLINE_TASKS)
+        assert list(results[config.name]["tasks"]) == list(bd.OFFLINE_TASKS)
         saved = [
-            json.loads((output_dir / "configs" / f"{config.name}.{task}.json").read_text()) for task in br.OFFLINE_TASKS
+            json.loads((output_dir / "configs" / f"{config.name}.{task}.json").read_text()) for task in bd.OFFLINE_TASKS
         ]
         continuation, perplexity = saved
         assert continuation["status"] == perplexity["status"] == "ok"
@@ -57,9 +59,9 @@ def test_three_configurations_on_the_offline_tasks_give_result_files(evaluated):
 
 def test_outputs_table_figure_and_report_section_match_the_results(evaluated):
     output_dir, configs, results = evaluated
-    paths = br.write_downstream_outputs(results, output_dir)
+    paths = bd.write_downstream_outputs(results, output_dir)
     table = pd.read_csv(paths["csv"])
-    assert len(table) == len(configs) * len(br.OFFLINE_TASKS) and (table["status"] == "ok").all()
+    assert len(table) == len(configs) * len(bd.OFFLINE_TASKS) and (table["status"] == "ok").all()
     row = table[(table["config"] == "topk_k2") & (table["task"] == "heldout_continuation")].iloc[0]
     evaluation = results["topk_k2"]["tasks"]["heldout_continuation"]
     assert row["value"] == pytest.approx(evaluation["metrics"]["acc_norm"]["value"])
@@ -74,25 +76,25 @@ def test_outputs_table_figure_and_report_section_match_the_results(evaluated):
 
 def test_a_rerun_resumes_every_finished_configuration(evaluated, embedded, monkeypatch):
     output_dir, configs, results = evaluated
-    monkeypatch.setattr(br, "evaluate_task", lambda *a, **k: pytest.fail("a finished configuration was recomputed"))
-    again = br.evaluate_downstream(*embedded, configs, br.OFFLINE_TASKS, output_dir, {"model": "embedded"}, 16)
+    monkeypatch.setattr(bd, "evaluate_task", lambda *a, **k: pytest.fail("a finished configuration was recomputed"))
+    again = bd.evaluate_downstream(*embedded, configs, bd.OFFLINE_TASKS, output_dir, {"model": "embedded"}, 16)
     assert again == results
 
 
 def test_a_failing_configuration_is_recorded_and_the_others_still_run(embedded, tmp_path, monkeypatch):
-    evaluate = br.evaluate_task
+    evaluate = bd.evaluate_task
 
     def fail_for_bh(harness, patcher, config, *args):
         if config.method == "bh":
             raise RuntimeError("simulated failure")
         return evaluate(harness, patcher, config, *args)
 
-    monkeypatch.setattr(br, "evaluate_task", fail_for_bh)
+    monkeypatch.setattr(bd, "evaluate_task", fail_for_bh)
     configs = [br.RoutingConfig.parse(spec) for spec in ("native:k=8", "bh:alpha=0.05,max_k=8")]
-    results = br.evaluate_downstream(*embedded, configs, ["heldout_continuation"], tmp_path, limit=1)
+    results = bd.evaluate_downstream(*embedded, configs, ["heldout_continuation"], tmp_path, limit=1)
     assert results["topk_8_baseline"]["tasks"]["heldout_continuation"]["status"] == "ok"
     assert results["bh_k8_a005"]["tasks"]["heldout_continuation"]["status"] == "failed"
-    paths = br.write_downstream_outputs(results, tmp_path)  # one sample: no interval, but every output
+    paths = bd.write_downstream_outputs(results, tmp_path)  # one sample: no interval, but every output
     table = pd.read_csv(paths["csv"])
     assert table.loc[table["config"] == "bh_k8_a005", "error"].item() == "RuntimeError: simulated failure"
     markdown = paths["markdown"].read_text()
@@ -102,11 +104,11 @@ def test_a_failing_configuration_is_recorded_and_the_others_still_run(embedded, 
 
 def test_native_top8_is_above_chance_on_the_multiple_choice_task(embedded):
     """The task is learnable by the embedded model: every one of its 400 items, 4 choices (chance 0.25)."""
-    harness = br.harness_model(*embedded, batch_size=16)
+    harness = bd.harness_model(*embedded, batch_size=16)
     patcher = br.OLMoERouterPatcher(embedded[0])
     native = br.RoutingConfig.parse("native:k=8")
-    result = br.evaluate_task(harness, patcher, native, "heldout_continuation")
-    assert result["num_samples"] == br.CONTINUATION_MAX_ITEMS
+    result = bd.evaluate_task(harness, patcher, native, "heldout_continuation")
+    assert result["num_samples"] == bd.CONTINUATION_MAX_ITEMS
     for metric in ("acc", "acc_norm"):
         value, stderr = result["metrics"][metric]["value"], result["metrics"][metric]["stderr"]
         assert value - 0.25 > 4 * stderr, (metric, value, stderr)
@@ -116,17 +118,17 @@ def run_bh(embedded, batch_size, masked=True):
     """BH's routing statistics while lm-eval scores 24 continuation items in batches of batch_size."""
     from lm_eval import simple_evaluate
 
-    harness = br.harness_model(*embedded, batch_size=batch_size)
+    harness = bd.harness_model(*embedded, batch_size=batch_size)
     patcher = br.OLMoERouterPatcher(embedded[0])
     config = br.RoutingConfig.parse("bh:alpha=0.2,max_k=8")
     if masked:
-        result = br.evaluate_task(harness, patcher, config, "heldout_continuation", limit=24)
+        result = bd.evaluate_task(harness, patcher, config, "heldout_continuation", limit=24)
         return result["avg_experts"], result["num_tokens"]
     config.apply(patcher)
     try:
-        spec = br.offline_task_configs()["heldout_continuation"]
+        spec = bd.offline_task_configs()["heldout_continuation"]
         simple_evaluate(
-            model=harness, tasks=[spec], limit=24, log_samples=False, task_manager=br.lm_eval_task_manager()
+            model=harness, tasks=[spec], limit=24, log_samples=False, task_manager=bd.lm_eval_task_manager()
         )
         stats = patcher.get_stats()
     finally:
@@ -149,14 +151,14 @@ def test_paired_difference_recovers_a_known_difference():
     reference = {f"t/{i}": float(v) for i, v in enumerate(rng.random(400) < 0.6)}
     flipped = [key for key, value in reference.items() if value == 1.0][:40]
     worse = reference | dict.fromkeys(flipped, 0.0)
-    interval = br.paired_difference(worse, reference)
+    interval = bd.paired_difference(worse, reference)
     assert interval["high"] - interval["low"] < 0.08  # paired: an unpaired interval would be about 0.14 wide
     assert interval["difference"] == pytest.approx(-0.1) and interval["low"] < -0.1 < interval["high"] < 0
     words = rng.integers(50, 500, size=80)
     documents = {f"t/{i}": [float(-3.0 * n + rng.normal(0, 20)), float(n)] for i, n in enumerate(words)}
     shifted = {key: [ll - 0.1 * n, n] for key, (ll, n) in documents.items()}
     ppl = np.exp(3.0 * words.sum() / words.sum())
-    difference = br.paired_difference(shifted, documents, "word_perplexity")
+    difference = bd.paired_difference(shifted, documents, "word_perplexity")
     assert difference["difference"] == pytest.approx(ppl * (np.exp(0.1) - 1), rel=0.05)
     assert difference["low"] <= difference["difference"] <= difference["high"]
 
@@ -168,14 +170,14 @@ def test_paired_bootstrap_intervals_cover_the_true_difference_about_95_percent_o
         base = rng.random(300)
         ours = {f"t/{i}": float(u < 0.65) for i, u in enumerate(base)}  # true accuracies 0.65 and 0.60, paired
         theirs = {f"t/{i}": float(u < 0.60) for i, u in enumerate(base)}
-        interval = br.paired_difference(ours, theirs, resamples=400, seed=int(rng.integers(1 << 30)))
+        interval = bd.paired_difference(ours, theirs, resamples=400, seed=int(rng.integers(1 << 30)))
         covered += interval["low"] <= 0.05 <= interval["high"]
     assert 88 <= covered <= 99
 
 
 def test_paired_difference_has_no_interval_without_shared_samples_or_a_known_aggregation():
-    unshared = br.paired_difference({"a/0": 1.0, "a/1": 0.0}, {"b/0": 1.0, "b/1": 1.0})
-    corpus_level = br.paired_difference({"a/0": 1.0, "a/1": 0.0}, {"a/0": 1.0, "a/1": 1.0}, "f1")
+    unshared = bd.paired_difference({"a/0": 1.0, "a/1": 0.0}, {"b/0": 1.0, "b/1": 1.0})
+    corpus_level = bd.paired_difference({"a/0": 1.0, "a/1": 0.0}, {"a/0": 1.0, "a/1": 1.0}, "f1")
     for interval in (unshared, corpus_level):
         assert all(np.isnan(interval[key]) for key in ("difference", "low", "high"))
     assert unshared["num_samples"] == 0 and corpus_level["num_samples"] == 2
@@ -184,24 +186,24 @@ def test_paired_difference_has_no_interval_without_shared_samples_or_a_known_agg
 def test_task_metrics_reads_values_and_standard_errors():
     entry = {"alias": "x", "acc,none": 0.5, "acc_stderr,none": 0.02, "word_perplexity,none": 12.0,
              "word_perplexity_stderr,none": "N/A", "exact_match,strict-match": 0.25, "sample_len": 3}  # fmt: skip
-    assert br.task_metrics(entry, {"acc": True, "word_perplexity": False}) == {
+    assert bd.task_metrics(entry, {"acc": True, "word_perplexity": False}) == {
         "acc": {"value": 0.5, "stderr": 0.02, "higher_is_better": True},
         "word_perplexity": {"value": 12.0, "stderr": None, "higher_is_better": False},
         "exact_match,strict-match": {"value": 0.25, "stderr": None, "higher_is_better": None},
     }
-    assert br.primary_metric(br.task_metrics(entry)) == "acc" and br.primary_metric({}) is None
-    assert br.primary_metric({"f1": {}, "em": {}}) == "f1"  # none of PRIMARY_METRICS: the first reported
+    assert bd.primary_metric(bd.task_metrics(entry)) == "acc" and bd.primary_metric({}) is None
+    assert bd.primary_metric({"f1": {}, "em": {}}) == "f1"  # none of PRIMARY_METRICS: the first reported
 
 
 def test_continuation_items_hold_the_true_continuation_among_distinct_choices_of_the_same_document():
-    documents = br.heldout_documents()
-    items = br.continuation_items(documents)
-    assert len(items) == br.CONTINUATION_MAX_ITEMS and items == br.continuation_items(documents)
-    assert len({item["label"] for item in items}) == br.CONTINUATION_CHOICES  # the answer's position varies
+    documents = bx.heldout_documents()
+    items = bd.continuation_items(documents)
+    assert len(items) == bd.CONTINUATION_MAX_ITEMS and items == bd.continuation_items(documents)
+    assert len({item["label"] for item in items}) == bd.CONTINUATION_CHOICES  # the answer's position varies
     for item in items[:50]:
         lines = documents[item["document"]].splitlines()
         choices = item["choices"]
-        assert len(set(choices)) == br.CONTINUATION_CHOICES
+        assert len(set(choices)) == bd.CONTINUATION_CHOICES
         assert any(" ".join(line.split()) == f"{item['context']} {choices[item['label']]}" for line in lines)
         for choice in choices:  # every candidate ends a line of the same document
             assert any(" ".join(line.split()).endswith(choice) for line in lines)
@@ -209,19 +211,19 @@ def test_continuation_items_hold_the_true_continuation_among_distinct_choices_of
 
 def test_bad_tasks_limits_and_a_missing_harness_get_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown lm-eval task 'no_such_task': give one of"):
-        br.check_task_names("heldout_continuation,no_such_task")
+        bd.check_task_names("heldout_continuation,no_such_task")
     with pytest.raises(ValueError, match="'ai2_arc' is an lm-eval tag, a list of tasks without an aggregate"):
-        br.check_task_names(["ai2_arc"])
-    assert br.check_task_names("arc_easy, mmlu") == ["arc_easy", "mmlu"]
+        bd.check_task_names(["ai2_arc"])
+    assert bd.check_task_names("arc_easy, mmlu") == ["arc_easy", "mmlu"]
     with pytest.raises(ValueError, match="tasks must be a non-empty list of lm-eval task names"):
-        br.check_lm_eval_tasks([])
+        bd.check_lm_eval_tasks([])
     for bad in (0, 1.5, True, "10"):
         with pytest.raises(ValueError, match="limit must be None, an integer >= 1 or a fraction in"):
-            br.check_limit(bad)
-    assert [br.check_limit(good) for good in (None, 1, 0.25)] == [None, 1, 0.25]
+            bd.check_limit(bad)
+    assert [bd.check_limit(good) for good in (None, 1, 0.25)] == [None, 1, 0.25]
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match="pip install -r requirements-eval.txt"):
-        br.harness_model(None, None)
+        bd.harness_model(None, None)
 
 
 def test_routing_configurations_parse_from_text():
@@ -255,5 +257,5 @@ def test_make_evals_script_writes_every_output_and_reports_a_bad_task(tmp_path):
 def test_a_bad_configuration_is_refused_before_any_evaluation(embedded, tmp_path):
     configs = [br.RoutingConfig.parse("native:k=8"), br.RoutingConfig.parse("topk:k=99")]
     with pytest.raises(ValueError, match="k must be"):
-        br.evaluate_downstream(*embedded, configs, ["heldout_continuation"], tmp_path, limit=2)
+        bd.evaluate_downstream(*embedded, configs, ["heldout_continuation"], tmp_path, limit=2)
     assert not list((tmp_path / "configs").glob("*.json"))

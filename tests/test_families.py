@@ -1,12 +1,14 @@
 """One patcher for the transformers MoE families that share OLMoE's router/experts contract: tiny random
-instances of each family (`bh_routing.TINY_MOE_CONFIGS`), built offline on the CPU."""
+instances of each family (`bh_experiment.TINY_MOE_CONFIGS`), built offline on the CPU."""
 
 import functools
 
 import pytest
 import torch
 
+import bh_experiment as bx
 import bh_routing as br
+import variable_k_experts as vk
 
 FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v2_greedy", "deepseek_v3",
             "granitemoe", "gpt_oss", "jamba", "glm4_moe", "dots1")  # fmt: skip
@@ -34,7 +36,7 @@ def _model(family: str, implementation: str = "eager"):
     method would keep a fixed count) and, for the sigmoid families, a non-zero score-correction bias. Sigmoid
     scores saturate, so their routers are sharpened less."""
     model_type, overrides = VARIANTS.get(family, (family, {}))
-    model = br.build_random_moe(model_type, seed=0, **overrides)
+    model = bx.build_random_moe(model_type, seed=0, **overrides)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in br.find_moe_layers(model):
@@ -123,13 +125,13 @@ def test_topk_below_the_native_k_is_the_family_router_at_that_k(family):
 def _kept_pairs_recorder(monkeypatch):
     """Record how many rows (kept (token, expert) pairs) each grouped GEMM of the variable-k path computes."""
     computed = []
-    real = br.grouped_matmul
+    real = vk.grouped_matmul
 
     def recording(rows, weights, offsets, grouped=None):
         computed.append(int(offsets[-1]))
         return real(rows, weights, offsets, grouped)
 
-    monkeypatch.setattr(br, "grouped_matmul", recording)
+    monkeypatch.setattr(vk, "grouped_matmul", recording)
     return computed
 
 
@@ -144,7 +146,7 @@ def test_adaptive_methods_keep_variable_counts_and_compute_exactly_the_kept_pair
         counts = patcher.get_stats()["token_counts"]
     assert counts.min() < counts.max()  # variable per token
     computed = _kept_pairs_recorder(monkeypatch)
-    with br.MoERouterPatcher(model, experts_path=br.VARIABLE_K_EXPERTS, record_token_counts=True) as patcher:
+    with br.MoERouterPatcher(model, experts_path=vk.VARIABLE_K_EXPERTS, record_token_counts=True) as patcher:
         patcher.patch(method, max_k=patcher.native_top_k, **params)
         actual = _logits(model, ids)
         assert torch.equal(patcher.get_stats()["token_counts"], counts)
@@ -169,8 +171,8 @@ def test_shared_experts_are_counted_apart_from_routed_ones(family):
 
 def test_gpt_oss_eager_experts_cannot_skip_the_sentinel_so_grouped_mm_runs_while_patched():
     model = _model("gpt_oss", "eager")
-    assert not br.eager_skips_sentinels(br.find_moe_layers(model)[0].experts)
-    assert br.eager_skips_sentinels(br.find_moe_layers(_model("mixtral"))[0].experts)
+    assert not vk.eager_skips_sentinels(br.find_moe_layers(model)[0].experts)
+    assert vk.eager_skips_sentinels(br.find_moe_layers(_model("mixtral"))[0].experts)
     with br.MoERouterPatcher(model, record_token_counts=True) as patcher:
         patcher.patch("bh", alpha=0.2, max_k=2)
         _logits(model, _ids())
@@ -185,14 +187,14 @@ def test_fitted_methods_route_the_selection_logits_the_calibration_saw(family):
     """collect_router_logits gives the logits the methods route (a group-limited family's selectable
     experts), so a calibration fitted on them drives the patcher exactly as route_logits."""
     model, ids = _model(family), _ids(batch=1, length=96, seed=4)
-    collected = br.collect_router_logits(model, ids[0], window=32, batch_size=3)
+    collected = bx.collect_router_logits(model, ids[0], window=32, batch_size=3)
     patcher = br.MoERouterPatcher(model, record_token_counts=True)
     assert collected[0].shape == (96, patcher.shape.num_experts)
     patcher.calibration = br.fit_routing_calibration(collected)
     params = dict(alpha=0.2, max_k=patcher.native_top_k, pvalue_method="empirical")
     with patcher:
         patcher.patch("bh", **params)
-        seen = br.collect_router_logits(model, ids[0], window=32, batch_size=3)  # under the patch's routing
+        seen = bx.collect_router_logits(model, ids[0], window=32, batch_size=3)  # under the patch's routing
         counts = patcher.get_stats()["token_counts"]
     for layer, logits in enumerate(seen):
         expected = br.route_logits("bh", logits, layer, patcher.calibration, num_experts_per_tok=patcher.native_top_k,
@@ -203,10 +205,10 @@ def test_fitted_methods_route_the_selection_logits_the_calibration_saw(family):
 def test_models_outside_the_contract_get_a_clear_error():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    llama = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **br._TINY_MOE))
+    llama = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **bx.TINY_MOE_BASE))
     with pytest.raises(TypeError, match="LlamaForCausalLM cannot be patched: it has no mixture-of-experts layer"):
         br.MoERouterPatcher(llama)
-    phimoe = AutoConfig.for_model("phimoe", **br._TINY_MOE, num_local_experts=8, num_experts_per_tok=2)
+    phimoe = AutoConfig.for_model("phimoe", **bx.TINY_MOE_BASE, num_local_experts=8, num_experts_per_tok=2)
     with pytest.raises(TypeError, match="PhimoeTopKRouter's routing is none of the supported families"):
         br.MoERouterPatcher(AutoModelForCausalLM.from_config(phimoe))
     assert br.OLMoERouterPatcher is br.MoERouterPatcher
@@ -218,7 +220,7 @@ def test_models_outside_the_contract_get_a_clear_error():
         ("dbrx", dict(d_model=64, n_heads=4, n_layers=2, vocab_size=512, max_seq_len=128,
                       attn_config=dict(kv_n_heads=4, rope_theta=10000),
                       ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=32))),
-        ("llama4_text", dict(br._TINY_MOE, intermediate_size_mlp=64, head_dim=16, num_local_experts=4,
+        ("llama4_text", dict(bx.TINY_MOE_BASE, intermediate_size_mlp=64, head_dim=16, num_local_experts=4,
                              num_experts_per_tok=1, interleave_moe_layer_step=1)),
     ],
 )  # fmt: skip
@@ -239,6 +241,6 @@ def test_configurations_scale_with_the_family_shape():
     with pytest.raises(ValueError, match=r"max_k must be in \[1, num_experts=8\]"):
         patcher.patch("bh", max_k=16)
     with pytest.raises(TypeError, match="no mixture-of-experts model"):
-        br.moe_shape(br.load_config("embedded").__class__.__base__())
+        br.moe_shape(bx.load_config("embedded").__class__.__base__())
     with pytest.raises(ValueError, match="model_type must be one of"):
-        br.build_random_moe("llama")
+        bx.build_random_moe("llama")

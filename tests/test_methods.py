@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.stats import kstest
 
+import bh_experiment as bx
 import bh_routing as br
 
 NUM_EXPERTS, NATIVE_K = 64, 8
@@ -29,7 +30,7 @@ def heavy_tailed_logits(tokens, seed):
 
 @pytest.fixture(scope="module")
 def embedded_model():
-    model, tokenizer = br.load_model("embedded")[:2]
+    model, tokenizer = bx.load_model("embedded")[:2]
     return model, tokenizer
 
 
@@ -71,7 +72,7 @@ def test_hc_objective_on_hand_computed_values():
 @pytest.mark.parametrize("beta,min_k,max_k", [(0.3, 1, 8), (0.1, 2, 4), (0.5, 0, 16)])
 def test_hc_counts_match_the_reference(calibration, pvalue_method, beta, min_k, max_k):
     logits = random_logits(seed=3)
-    null = calibration.null(pvalue_method, 1) if pvalue_method in br.CALIBRATED_PVALUE_METHODS else None
+    null = calibration.null(pvalue_method, 1) if br.pvalue_method_of(pvalue_method).fitted else None
     routing = br.route_logits(
         "hc", logits, 1, calibration, beta=beta, min_k=min_k, max_k=max_k, pvalue_method=pvalue_method
     )
@@ -153,7 +154,8 @@ def test_a_calibration_saves_loads_and_must_match_the_model(calibration, tmp_pat
     loaded = br.RoutingCalibration.load(calibration.save(tmp_path / "calibration.pt"))
     assert loaded.skip_beta == calibration.skip_beta and loaded.info == calibration.info
     assert torch.equal(loaded.entropy_knots, calibration.entropy_knots)
-    for mine, theirs in zip(loaded.empirical + loaded.pooled, calibration.empirical + calibration.pooled, strict=True):
+    assert list(loaded.nulls) == list(calibration.nulls) == ["empirical", "pooled"]
+    for mine, theirs in zip(*(sum(c.nulls.values(), []) for c in (loaded, calibration)), strict=True):
         assert (mine.first, mine.step) == (theirs.first, theirs.step)
         assert torch.equal(mine.log_survival, theirs.log_survival)
     three_layers = br.fit_routing_calibration([heavy_tailed_logits(100, seed) for seed in range(3)])
@@ -163,7 +165,7 @@ def test_a_calibration_saves_loads_and_must_match_the_model(calibration, tmp_pat
 
 def test_every_method_runs_through_the_patcher_with_each_layers_own_tables(tiny_model):
     token_ids = torch.randint(0, tiny_model.config.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
-    logits = br.collect_router_logits(tiny_model, token_ids[:400], window=100)
+    logits = bx.collect_router_logits(tiny_model, token_ids[:400], window=100)
     assert len(logits) == tiny_model.config.num_hidden_layers and logits[0].shape == (400, NUM_EXPERTS)
     calibration = br.fit_routing_calibration(logits)
     assert calibration.skip_beta[0] != calibration.skip_beta[1]  # the layers' tables differ
@@ -174,7 +176,7 @@ def test_every_method_runs_through_the_patcher_with_each_layers_own_tables(tiny_
     for config in configs:
         spec = config.name
         config.apply(patcher)
-        kept = br.collect_router_logits(tiny_model, token_ids[400:], window=200)  # the logits each layer routed
+        kept = bx.collect_router_logits(tiny_model, token_ids[400:], window=200)  # the logits each layer routed
         counts = patcher.get_stats()["token_counts"]  # [200, L]
         patcher.unpatch()
         assert counts.double().std() > 0, spec  # variable counts
@@ -188,10 +190,10 @@ def test_every_method_runs_through_the_patcher_with_each_layers_own_tables(tiny_
 
 def test_the_empirical_null_keeps_the_rejection_rate_at_alpha_on_the_embedded_models_permuted_null(embedded_model):
     model, tokenizer = embedded_model
-    ids = tokenizer(br.load_heldout_text("embedded"), return_tensors="pt").input_ids[0]
-    calibration = br.fit_routing_calibration(br.collect_router_logits(model, ids[16384 : 16384 + 8192]))
-    evaluation = br.collect_router_logits(model, ids[:16384])  # disjoint from the calibration slice
-    rates = br.null_rejection_rates(evaluation, (0.05, 0.2), ("empirical", "robust_z"), calibration)
+    ids = tokenizer(bx.load_heldout_text("embedded"), return_tensors="pt").input_ids[0]
+    calibration = br.fit_routing_calibration(bx.collect_router_logits(model, ids[16384 : 16384 + 8192]))
+    evaluation = bx.collect_router_logits(model, ids[:16384])  # disjoint from the calibration slice
+    rates = bx.null_rejection_rates(evaluation, (0.05, 0.2), ("empirical", "robust_z"), calibration)
     fitted = rates[rates["pvalue_method"] == "empirical"]
     # at most alpha within simulation error (4 binomial standard errors), in every layer and at both alphas
     assert (fitted["rejection_rate"] <= fitted["alpha"] + 4 * fitted["standard_error"]).all()
@@ -225,7 +227,7 @@ def test_bootstrap_intervals_cover_a_known_difference():
     true_delta = 100 * math.expm1(0.02)
     covered = []
     for seed in range(60):
-        row = br.frontier_table(synthetic_quality(0.02, seed), resamples=300, seed=seed).iloc[0]
+        row = bx.frontier_table(synthetic_quality(0.02, seed), resamples=300, seed=seed).iloc[0]
         assert row["delta_vs_topk_low"] <= row["delta_vs_topk_percent"] <= row["delta_vs_topk_high"]
         covered.append(row["delta_vs_topk_low"] <= true_delta <= row["delta_vs_topk_high"])
     assert 0.85 <= np.mean(covered) <= 1.0  # nominal 95%; 60 data sets
@@ -238,7 +240,7 @@ def test_bootstrap_intervals_cover_a_known_difference():
 
 def test_best_at_budget_ranks_within_each_budget_with_paired_intervals():
     quality = synthetic_quality(-0.05, 0)
-    table = br.best_at_budget(quality, budgets=(2, 3), resamples=200)
+    table = bx.best_at_budget(quality, budgets=(2, 3), resamples=200)
     at_two = table[table["budget"] == 2]
     assert list(at_two["series"]) == ["BH (robust_z)", "top-k"] and list(at_two["rank"]) == [1, 2]
     best = at_two.iloc[0]
@@ -251,7 +253,7 @@ def test_best_at_budget_ranks_within_each_budget_with_paired_intervals():
 def test_window_sums_fold_positions_per_window():
     nll = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     counts = torch.tensor([[1, 3], [2, 2], [4, 4], [1, 1], [2, 4]])
-    sums = br.window_sums(nll, torch.tensor([0, 0, 7, 7, 7]), counts)
+    sums = bx.window_sums(nll, torch.tensor([0, 0, 7, 7, 7]), counts)
     assert sums == {"window_nll": [3.0, 12.0], "window_tokens": [2.0, 3.0], "window_experts": [4.0, 8.0]}
 
 
@@ -280,7 +282,7 @@ def drop_one_loss(model, layer, inputs, target, slot):
 
 def test_oracle_effects_are_those_of_dropping_one_expert_at_one_position(tiny_model):
     token_ids = torch.randint(0, tiny_model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(1))
-    effects = br.oracle_drop_effects(tiny_model, token_ids, layer=1, positions=[40, 150], context=32)
+    effects = bx.oracle_drop_effects(tiny_model, token_ids, layer=1, positions=[40, 150], context=32)
     top_k = tiny_model.config.num_experts_per_tok
     for row, position in enumerate((40, 150)):
         inputs, target = token_ids[position - 31 : position + 1].unsqueeze(0), token_ids[position + 1]
@@ -289,7 +291,7 @@ def test_oracle_effects_are_those_of_dropping_one_expert_at_one_position(tiny_mo
             expected = drop_one_loss(tiny_model, 1, inputs, target, slot) - reference
             assert effects["loss_increase"][row, slot].item() == pytest.approx(expected, abs=1e-5)
     assert effects["loss_increase"].abs().max() > 1e-4  # the drops change the loss: the check can fail
-    table = br.oracle_table([effects], [br.RoutingConfig.of("topk", k=2)], num_experts_per_tok=top_k)
+    table = bx.oracle_table([effects], [br.RoutingConfig.of("topk", k=2)], num_experts_per_tok=top_k)
     assert table.set_index("config").loc["topk_k2", "kept_share"] == pytest.approx(2 / top_k)
     assert table.iloc[0]["config"] == "router order"
 
@@ -312,9 +314,9 @@ def test_layer_budget_keeps_each_layers_average_whatever_the_token():
 
 def test_paired_perplexity_difference_of_two_results_on_the_same_windows():
     quality = synthetic_quality(0.03, 1)
-    paired = br.paired_perplexity_difference(quality["bh"], quality["topk_k2"], resamples=300)
+    paired = bx.paired_perplexity_difference(quality["bh"], quality["topk_k2"], resamples=300)
     expected = 100 * (quality["bh"]["perplexity"] / quality["topk_k2"]["perplexity"] - 1)
     assert paired["percent"] == pytest.approx(expected) and paired["low"] < paired["percent"] < paired["high"]
     assert paired["low"] > 0  # the 3% difference with small noise is resolved
     with pytest.raises(ValueError, match="per-window sums over the same windows"):
-        br.paired_perplexity_difference(quality["bh"], {**quality["topk_k2"], "window_tokens": [1.0]})
+        bx.paired_perplexity_difference(quality["bh"], {**quality["topk_k2"], "window_tokens": [1.0]})

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+import bh_experiment
 import bh_routing
+import variable_k_experts
 from bh_routing import OLMoERouterPatcher
 
 
@@ -68,11 +70,11 @@ def test_context_manager_and_exception_leave_model_restorable(tiny_model, input_
     class Failing(bh_routing.TopPMethod):  # routes like top-p, then fails inside the forward pass
         name = "failing"
 
-        def layer_routes(self, params, patcher, compiled=False):
+        def layer_route(self, params, context, compiled=False):
             def route(logits, native_weights, native_index):
                 raise RuntimeError("boom inside the forward")
 
-            return [route] * patcher.num_layers
+            return route
 
     bh_routing.register_routing_method(Failing())
     try:
@@ -212,19 +214,19 @@ def test_load_model_from_a_local_directory_and_offline_hub(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = bh_routing.build_random_olmoe(seed=3)
+    model = bh_experiment.build_random_olmoe(seed=3)
     vocabulary = {f"w{i}": i for i in range(512)}
     backend = Tokenizer(models.WordLevel(vocabulary, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w1").save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)
-    loaded, tokenizer = bh_routing.load_model(tmp_path, device="cpu")
+    loaded, tokenizer = bh_experiment.load_model(tmp_path, device="cpu")
     ids = tokenizer("w5 w9 w300", return_tensors="pt").input_ids
     torch.testing.assert_close(logits_of(loaded, ids), logits_of(model, ids))
     with pytest.raises(RuntimeError, match="embedded"):
-        bh_routing.load_model("allenai/OLMoE-1B-7B-0924", device="cpu")
+        bh_experiment.load_model("allenai/OLMoE-1B-7B-0924", device="cpu")
     with pytest.raises(ValueError, match="dtype"):
-        bh_routing.load_model(tmp_path, dtype="float8")
+        bh_experiment.load_model(tmp_path, dtype="float8")
 
 
 def test_statistics_without_token_counts_give_the_same_summary(tiny_model, input_ids):
@@ -317,7 +319,7 @@ def test_a_patched_model_refuses_another_thread(tiny_model, input_ids):
 
 
 def test_too_few_experts_for_robust_z_are_refused_clearly(input_ids):
-    model = bh_routing.build_random_olmoe(num_experts=3, num_experts_per_tok=2)
+    model = bh_experiment.build_random_olmoe(num_experts=3, num_experts_per_tok=2)
     patcher = OLMoERouterPatcher(model, record_token_counts=True)
     with pytest.raises(ValueError, match="needs at least 4 experts.*num_experts=3.*one_minus_prob"):
         patcher.patch_with_bh(alpha=0.1, max_k=2)
@@ -341,30 +343,30 @@ def test_load_model_places_weights_on_the_gpu_while_reading_them(monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: pytest.fail("a host copy was moved"))
-    bh_routing.load_model("embedded", device="cuda:0", dtype="bfloat16")
+    bh_experiment.load_model("embedded", device="cuda:0", dtype="bfloat16")
     assert seen["device_map"] == "cuda:0" and seen["dtype"] == torch.bfloat16
 
 
 @pytest.mark.parametrize(("capability", "dtype"), [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
 def test_auto_dtype_follows_what_the_gpu_computes_natively(monkeypatch, capability, dtype):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert bh_routing.native_dtype("cuda") == dtype  # T4 (sm75): float16; A100/H100 (sm80+): bfloat16
-    assert bh_routing.native_dtype("cpu") == torch.float32
+    assert bh_experiment.native_dtype("cuda") == dtype  # T4 (sm75): float16; A100/H100 (sm80+): bfloat16
+    assert bh_experiment.native_dtype("cpu") == torch.float32
 
 
 def test_a_missing_local_model_directory_is_named(tmp_path):
     for missing in (str(tmp_path / "nope"), "./models/nope", "../nope", "a/b/c"):
         with pytest.raises(FileNotFoundError, match="not an existing local directory"):
-            bh_routing.load_model(missing, device="cpu")
+            bh_experiment.load_model(missing, device="cpu")
     with pytest.raises(FileNotFoundError, match="not an existing local directory"):
-        bh_routing.load_config("./models/nope")
-    config = bh_routing.load_config("embedded")  # the geometry without the weights
+        bh_experiment.load_config("./models/nope")
+    config = bh_experiment.load_config("embedded")  # the geometry without the weights
     assert (config.num_experts, config.num_experts_per_tok) == (64, 8)
     with pytest.raises(RuntimeError, match="embedded"):
-        bh_routing.load_config(bh_routing.HUB_MODEL_ID)  # offline: the same message as load_model's
-    assert bh_routing.model_source("allenai/OLMoE-1B-7B-0924") == "hub"
-    assert bh_routing.model_source(bh_routing.EMBEDDED_MODEL_DIR) == "local"
-    assert bh_routing.model_source("embedded") == "embedded"
+        bh_experiment.load_config(bh_experiment.HUB_MODEL_ID)  # offline: the same message as load_model's
+    assert bh_experiment.model_source("allenai/OLMoE-1B-7B-0924") == "hub"
+    assert bh_experiment.model_source(bh_experiment.EMBEDDED_MODEL_DIR) == "local"
+    assert bh_experiment.model_source("embedded") == "embedded"
 
 
 def test_statistics_leave_padding_positions_out(tiny_model):
@@ -429,7 +431,7 @@ def test_cuda_graphed_routes_give_the_plain_routes_outputs_and_statistics(tiny_m
         patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True, cuda_graphs=cuda_graphs)
         patcher.patch(method, **params)
         routes = [getattr(router, bh_routing.PATCH_ATTRIBUTE).eager_route for router in patcher.routers]
-        assert all(isinstance(route, bh_routing.CudaGraphed) == (cuda_graphs and graphed) for route in routes)
+        assert all(isinstance(route, variable_k_experts.CudaGraphed) == (cuda_graphs and graphed) for route in routes)
         with torch.no_grad():
             logits = tiny_model(ids, attention_mask=mask).logits
         results.append((logits, patcher.get_stats()))

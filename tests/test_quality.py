@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
+import bh_experiment as bx
 import bh_routing as br
 
 
 def test_windows_score_every_token_once():
     for num_tokens, window, stride in [(100, 16, 16), (100, 16, 5), (17, 16, 16), (16, 16, 4), (5, 16, 16)]:
-        windows = br.sliding_windows(num_tokens, window, stride)
+        windows = bx.sliding_windows(num_tokens, window, stride)
         scored = []
         for begin, end, num_scored in windows:
             assert end - begin <= window and 0 < num_scored <= end - begin - 1
@@ -26,7 +27,7 @@ def test_windows_score_every_token_once():
 
 def test_perplexity_matches_the_models_own_loss(tiny_model):
     token_ids = torch.randint(2, 512, (64,), generator=torch.Generator().manual_seed(0))
-    result = br.evaluate_language_model(tiny_model, token_ids, window=64)
+    result = bx.evaluate_language_model(tiny_model, token_ids, window=64)
     with torch.no_grad():
         loss = tiny_model(token_ids[None], labels=token_ids[None]).loss.item()
     assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
@@ -36,7 +37,7 @@ def test_perplexity_matches_the_models_own_loss(tiny_model):
         predictions = tiny_model(token_ids[None]).logits[0, :-1].argmax(-1)
     assert result["token_accuracy"] == pytest.approx((predictions == token_ids[1:]).double().mean().item())
     # Batching and window boundaries do not change what a window computes.
-    windowed = br.evaluate_language_model(tiny_model, torch.cat([token_ids, token_ids]), window=64, batch_size=1)
+    windowed = bx.evaluate_language_model(tiny_model, torch.cat([token_ids, token_ids]), window=64, batch_size=1)
     assert windowed["num_scored"] == 126
     torch.testing.assert_close(windowed["nll"][:63], result["nll"])
 
@@ -45,7 +46,7 @@ def test_expert_counts_are_aligned_with_the_predicting_positions(tiny_model):
     token_ids = torch.randint(2, 512, (150,), generator=torch.Generator().manual_seed(1))
     patcher = br.OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.2, min_k=0, max_k=16)
-    result = br.evaluate_language_model(tiny_model, token_ids, window=40, stride=20, batch_size=3, patcher=patcher)
+    result = bx.evaluate_language_model(tiny_model, token_ids, window=40, stride=20, batch_size=3, patcher=patcher)
     counts = result["expert_counts"]
     assert counts.shape == (149, 2)
     # Routing of a position depends only on its prefix (causal model): rerun the first 40 tokens alone.
@@ -66,9 +67,9 @@ def plain_scores(model, token_ids, window):
 
 @pytest.mark.parametrize("chunk_elements", [1, 512 * 7, 512 * 1000])  # one position, 7 positions, all at once
 def test_the_chunked_loss_equals_the_plain_loss(tiny_model, monkeypatch, chunk_elements):
-    monkeypatch.setattr(br, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(bx, "LOSS_CHUNK_ELEMENTS", chunk_elements)
     token_ids = torch.randint(2, 512, (4 * 32,), generator=torch.Generator().manual_seed(3))
-    result = br.evaluate_language_model(tiny_model, token_ids, window=32, batch_size=4)
+    result = bx.evaluate_language_model(tiny_model, token_ids, window=32, batch_size=4)
     torch.testing.assert_close(result["nll"].float(), plain_scores(tiny_model, token_ids, 32), atol=1e-5, rtol=1e-5)
 
 
@@ -76,7 +77,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_result(tiny_model, monke
     token_ids = torch.randint(2, 512, (8 * 24,), generator=torch.Generator().manual_seed(4))
     patcher = br.OLMoERouterPatcher(tiny_model, record_token_counts=True)
     patcher.patch_with_bh(alpha=0.2, min_k=0, max_k=16)
-    reference = br.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=8, patcher=patcher)
+    reference = bx.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=8, patcher=patcher)
     forward = type(tiny_model).forward
     attempts = []
 
@@ -89,23 +90,23 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_result(tiny_model, monke
 
     monkeypatch.setattr(type(tiny_model), "forward", small_memory)
     with pytest.warns(UserWarning) as warned:
-        backed_off = br.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=8, patcher=patcher)
+        backed_off = bx.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=8, patcher=patcher)
     assert [str(w.message) for w in warned] == [f"out of memory: evaluating with batch_size={b}" for b in (4, 2)]
     assert attempts[:3] == [8, 4, 2] and backed_off["batch_size"] == 2
     torch.testing.assert_close(backed_off["nll"], reference["nll"])
     assert torch.equal(backed_off["expert_counts"], reference["expert_counts"])
     monkeypatch.setattr(type(tiny_model), "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError()))
     with pytest.raises(torch.OutOfMemoryError), pytest.warns(UserWarning):
-        br.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=2)
+        bx.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=2)
 
 
 def test_bad_evaluation_arguments(tiny_model):
     with pytest.raises(ValueError, match="token_ids"):
-        br.evaluate_language_model(tiny_model, torch.tensor([5]))
+        bx.evaluate_language_model(tiny_model, torch.tensor([5]))
     with pytest.raises(ValueError, match="stride"):
-        br.evaluate_language_model(tiny_model, torch.arange(10), window=4, stride=5)
+        bx.evaluate_language_model(tiny_model, torch.arange(10), window=4, stride=5)
     with pytest.raises(ValueError, match="window"):
-        br.evaluate_language_model(tiny_model, torch.arange(10), window=1)
+        bx.evaluate_language_model(tiny_model, torch.arange(10), window=1)
 
 
 def test_frontier_and_token_analysis_of_evaluated_configurations(tiny_model, word_tokenizer):
@@ -117,7 +118,7 @@ def test_frontier_and_token_analysis_of_evaluated_configurations(tiny_model, wor
     quality, evaluations = {}, {}
     for config in configs:
         config.apply(patcher)
-        evaluations[config.name] = br.evaluate_language_model(tiny_model, token_ids, window=64, patcher=patcher)
+        evaluations[config.name] = bx.evaluate_language_model(tiny_model, token_ids, window=64, patcher=patcher)
         quality[config.name] = {
             "name": config.name,
             "method": config.method,
@@ -129,7 +130,7 @@ def test_frontier_and_token_analysis_of_evaluated_configurations(tiny_model, wor
         patcher.unpatch()
     assert quality["topk_k8"]["perplexity"] == pytest.approx(quality["topk_8_baseline"]["perplexity"])
     assert quality["topk_k2"]["avg_experts"] == 2 and quality["topk_8_baseline"]["avg_experts"] == 8
-    table = br.frontier_table(quality)
+    table = bx.frontier_table(quality)
     assert list(table["config"]) == ["bh_k8_a005", "bh_k8_a020"] and set(table["series"]) == {"BH (robust_z)"}
     for row in table.itertuples():
         if 1 <= row.avg_experts <= 8:  # inside the top-k curve: interpolated between its neighbours
@@ -138,7 +139,7 @@ def test_frontier_and_token_analysis_of_evaluated_configurations(tiny_model, wor
             bounds = sorted([quality[f"topk_k{lower}"]["perplexity"], quality[f"topk_k{upper}"]["perplexity"]])
             assert bounds[0] * (1 - 1e-9) <= row.topk_perplexity_at_equal_experts <= bounds[1] * (1 + 1e-9)
     routed = evaluations["bh_k8_a020"]
-    analysis = br.token_level_analysis(
+    analysis = bx.token_level_analysis(
         routed["expert_counts"],
         routed["inputs"],
         evaluations["topk_8_baseline"]["nll"],
@@ -164,7 +165,7 @@ def test_frontier_interpolation_on_known_numbers():
         "bh": entry("bh", "bh", 3.0, 24.0, pvalue_method="robust_z", alpha=0.05, max_k=8),
         "bh_out": entry("bh_out", "bh", 6.0, 15.0, pvalue_method="robust_z", alpha=0.2, max_k=8),
     }
-    table = br.frontier_table(quality).set_index("config")
+    table = bx.frontier_table(quality).set_index("config")
     # Halfway between 2 and 4 experts: the geometric mean of 30 and 20 (mean NLL interpolated).
     assert table.loc["bh", "topk_perplexity_at_equal_experts"] == pytest.approx(math.sqrt(30.0 * 20.0))
     assert table.loc["bh", "delta_vs_topk_percent"] == pytest.approx(100 * (24.0 / math.sqrt(600.0) - 1))
@@ -175,9 +176,9 @@ def test_frontier_interpolation_on_known_numbers():
 def test_heldout_text_sources(tmp_path):
     text_file = tmp_path / "t.txt"
     text_file.write_text("hello")
-    assert br.load_heldout_text(text_file) == "hello"
+    assert bx.load_heldout_text(text_file) == "hello"
     with pytest.raises(FileNotFoundError, match="source"):
-        br.load_heldout_text(tmp_path / "missing.txt")
+        bx.load_heldout_text(tmp_path / "missing.txt")
     with pytest.raises(RuntimeError, match="embedded"):
-        br.load_heldout_text("wikitext2")  # offline here: a clear error naming the embedded text
-    assert len(br.load_heldout_text("embedded")) > 100_000
+        bx.load_heldout_text("wikitext2")  # offline here: a clear error naming the embedded text
+    assert len(bx.load_heldout_text("embedded")) > 100_000

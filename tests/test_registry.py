@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import bh_experiment as bx
 import bh_routing as br
 
 
@@ -107,12 +108,58 @@ def test_a_registered_method_is_known_everywhere(tiny_model, input_ids):
                 "params": {},
             },
         }
-        row = br.frontier_table(quality).set_index("config").loc["keep_two"]
+        row = bx.frontier_table(quality).set_index("config").loc["keep_two"]
         assert row["series"] == "keep_two" and row["topk_perplexity_at_equal_experts"] == pytest.approx(
             40 ** (2 / 3) * 20 ** (1 / 3)
         )
     finally:
         del br.ROUTING_METHODS["keep_two"]
+
+
+class PlainZ(br.PValueMethod):
+    """A toy p-value, added in this one class: each logit standardised by the token's mean and standard deviation
+    over all E (no trimming), against the layer's null fitted on calibration logits with the token-specific
+    signal removed."""
+
+    name, code, fitted = "plain_z", "pz", True
+
+    def fit(self, logits, generator):
+        return br.NullTable.from_sample(self.statistics(None, br.permute_experts(logits, generator)))
+
+    def statistics(self, logits, scaled_logits, top_logits=None):
+        mean, std = scaled_logits.mean(-1, keepdim=True), scaled_logits.std(-1, keepdim=True)
+        return (scaled_logits - mean) / std
+
+
+def test_a_registered_pvalue_method_is_known_everywhere(tiny_model, input_ids):
+    br.register_pvalue_method(PlainZ())
+    try:
+        generator = torch.Generator().manual_seed(3)
+        calibration_logits = [torch.randn(500, 64, generator=generator) * 2 for _ in range(2)]
+        calibration = br.fit_routing_calibration(calibration_logits)
+        assert list(calibration.nulls) == ["empirical", "pooled", "plain_z"]  # fitted, in registry order
+        null = calibration.null("plain_z", 1)
+        logits = torch.randn(40, 64, generator=generator) * 2
+        logits[:, :3] += 6  # a few relevant experts
+        p_values = br.compute_p_values(logits, "plain_z", null=null)
+        counts = br.route_logits("bh", logits, 1, calibration, alpha=0.1, min_k=0, max_k=64, pvalue_method="plain_z")
+        assert torch.equal(counts.expert_counts, br.bh_reject(p_values, 0.1).sum(-1))  # the procedure as stated
+        assert counts.expert_counts.float().mean() > 1
+        assert br.RoutingConfig.of("bh", alpha=0.1, max_k=8, pvalue_method="plain_z").name == "bhpz_k8_a010"
+        assert br.RoutingConfig.of("hc", beta=0.3, pvalue_method="plain_z").name == "hcpz_b030"
+        patcher = br.MoERouterPatcher(tiny_model, calibration=calibration, record_token_counts=True)
+        with pytest.raises(ValueError, match="uses the layer's fitted 'plain_z' null: give a RoutingCalibration"):
+            br.MoERouterPatcher(tiny_model).patch("bh", pvalue_method="plain_z")
+        for method in ("bh", "hc"):
+            patcher.patch(method, pvalue_method="plain_z", max_k=8)
+            with torch.no_grad():
+                tiny_model(input_ids)
+            assert 1 <= patcher.get_stats()["avg_experts"] <= 8
+        patcher.unpatch()
+    finally:
+        del br.PVALUE_METHODS["plain_z"]
+    with pytest.raises(ValueError, match="pvalue_method must be one of"):
+        br.compute_p_values(logits, "plain_z")
 
 
 def reference_statistics(records, num_experts):

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
+import bh_experiment as bx
 import bh_routing as br
 
 
 def test_store_saves_resumes_and_reruns_when_settings_change(tmp_path):
-    store = br.ResultStore(tmp_path / "configs", {"model": "m", "prompts": {"simple": ("a", "b")}})
+    store = bx.ResultStore(tmp_path / "configs", {"model": "m", "prompts": {"simple": ("a", "b")}})
     calls = []
 
     def compute():
@@ -27,14 +28,14 @@ def test_store_saves_resumes_and_reruns_when_settings_change(tmp_path):
     assert first["settings"]["prompts"] == {"simple": ["a", "b"]}  # stored as it reads back from JSON
     assert store.run("bh_k8_a005", compute) == first and len(calls) == 1  # resumed, not rerun
     assert store.run("bh_k8_a005", compute, redo=True) == first and len(calls) == 2
-    other = br.ResultStore(tmp_path / "configs", {"model": "another"})
+    other = bx.ResultStore(tmp_path / "configs", {"model": "another"})
     assert other.load("bh_k8_a005") is None  # other settings: not resumed
     other.run("bh_k8_a005", compute)
     assert len(calls) == 3
 
 
 def test_a_failure_is_recorded_and_retried(tmp_path):
-    store = br.ResultStore(tmp_path, {"seed": 0})
+    store = bx.ResultStore(tmp_path, {"seed": 0})
 
     def out_of_memory():
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -47,7 +48,7 @@ def test_a_failure_is_recorded_and_retried(tmp_path):
 
 
 def test_an_interrupt_saves_nothing_and_leaves_no_temporary_file(tmp_path):
-    store = br.ResultStore(tmp_path, {})
+    store = bx.ResultStore(tmp_path, {})
     store.run("done", lambda: {"x": 1})
 
     def interrupted():
@@ -62,13 +63,13 @@ def test_an_interrupt_saves_nothing_and_leaves_no_temporary_file(tmp_path):
         raise OSError("disk full (simulated)")
 
     with pytest.raises(OSError, match="disk full"):
-        br.atomic_write(tmp_path / "done.json", failing_writer)
+        bx.atomic_write(tmp_path / "done.json", failing_writer)
     assert json.loads((tmp_path / "done.json").read_text())["x"] == 1  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json"]
 
 
 def test_tensors_round_trip(tmp_path):
-    store = br.ResultStore(tmp_path, {})
+    store = bx.ResultStore(tmp_path, {})
     tensors = {"nll": torch.rand(5), "expert_counts": torch.randint(0, 9, (5, 2), dtype=torch.int16)}
     assert store.save_tensors("topk_k2", tensors).name == "topk_k2.pt"
     loaded = store.load_tensors("topk_k2")
@@ -76,29 +77,30 @@ def test_tensors_round_trip(tmp_path):
 
 
 def test_a_result_saved_by_other_code_or_library_versions_is_recomputed(tmp_path, monkeypatch):
-    store = br.ResultStore(tmp_path, {"seed": 0})
-    assert store.settings["code"] == br.code_fingerprint()  # module hash and versions are in the resume key
+    store = bx.ResultStore(tmp_path, {"seed": 0})
+    assert store.settings["code"] == bx.code_fingerprint()  # module hash and versions are in the resume key
     store.run("bh_k8_a005", lambda: {"value": 1})
-    edited = {**br.code_fingerprint(), "bh_routing_sha256": "0" * 16}  # as after a change to bh_routing.py
-    monkeypatch.setattr(br, "code_fingerprint", lambda: edited)
-    after_change = br.ResultStore(tmp_path, {"seed": 0})
+    edited = {**bx.code_fingerprint(), "code_sha256": "0" * 16}  # as after a change to bh_routing.py
+    monkeypatch.setattr(bx, "code_fingerprint", lambda: edited)
+    after_change = bx.ResultStore(tmp_path, {"seed": 0})
     assert after_change.load("bh_k8_a005") is None
     assert after_change.run("bh_k8_a005", lambda: {"value": 2})["value"] == 2
 
 
-def test_the_fingerprint_follows_the_module_source(tmp_path, monkeypatch):
-    copy = tmp_path / "bh_routing.py"
-    copy.write_text(open(br.__file__).read())
-    monkeypatch.setattr(br, "__file__", str(copy))
-    before = br.code_fingerprint()
-    copy.write_text(copy.read_text() + "\n# an edit\n")
-    assert br.code_fingerprint()["bh_routing_sha256"] != before["bh_routing_sha256"]
+@pytest.mark.parametrize("source", ["bh_routing.py", "variable_k_experts.py", "bh_experiment.py"])
+def test_the_fingerprint_follows_every_source_a_result_depends_on(tmp_path, monkeypatch, source):
+    for name in bx.FINGERPRINTED_SOURCES:
+        (tmp_path / name).write_text((bx.REPO_DIR / name).read_text())
+    monkeypatch.setattr(bx, "REPO_DIR", tmp_path)
+    before = bx.code_fingerprint()
+    (tmp_path / source).write_text((tmp_path / source).read_text() + "\n# an edit\n")
+    assert bx.code_fingerprint()["code_sha256"] != before["code_sha256"]
 
 
 def function_from(body):
     namespace = {}
     exec(f"def measure(x):\n{body}\n", namespace)  # noqa: S102 - test code
-    return br.function_fingerprint(namespace["measure"])
+    return bx.function_fingerprint(namespace["measure"])
 
 
 def test_function_fingerprints_follow_the_code_not_its_layout():
@@ -132,7 +134,7 @@ def measured(store, name):
 
 @pytest.mark.parametrize("damage", ["truncated json", "not an object", "truncated tensors", "missing tensors"])
 def test_a_corrupted_saved_result_is_named_moved_aside_and_recomputed(tmp_path, damage):
-    store = br.ResultStore(tmp_path, {"seed": 0})
+    store = bx.ResultStore(tmp_path, {"seed": 0})
     first = store.run("topk_k2", lambda: measured(store, "topk_k2"))
     assert first["tensors"] is True
     json_path, tensor_path = store.path("topk_k2"), store.path("topk_k2", ".pt")
@@ -154,18 +156,18 @@ def test_a_corrupted_saved_result_is_named_moved_aside_and_recomputed(tmp_path, 
 
 
 def test_unreadable_tensors_name_their_file(tmp_path):
-    store = br.ResultStore(tmp_path, {})
+    store = bx.ResultStore(tmp_path, {})
     store.path("x", ".pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match=r"x\.pt: saved tensors unreadable"):
         store.load_tensors("x")
 
 
 def test_throughput_is_the_median_of_repeats_with_its_range():
-    timing = br.throughput_summary(100, [2.0, 1.0, 4.0])
+    timing = bx.throughput_summary(100, [2.0, 1.0, 4.0])
     assert timing == {"tokens_per_second": 50.0, "tokens_per_second_min": 25.0, "tokens_per_second_max": 100.0,
                       "timing_repeats": 3}  # fmt: skip
     with pytest.raises(ValueError, match="seconds_per_repeat"):
-        br.throughput_summary(100, [])
+        bx.throughput_summary(100, [])
 
 
 def test_saturation_analysis_on_known_numbers():
@@ -181,10 +183,10 @@ def test_saturation_analysis_on_known_numbers():
         }
         for k, avg in [(2, 2.0), (4, 3.0), (8, 3.1), (16, 3.12)]
     ]
-    result = br.saturation_analysis(pd.DataFrame(rows))
+    result = bx.saturation_analysis(pd.DataFrame(rows))
     assert result.loc[0, "saturation_max_k"] == 4  # 2->4 grows 50%, 4->8 3.3%, 8->16 0.6%
     assert result.loc[0, "growth_percent_by_step"] == {"2->4": 50.0, "4->8": 3.33, "8->16": 0.65}
     rows[-1]["avg_experts"] = 4.0  # growth resumes at the last step: not saturated
-    assert pd.isna(br.saturation_analysis(pd.DataFrame(rows)).loc[0, "saturation_max_k"])
+    assert pd.isna(bx.saturation_analysis(pd.DataFrame(rows)).loc[0, "saturation_max_k"])
     rows[0]["status"] = "failed"  # failed rows are left out
-    assert list(br.saturation_analysis(pd.DataFrame(rows)).loc[0, "growth_percent_by_step"]) == ["4->8", "8->16"]
+    assert list(bx.saturation_analysis(pd.DataFrame(rows)).loc[0, "growth_percent_by_step"]) == ["4->8", "8->16"]

@@ -10,14 +10,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import bh_experiment
 import bh_routing
+import variable_k_experts
 
 NUM_EXPERTS = 64
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _experts(dtype=torch.float32, hidden_size=64, intermediate_size=32):
-    model = bh_routing.build_random_olmoe(seed=0, hidden_size=hidden_size, intermediate_size=intermediate_size)
+    model = bh_experiment.build_random_olmoe(seed=0, hidden_size=hidden_size, intermediate_size=intermediate_size)
     model = model.to(dtype)
     model.set_experts_implementation("eager")
     return model, model.model.layers[0].mlp.experts
@@ -45,17 +47,17 @@ def test_torch_reference_matches_eager(dtype, tolerance, num_tokens, slots):
     weights, index, counts = _routing(num_tokens, slots)
     hidden = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
     expected = experts(hidden, index, weights)
-    actual = bh_routing.variable_k_experts_torch(hidden, index, weights, experts)
+    actual = variable_k_experts.variable_k_experts_torch(hidden, index, weights, experts)
     assert actual.dtype == dtype and actual.shape == hidden.shape
     assert _relative_error(actual, expected) < tolerance
     assert torch.all(actual[counts == 0] == 0)  # no expert kept: the MoE output is exactly zero
 
 
 def test_registered_implementation_matches_eager_in_a_model(tiny_model, input_ids):
-    bh_routing.register_variable_k_experts()
+    variable_k_experts.register_variable_k_experts()
     tiny_model.set_experts_implementation("eager")
     expected = tiny_model(input_ids).logits
-    tiny_model.set_experts_implementation(bh_routing.VARIABLE_K_EXPERTS)
+    tiny_model.set_experts_implementation(variable_k_experts.VARIABLE_K_EXPERTS)
     assert torch.allclose(tiny_model(input_ids).logits, expected, atol=1e-5)
 
 
@@ -65,8 +67,8 @@ def test_rows_past_the_kept_pairs_are_never_used(monkeypatch):
     model, experts = _experts()
     weights, index, counts = _routing(40, 8)
     hidden = torch.randn(40, 64)
-    expected = bh_routing.variable_k_experts_torch(hidden, index, weights, experts)
-    real_grouped_matmul = bh_routing.grouped_matmul
+    expected = variable_k_experts.variable_k_experts_torch(hidden, index, weights, experts)
+    real_grouped_matmul = variable_k_experts.grouped_matmul
     kept_counts = []
 
     def poisoned(rows, expert_weights, offsets, grouped=None):
@@ -75,15 +77,15 @@ def test_rows_past_the_kept_pairs_are_never_used(monkeypatch):
         output[int(offsets[-1]) :] = float("nan")
         return output
 
-    monkeypatch.setattr(bh_routing, "grouped_matmul", poisoned)
-    actual = bh_routing.variable_k_experts_torch(hidden, index, weights, experts)
+    monkeypatch.setattr(variable_k_experts, "grouped_matmul", poisoned)
+    actual = variable_k_experts.variable_k_experts_torch(hidden, index, weights, experts)
     assert kept_counts == [int(counts.sum())] * 2
     assert torch.isfinite(actual).all() and torch.equal(actual, expected)
 
 
 def test_sort_gives_expert_groups_with_sentinels_last():
     index = torch.tensor([[3, 64, 64], [0, 3, 64], [63, 0, 3]])
-    pair_order, offsets = bh_routing.sort_pairs_by_expert(index, NUM_EXPERTS)
+    pair_order, offsets = variable_k_experts.sort_pairs_by_expert(index, NUM_EXPERTS)
     sorted_ids = index.reshape(-1)[pair_order]
     assert sorted_ids.tolist() == [0, 0, 3, 3, 3, 63, 64, 64, 64]
     assert offsets.dtype == torch.int32 and offsets.shape == (NUM_EXPERTS,)
@@ -105,7 +107,7 @@ def test_no_host_sync_on_the_path():
     model, experts = _experts()
     weights, index, _ = _routing(33, 8)
     with _OpRecorder() as recorder:
-        bh_routing.variable_k_experts_torch(torch.randn(33, 64), index, weights, experts)
+        variable_k_experts.variable_k_experts_torch(torch.randn(33, 64), index, weights, experts)
     assert "aten._grouped_mm" in recorder.ops  # the real grouped GEMM ran (not the per-expert fallback)
     assert not recorder.ops & {"aten._local_scalar_dense", "aten.nonzero", "aten.item"}
 
@@ -115,7 +117,7 @@ def test_unsupported_expert_layout_is_refused():
     experts.has_post_expert_norm = True
     weights, index, _ = _routing(4, 8)
     with pytest.raises(NotImplementedError, match="norm after each expert"):
-        bh_routing.variable_k_experts_forward(experts, torch.randn(4, 64), index, weights)
+        variable_k_experts.variable_k_experts_forward(experts, torch.randn(4, 64), index, weights)
 
 
 def test_each_expert_computes_exactly_its_kept_pairs(monkeypatch):
@@ -129,9 +131,9 @@ def test_each_expert_computes_exactly_its_kept_pairs(monkeypatch):
         group_sizes.append(torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()))
         return real(rows, expert_weights, offsets, grouped)
 
-    real = bh_routing.grouped_matmul
-    monkeypatch.setattr(bh_routing, "grouped_matmul", recording)
-    bh_routing.variable_k_experts_torch(torch.randn(50, 64), index, weights, experts)
+    real = variable_k_experts.grouped_matmul
+    monkeypatch.setattr(variable_k_experts, "grouped_matmul", recording)
+    variable_k_experts.variable_k_experts_torch(torch.randn(50, 64), index, weights, experts)
     kept_per_expert = torch.bincount(index[index < NUM_EXPERTS], minlength=NUM_EXPERTS)
     assert (kept_per_expert == 0).any()  # some experts are chosen by no token here
     assert len(group_sizes) == 2 and all(torch.equal(sizes, kept_per_expert) for sizes in group_sizes)
@@ -171,13 +173,14 @@ def test_patcher_rejects_unknown_experts_path(tiny_model):
 TRITON_CHECK = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-import bh_routing
-assert bh_routing.triton is not None
-model = bh_routing.build_random_olmoe(seed=0, hidden_size=96, intermediate_size=48)
+import bh_experiment
+import variable_k_experts
+assert variable_k_experts.triton is not None
+model = bh_experiment.build_random_olmoe(seed=0, hidden_size=96, intermediate_size=48)
 experts = model.model.layers[0].mlp.experts
 model.set_experts_implementation("eager")
-decode_calls, decode = [], bh_routing.variable_k_experts_decode
-bh_routing.variable_k_experts_decode = lambda *args: decode_calls.append(1) or decode(*args)
+decode_calls, decode = [], variable_k_experts.variable_k_experts_decode
+variable_k_experts.variable_k_experts_decode = lambda *args: decode_calls.append(1) or decode(*args)
 # The interpreter rounds float32 to bfloat16 by truncation, twice the error of a GPU's round-to-nearest.
 for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
     experts.to(dtype)  # the weights as this dtype holds them; the float64 reference below reads them exactly
@@ -193,11 +196,12 @@ for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
         expected = experts(hidden.double(), index, weights.double())
         experts.to(dtype)
         calls = len(decode_calls)
-        actual = bh_routing.variable_k_experts_triton(hidden, index, weights, experts.gate_up_proj, experts.down_proj)
+        kernel = variable_k_experts.variable_k_experts_triton
+        actual = kernel(hidden, index, weights, experts.gate_up_proj, experts.down_proj)
         error = ((actual.double() - expected).norm() / expected.norm()).item()
         assert actual.dtype == dtype and error < tolerance, (dtype, num_tokens, slots, error)
         assert torch.all(actual[counts == 0] == 0)
-        assert len(decode_calls) - calls == (num_tokens * slots <= bh_routing.DECODE_PAIRS), (num_tokens, slots)
+        assert len(decode_calls) - calls == (num_tokens * slots <= variable_k_experts.DECODE_PAIRS), (num_tokens, slots)
 print("triton interpreter ok")
 """
 
@@ -221,14 +225,14 @@ def test_grouped_gemm_only_where_torch_has_a_kernel(monkeypatch):
     """The fused path (and the patcher's default) needs a grouped GEMM kernel: sm80+ in bf16, not a T4."""
     try:
         for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
-            bh_routing.grouped_mm_usable.cache_clear()
+            variable_k_experts.grouped_mm_usable.cache_clear()
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-            assert bh_routing.grouped_mm_usable(torch.device("cuda", 0), torch.bfloat16) is expected
-        bh_routing.grouped_mm_usable.cache_clear()
-        assert not bh_routing.grouped_mm_usable(torch.device("cuda", 0), torch.float32)
-        assert bh_routing.grouped_mm_usable(torch.device("cpu"), torch.float32)  # torch >= 2.9 here
+            assert variable_k_experts.grouped_mm_usable(torch.device("cuda", 0), torch.bfloat16) is expected
+        variable_k_experts.grouped_mm_usable.cache_clear()
+        assert not variable_k_experts.grouped_mm_usable(torch.device("cuda", 0), torch.float32)
+        assert variable_k_experts.grouped_mm_usable(torch.device("cpu"), torch.float32)  # torch >= 2.9 here
     finally:
-        bh_routing.grouped_mm_usable.cache_clear()
+        variable_k_experts.grouped_mm_usable.cache_clear()
 
 
 def test_per_expert_fallback_matches_the_grouped_gemm(monkeypatch):
@@ -237,6 +241,6 @@ def test_per_expert_fallback_matches_the_grouped_gemm(monkeypatch):
     weights, index, _ = _routing(29, 8)
     hidden = torch.randn(29, 64)
     arguments = (hidden, index, weights, experts)
-    expected = bh_routing.variable_k_experts_torch(*arguments)
-    monkeypatch.setattr(bh_routing, "grouped_mm_usable", lambda device, dtype: False)
-    assert torch.allclose(bh_routing.variable_k_experts_torch(*arguments), expected, atol=1e-6)
+    expected = variable_k_experts.variable_k_experts_torch(*arguments)
+    monkeypatch.setattr(variable_k_experts, "grouped_mm_usable", lambda device, dtype: False)
+    assert torch.allclose(variable_k_experts.variable_k_experts_torch(*arguments), expected, atol=1e-6)
