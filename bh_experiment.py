@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 import torch
 import transformers
-from scipy.stats import spearmanr
+from scipy.stats import false_discovery_control, rankdata, spearmanr
+from scipy.stats import t as student_t
 
 from bh_routing import (
     NATIVE_TOP_K,
@@ -78,6 +79,16 @@ __all__ = [
     "generate_timed",
     "throughput_summary",
     "progress",
+    "repetition",
+    "generation_measures",
+    "group_intervals",
+    "window_dependence",
+    "block_length",
+    "politis_white_block",
+    "bootstrap_window_weights",
+    "bootstrap_interval",
+    "family_significance",
+    "STRONGEST",
     "window_sums",
     "frontier_table",
     "best_at_budget",
@@ -696,6 +707,47 @@ def progress(items, label: str, name: Callable = str):
         print(f"{label} {index}/{len(items)}: {name(item)} ({time.perf_counter() - started:.1f} s)", flush=True)
 
 
+def repetition(token_ids, n: int = 3) -> dict:
+    """How repetitive a generated sequence of tokens is: the share of its n-grams that occurred earlier in it
+    ("repeated_ngram_share"), the share of its tokens equal to the token before ("repeat_previous_share"), and
+    the longest run of one token repeated ("longest_repeat_run", in tokens). Degenerate text scores high."""
+    ids = [int(token) for token in token_ids]
+    grams, seen, repeated = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)], set(), 0
+    for gram in grams:
+        repeated, seen = repeated + (gram in seen), seen | {gram}
+    runs, run = [1] if ids else [0], 1
+    for previous, token in zip(ids, ids[1:], strict=False):
+        run = run + 1 if token == previous else 1
+        runs.append(run)
+    same = sum(token == previous for previous, token in zip(ids, ids[1:], strict=False))
+    return {
+        "repeated_ngram_share": repeated / len(grams) if grams else 0.0,
+        "repeat_previous_share": same / (len(ids) - 1) if len(ids) > 1 else 0.0,
+        "longest_repeat_run": max(runs),
+    }
+
+
+def generation_measures(prompt_results: list[dict]) -> dict:
+    """What a configuration's generations show beside its speed: the average experts over the prompts' tokens
+    and over the generated tokens apart (each prompt result's "token_counts" [tokens, layers], the first
+    "prompt_tokens" rows its prompt's), and the means over prompts of `repetition` of "generated_ids"."""
+    prompt, generated = [], []
+    for result in prompt_results:
+        counts = np.asarray(result["token_counts"], dtype=np.float64).reshape(
+            -1, max(1, len(result["token_counts"][0]))
+        )
+        prompt.append(counts[: result["prompt_tokens"]])
+        generated.append(counts[result["prompt_tokens"] :])
+    repeats = [repetition(result["generated_ids"]) for result in prompt_results]
+    measures = {
+        "avg_experts_prompt_tokens": float(np.concatenate(prompt).mean()) if prompt else math.nan,
+        "avg_experts_generated_tokens": float(np.concatenate(generated).mean())
+        if sum(map(len, generated))
+        else math.nan,
+    }
+    return measures | {key: float(np.mean([r[key] for r in repeats])) for key in (repeats[0] if repeats else {})}
+
+
 def synchronize(device) -> None:
     """Wait for every GPU (a model spread with device_map="auto" runs on several) when `device` is CUDA."""
     if torch.device(device).type == "cuda":
@@ -784,9 +836,9 @@ def throughput_summary(new_tokens: int, seconds_per_repeat: list[float]) -> dict
 
 
 FRONTIER_RESAMPLES = 1000  # paired bootstrap resamples of the evaluation windows
-
-
 FRONTIER_LEVEL = 0.95
+STRONGEST = "strongest"  # the lowest of the baseline curves at each average experts
+FAMILY_LEVEL = 0.05  # the level at which a family of comparisons is corrected (Holm, Benjamini-Hochberg)
 
 
 def window_sums(nll: torch.Tensor, window_ids: torch.Tensor, expert_counts: torch.Tensor | None) -> dict:
@@ -808,20 +860,81 @@ def window_sums(nll: torch.Tensor, window_ids: torch.Tensor, expert_counts: torc
     return {"window_nll": sums.tolist(), "window_tokens": tokens.tolist(), "window_experts": experts.tolist()}
 
 
-def bootstrap_window_weights(num_windows: int, resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
-    """[1 + resamples, W] multiplicities of each window: row 0 all ones (the point estimate), then
-    `resamples` draws of W windows with replacement (the paired bootstrap: every configuration is
-    resampled with the same windows)."""
+def _autocovariance(values: np.ndarray, lag: int) -> float:
+    return float(values[lag:] @ values[: len(values) - lag]) / len(values)
 
+
+def block_length(series) -> int:
+    """The block length of the intervals' circular block bootstrap over a series of adjacent windows: Politis
+    & White's (`politis_white_block`), raised to ceil(sqrt(n)) when it finds dependence (a length above 1). Their
+    rule minimises the mean squared error of the variance estimate, not the coverage error of an interval, and
+    with a few dozen windows its intervals fall short of their level: on AR(1) windows of lag-1 correlation 0.5
+    their coverage was about 0.83-0.88, with the floor about 0.90-0.93 (32 and 64 windows, Student-t quantiles
+    of one degree of freedom fewer than the blocks; tests/test_tables.py), at the price of wider intervals."""
+    block, n = politis_white_block(series), len(series)
+    return block if block == 1 else int(min(max(block, math.ceil(math.sqrt(n))), max(1, n // 4)))
+
+
+def politis_white_block(series) -> int:
+    """The circular block bootstrap's block length for a series of adjacent windows, by Politis & White's
+    automatic rule (2004, Econometric Reviews 23(1), with the correction of Patton, Politis & White 2009): the
+    autocorrelations are read up to twice the first lag m after which K = max(5, sqrt(log10 n)) of them in a
+    row stay below 2 sqrt(log10 n / n), through a flat-top lag window; b = (2 G^2 / D)^(1/3) n^(1/3), between
+    1 (no dependence: the plain window bootstrap) and n / 4."""
+    values = np.asarray(series, dtype=np.float64) - np.mean(series)
+    n = len(values)
+    variance = _autocovariance(values, 0)
+    if n < 8 or variance == 0:
+        return 1
+    run, bound = max(5, int(math.sqrt(math.log10(n)))), 2 * math.sqrt(math.log10(n) / n)
+    rho = [_autocovariance(values, lag) / variance for lag in range(n)]
+    quiet = (m for m in range(1, n - run) if all(abs(rho[m + k]) < bound for k in range(1, run + 1)))
+    lags = min(2 * next(quiet, n // 4), n - 1)
+    window = [1.0 if abs(k / lags) <= 0.5 else 2 * (1 - abs(k / lags)) for k in range(-lags, lags + 1)]
+    covariances = [_autocovariance(values, abs(k)) for k in range(-lags, lags + 1)]
+    g = sum(w * c for w, c in zip(window, covariances, strict=True))
+    big_g = sum(w * abs(k) * c for w, c, k in zip(window, covariances, range(-lags, lags + 1), strict=True))
+    if g <= 0:
+        return 1
+    block = (2 * big_g**2 / ((4 / 3) * g**2)) ** (1 / 3) * n ** (1 / 3)
+    return int(min(max(round(block), 1), max(1, n // 4)))
+
+
+def window_dependence(quality: dict, reference: str | None = None, lags: int = 3) -> dict:
+    """How alike adjacent evaluation windows are: the autocorrelation at lags 1..`lags` of the per-window mean
+    NLL of `reference` (default: the first ok configuration of the native routing, else the first ok one),
+    and the block length it gives (`block_length`). {"reference", "windows", "autocorrelation", "block"}."""
+    ok = {name: r for name, r in quality.items() if r.get("status") == "ok" and "window_nll" in r}
+    if not ok:
+        return {"reference": None, "windows": 0, "autocorrelation": [], "block": 1}
+    native = [name for name, r in ok.items() if not routing_method(r["method"]).changes_routing]
+    name = reference if reference in ok else (native or list(ok))[0]
+    series = np.asarray(ok[name]["window_nll"]) / np.asarray(ok[name]["window_tokens"])
+    values = series - series.mean()
+    acf = [_autocovariance(values, lag) / max(_autocovariance(values, 0), 1e-300) for lag in range(1, lags + 1)]
+    return {"reference": name, "windows": len(series), "autocorrelation": acf, "block": block_length(series)}
+
+
+def bootstrap_window_weights(num_windows: int, resamples: int = FRONTIER_RESAMPLES, seed: int = 0, block: int = 1):
+    """[1 + resamples, W] multiplicities of each window: row 0 all ones (the point estimate), then `resamples`
+    draws of W windows (the paired bootstrap: every configuration is resampled with the same windows). block 1:
+    windows drawn with replacement; block b > 1: the circular block bootstrap (Politis & Romano 1992), ceil(W / b)
+    runs of b adjacent windows with uniform starts, wrapping at the end, cut to W windows, so that the
+    dependence of adjacent windows stays inside each draw and every window is drawn equally often."""
     rng = np.random.default_rng(seed)
-    draws = rng.multinomial(num_windows, np.full(num_windows, 1.0 / num_windows), size=resamples)
-    return np.vstack([np.ones((1, num_windows)), draws]).astype(np.float64)
+    if block <= 1:
+        draws = rng.multinomial(num_windows, np.full(num_windows, 1.0 / num_windows), size=resamples)
+        return np.vstack([np.ones((1, num_windows)), draws]).astype(np.float64)
+    starts = rng.integers(0, num_windows, size=(resamples, math.ceil(num_windows / block)))
+    drawn = ((starts[:, :, None] + np.arange(block)) % num_windows).reshape(resamples, -1)[:, :num_windows]
+    draws = np.zeros((resamples, num_windows))
+    np.add.at(draws, (np.arange(resamples)[:, None], drawn), 1.0)
+    return np.vstack([np.ones((1, num_windows)), draws])
 
 
 def _resampled(results: list[dict], weights):
     """(mean NLL, average experts) of each result under each row of bootstrap weights: [R, C] each; None
     when some result lacks per-window sums or the results' windows differ."""
-
     if not results or any("window_nll" not in r for r in results):
         return None
     tokens = np.asarray(results[0]["window_tokens"])
@@ -835,7 +948,6 @@ def _resampled(results: list[dict], weights):
 
 def _interpolate_rows(x, xs, ys):
     """Row-wise linear interpolation, NaN outside each row's [min xs, max xs]: x [R, C], xs/ys [R, n]."""
-
     out = np.full(x.shape, np.nan)
     for row in range(x.shape[0]):
         order = np.argsort(xs[row], kind="stable")
@@ -845,115 +957,125 @@ def _interpolate_rows(x, xs, ys):
     return out
 
 
-def _percentile_interval(samples, level: float = FRONTIER_LEVEL) -> tuple[float, float]:
-    """Percentile interval of bootstrap samples [R - 1, C] -> ([C], [C]); NaN where more than (1 - level) / 2
-    of the resamples are NaN (a point that leaves the baseline's range in them: dropping those resamples
-    would narrow the interval)."""
-
-    low, high = np.full(samples.shape[1], np.nan), np.full(samples.shape[1], np.nan)
-    enough = np.isfinite(samples).mean(axis=0) >= 1 - (1 - level) / 2
+def bootstrap_interval(point, samples, blocks: int, level: float = FRONTIER_LEVEL) -> dict:
+    """A bootstrap interval and p-value for each column: point [C] +- the Student-t quantile with blocks - 1
+    degrees of freedom (the independent units the resampling drew) times the standard deviation of the
+    resamples [R - 1, C], and the two-sided p-value of "the difference is 0" from the same t statistic. NaN
+    where more than (1 - level) / 2 of the resamples are NaN (a point that leaves a curve's range in them)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    point = np.asarray(point, dtype=np.float64)
+    enough = (np.isfinite(samples).mean(axis=0) >= 1 - (1 - level) / 2) & np.isfinite(point)
+    deviation = np.full(point.shape, np.nan)
     if enough.any():
-        tail = 100 * (1 - level) / 2
-        low[enough], high[enough] = np.nanpercentile(samples[:, enough], [tail, 100 - tail], axis=0)
-    return low, high
+        deviation[enough] = np.nanstd(samples[:, enough], axis=0, ddof=1)
+    quantile = student_t.ppf(1 - (1 - level) / 2, max(blocks - 1, 1))
+    with np.errstate(all="ignore"):
+        p_value = 2 * student_t.sf(np.abs(point / deviation), max(blocks - 1, 1))
+    return {"low": point - quantile * deviation, "high": point + quantile * deviation, "p": p_value}
 
 
-def _versus_baselines(ok: list[dict], resamples: int, seed: int) -> dict:
-    """For every result and baseline: the delta to the baseline at equal average experts (percent of
-    perplexity), as point estimate [C] and bootstrap samples [R, C] (None without per-window sums)."""
+def baseline_curves(results: list[dict]) -> dict[str, list[int]]:
+    """{baseline key: indices of the results that are its curve's points} (`RoutingMethod.baseline`), in the
+    registry's order of baseline methods."""
+    curves = {name: [] for name, method in ROUTING_METHODS.items() if method.is_baseline}
+    for index, result in enumerate(results):
+        key = routing_method(result["method"]).baseline(result["params"])
+        if key is not None:
+            curves.setdefault(key, []).append(index)
+    return curves
 
-    baselines = [name for name, method in ROUTING_METHODS.items() if method.is_baseline]
-    weights = (
-        None
-        if not ok or "window_tokens" not in ok[0]
-        else bootstrap_window_weights(len(ok[0]["window_tokens"]), resamples, seed)
-    )
+
+def _versus_baselines(ok: list[dict], resamples: int, seed: int, block: int = 1) -> dict:
+    """For every result: its difference to each baseline curve at equal average experts (percent of
+    perplexity), and to the strongest (the lowest baseline curve there), as point estimate and bootstrap
+    samples: {key: [R, C]} (row 0 the point estimate; only row 0 without per-window sums)."""
+    has_windows = ok and "window_tokens" in ok[0]
+    weights = bootstrap_window_weights(len(ok[0]["window_tokens"]), resamples, seed, block) if has_windows else None
     resampled = None if weights is None else _resampled(ok, weights)
     measured = np.log([r["perplexity"] for r in ok]), np.asarray([r["avg_experts"] for r in ok], dtype=float)
     nll, experts = (measured[0][None], measured[1][None]) if resampled is None else resampled
     nll[0], experts[0] = measured  # row 0 as measured (the resampled row 0 equals it up to rounding)
-    found = {}
-    for baseline in baselines:
-        members = [i for i, r in enumerate(ok) if r["method"] == baseline]
-        if len(members) < 2:
-            found[baseline] = np.full(nll.shape, np.nan)
-            continue
-        at_equal = _interpolate_rows(experts, experts[:, members], nll[:, members])
-        found[baseline] = 100.0 * np.expm1(nll - at_equal)  # [R, C]
-    return {"deltas": found, "nll": nll, "experts": experts}
+    found, at_equal = {}, []
+    for key, members in baseline_curves(ok).items():
+        curve = _interpolate_rows(experts, experts[:, members], nll[:, members]) if len(members) >= 2 else None
+        found[key] = np.full(nll.shape, np.nan) if curve is None else 100.0 * np.expm1(nll - curve)  # [R, C]
+        at_equal += [] if curve is None else [curve]
+    with np.errstate(all="ignore"):
+        lowest = np.fmin.reduce(at_equal) if at_equal else np.full(nll.shape, np.nan)  # NaN only where all are
+    blocks = math.ceil(len(ok[0]["window_tokens"]) / block) if has_windows else 1  # the units a resample draws
+    return {"deltas": found | {STRONGEST: 100.0 * np.expm1(nll - lowest)}, "blocks": blocks}
 
 
-def frontier_table(quality: dict[str, dict], resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
+def _delta_columns(compared: dict, column: int) -> dict:
+    """The columns of one result's differences to every baseline (`_versus_baselines`): delta_vs_<key>_percent,
+    _low, _high (the 95% interval) and _p (the two-sided p-value), NaN without resamples."""
+    row = {}
+    for key, delta in compared["deltas"].items():
+        parts = {"low": math.nan, "high": math.nan, "p": math.nan}
+        if len(delta) > 1:
+            parts = {name: float(value[0]) for name, value in bootstrap_interval(delta[:1, column], delta[1:, [column]],
+                                                                      compared["blocks"]).items()}  # fmt: skip
+        row |= {f"delta_vs_{key}_percent": float(delta[0, column])}
+        row |= {f"delta_vs_{key}_{name}": value for name, value in parts.items()}
+    return row
+
+
+def frontier_table(quality: dict[str, dict], resamples: int = FRONTIER_RESAMPLES, seed: int = 0, block: int = 1):
     """Quality at equal compute: for each configuration of a method that is not a baseline (one row with
-    its name, method, series and parameters), its perplexity and that of each baseline (top-k, top-p:
-    `RoutingMethod.is_baseline`) at the same average experts; NaN where its average lies outside the
-    baseline's measured range. A negative `delta_vs_<baseline>_percent` means the configuration is better
-    at equal compute; `..._low` / `..._high` bound its paired bootstrap 95% interval over evaluation
-    windows (every configuration and baseline point resampled with the same windows, the baseline curve
-    re-interpolated in each resample), when the results carry per-window sums (`window_sums`).
+    its name, method, series and parameters), its perplexity and that of each baseline curve (top-k, top-p,
+    the static schedule: `RoutingMethod.baseline`) and of the strongest (the lowest of them) at the same
+    average experts; NaN where its average lies outside a curve's measured range. A negative
+    `delta_vs_<key>_percent` means the configuration is better at equal compute; `..._low` / `..._high` bound
+    its paired bootstrap 95% interval over evaluation windows (every configuration and baseline point resampled
+    with the same windows, in blocks of `block` adjacent windows, the curves re-interpolated in each
+    resample), and `..._p` is the two-sided bootstrap p-value, when the results carry per-window sums.
 
     Between two measured baseline points the log-perplexity (mean NLL) is interpolated linearly in
     average experts: that is the mean NLL of routing a matching fraction of tokens with each of the two,
     whereas interpolating perplexity itself would flatter the method (perplexity is convex in the
     experts kept).
     """
-
     ok = [r for r in quality.values() if r["status"] == "ok"]
-    compared = _versus_baselines(ok, resamples, seed) if ok else {"deltas": {}}
+    compared = _versus_baselines(ok, resamples, seed, block) if ok else {"deltas": {}, "blocks": 1}
     rows = []
     for column, result in enumerate(ok):
         method = routing_method(result["method"])
-        if method.is_baseline or not method.changes_routing:
-            continue
-        row = {
-            "config": result["name"],
-            "method": method.name,
-            "series": method.series(result["params"]),
-            **result["params"],
-            "avg_experts": result["avg_experts"],
-            "perplexity": result["perplexity"],
-        }
-        for baseline, deltas in compared["deltas"].items():
-            delta = deltas[0, column]
-            row[f"{baseline}_perplexity_at_equal_experts"] = result["perplexity"] / (1 + delta / 100)
-            row[f"delta_vs_{baseline}_percent"] = delta
-            low, high = _percentile_interval(deltas[1:, [column]]) if len(deltas) > 1 else ([np.nan], [np.nan])
-            row[f"delta_vs_{baseline}_low"], row[f"delta_vs_{baseline}_high"] = float(low[0]), float(high[0])
-        rows.append(row)
-    baselines = [name for name, method in ROUTING_METHODS.items() if method.is_baseline]
-    compared_columns = [
-        f"{prefix}{name}{suffix}"
-        for name in baselines
-        for prefix, suffix in (
-            ("", "_perplexity_at_equal_experts"),
-            ("delta_vs_", "_percent"),
-            ("delta_vs_", "_low"),
-            ("delta_vs_", "_high"),
-        )
+        if method.baseline(result["params"]) is not None or not method.changes_routing:
+            continue  # a point of a baseline curve (top-p with one p per layer is a rule, not the curve)
+        row = {"config": result["name"], "method": method.name, "series": method.series(result["params"])}
+        row |= {"per_token": method.per_token, **result["params"]}
+        row |= {"avg_experts": result["avg_experts"], "perplexity": result["perplexity"]}
+        for key, delta in compared["deltas"].items():
+            row[f"{key}_perplexity_at_equal_experts"] = result["perplexity"] / (1 + delta[0, column] / 100)
+        rows.append(row | _delta_columns(compared, column))
+    keys = [*(name for name, method in ROUTING_METHODS.items() if method.is_baseline), STRONGEST]
+    parts = ("_percent", "_low", "_high", "_p")
+    compared = [f"{key}_perplexity_at_equal_experts" for key in keys] + [
+        f"delta_vs_{k}{p}" for k in keys for p in parts
     ]
-    columns = ["config", "method", "series", "avg_experts", "perplexity"] + compared_columns
+    columns = ["config", "method", "series", "per_token", "avg_experts", "perplexity", *compared]
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)  # the same columns with no rows
 
 
-def paired_perplexity_difference(result: dict, reference: dict, resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
+def paired_perplexity_difference(result: dict, reference: dict, resamples: int = FRONTIER_RESAMPLES, seed: int = 0,
+                                 block: int = 1):  # fmt: skip
     """Perplexity of `result` against `reference`, both evaluated on the same windows (`window_sums`), in
-    percent, with its paired bootstrap 95% interval: {"percent", "low", "high"}."""
-
-    weights = bootstrap_window_weights(len(result["window_tokens"]), resamples, seed)
+    percent, with its paired bootstrap 95% interval and two-sided p-value: {"percent", "low", "high", "p"}."""
+    weights = bootstrap_window_weights(len(result["window_tokens"]), resamples, seed, block)
     resampled = _resampled([result, reference], weights)
     if resampled is None:
         raise ValueError("result and reference must carry per-window sums over the same windows (window_sums)")
     delta = 100.0 * np.expm1(resampled[0][:, 0] - resampled[0][:, 1])  # [R]
-    low, high = _percentile_interval(delta[1:, None])
-    return {"percent": float(delta[0]), "low": float(low[0]), "high": float(high[0])}
+    interval = bootstrap_interval(delta[:1], delta[1:, None], math.ceil(len(result["window_tokens"]) / block))
+    return {"percent": float(delta[0])} | {name: float(value[0]) for name, value in interval.items()}
 
 
-def layer_matched_table(quality: dict, matched: dict, frontier, resamples: int = FRONTIER_RESAMPLES, seed: int = 0):
+def layer_matched_table(quality: dict, matched: dict, frontier, resamples: int = FRONTIER_RESAMPLES, seed: int = 0,
+                        block: int = 1):  # fmt: skip
     """Configurations at equal per-layer budget: for each name in `matched` (its `layerk` evaluation with the
     configuration's own per-layer averages), the range of its per-layer averages, its difference to top-k
-    at equal average experts (from `frontier`) and to top-k at equal per-layer budget, each with its paired
-    bootstrap 95% interval."""
-
+    and to the strongest baseline at equal average experts (from `frontier`) and to top-k at equal per-layer
+    budget, each with its paired bootstrap 95% interval and p-value."""
     by_config = frontier.set_index("config") if len(frontier) else None
     rows = []
     for name, reference in matched.items():
@@ -961,12 +1083,15 @@ def layer_matched_table(quality: dict, matched: dict, frontier, resamples: int =
         if reference.get("status") != "ok" or result.get("status") != "ok":
             continue
         layers = result["per_layer_avg_experts"]
-        row = {"config": name, "series": routing_method(result["method"]).series(result["params"])}
+        method = routing_method(result["method"])
+        row = {"config": name, "series": method.series(result["params"]), "per_token": method.per_token}
         row |= {"avg_experts": result["avg_experts"], "layer_min": min(layers), "layer_max": max(layers)}
-        for part in ("percent", "low", "high"):
-            at_equal = by_config is not None and name in by_config.index
-            row[f"delta_vs_topk_{part}"] = by_config.loc[name, f"delta_vs_topk_{part}"] if at_equal else math.nan
-        paired = paired_perplexity_difference(result, reference, resamples, seed)
+        for column in (
+            f"delta_vs_{key}_{part}" for key in ("topk", STRONGEST) for part in ("percent", "low", "high", "p")
+        ):
+            at_equal = by_config is not None and name in by_config.index and column in by_config.columns
+            row[column] = by_config.loc[name, column] if at_equal else math.nan
+        paired = paired_perplexity_difference(result, reference, resamples, seed, block)
         rows.append(row | {f"delta_vs_layer_matched_{part}": value for part, value in paired.items()})
     return pd.DataFrame(rows)
 
@@ -980,20 +1105,20 @@ def best_at_budget(
     tolerance: float = 0.01,
     resamples: int = FRONTIER_RESAMPLES,
     seed: int = 0,
+    block: int = 1,
 ):
-    """For each compute budget b and each series (method and variant): its configuration with the lowest
-    perplexity among those averaging at most b * (1 + tolerance) experts, ranked (rank 1: the best method
-    at that budget); with its difference to top-k and to top-p at its own average experts, as in
-    `frontier_table`, each with its paired bootstrap 95% interval over windows.
+    """For each compute budget b and each series (method and variant, baselines included): its configuration
+    with the lowest perplexity among those averaging at most b * (1 + tolerance) experts, ranked (rank 1: the
+    best method at that budget); with its difference to every baseline curve and to the strongest at its own
+    average experts, as in `frontier_table`, each with its paired bootstrap 95% interval and p-value.
 
     The interval is that of the chosen configuration; choosing the best of many configurations on the same
     windows favours it (winner's curse), which the interval does not account for.
     """
-
     ok = [r for r in quality.values() if r["status"] == "ok" and routing_method(r["method"]).changes_routing]
     if not ok:
         return pd.DataFrame()
-    deltas = _versus_baselines(ok, resamples, seed)["deltas"]
+    compared = _versus_baselines(ok, resamples, seed, block)
     rows = []
     for budget in budgets:
         best = {}
@@ -1003,17 +1128,26 @@ def best_at_budget(
             if within and (series not in best or result["perplexity"] < ok[best[series]]["perplexity"]):
                 best[series] = i
         for rank, (series, i) in enumerate(sorted(best.items(), key=lambda item: ok[item[1]]["perplexity"]), 1):
-            row = {"budget": budget, "rank": rank, "series": series, "config": ok[i]["name"]}
+            per_token = routing_method(ok[i]["method"]).per_token
+            row = {"budget": budget, "rank": rank, "series": series, "config": ok[i]["name"], "per_token": per_token}
             row |= {"avg_experts": ok[i]["avg_experts"], "perplexity": ok[i]["perplexity"]}
-            for baseline, delta in deltas.items():
-                low, high = _percentile_interval(delta[1:, [i]]) if len(delta) > 1 else ([np.nan], [np.nan])
-                row |= {
-                    f"delta_vs_{baseline}_percent": delta[0, i],
-                    f"delta_vs_{baseline}_low": low[0],
-                    f"delta_vs_{baseline}_high": high[0],
-                }
-            rows.append(row)
+            rows.append(row | _delta_columns(compared, i))
     return pd.DataFrame(rows)
+
+
+def family_significance(p_values, level: float = FAMILY_LEVEL) -> dict:
+    """Which of a family of comparisons stay significant at `level` once corrected for the family's size, as
+    boolean lists aligned with `p_values`: "holm" (Holm's step-down, family-wise error rate, Holm 1979) and
+    "bh" (Benjamini-Hochberg, false discovery rate, 1995). NaN p-values are left out of the family (False)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    finite = np.flatnonzero(np.isfinite(p))
+    holm, bh = np.zeros(len(p), dtype=bool), np.zeros(len(p), dtype=bool)
+    if len(finite):
+        order = finite[np.argsort(p[finite], kind="stable")]
+        passes = p[order] <= level / (len(finite) - np.arange(len(finite)))  # p_(i) <= level / (m - i + 1)
+        holm[order[: int(np.argmin(passes)) if not passes.all() else len(finite)]] = True
+        bh[finite] = false_discovery_control(p[finite]) <= level
+    return {"comparisons": len(finite), "holm": holm.tolist(), "bh": bh.tolist()}
 
 
 def saturation_analysis(table, group_by=("pvalue_method", "alpha"), threshold_percent: float = 5.0):
@@ -1171,38 +1305,84 @@ def token_level_analysis(
     }
 
 
-def oracle_table(effects: list[dict], configs, calibration=None, num_experts_per_tok: int = NATIVE_TOP_K):
+def _spearman_interval(x, y, slots: int, resamples: int, seed: int, level: float = FRONTIER_LEVEL) -> tuple:
+    """The 95% interval of the Spearman correlation of x and y ([U x slots], `slots` values per unit: one routing
+    decision's native slots), resampling units with replacement. The ranks are the full sample's: each resample
+    is a weighted Pearson correlation of fixed ranks, close to re-ranking for samples this size."""
+    units = len(x) // slots
+    rx, ry = rankdata(x), rankdata(y)
+    sums = [values.reshape(units, slots).sum(1) for values in (rx, ry, rx * rx, ry * ry, rx * ry)]
+    weights = np.random.default_rng(seed).multinomial(units, np.full(units, 1.0 / units), size=resamples)
+    sx, sy, sxx, syy, sxy = (weights @ np.stack(sums, 1)).T / (slots * units)  # means per resample
+    with np.errstate(all="ignore"):
+        correlation = (sxy - sx * sy) / np.sqrt((sxx - sx**2) * (syy - sy**2))
+    interval = bootstrap_interval([spearmanr(x, y).statistic], correlation[:, None], units, level)
+    return float(interval["low"][0]), float(interval["high"][0])
+
+
+def oracle_table(effects: list[dict], configs, calibration=None, num_experts_per_tok: int = NATIVE_TOP_K,
+                 resamples: int = FRONTIER_RESAMPLES, seed: int = 0):  # fmt: skip
     """Whether each configuration keeps the experts that matter (`oracle_drop_effects` per layer): over every
     (position, native slot) pair, the Spearman correlation between "the method keeps it" and the loss its
-    drop costs, the share kept, and the mean loss increase of the experts it drops (what its choices would
-    cost if the drops added up). The first row ranks by the router's own order (slot k - s) for reference.
+    drop costs, with its bootstrap 95% interval over the routing decisions (`_spearman_interval`), the share
+    kept, and the mean loss increase of the experts it drops (what its choices would cost if the drops added
+    up). The first row ranks by the router's own order (slot k - s) for reference.
     """
-
     increase = torch.cat([e["loss_increase"] for e in effects]).flatten().numpy()  # [P k]
     slots = torch.arange(num_experts_per_tok).expand(len(increase) // num_experts_per_tok, -1)
-    rank = spearmanr(-slots.flatten().numpy(), increase).statistic
-    rows = [{"config": "router order", "series": "reference", "spearman_kept_vs_loss": rank, "kept_share": math.nan,
-             "avg_kept": math.nan, "mean_loss_of_dropped": math.nan}]  # fmt: skip
+
+    def correlation(kept) -> dict:  # a constant (every slot kept, or none) correlates with nothing
+        if np.min(kept) == np.max(kept):
+            return {"spearman_kept_vs_loss": math.nan, "spearman_low": math.nan, "spearman_high": math.nan}
+        low, high = _spearman_interval(kept, increase, num_experts_per_tok, resamples, seed)
+        return {
+            "spearman_kept_vs_loss": spearmanr(kept, increase).statistic,
+            "spearman_low": low,
+            "spearman_high": high,
+        }
+
+    rows = [{"config": "router order", "series": "reference", **correlation(-slots.flatten().numpy()),
+             "kept_share": math.nan, "avg_kept": math.nan, "mean_loss_of_dropped": math.nan}]  # fmt: skip
+    shape = RouterShape(effects[0]["router_logits"].shape[-1], num_experts_per_tok)
     for config in configs:
         method = routing_method(config.method)
         if not method.changes_routing:
             continue
         route = functools.partial(route_logits, config.method, calibration=calibration, **config.kwargs)
-        counts = torch.cat(
-            [
-                route(e["router_logits"], e["layer"], num_experts_per_tok=num_experts_per_tok).expert_counts
-                for e in effects
-            ]
-        )
+        routed = [route(e["router_logits"], e["layer"], num_experts_per_tok=num_experts_per_tok) for e in effects]
+        counts = torch.cat([routing.expert_counts for routing in routed])
         kept = (slots < counts.clamp_max(num_experts_per_tok)[:, None]).flatten().numpy()
-        varies = 0 < kept.mean() < 1
-        shape = RouterShape(effects[0]["router_logits"].shape[-1], num_experts_per_tok)
-        series = method.series(method.parameters(shape, **config.kwargs))
-        row = {"config": config.name, "series": series, "kept_share": float(kept.mean())}
-        row["spearman_kept_vs_loss"] = spearmanr(kept, increase).statistic if varies else math.nan
-        row["avg_kept"] = counts.double().mean().item()
+        row = {"config": config.name, "series": method.series(method.parameters(shape, **config.kwargs))}
+        row |= correlation(kept) | {"kept_share": float(kept.mean()), "avg_kept": counts.double().mean().item()}
         rows.append(row | {"mean_loss_of_dropped": float(increase[~kept].mean()) if (~kept).any() else 0.0})
     return pd.DataFrame(rows)
+
+
+def group_intervals(results: dict, resamples: int = FRONTIER_RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """Average experts per prompt group of each ok configuration of the sweep, with the bootstrap 95% interval
+    from resampling the group's prompts (each prompt's decisions together; `bootstrap_interval`, Student-t with
+    one degree of freedom fewer than the prompts, so that three prompts give a wide interval rather than their
+    range): config, group, prompts, avg_experts, low, high. A group of one prompt gets no interval (NaN)."""
+    rows = []
+    for name, result in results.items():
+        if result.get("status") != "ok":
+            continue
+        groups = {}
+        for prompt in result["prompts"]:
+            counts = np.asarray(prompt["token_counts"], dtype=np.float64)
+            groups.setdefault(prompt["group"], []).append((counts.sum(), counts.size))
+        for group, sums in groups.items():
+            total, size = np.asarray(sums).T  # [P] each
+            row = {"config": name, "group": group, "prompts": len(sums), "avg_experts": total.sum() / size.sum()}
+            low = high = math.nan
+            if len(sums) > 1:
+                draws = np.random.default_rng(seed).multinomial(len(sums), np.full(len(sums), 1 / len(sums)), resamples)
+                interval = bootstrap_interval(
+                    [row["avg_experts"]], (draws @ total / (draws @ size))[:, None], len(sums)
+                )
+                low, high = float(interval["low"][0]), float(interval["high"][0])
+            rows.append(row | {"low": low, "high": high})
+    return pd.DataFrame(rows, columns=["config", "group", "prompts", "avg_experts", "low", "high"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1318,9 +1498,10 @@ class ResultStore:
             stacklevel=3,
         )
 
-    def load(self, name: str) -> dict | None:
-        """The saved result of `name` if it can be resumed (status ok, same settings and code, its tensors
-        readable), else None."""
+    def load(self, name: str, key: dict | None = None) -> dict | None:
+        """The saved result of `name` if it can be resumed (status ok, same settings and code, the same `key`:
+        what this one result depends on besides the store's settings, e.g. a configuration's parameters; its
+        tensors readable), else None."""
         path = self.path(name)
         if not path.exists():
             return None
@@ -1329,6 +1510,7 @@ class ResultStore:
             if not isinstance(saved, dict):
                 raise ValueError(f"expected a JSON object, found {type(saved).__name__}")
             resumable = saved.get("status") == "ok" and saved.get("settings") == self.settings
+            resumable = resumable and saved.get("key") == _as_json(key)
             if resumable and saved.get("tensors"):
                 self.load_tensors(name)
         except (ValueError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
@@ -1336,17 +1518,19 @@ class ResultStore:
             return None
         return saved if resumable else None
 
-    def save(self, name: str, result: dict) -> dict:
-        """Write `result` with the store's settings; returns it as it reads back."""
-        result = _as_json({**result, "name": name, "settings": self.settings})
+    def save(self, name: str, result: dict, key: dict | None = None) -> dict:
+        """Write `result` with the store's settings and its `key`; returns it as it reads back."""
+        result = _as_json({**result, "name": name, "settings": self.settings, "key": key})
         atomic_write_text(self.path(name), json.dumps(result))
         return result
 
-    def run(self, name: str, compute: Callable[[], dict], describe: dict | None = None, redo: bool = False) -> dict:
-        """The result of `name`: resumed from disk (unless redo), else compute() saved as status "ok", or, if
-        compute raises an Exception, a "failed" record with the error (`describe` adds fields to it, e.g.
-        the method and parameters). KeyboardInterrupt and other BaseExceptions propagate, saving nothing."""
-        saved = None if redo else self.load(name)
+    def run(self, name: str, compute: Callable[[], dict], describe: dict | None = None, redo: bool = False,
+            key: dict | None = None) -> dict:  # fmt: skip
+        """The result of `name`: resumed from disk (unless redo; with the same `key`, see `load`), else compute()
+        saved as status "ok", or, if compute raises an Exception, a "failed" record with the error (`describe`
+        adds fields to it, e.g. the method and parameters). KeyboardInterrupt and other BaseExceptions
+        propagate, saving nothing."""
+        saved = None if redo else self.load(name, key)
         if saved is not None:
             return saved
         self.path(name, ".pt").unlink(missing_ok=True)  # an older run's tensors must not pass for this one's
@@ -1356,7 +1540,7 @@ class ResultStore:
             result = {**(describe or {}), "status": "failed", "error": f"{type(error).__name__}: {error}"}
         if result["status"] == "failed" and torch.cuda.is_available():
             torch.cuda.empty_cache()  # e.g. after an out-of-memory error, once its tensors are released
-        return self.save(name, {**result, "tensors": self.path(name, ".pt").exists()})
+        return self.save(name, {**result, "tensors": self.path(name, ".pt").exists()}, key)
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
         """Per-token arrays of `name` beside its JSON (name.pt), written atomically."""

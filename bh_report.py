@@ -25,17 +25,17 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
+import bh_experiment as bx
+
 __all__ = [
     "render_report",
     "identical_routings",
     "sweep_outcome",
     "quality_outcome",
-    "groups_table",
     "TEMPLATE_PATH",
 ]
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "bh_report.md.j2"
-BASELINE_SERIES = ("top-k", "top-p")  # the equal-compute references of the frontier tables
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,16 +76,6 @@ def sweep_outcome(result: dict):
 def quality_outcome(result: dict):
     """What identical routings share in the quality sweep: the mean NLL and the per-layer experts."""
     return result["method"], result["mean_nll"], tuple(result["per_layer_avg_experts"])
-
-
-def groups_table(results: dict, groups: list[str]) -> pd.DataFrame:
-    """Average experts per prompt group (columns), one row per ok configuration."""
-    rows = [
-        {"config": name, **{group: s["avg_experts"] for group, s in result["groups"].items()}}
-        for name, result in results.items()
-        if result["status"] == "ok"
-    ]
-    return pd.DataFrame(rows, columns=["config", *groups])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,10 +141,12 @@ def design_pvalue_facts(run: dict) -> dict | None:
 
 
 def timing_facts(run: dict, identical: dict) -> dict:
-    """How many distinct routed configurations' tokens/s ranges overlap the native routing's."""
+    """The routed configurations' generated tokens/s against the native routing's, in words: how many were
+    slower and faster by their medians, how many of their ranges overlap native's (all routed, and the distinct
+    routings), and how far apart identical routings measured (the timing noise)."""
     design, ok_rows = run["design"], _ok_rows(run)
     native = run["results"].get(design["baseline"], {})
-    routed = ok_rows[(ok_rows["config"] != design["baseline"]) & ~ok_rows["config"].isin(identical)]
+    routed = ok_rows[ok_rows["config"] != design["baseline"]]
     facts = {"repeats": design["timing_repeats"], "native": None}
     if native.get("status") != "ok" or not len(routed):
         return facts
@@ -162,7 +154,35 @@ def timing_facts(run: dict, identical: dict) -> dict:
     inside = (routed["tokens_per_second_min"] <= summary["tokens_per_second_max"]) & (
         routed["tokens_per_second_max"] >= summary["tokens_per_second_min"]
     )
-    return facts | {"native": summary, "routed": len(routed), "overlapping": int(inside.sum())}
+    distinct = ~routed["config"].isin(identical)
+    speeds = routed.set_index("config")["tokens_per_second"]
+    twins = {}
+    for name, first in identical.items():
+        twins.setdefault(first, [first]).append(name)
+    noise = max(twins.values(), key=lambda names: speeds[names].max() - speeds[names].min(), default=None)
+    return facts | {
+        "native": summary,
+        "routed": len(routed),
+        "slower": int((routed["tokens_per_second"] < summary["tokens_per_second"]).sum()),
+        "overlapping": int(inside.sum()),
+        "distinct": int(distinct.sum()),
+        "distinct_overlapping": int((inside & distinct).sum()),
+        "noise": None if noise is None else [(name, float(speeds[name])) for name in noise],
+    }
+
+
+def repetition_facts(run: dict) -> dict | None:
+    """Degenerate generation: per configuration of the report's focus, the prompts whose generated tokens
+    repeat the previous token in more than 40% of steps, against the native routing's."""
+    design, results = run["design"], run["results"]
+    names = [design["baseline"], *design["focus"].values()]
+    shown = {}
+    for name in names:
+        prompts = results.get(name, {}).get("prompts") or []
+        if results.get(name, {}).get("status") == "ok" and prompts and "generated_ids" in prompts[0]:
+            degenerate = sum(bx.repetition(p["generated_ids"])["repeat_previous_share"] > 0.4 for p in prompts)
+            shown[name] = (degenerate, len(prompts))
+    return shown or None
 
 
 def run_facts(run: dict, identical: dict) -> dict:
@@ -191,38 +211,82 @@ def run_facts(run: dict, identical: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _distinct(rows: pd.DataFrame, identical: dict) -> pd.DataFrame:
+    """`rows` without the configurations that routed identically to an earlier one (each counted once)."""
+    return rows[~rows["config"].isin(identical)] if len(rows) else rows
+
+
 def versus_baseline(rows: pd.DataFrame, baseline: str, identical: dict) -> dict:
-    """The distinct configurations of `rows` against one baseline at equal experts: how many are better, how
-    many with the whole interval below or above 0, the median, the best and the worst."""
-    inside = rows.dropna(subset=[f"delta_vs_{baseline}_percent"])
-    inside = inside[~inside["config"].isin(identical)]  # identical routings counted once
+    """The distinct configurations of `rows` against one baseline (or the strongest) at equal experts: how many
+    are better, how many with the whole interval below or above 0, how many of the better stay significant
+    once corrected for the family of these comparisons (Holm, Benjamini-Hochberg), the median, best and worst."""
+    prefix = f"delta_vs_{baseline}"
+    inside = _distinct(rows.dropna(subset=[f"{prefix}_percent"]), identical) if len(rows) else rows
     if not len(inside):
         return {"distinct": 0}
-    deltas = inside[f"delta_vs_{baseline}_percent"]
+    deltas = inside[f"{prefix}_percent"]
     best, worst = inside.loc[deltas.idxmin()], inside.loc[deltas.idxmax()]
-    prefix = f"delta_vs_{baseline}"
+    significant = bx.family_significance(inside[f"{prefix}_p"].to_numpy())
+    better = (deltas < 0).to_numpy()
     return {
         "distinct": len(inside),
-        "better": int((deltas < 0).sum()),
+        "better": int(better.sum()),
         "below": int((inside[f"{prefix}_high"] < 0).sum()),
         "above": int((inside[f"{prefix}_low"] > 0).sum()),
+        "holm": int((better & significant["holm"]).sum()),
+        "bh": int((better & significant["bh"]).sum()),
         "median": deltas.median(),
-        "best": {
-            **best[["config", "avg_experts", "perplexity"]].to_dict(),
-            "interval": with_interval(best, prefix),
-            "at_equal": best[f"{baseline}_perplexity_at_equal_experts"],
-        },  # fmt: skip
+        "best": best.reindex(
+            ["config", "avg_experts", "perplexity", f"{baseline}_perplexity_at_equal_experts"]
+        ).to_dict()
+        | {"interval": with_interval(best, prefix)},
         "worst": {"config": worst["config"], "interval": with_interval(worst, prefix)},
     }
+
+
+def _baselines(design: dict) -> dict:
+    """{key of a delta column: its words}: every baseline curve, then the strongest of them."""
+    return design["baselines"] | {bx.STRONGEST: "the strongest baseline"}
+
+
+def slice_answer(frontier, best, layer_table, identical: dict, label: str) -> dict | None:
+    """One slice's answer: the per-token rules (distinct) against the strongest baseline at equal average
+    experts and against top-k at equal per-layer budgets, and the best at each budget."""
+    if not len(frontier):
+        return None
+    per_token = frontier[frontier["per_token"].astype(bool)]
+    per_layer = layer_table[layer_table["per_token"].astype(bool)] if len(layer_table) else layer_table
+    budgets = []
+    for budget, rows in best.groupby("budget") if len(best) else []:
+        rules = rows[rows["per_token"].astype(bool)]
+        budgets.append({"budget": budget, "winner": rows.iloc[0], "rule": rules.iloc[0] if len(rules) else None})
+    return {
+        "label": label,
+        "strongest": versus_baseline(per_token, bx.STRONGEST, identical),
+        "layer_matched": versus_baseline(per_layer, "layer_matched", identical),
+        "budgets": budgets,
+    }
+
+
+def answer_facts(run: dict, identical: dict, identical_2: dict) -> list[dict]:
+    """The answer the report leads with, per slice (`slice_answer`)."""
+    tables, design = run["tables"], run["design"]
+    label = f"evaluation slice ({design['eval_text']}, {run['quality_settings']['num_tokens']:,} tokens)"
+    answers = [slice_answer(tables["frontier"], tables["best"], tables["layer_table"], identical, label)]
+    if run["quality_2"]:
+        label = f"second slice ({design['eval_text_2']}, {run['quality_settings_2']['num_tokens']:,} tokens)"
+        answers.append(
+            slice_answer(tables["frontier_2"], tables["best_2"], tables["layer_table_2"], identical_2, label)
+        )
+    return [answer for answer in answers if answer]
 
 
 def quality_facts(run: dict, identical: dict) -> dict:
     """Calibrated BH against each baseline; the best design configuration and BH on a floor against native."""
     design, frontier = run["design"], run["tables"]["frontier"]
     calibrated = frontier[frontier["config"].isin(design["grid"] + design["floored"])] if len(frontier) else frontier
-    baselines = {name: series for name, series in design["baselines"].items()}
-    facts = {"versus": {series: versus_baseline(calibrated, name, identical) for name, series in baselines.items()}}
-    facts["versus"] = facts["versus"] if len(calibrated) else {}
+    versus = {words: versus_baseline(calibrated, key, identical) for key, words in _baselines(design).items()}
+    facts = {"versus": versus if len(calibrated) else {}}
     native = run["quality"].get(design["baseline"], {})
     facts["native"] = native.get("perplexity") if native.get("status") == "ok" else None
     facts |= {"best_design": None, "floored": []}
@@ -245,30 +309,17 @@ def calibration_facts(run: dict) -> dict | None:
         above = rows[rows["rejection_rate"] > alpha + 2 * rows["standard_error"]]
         below = rows[rows["rejection_rate"] < alpha - 2 * rows["standard_error"]]
         low, high = rows["rejection_rate"].min(), rows["rejection_rate"].max()
-        methods.append(
-            {"method": method, "low": low, "high": high, "above": len(above), "below": len(below), "layers": len(rows)}
-        )
+        counts = {"above": len(above), "below": len(below), "layers": len(rows)}
+        methods.append({"method": method, "low": low, "high": high} | counts)
     shape = {"skew": (bulk["skew"].min(), bulk["skew"].max()), "gaussian_skew": bulk["gaussian_skew"].iloc[0]}
     shape |= {"kurtosis": (bulk["excess_kurtosis"].min(), bulk["excess_kurtosis"].max())}
-    return {
-        "alpha": alpha,
-        "methods": methods,
-        "shape": shape | {"gaussian_kurtosis": bulk["gaussian_excess_kurtosis"].iloc[0]},
-    }
+    shape |= {"gaussian_kurtosis": bulk["gaussian_excess_kurtosis"].iloc[0]}
+    return {"alpha": alpha, "methods": methods, "shape": shape}
 
 
-def budget_facts(table: pd.DataFrame) -> dict | None:
-    """The best method within each budget, and the methods that beat both baselines with both intervals below 0."""
-    if not len(table):
-        return None
-    best = [rows.iloc[0] for _, rows in table.groupby("budget")]
-    methods = table[~table["series"].isin(BASELINE_SERIES)]
-    beat = methods[(methods["delta_vs_topk_high"] < 0) & (methods["delta_vs_topp_high"] < 0)]
-    return {"best": best, "beat": [(r.config, r.budget) for r in beat.itertuples()]}
-
-
-def layer_facts(table: pd.DataFrame) -> dict | None:
-    """Configurations with uneven layers against top-k with the same average in every layer."""
+def layer_facts(table: pd.DataFrame, identical: dict) -> dict | None:
+    """Configurations with uneven layers (distinct) against top-k with the same average in every layer."""
+    table = _distinct(table, identical)
     if not len(table):
         return None
     shift = (table["delta_vs_layer_matched_percent"] - table["delta_vs_topk_percent"]).median()
@@ -277,23 +328,23 @@ def layer_facts(table: pd.DataFrame) -> dict | None:
 
 
 def oracle_facts(oracle: pd.DataFrame) -> dict | None:
-    """The router order's Spearman correlation with the drop's loss, and the median per method."""
+    """The router order's Spearman correlation with the drop's loss and its interval, and the median per method."""
     if not len(oracle):
         return None
     by_series = oracle.iloc[1:].groupby("series")["spearman_kept_vs_loss"].median().sort_values()
-    return {"reference": oracle.iloc[0]["spearman_kept_vs_loss"], "by_series": list(by_series.items())}
+    reference = oracle.iloc[0]
+    interval = (reference["spearman_low"], reference["spearman_high"])
+    widths = (oracle["spearman_high"] - oracle["spearman_low"]).dropna()
+    return {"reference": reference["spearman_kept_vs_loss"], "interval": interval, "by_series": list(by_series.items()),
+            "width": (widths.min(), widths.max()) if len(widths) else None}  # fmt: skip
 
 
-def method_facts(run: dict) -> dict:
-    """The other methods' findings: calibration, best per budget on both slices, per layer, oracle, disagreement."""
-    tables, design = run["tables"], run["design"]
-    slices = [(f"evaluation slice, {design['eval_text']}", tables["best"])]
-    slices += [(f"second slice, {design['eval_text_2']}", tables["best_2"])] if run["quality_2"] else []
+def method_facts(run: dict, identical: dict) -> dict:
+    """The other methods' findings: calibration, per layer, oracle, disagreement."""
     return {
         "calibration": calibration_facts(run),
-        "budgets": [(label, budget_facts(table)) for label, table in slices if budget_facts(table)],
-        "layers": layer_facts(tables["layer_table"]),
-        "oracle": oracle_facts(tables["oracle"]),
+        "layers": layer_facts(run["tables"]["layer_table"], identical),
+        "oracle": oracle_facts(run["tables"]["oracle"]),
         "disagreement": run["disagreement"],
     }
 
@@ -303,53 +354,58 @@ def method_facts(run: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 TABLE_COLUMNS = """config alpha max_k avg_experts std_experts min_experts max_experts median_experts ceiling_hit_rate
-    floor_hit_rate reduction_vs_baseline tokens_per_second weight_entropy expert_utilization""".split()
-FRONTIER_LABELS = {"delta_vs_topk": "vs top-k", "delta_vs_topp": "vs top-p"}
-BEST_LABELS = {"delta_vs_topk": "vs top-k at equal experts", "delta_vs_topp": "vs top-p at equal experts"}
-LAYER_LABELS = {"delta_vs_topk": "vs top-k", "delta_vs_layer_matched": "vs top-k at equal per-layer budget"}
+    floor_hit_rate reduction_vs_baseline tokens_per_second avg_experts_prompt_tokens avg_experts_generated_tokens
+    repeat_previous_share weight_entropy expert_utilization""".split()
+LAYER_LABELS = {"delta_vs_layer_matched": "vs top-k at equal per-layer budget", "delta_vs_strongest": "vs strongest"}
+
+
+def _labels(design: dict, suffix: str = "") -> dict:
+    """{delta column prefix: its column's title} for the strongest baseline, then every baseline curve."""
+    words = _baselines(design)
+    keys = [bx.STRONGEST, *design["baselines"]]
+    return {f"delta_vs_{key}": f"vs {words[key].removeprefix('the ')}{suffix}" for key in keys}
 
 
 def intervals(table: pd.DataFrame, labels: dict) -> pd.DataFrame:
     """`table` with a column per label holding the difference and its interval (`with_interval`) of its prefix,
-    and without the prefix's own columns."""
+    and without the columns of any compared baseline (`delta_vs_*`, `*_at_equal_experts`)."""
     shown = table.copy()
     for prefix, label in labels.items():
-        shown[label] = [with_interval(row, prefix) for _, row in table.iterrows()]
-    return shown.drop(columns=[c for c in shown.columns if c.startswith(tuple(labels))])
+        shown[label] = [with_interval(row, prefix) for _, row in table.iterrows()] if len(table) else []
+    hidden = [c for c in shown.columns if c.startswith("delta_vs_") or c.endswith("_at_equal_experts")]
+    return shown.drop(columns=hidden)
 
 
 def calibration_table(rates: pd.DataFrame) -> pd.DataFrame:
     """Rejection rate (standard error) per alpha and layer, one column per p-value method."""
-    shown = rates.assign(
-        shown=[f"{r:.4f} ({e:.4f})" for r, e in zip(rates["rejection_rate"], rates["standard_error"], strict=True)]
-    )
+    pairs = zip(rates["rejection_rate"], rates["standard_error"], strict=True)
+    shown = rates.assign(shown=[f"{rate:.4f} ({error:.4f})" for rate, error in pairs])
     return shown.pivot(index=["alpha", "layer"], columns="pvalue_method", values="shown").reset_index()
 
 
 def quality_tables(run: dict) -> dict:
     """The quality section's tables in markdown."""
-    tables, quality = run["tables"], run["quality"]
+    tables, quality, labels = run["tables"], run["quality"], _labels(run["design"])
     evaluated = pd.DataFrame([{"config": n, "method": r["method"], "avg_experts": r["avg_experts"],
                                "perplexity": r["perplexity"], "token_accuracy": r["token_accuracy"]}
                               for n, r in quality.items() if r["status"] == "ok"])  # fmt: skip
-    frontier = tables["frontier"]
-    shown = intervals(frontier, FRONTIER_LABELS)[
-        ["config", "series", "avg_experts", "perplexity", *FRONTIER_LABELS.values()]
-    ]
-    best = {}
-    for key, table in (("best", tables["best"]), ("best_2", tables["best_2"])):
-        columns = ["budget", "rank", "series", "config", "avg_experts", "perplexity", *BEST_LABELS.values()]
-        best[key] = markdown(intervals(table[table["rank"] <= 3], BEST_LABELS)[columns], ".3f") if len(table) else ""
-    return {
+    columns = ["config", "series", "avg_experts", "perplexity", *labels.values()]
+    shown = {
+        "frontier": markdown(intervals(tables["frontier"], labels)[columns], ".3f") if len(tables["frontier"]) else ""
+    }
+    for key in ("best", "best_2"):
+        table, best_labels = tables[key], _labels(run["design"], " at equal experts")
+        columns = ["budget", "rank", "series", "config", "avg_experts", "perplexity", *best_labels.values()]
+        shown[key] = markdown(intervals(table[table["rank"] <= 3], best_labels)[columns], ".3f") if len(table) else ""
+    for key in ("layer_table", "layer_table_2"):
+        table = tables[key]
+        shown[key] = markdown(intervals(table, LAYER_LABELS).drop(columns=["per_token"], errors="ignore"), ".3f")
+    oracle = tables["oracle"]
+    return shown | {
         "evaluated": markdown(evaluated.sort_values("avg_experts"), ".3f") if len(evaluated) else "",
-        "frontier": markdown(shown, ".3f"),
         "calibration": markdown(calibration_table(tables["null_rates"]), "g") if len(tables["null_rates"]) else "",
         "bulk": markdown(tables["bulk"], ".3f"),
-        "oracle": markdown(tables["oracle"], ".3f") if len(tables["oracle"]) else "Not run (oracle_positions = 0).",
-        "layers": markdown(intervals(tables["layer_table"], LAYER_LABELS), ".3f")
-        if len(tables["layer_table"])
-        else "None.",
-        **best,
+        "oracle": markdown(oracle, ".3f") if len(oracle) else "Not run (oracle_positions = 0).",
     }
 
 
@@ -357,14 +413,12 @@ def sweep_tables(run: dict) -> dict:
     """The sweep's tables in markdown: every configuration, the groups of the focus configurations, saturation."""
     design, ok_rows = run["design"], _ok_rows(run)
     columns = TABLE_COLUMNS + (["perplexity", "token_accuracy"] if run["quality"] else [])
-    groups = groups_table(run["results"], design["groups"])
-    focus_names = [design["baseline"], *design["focus"].values()]
-    saturation = run["saturation"].assign(
-        growth_percent_by_step=run["saturation"]["growth_percent_by_step"].astype(str)
-    )
+    groups, focus_names = run["groups"], [design["baseline"], *design["focus"].values()]
+    saturation = run["saturation"]
+    saturation = saturation.assign(growth_percent_by_step=saturation["growth_percent_by_step"].astype(str))
     return {
-        "configurations": markdown(ok_rows[columns]),
-        "groups": markdown(groups[groups["config"].isin(focus_names)]),
+        "configurations": markdown(ok_rows[[c for c in columns if c in ok_rows.columns]]),
+        "groups": markdown(groups[groups["config"].isin(focus_names)] if len(groups) else groups, missing="one prompt"),
         "saturation": markdown(saturation, missing="not reached"),
     }
 
@@ -390,6 +444,7 @@ def failures(run: dict) -> list[tuple[str, str]]:
     downstream = run["downstream"]
     errors += [(f"{name} on {task} (downstream)", e["error"]) for name, r in downstream["results"].items()
                for task, e in r["tasks"].items() if e["status"] != "ok"]  # fmt: skip
+    errors += [("layer allocations", run["allocation_error"])] if run.get("allocation_error") else []
     return errors + ([("downstream tasks", downstream["error"])] if downstream["error"] else [])
 
 
@@ -404,7 +459,8 @@ def render_report(run: dict, template_path: str | Path = TEMPLATE_PATH) -> str:
     template = environment.from_string(Path(template_path).read_text())
     sweep_identical = identical_routings(run["results"], sweep_outcome)
     quality_identical = identical_routings(run["quality"], quality_outcome)
-    ok = len(_ok_rows(run))
+    identical_2 = identical_routings(run["quality_2"], quality_outcome)
+    ok, measured = len(_ok_rows(run)), any(r["status"] == "ok" for r in run["quality"].values())
     return template.render(
         run=run,
         m=run["metadata"],
@@ -419,8 +475,10 @@ def render_report(run: dict, template_path: str | Path = TEMPLATE_PATH) -> str:
         groups=group_facts(run),
         design_pvalue=design_pvalue_facts(run),
         sweep=run_facts(run, sweep_identical),
+        answers=answer_facts(run, quality_identical, identical_2) if measured else [],
+        repetition=repetition_facts(run),
         quality=quality_facts(run, quality_identical) if run["quality"] else None,
-        methods=method_facts(run) if run["quality"] else None,
+        methods=method_facts(run, quality_identical) if run["quality"] else None,
         tables=sweep_tables(run) | (quality_tables(run) if run["quality"] else {}),
         samples=samples(run),
         failures=failures(run),

@@ -39,8 +39,9 @@ import inspect
 import math
 import threading
 import warnings
+import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -90,6 +91,12 @@ __all__ = [
     "run_bh_multi_k",
     "compare_multi_k_statistics",
     "summarize_expert_counts",
+    # for a method defined in another file
+    "check_temperature",
+    "resolve_renormalize",
+    "config_suffix",
+    "route_layer_budget",
+    "route_alloct",
     # families and the patcher
     "find_moe_layers",
     "moe_shape",
@@ -134,7 +141,8 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
+    """ValueError naming `temperature` unless it is a finite number > 0."""
     bad_type = not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
     if bad_type or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -160,6 +168,24 @@ def _check_top_k(k: int, num_experts: int) -> None:
 def _check_top_p(p: float) -> None:
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0.0 < p <= 1.0):
         raise ValueError(f"p must be a number in (0, 1], got {p!r}")
+
+
+def _layered(value) -> bool:
+    """Whether a parameter is given once per MoE layer (a tuple; a list once read back from JSON)."""
+    return isinstance(value, (list, tuple))
+
+
+def _per_layer(value, check: Callable):
+    """A parameter given once, or once per MoE layer as a non-empty list or tuple (returned as a tuple), every
+    value checked by `check`, which names the parameter."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            check(value)  # the parameter's own error, naming it
+        for item in value:
+            check(item)
+        return tuple(value)
+    check(value)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -646,7 +672,7 @@ def compute_p_values(
         [..., E] p-values in (0, 1], float32 (float64 for float64 input), in expert order.
     """
     method = pvalue_method_of(pvalue_method)
-    _check_temperature(temperature)
+    check_temperature(temperature)
     table = method.null(router_logits.shape[-1], null, router_logits.device)
     scaled_logits = _work_logits(router_logits, temperature)  # [..., E]
     return method.p_values(method.statistics(router_logits, scaled_logits), table)
@@ -686,6 +712,8 @@ class RoutingCalibration:
     skip_beta: list[float]  # per layer: median of w2 / w1
     entropy_knots: torch.Tensor  # [L, ENTROPY_QUANTILES + 1] router-entropy quantiles (nats)
     info: dict  # num_tokens, num_experts, seed and what the caller adds (text, model)
+    # Experts per layer by allocation (e.g. bh_allocation's "schedule"): [S, L] rows of rising total.
+    allocations: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -699,18 +727,36 @@ class RoutingCalibration:
             )
         return self.nulls[pvalue_method][layer]
 
+    def allocation(self, name: str, budget: float) -> list[float]:
+        """Experts per layer of allocation `name` at an average of `budget` experts per token: its row of that
+        average, or the linear mix of the two rows around it (a layer then keeps a fractional budget)."""
+        if name not in self.allocations:
+            raise ValueError(f"allocation must be one of {sorted(self.allocations)} for this calibration, got {name!r}")
+        table = self.allocations[name].double()  # [S, L], S >= 2 rows of rising average
+        averages = table.mean(dim=-1)  # [S]
+        low, high = float(averages[0]), float(averages[-1])
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not low - 1e-9 <= budget <= high + 1e-9:
+            raise ValueError(
+                f"budget must be a number in [{low:g}, {high:g}] for the {name!r} allocation, got {budget!r}"
+            )
+        above = int(torch.searchsorted(averages, torch.tensor(float(budget), dtype=torch.float64)))
+        upper = min(max(above, 1), len(averages) - 1)
+        share = float((budget - averages[upper - 1]) / (averages[upper] - averages[upper - 1]))
+        return torch.lerp(table[upper - 1], table[upper], min(max(share, 0.0), 1.0)).tolist()
+
     def save(self, path: str | Path) -> Path:
         """Write the tables to `path` with torch.save (no pickled code: `load` reads them with weights_only)."""
         nulls = {name: [(t.first, t.step, t.log_survival) for t in tables] for name, tables in self.nulls.items()}
         state = {"nulls": nulls, "skip_beta": self.skip_beta, "entropy_knots": self.entropy_knots, "info": self.info}
-        torch.save(state, path)
+        torch.save(state | {"allocations": self.allocations}, path)
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingCalibration:
         state = torch.load(path, weights_only=True)
         nulls = {name: [NullTable(*table) for table in tables] for name, tables in state["nulls"].items()}
-        return cls(nulls, skip_beta=state["skip_beta"], entropy_knots=state["entropy_knots"], info=state["info"])
+        tables = {"skip_beta": state["skip_beta"], "entropy_knots": state["entropy_knots"], "info": state["info"]}
+        return cls(nulls, **tables, allocations=state.get("allocations", {}))
 
 
 def fit_routing_calibration(router_logits: list[torch.Tensor], seed: int = 0, info: dict | None = None):
@@ -920,16 +966,16 @@ def route_skip(logits, beta, k, temperature, min_k, renormalize) -> Routing:
     return Routing(top_weights, top_index, expert_counts, probabilities, {})
 
 
-def route_entropy(logits, knots, temperature, min_k, max_k, renormalize) -> Routing:
+def route_entropy(logits, knots, temperature, min_k, max_k, renormalize, bands=None) -> Routing:
     """Entropy-adaptive k: a token whose router entropy lies at quantile q of the layer's calibration
-    entropies (knots: [Q + 1] quantiles at 0, 1/Q, ..., 1) keeps min_k + floor(q * (max_k - min_k + 1))
-    experts, clamped to max_k: the max_k - min_k + 1 counts split the calibration tokens evenly, the more
-    uncertain router getting more experts."""
+    entropies (knots: [Q + 1] quantiles at 0, 1/Q, ..., 1) keeps min_k + floor(q * bands) experts, clamped
+    to max_k, the more uncertain router getting more experts. bands = max_k - min_k + 1 (None) splits the
+    calibration tokens evenly between the counts; another (any number > 0) moves the layer's average."""
     probabilities = torch.softmax(_work_logits(logits, temperature), dim=-1)  # [..., E]
     entropy = router_entropy(probabilities).contiguous()  # [...]
     below = torch.searchsorted(knots.to(entropy.dtype), entropy, right=True)  # knots <= entropy
     quantile = ((below - 1).clamp_min(0) / (knots.numel() - 1)).to(entropy.dtype)  # [...] in [0, 1]
-    num_bands = max_k - min_k + 1
+    num_bands = max_k - min_k + 1 if bands is None else bands
     expert_counts = (min_k + torch.floor(quantile * num_bands).long()).clamp(min_k, max_k)
     return _routing_of_counts(probabilities, expert_counts, max_k, renormalize, {"entropy": entropy})
 
@@ -937,16 +983,40 @@ def route_entropy(logits, knots, temperature, min_k, max_k, renormalize) -> Rout
 _GOLDEN = 0.6180339887498949  # frac(r * golden ratio): an evenly spread, content-free sequence in [0, 1)
 
 
-def route_layer_budget(logits, budget: float, temperature, renormalize) -> Routing:
+def route_layer_budget(logits, budget: float, temperature, renormalize, width: int | None = None) -> Routing:
     """A fixed budget of experts per token for one layer, unrelated to the token: floor(budget) experts, one
     more for a share frac(budget) of the tokens chosen by position (row r of the call gets it when
-    frac(r * 0.618...) < frac(budget)), the most probable ones. The baseline at equal per-layer budget, for
-    evaluation: in one-token decode steps every token is row 0 and gets the extra expert."""
+    frac(r * 0.618...) < frac(budget)), the most probable ones, in `width` slots (None: ceil(budget), at
+    least 1). The baseline at equal per-layer budget, for evaluation: in one-token decode steps every token
+    is row 0 and gets the extra expert."""
     probabilities = torch.softmax(_work_logits(logits, temperature), dim=-1)  # [..., E]
     rows = torch.arange(math.prod(logits.shape[:-1]), device=logits.device, dtype=torch.float64)
     extra = torch.remainder(rows * _GOLDEN, 1.0) < (budget - math.floor(budget))
     expert_counts = (math.floor(budget) + extra.long()).reshape(logits.shape[:-1]).clamp_min(0)
-    return _routing_of_counts(probabilities, expert_counts, max(1, math.ceil(budget)), renormalize)
+    width = max(1, math.ceil(budget)) if width is None else width
+    return _routing_of_counts(probabilities, expert_counts, width, renormalize)
+
+
+def route_alloct(logits, budget: float, temperature, min_k, max_k, renormalize) -> Routing:
+    """Alloc-T's token-level redistribution within a layer's budget (Liu et al. 2026, "Alloc-MoE",
+    arXiv 2604.08133, as its summary states it: a global top-(K x T) of the routing scores): the call's T
+    tokens share round(budget x T) experts, every token keeping its min_k most probable and the other slots
+    going to the highest probabilities of all tokens together, at most max_k per token. A token's count depends
+    on the other tokens of the call: in a one-token decode step it is round(budget)."""
+    probabilities = torch.softmax(_work_logits(logits, temperature), dim=-1)  # [..., E]
+    flat = probabilities.reshape(-1, probabilities.shape[-1])  # [T, E]
+    num_tokens, spare_slots = flat.shape[0], max_k - min_k
+    top_probabilities, top_index = torch.topk(flat, max_k, dim=-1)  # [T, K], most probable first
+    expert_counts = torch.full((num_tokens,), min_k, dtype=torch.int64, device=logits.device)
+    extra = min(max(round(budget * num_tokens) - min_k * num_tokens, 0), num_tokens * spare_slots)
+    if extra and spare_slots:  # Python ints from the shapes: no data-dependent branch
+        pool = top_probabilities[:, min_k:].reshape(-1)  # [T (K - min_k)]: each token's slots past its floor
+        given = torch.topk(pool, extra).indices // spare_slots  # the token of each slot given
+        expert_counts = expert_counts.index_add(0, given, torch.ones_like(given))
+    top_weights, kept_index = _keep_top(top_probabilities, top_index, expert_counts, flat.shape[-1], renormalize)
+    shape = (*logits.shape[:-1], max_k)
+    return Routing(top_weights.reshape(shape), kept_index.reshape(shape), expert_counts.reshape(logits.shape[:-1]),
+                   probabilities, {})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -974,15 +1044,20 @@ class LayerContext:
     shape: RouterShape
     device: torch.device
     calibration: RoutingCalibration | None = None  # the model's fitted tables, read at `layer`
+    num_layers: int | None = None  # the model's MoE layers (None: not known, e.g. one layer's logits alone)
 
 
-def _renormalize(renormalize: bool | None, shape: RouterShape) -> bool:
+def resolve_renormalize(renormalize: bool | None, shape: RouterShape) -> bool:
+    """Whether a configuration renormalises its kept weights: as the model does (None), or as given."""
     return shape.norm_topk_prob if renormalize is None else bool(renormalize)
 
 
-def _percent_code(value: float) -> str:
+def _percent_code(value: float | tuple) -> str:
     """0.05 -> '005': the design's way of writing alpha (and p) in configuration names; a value that is not
-    a whole percentage keeps its digits (0.001 -> '0p001'), so that different values never share a name."""
+    a whole percentage keeps its digits (0.001 -> '0p001'), so that different values never share a name; one
+    value per layer is written 'L' and a checksum of the values."""
+    if _layered(value):
+        return f"L{zlib.crc32(repr(tuple(value)).encode()):08x}"
     percent = round(value * 100)
     return f"{percent:03d}" if math.isclose(value * 100, percent, abs_tol=1e-9) else f"{value:g}".replace(".", "p")
 
@@ -998,6 +1073,8 @@ class RoutingMethod:
     name = ""
     changes_routing = True  # False: the model's own router runs unchanged (the native baseline)
     is_baseline = False  # a reference curve of the equal-compute comparison (`frontier_table`)
+    per_layer: tuple[str, ...] = ()  # parameters that may be given one value per MoE layer (a tuple), e.g. BH's alpha
+    per_token = True  # how many experts a token keeps depends on the token (False: on its layer alone)
 
     def parameters(self, shape: RouterShape, **given) -> dict:
         """Check `given` (ValueError naming the argument) and complete it with the defaults. The result
@@ -1028,6 +1105,21 @@ class RoutingMethod:
             raise ValueError(f"layer must be in [0, {calibration.num_layers}) for this calibration, got {layer!r}")
         return {}
 
+    def layer_params(self, params: dict, context: LayerContext) -> dict:
+        """`params` with each per-layer parameter given as a tuple replaced by the context's layer's value."""
+        layered = {}
+        for name in self.per_layer:
+            values = params.get(name)
+            if _layered(values):
+                layers = context.num_layers if context.num_layers is not None else len(values)
+                if len(values) != layers or not 0 <= context.layer < len(values):
+                    raise ValueError(
+                        f"{name} has {len(values)} values, one per MoE layer, for a model of {layers} MoE layers "
+                        f"(layer {context.layer})"
+                    )
+                layered[name] = values[context.layer]
+        return params | layered
+
     def layer_route(self, params: dict, context: LayerContext, compiled: bool = False) -> Callable:
         """The function one MoE layer routes with, built at patch time with the layer's tables on its device:
         (selection_logits [T, E'], native_weights [T, k], native_index [T, k]) -> (top_weights [T, K],
@@ -1041,7 +1133,11 @@ class RoutingMethod:
         # A route reaching only objects of its own layer (the method through the registry, one global): a
         # compiled forward checks every object it reads at every decode step, and an object that several
         # layers share costs each layer an identity check evaluated in Python.
-        return functools.partial(_route_with_tables, self.name, dict(params), tables)
+        return functools.partial(_route_with_tables, self.name, self.layer_params(params, context), tables)
+
+    def baseline(self, params: dict) -> str | None:
+        """The reference curve of the equal-compute comparison this configuration is a point of (None: none)."""
+        return self.name if self.is_baseline else None
 
     def in_expert_space(self, params: dict, shape: RouterShape) -> bool:
         """Whether `layer_route` returns experts of the router's own output (the patcher then applies no
@@ -1126,6 +1222,7 @@ class BenjaminiHochbergMethod(RoutingMethod):
     """BH over the E tests "expert i is not relevant to this token" (`benjamini_hochberg_routing`)."""
 
     name = "bh"
+    per_layer = ("alpha",)
 
     def parameters(
         self,
@@ -1137,12 +1234,12 @@ class BenjaminiHochbergMethod(RoutingMethod):
         pvalue_method=DEFAULT_PVALUE_METHOD,
         renormalize=None,
     ) -> dict:
-        _check_alpha(alpha)
-        _check_temperature(temperature)
+        alpha = _per_layer(alpha, _check_alpha)
+        check_temperature(temperature)
         _check_k_bounds(min_k, max_k, shape.num_experts)
         _check_pvalue_params(pvalue_method, shape.num_experts)
         params = dict(alpha=alpha, temperature=temperature, min_k=min_k, max_k=max_k, pvalue_method=pvalue_method)
-        return params | {"renormalize": _renormalize(renormalize, shape)}
+        return params | {"renormalize": resolve_renormalize(renormalize, shape)}
 
     def calibration_use(self, params):
         fitted = pvalue_method_of(params["pvalue_method"]).fitted
@@ -1155,6 +1252,7 @@ class BenjaminiHochbergMethod(RoutingMethod):
         return route_bh(logits, with_stats=with_stats, null=(tables or {}).get("null"), **params)
 
     def layer_route(self, params, context, compiled=False):
+        params = self.layer_params(params, context)
         route = compile_once(route_bh_tensors) if compiled else route_bh_tensors
         constants = tuple(
             params[name] for name in ("alpha", "temperature", "min_k", "max_k", "pvalue_method", "renormalize")
@@ -1173,10 +1271,10 @@ class BenjaminiHochbergMethod(RoutingMethod):
         'bhpool' for the fitted nulls; a suffix for each other parameter that differs from its default
         (e.g. _min4 for min_k = 4)."""
         prefix = "bh" + _pvalue_code(pvalue_method)
-        return f"{prefix}_k{max_k}_a{_percent_code(alpha)}" + _common_suffix(min_k, 1, temperature, renormalize)
+        return f"{prefix}_k{max_k}_a{_percent_code(alpha)}" + config_suffix(min_k, 1, temperature, renormalize)
 
     def series(self, params):
-        return f"BH ({params['pvalue_method']})"
+        return f"BH ({params['pvalue_method']})" + (", alpha per layer" if _layered(params["alpha"]) else "")
 
 
 def _require_for_name(method: str, **needed) -> None:
@@ -1185,7 +1283,8 @@ def _require_for_name(method: str, **needed) -> None:
         raise ValueError(f"a {method!r} configuration's name needs {missing} (e.g. the model's top-k), got none")
 
 
-def _common_suffix(min_k: int, default_min_k: int, temperature: float, renormalize: bool | None) -> str:
+def config_suffix(min_k: int, default_min_k: int, temperature: float, renormalize: bool | None) -> str:
+    """The end of a configuration's name for the common parameters that differ from their defaults."""
     suffix = f"_min{min_k}" if min_k != default_min_k else ""
     suffix += f"_t{temperature:g}" if temperature != 1.0 else ""
     return suffix + ("" if renormalize is None else "_renorm" if renormalize else "_raw")
@@ -1206,12 +1305,13 @@ class TopKMethod(RoutingMethod):
 
     name = "topk"
     is_baseline = True
+    per_token = False
 
     def parameters(self, shape, k=None, temperature=1.0, renormalize=None) -> dict:
         k = shape.native_top_k if k is None else k
         _check_top_k(k, shape.num_experts)
-        _check_temperature(temperature)
-        renormalize = _renormalize(renormalize, shape)
+        check_temperature(temperature)
+        renormalize = resolve_renormalize(renormalize, shape)
         return dict(k=k, temperature=temperature, min_k=k, max_k=k, renormalize=renormalize)
 
     def route(self, logits, params, with_stats=False, tables=None):
@@ -1232,7 +1332,7 @@ class TopKMethod(RoutingMethod):
 
     def config_name(self, k=None, temperature=1.0, renormalize=None) -> str:
         _require_for_name(self.name, k=k)
-        return f"topk_k{k}" + _common_suffix(1, 1, temperature, renormalize)
+        return f"topk_k{k}" + config_suffix(1, 1, temperature, renormalize)
 
     def series(self, params):
         return "top-k"
@@ -1243,13 +1343,14 @@ class TopPMethod(RoutingMethod):
 
     name = "topp"
     is_baseline = True
+    per_layer = ("p",)
 
     def parameters(self, shape, p=0.5, temperature=1.0, min_k=1, max_k=None, renormalize=None) -> dict:
-        _check_top_p(p)
-        _check_temperature(temperature)
+        p = _per_layer(p, _check_top_p)
+        check_temperature(temperature)
         max_k = shape.num_experts if max_k is None else max_k
         _check_k_bounds(min_k, max_k, shape.num_experts)
-        renormalize = _renormalize(renormalize, shape)
+        renormalize = resolve_renormalize(renormalize, shape)
         return dict(p=p, temperature=temperature, min_k=min_k, max_k=max_k, renormalize=renormalize)
 
     def route(self, logits, params, with_stats=False, tables=None):
@@ -1257,10 +1358,13 @@ class TopPMethod(RoutingMethod):
 
     def config_name(self, p=0.5, temperature=1.0, min_k=1, max_k=None, renormalize=None) -> str:
         name = f"topp_p{_percent_code(p)}" + ("" if max_k is None else f"_max{max_k}")
-        return name + _common_suffix(min_k, 1, temperature, renormalize)
+        return name + config_suffix(min_k, 1, temperature, renormalize)
+
+    def baseline(self, params):
+        return None if _layered(params.get("p")) else self.name  # the curve is top-p at one p in every layer
 
     def series(self, params):
-        return "top-p"
+        return "top-p, p per layer" if _layered(params.get("p")) else "top-p"
 
 
 class NativeMethod(TopKMethod):
@@ -1291,6 +1395,16 @@ def _check_fitted_temperature(temperature) -> None:
         )
 
 
+def _check_bands(bands) -> None:
+    if not isinstance(bands, (int, float)) or isinstance(bands, bool) or not 0 < bands <= 1024:
+        raise ValueError(f"bands must be a number in (0, 1024] (counts per calibration quantile), got {bands!r}")
+
+
+def _check_skip_beta(beta) -> None:
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta <= 1:
+        raise ValueError(f"beta must be a number in (0, 1] or 'median' (each layer's calibrated w2/w1), got {beta!r}")
+
+
 def _check_fraction(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
@@ -1315,9 +1429,9 @@ class HigherCriticismMethod(RoutingMethod):
         max_k = shape.native_top_k if max_k is None else max_k
         _check_k_bounds(min_k, max_k, shape.num_experts)
         _check_pvalue_params(pvalue_method, shape.num_experts)
-        _check_temperature(temperature)
+        check_temperature(temperature)
         params = dict(beta=beta, min_k=min_k, max_k=max_k, pvalue_method=pvalue_method, temperature=temperature)
-        return params | {"renormalize": _renormalize(renormalize, shape)}
+        return params | {"renormalize": resolve_renormalize(renormalize, shape)}
 
     calibration_use = BenjaminiHochbergMethod.calibration_use
     layer_tables = BenjaminiHochbergMethod.layer_tables
@@ -1329,7 +1443,7 @@ class HigherCriticismMethod(RoutingMethod):
         self, beta=0.3, max_k=None, min_k=1, pvalue_method=DEFAULT_PVALUE_METHOD, temperature=1.0, renormalize=None
     ) -> str:
         name = "hc" + _pvalue_code(pvalue_method) + f"_b{_percent_code(beta)}"
-        return name + ("" if max_k is None else f"_k{max_k}") + _common_suffix(min_k, 1, temperature, renormalize)
+        return name + ("" if max_k is None else f"_k{max_k}") + config_suffix(min_k, 1, temperature, renormalize)
 
     def series(self, params):
         return f"HC ({params['pvalue_method']})"
@@ -1340,19 +1454,17 @@ class DynamicSkipMethod(RoutingMethod):
     w2 / w1 (Lu et al. 2024, "Not All Experts are Equal", ACL 2024, section 4)."""
 
     name = "skip"
+    per_layer = ("beta",)
 
     def parameters(self, shape, beta=0.3, k=None, min_k=1, temperature=1.0, renormalize=None) -> dict:
-        if beta != "median" and (not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta <= 1):
-            raise ValueError(
-                f"beta must be a number in (0, 1] or 'median' (each layer's calibrated w2/w1), got {beta!r}"
-            )
+        beta = beta if beta == "median" else _per_layer(beta, _check_skip_beta)
         if beta == "median":
             _check_fitted_temperature(temperature)
         k = shape.native_top_k if k is None else k
         _check_top_k(k, shape.num_experts)
         _check_k_bounds(min_k, k, shape.num_experts)
-        _check_temperature(temperature)
-        renormalize = _renormalize(renormalize, shape)
+        check_temperature(temperature)
+        renormalize = resolve_renormalize(renormalize, shape)
         return dict(beta=beta, k=k, min_k=min_k, max_k=k, temperature=temperature, renormalize=renormalize)
 
     def calibration_use(self, params):
@@ -1371,23 +1483,27 @@ class DynamicSkipMethod(RoutingMethod):
 
     def config_name(self, beta=0.3, k=None, min_k=1, temperature=1.0, renormalize=None) -> str:
         code = "med" if beta == "median" else _percent_code(beta)
-        return f"skip_b{code}" + ("" if k is None else f"_k{k}") + _common_suffix(min_k, 1, temperature, renormalize)
+        return f"skip_b{code}" + ("" if k is None else f"_k{k}") + config_suffix(min_k, 1, temperature, renormalize)
 
     def series(self, params):
-        return "dynamic skip (median beta)" if params["beta"] == "median" else "dynamic skip"
+        if params["beta"] == "median":
+            return "dynamic skip (median beta)"
+        return "dynamic skip, beta per layer" if _layered(params["beta"]) else "dynamic skip"
 
 
 class EntropyMethod(RoutingMethod):
     """Entropy-adaptive k (`route_entropy`), with each layer's calibrated entropy quantiles."""
 
     name = "entropy"
+    per_layer = ("bands",)
 
-    def parameters(self, shape, min_k=1, max_k=None, temperature=1.0, renormalize=None) -> dict:
+    def parameters(self, shape, min_k=1, max_k=None, temperature=1.0, renormalize=None, bands=None) -> dict:
         max_k = shape.native_top_k if max_k is None else max_k
         _check_k_bounds(min_k, max_k, shape.num_experts)
         _check_fitted_temperature(temperature)
-        renormalize = _renormalize(renormalize, shape)
-        return dict(min_k=min_k, max_k=max_k, temperature=temperature, renormalize=renormalize)
+        bands = None if bands is None else _per_layer(bands, _check_bands)
+        renormalize = resolve_renormalize(renormalize, shape)
+        return dict(min_k=min_k, max_k=max_k, temperature=temperature, renormalize=renormalize, bands=bands)
 
     def calibration_use(self, params):
         return "each layer's router-entropy quantiles"
@@ -1400,11 +1516,14 @@ class EntropyMethod(RoutingMethod):
             raise ValueError("method 'entropy' needs the layer's tables (layer_tables with a RoutingCalibration)")
         return route_entropy(logits, tables["knots"], **params)
 
-    def config_name(self, max_k=None, min_k=1, temperature=1.0, renormalize=None) -> str:
-        return "entropy" + ("" if max_k is None else f"_k{max_k}") + _common_suffix(min_k, 1, temperature, renormalize)
+    def config_name(self, max_k=None, min_k=1, temperature=1.0, renormalize=None, bands=None) -> str:
+        name = "entropy" + ("" if max_k is None else f"_k{max_k}") + config_suffix(min_k, 1, temperature, renormalize)
+        if bands is None:
+            return name
+        return name + "_bands" + (_percent_code(bands) if _layered(bands) else f"{bands:g}")
 
     def series(self, params):
-        return "entropy k"
+        return "entropy k, bands per layer" if _layered(params["bands"]) else "entropy k"
 
 
 class LayerBudgetMethod(RoutingMethod):
@@ -1413,6 +1532,7 @@ class LayerBudgetMethod(RoutingMethod):
 
     name = "layerk"
     is_baseline = False
+    per_token = False
 
     def parameters(self, shape, budgets=(), temperature=1.0, renormalize=None) -> dict:
         budgets = tuple(budgets) if isinstance(budgets, (list, tuple)) else budgets
@@ -1428,8 +1548,8 @@ class LayerBudgetMethod(RoutingMethod):
                 f"budgets must be a non-empty tuple of numbers in [0, {shape.num_experts}] (one per layer), "
                 f"got {budgets!r}"
             )
-        _check_temperature(temperature)
-        renormalize = _renormalize(renormalize, shape)
+        check_temperature(temperature)
+        renormalize = resolve_renormalize(renormalize, shape)
         min_k, max_k = math.floor(min(budgets)), max(1, math.ceil(max(budgets)))
         return dict(budgets=budgets, min_k=min_k, max_k=max_k, temperature=temperature, renormalize=renormalize)
 
@@ -1444,7 +1564,7 @@ class LayerBudgetMethod(RoutingMethod):
         return route_layer_budget(logits, tables["budget"], params["temperature"], params["renormalize"])
 
     def config_name(self, budgets=(), temperature=1.0, renormalize=None) -> str:
-        return "layerk_" + "_".join(f"{b:.2f}" for b in budgets) + _common_suffix(1, 1, temperature, renormalize)
+        return "layerk_" + "_".join(f"{b:.2f}" for b in budgets) + config_suffix(1, 1, temperature, renormalize)
 
     def series(self, params):
         return "top-k at equal per-layer budget"
@@ -1469,6 +1589,7 @@ def route_logits(
     params = spec.parameters(shape, **params)
     context = LayerContext(layer, shape, router_logits.device, calibration)
     tables = _tables_to(spec.layer_tables(params, context), router_logits.device)
+    params = spec.layer_params(params, context)
     return spec.route(router_logits, params, with_stats, **({"tables": tables} if tables else {}))
 
 
@@ -2654,7 +2775,10 @@ class MoERouterPatcher:
 
     def contexts(self) -> list[LayerContext]:
         """What a routing method sees of each MoE layer when it builds the layer's route."""
-        return [LayerContext(i, self.shape, r.weight.device, self.calibration) for i, r in enumerate(self.routers)]
+        return [
+            LayerContext(i, self.shape, router.weight.device, self.calibration, self.num_layers)
+            for i, router in enumerate(self.routers)
+        ]
 
     def patch_with_bh(
         self, alpha=0.05, temperature=1.0, min_k=1, max_k=16, pvalue_method=DEFAULT_PVALUE_METHOD, renormalize=None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import bh_allocation
 import bh_downstream
 import bh_experiment
 import bh_report
@@ -16,18 +17,20 @@ import variable_k_experts
 
 REPO = Path(__file__).resolve().parent.parent
 MODULES = {
-    module.__name__: module for module in (variable_k_experts, bh_routing, bh_experiment, bh_downstream, bh_report)
+    module.__name__: module
+    for module in (variable_k_experts, bh_routing, bh_experiment, bh_allocation, bh_downstream, bh_report)
 }
 # What each module may import of the project: every arrow points down, none back up, no circle.
 ALLOWED = {
     "variable_k_experts": set(),
     "bh_routing": {"variable_k_experts"},
     "bh_experiment": {"bh_routing", "variable_k_experts"},
+    "bh_allocation": {"bh_experiment", "bh_routing"},
     "bh_downstream": {"bh_experiment", "bh_routing"},
-    "bh_report": set(),
+    "bh_report": {"bh_experiment"},
 }
-MAX_LINES = {"bh_routing": 3000, "variable_k_experts": 2000, "bh_experiment": 2000, "bh_downstream": 2000,
-             "bh_report": 2000}  # fmt: skip
+MAX_LINES = {"bh_routing": 3000, "variable_k_experts": 2000, "bh_experiment": 2000, "bh_allocation": 2000,
+             "bh_downstream": 2000, "bh_report": 2000}  # fmt: skip
 
 
 def imported(path: Path) -> set[str]:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -22,20 +23,22 @@ NOTEBOOK = REPO / "OLMoE_BH_Routing_Experiments.ipynb"
 SUMMARY_COLUMNS = """config method pvalue_method alpha max_k min_k status quality_status error avg_experts std_experts
     min_experts max_experts median_experts ceiling_hit_rate floor_hit_rate reduction_vs_baseline inference_time
     tokens_per_second tokens_per_second_min tokens_per_second_max timing_repeats avg_time_per_prompt warm_up_seconds
-    weight_entropy
-    expert_utilization perplexity token_accuracy eval_avg_experts""".split()
+    avg_experts_prompt_tokens avg_experts_generated_tokens repeated_ngram_share repeat_previous_share
+    longest_repeat_run weight_entropy expert_utilization perplexity token_accuracy eval_avg_experts""".split()
 QUICK = {
     "max_new_tokens": 3,
     "eval_max_tokens": 600,
     "eval_window": 128,
     "device": "cpu",
     "calibration_tokens": 1024,
+    "allocation_tokens": 512,
     "eval_max_tokens_2": 300,
     "oracle_positions": 8,
     "bootstrap_resamples": 100,
 }
 QUALITY_TABLES = """bh_routing_frontier bh_routing_frontier_second_slice bh_routing_best_by_budget
-    bh_routing_best_by_budget_second_slice bh_routing_calibration bh_routing_bulk_shape bh_routing_oracle""".split()
+    bh_routing_best_by_budget_second_slice bh_routing_calibration bh_routing_bulk_shape bh_routing_oracle
+    bh_routing_layer_matched bh_routing_layer_matched_second_slice""".split()
 
 
 def execute(tmp_path, **parameters):
@@ -136,7 +139,11 @@ def test_the_frontier_compares_every_method_with_both_baselines_on_both_slices(q
     frontier = pd.read_csv(quick_run / "bh_routing_frontier.csv")
     floored = [f"bh_k8_a020_min{k}" for k in (2, 3, 4, 6)]
     assert list(frontier["config"][:7]) == ["bh_k4_a020", "bh_k8_a005", "bh1mp_k8_a005"] + floored
-    assert {"bh", "hc", "skip", "entropy"} == set(frontier["method"])
+    # every family of training-free rules, the allocations and the per-token rules at the schedule's layer budgets
+    # (top-p here: with one p per layer, a rule rather than the top-p curve)
+    assert {"bh", "hc", "skip", "entropy", "topp", "allocl", "lexi", "alloct"} == set(frontier["method"])
+    matched = {f"{rule}_schedule_b2.00" for rule in ("bh", "topp", "skip", "entropy")} | {"alloct_schedule_b2.00"}
+    assert matched <= set(frontier["config"]) and not frontier["delta_vs_strongest_percent"].isna().all()
     assert {"BH (empirical)", "BH (pooled)", "HC (pooled)", "dynamic skip (median beta)"} <= set(frontier["series"])
     inside = frontier.dropna(subset=["delta_vs_topk_percent"])
     assert (inside["delta_vs_topk_low"] <= inside["delta_vs_topk_percent"] + 1e-9).all()
@@ -160,15 +167,17 @@ def test_the_reports_numbers_are_the_csvs(quick_run):
     shown = table_with(report, "budget", "rank", "vs top-k at equal experts")  # the evaluation slice's, first
     top = best[best["rank"] <= 3]
     assert len(shown) == len(top)
-    for row, line in zip(top.itertuples(), shown.itertuples(), strict=True):
-        assert (line.budget, line.rank, line.series, line.config) == (
+    for row, (_, line) in zip(top.itertuples(), shown.iterrows(), strict=True):
+        assert (line.budget, line["rank"], line.series, line.config) == (
             str(row.budget),
             str(row.rank),
             row.series,
             row.config,
         )
         assert line.avg_experts == f"{row.avg_experts:.3f}"
-        assert line[7].startswith(f"{row.delta_vs_topk_percent:+.2f}% [{row.delta_vs_topk_low:+.2f}, ")
+        for baseline, words in (("topk", "top-k"), ("strongest", "strongest baseline")):
+            percent, low = getattr(row, f"delta_vs_{baseline}_percent"), getattr(row, f"delta_vs_{baseline}_low")
+            assert pd.isna(percent) or line[f"vs {words} at equal experts"].startswith(f"{percent:+.2f}% [{low:+.2f}, ")
     frontier = pd.read_csv(quick_run / "bh_routing_frontier.csv")
     shown = table_with(report, "config", "series", "vs top-k", "vs top-p").set_index("config")
     for row in frontier.dropna(subset=["delta_vs_topp_low"]).itertuples():
@@ -180,6 +189,40 @@ def test_the_reports_numbers_are_the_csvs(quick_run):
     calibration = pd.read_csv(quick_run / "bh_routing_calibration.csv")
     for row in calibration.itertuples():
         assert f"{row.rejection_rate:.4f} ({row.standard_error:.4f})" in report
+
+
+def holm_count(p_values, better) -> int:
+    """How many of the better comparisons stay significant at 0.05 after Holm's step-down over the family."""
+    p = np.asarray(p_values, dtype=float)
+    order, passed = np.argsort(p), 0
+    for rank, index in enumerate(order):
+        if p[index] > 0.05 / (len(p) - rank):
+            break
+        passed += bool(better[index])
+    return passed
+
+
+def test_the_reports_answer_is_the_csvs(quick_run):
+    """The answer the report leads with, recounted here from the frontier CSVs and the quality results."""
+    report = (quick_run / "bh_routing_report.md").read_text()
+    answer = report.split("## The answer")[1].split("## Run")[0]
+    full = json.loads((quick_run / "bh_routing_full_results.json").read_text())
+    for name, key in (("bh_routing_frontier.csv", "quality"), ("bh_routing_frontier_second_slice.csv", "quality_2")):
+        frontier = pd.read_csv(quick_run / name)
+        outcome = {n: (r["method"], r["mean_nll"], tuple(r["per_layer_avg_experts"])) for n, r in full[key].items()
+                   if r["status"] == "ok"}  # fmt: skip
+        first = {}
+        distinct = [n for n, o in outcome.items() if first.setdefault(o, n) == n]
+        rows = frontier[frontier["per_token"] & frontier["config"].isin(distinct)]
+        rows = rows.dropna(subset=["delta_vs_strongest_percent"])
+        below, above = (rows["delta_vs_strongest_high"] < 0).sum(), (rows["delta_vs_strongest_low"] > 0).sum()
+        holm = holm_count(rows["delta_vs_strongest_p"], (rows["delta_vs_strongest_percent"] < 0).to_numpy())
+        sentence = (f"Of {len(rows)} distinct per-token rules inside the baselines' range, {below} beat the strongest "
+                    f"baseline")  # fmt: skip
+        assert sentence in answer and f"and {above} lost with it above 0; {holm} of the better ones" in answer
+        best = rows.loc[rows["delta_vs_strongest_percent"].idxmin()]
+        shown = f"{best['delta_vs_strongest_percent']:+.2f}% [{best['delta_vs_strongest_low']:+.2f}, "
+        assert f"best {best['config']} {shown}" in answer
 
 
 def test_the_report_shows_each_groups_first_prompt_with_its_texts(quick_run):
@@ -294,8 +337,8 @@ def run_in_process(tmp_path, monkeypatch, **parameters):
 def test_failed_quality_configurations_still_give_every_output(tmp_path, monkeypatch, failing):
     evaluate = bx.evaluate_language_model
 
-    def out_of_memory_for_some(model, token_ids, window, stride, batch_size, patcher):
-        if failing == "every" or patcher.method == failing:
+    def out_of_memory_for_some(model, token_ids, window, stride, batch_size, patcher=None):
+        if failing == "every" or getattr(patcher, "method", None) == failing:  # "every": the allocations' fit too
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return evaluate(model, token_ids, window, stride, batch_size, patcher)
 
@@ -315,6 +358,9 @@ def test_failed_quality_configurations_still_give_every_output(tmp_path, monkeyp
     assert (tmp_path / "bh_routing_frontier.csv").exists() and (tmp_path / "bh_routing_full_results.json").exists()
     if failing == "every":
         assert "No configuration's quality was measured: all failed" in report
+        assert "- `layer allocations`: the layer allocations could not be fitted: OutOfMemoryError" in report
+    else:
+        assert (tmp_path / "allocations" / "allocations.json").exists() and "layer allocations" not in report
 
 
 @pytest.mark.parametrize("failing", ["bh", "every"])
