@@ -152,6 +152,9 @@ def test_the_frontier_compares_every_method_with_both_baselines_on_both_slices(q
     assert set(second["config"]) == set(frontier["config"]) - {"bh1mp_k8_a005"}
     oracle = pd.read_csv(quick_run / "bh_routing_oracle.csv")
     assert oracle["config"][0] == "router order" and set(frontier["config"]) <= set(oracle["config"])
+    for name in ("bh_routing_layer_matched", "bh_routing_layer_matched_second_slice"):  # rules, not allocations
+        layer = pd.read_csv(quick_run / f"{name}.csv")
+        assert len(layer) and layer["per_token"].all() and (layer["layer_max"] > 1.2 * layer["layer_min"]).all()
 
 
 def test_the_reports_numbers_are_the_csvs(quick_run):
