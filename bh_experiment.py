@@ -1013,8 +1013,8 @@ def _delta_columns(compared: dict, column: int) -> dict:
     for key, delta in compared["deltas"].items():
         parts = {"low": math.nan, "high": math.nan, "p": math.nan}
         if len(delta) > 1:
-            parts = {name: float(value[0]) for name, value in bootstrap_interval(delta[:1, column], delta[1:, [column]],
-                                                                      compared["blocks"]).items()}  # fmt: skip
+            interval = bootstrap_interval(delta[:1, column], delta[1:, [column]], compared["blocks"])
+            parts = {name: float(value[0]) for name, value in interval.items()}
         row |= {f"delta_vs_{key}_percent": float(delta[0, column])}
         row |= {f"delta_vs_{key}_{name}": value for name, value in parts.items()}
     return row

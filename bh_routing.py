@@ -178,7 +178,7 @@ def _layered(value) -> bool:
 def _per_layer(value, check: Callable):
     """A parameter given once, or once per MoE layer as a non-empty list or tuple (returned as a tuple), every
     value checked by `check`, which names the parameter."""
-    if isinstance(value, (list, tuple)):
+    if _layered(value):
         if not value:
             check(value)  # the parameter's own error, naming it
         for item in value:
