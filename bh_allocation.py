@@ -74,16 +74,24 @@ class AllocationMethod(br.RoutingMethod):
     def calibration_use(self, params):
         return f"the {self.label} (allocations[{self.name!r}], bh_allocation.fit_allocations)"
 
+    def allocation_of(self, params) -> str:
+        """The name of the allocation whose layer budgets the configuration routes with."""
+        return self.name
+
     def layer_tables(self, params, context):
         tables = super().layer_tables(params, context)
-        return tables | {"budget": context.calibration.allocation(self.name, params["budget"])[context.layer]}
+        budgets = context.calibration.allocation(self.allocation_of(params), params["budget"])
+        return tables | {"budget": budgets[context.layer]}
 
-    def route(self, logits, params, with_stats=False, tables=None):
+    def layer_budget(self, tables) -> float:
+        """The layer's budget from its tables (`layer_tables`); ValueError without them."""
         if not tables or "budget" not in tables:
             raise ValueError(f"method {self.name!r} routes one layer at a time: give the layer and the calibration")
-        return br.route_layer_budget(
-            logits, tables["budget"], params["temperature"], params["renormalize"], params["max_k"]
-        )
+        return tables["budget"]
+
+    def route(self, logits, params, with_stats=False, tables=None):
+        budget = self.layer_budget(tables)
+        return br.route_layer_budget(logits, budget, params["temperature"], params["renormalize"], params["max_k"])
 
     def config_name(self, budget=2.0, temperature=1.0, renormalize=None) -> str:
         return f"{self.name}_b{budget:.2f}" + br.config_suffix(1, 1, temperature, renormalize)
@@ -132,17 +140,12 @@ class AllocTMethod(AllocationMethod):
     def calibration_use(self, params):
         return f"the layer budgets of allocations[{params['allocation']!r}] (bh_allocation.fit_allocations)"
 
-    def layer_tables(self, params, context):
-        tables = br.RoutingMethod.layer_tables(self, params, context)
-        return tables | {
-            "budget": context.calibration.allocation(params["allocation"], params["budget"])[context.layer]
-        }
+    def allocation_of(self, params) -> str:
+        return params["allocation"]
 
     def route(self, logits, params, with_stats=False, tables=None):
-        if not tables or "budget" not in tables:
-            raise ValueError("method 'alloct' routes one layer at a time: give the layer and the calibration")
         keys = ("temperature", "min_k", "max_k", "renormalize")
-        return br.route_alloct(logits, tables["budget"], *(params[key] for key in keys))
+        return br.route_alloct(logits, self.layer_budget(tables), *(params[key] for key in keys))
 
     def config_name(self, budget=2.0, allocation="schedule", min_k=1, max_k=None, temperature=1.0, renormalize=None):
         name = f"alloct_{allocation}_b{budget:.2f}" + ("" if max_k is None else f"_k{max_k}")
@@ -232,9 +235,9 @@ def lexi_perturbations(model, patcher, tokens: int = 2048, iterations: int = 4, 
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(seed)
     draws = [torch.randn(1, tokens, model.config.hidden_size, generator=generator) for _ in range(iterations)]
+    inputs = [x.to(parameter.device, parameter.dtype) for x in draws]  # the same draws for every layer
     costs = torch.full((len(layers), native_k + 1), math.inf, dtype=torch.float64)
     for index, layer in enumerate(layers):
-        inputs = [x.to(parameter.device, parameter.dtype) for x in draws]
         native = [_block_output(layer.block, x) for x in inputs]
         for k in range(1, native_k + 1):
             patcher.patch("layerk", budgets=tuple(float(k if i == index else native_k) for i in range(len(layers))))

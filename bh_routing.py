@@ -1135,9 +1135,14 @@ class RoutingMethod:
         # layers share costs each layer an identity check evaluated in Python.
         return functools.partial(_route_with_tables, self.name, self.layer_params(params, context), tables)
 
+    def layered(self, params: dict) -> str | None:
+        """The first of `per_layer` that `params` give one value per MoE layer (None: every one given once)."""
+        return next((name for name in self.per_layer if _layered(params.get(name))), None)
+
     def baseline(self, params: dict) -> str | None:
-        """The reference curve of the equal-compute comparison this configuration is a point of (None: none)."""
-        return self.name if self.is_baseline else None
+        """The reference curve of the equal-compute comparison this configuration is a point of (None: none). A
+        baseline with a parameter per layer is a rule to compare, not a point of its curve."""
+        return self.name if self.is_baseline and self.layered(params) is None else None
 
     def in_expert_space(self, params: dict, shape: RouterShape) -> bool:
         """Whether `layer_route` returns experts of the router's own output (the patcher then applies no
@@ -1162,6 +1167,11 @@ class RoutingMethod:
     def series(self, params: dict) -> str:
         """The curve a configuration belongs to in tables and figures (e.g. 'BH (robust_z)')."""
         return self.name
+
+    def per_layer_words(self, params: dict) -> str:
+        """What a series adds when a parameter is given per layer (', alpha per layer'), else ''."""
+        name = self.layered(params)
+        return "" if name is None else f", {name} per layer"
 
 
 def _route_with_tables(method: str, params: dict, tables: dict, logits, native_weights, native_index):
@@ -1274,7 +1284,7 @@ class BenjaminiHochbergMethod(RoutingMethod):
         return f"{prefix}_k{max_k}_a{_percent_code(alpha)}" + config_suffix(min_k, 1, temperature, renormalize)
 
     def series(self, params):
-        return f"BH ({params['pvalue_method']})" + (", alpha per layer" if _layered(params["alpha"]) else "")
+        return f"BH ({params['pvalue_method']})" + self.per_layer_words(params)
 
 
 def _require_for_name(method: str, **needed) -> None:
@@ -1360,11 +1370,8 @@ class TopPMethod(RoutingMethod):
         name = f"topp_p{_percent_code(p)}" + ("" if max_k is None else f"_max{max_k}")
         return name + config_suffix(min_k, 1, temperature, renormalize)
 
-    def baseline(self, params):
-        return None if _layered(params.get("p")) else self.name  # the curve is top-p at one p in every layer
-
     def series(self, params):
-        return "top-p, p per layer" if _layered(params.get("p")) else "top-p"
+        return "top-p" + self.per_layer_words(params)
 
 
 class NativeMethod(TopKMethod):
@@ -1488,7 +1495,7 @@ class DynamicSkipMethod(RoutingMethod):
     def series(self, params):
         if params["beta"] == "median":
             return "dynamic skip (median beta)"
-        return "dynamic skip, beta per layer" if _layered(params["beta"]) else "dynamic skip"
+        return "dynamic skip" + self.per_layer_words(params)
 
 
 class EntropyMethod(RoutingMethod):
@@ -1523,7 +1530,7 @@ class EntropyMethod(RoutingMethod):
         return name + "_bands" + (_percent_code(bands) if _layered(bands) else f"{bands:g}")
 
     def series(self, params):
-        return "entropy k, bands per layer" if _layered(params["bands"]) else "entropy k"
+        return "entropy k" + self.per_layer_words(params)
 
 
 class LayerBudgetMethod(RoutingMethod):
