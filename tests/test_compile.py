@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import CompileConfig
 
+import bh_allocation  # noqa: F401 - registers the allocation methods compiled below
 import bh_experiment as bx
 import bh_routing as br
 import variable_k_experts as vk
@@ -61,6 +62,78 @@ def test_every_layer_route_compiles_as_one_graph_and_routes_as_eager(tiny_model,
         actual = compiled(logits, native_weights, native_index)
         for mine, theirs in zip(actual, expected, strict=True):
             assert (mine is None and theirs is None) or torch.equal(mine, theirs), (spec, layer)
+
+
+PER_LAYER_ROUTES = [  # the tiny model's 2 MoE layers, one value each; allocations fitted below
+    ("bh", {"alpha": (0.05, 0.2), "max_k": 8}),
+    ("topp", {"p": (0.3, 0.6), "max_k": 8}),
+    ("skip", {"beta": (0.2, 0.5)}),
+    ("entropy", {"bands": (2.0, 5.0)}),
+    ("layerk", {"budgets": (1.5, 3.0)}),
+    ("schedule", {"budget": 2.5}),
+    ("alloct", {"budget": 2.5}),
+]
+
+
+@pytest.mark.parametrize(("method_name", "given"), PER_LAYER_ROUTES, ids=[name for name, _ in PER_LAYER_ROUTES])
+def test_per_layer_and_allocated_routes_compile_as_one_graph_and_route_as_eager(
+    tiny_model, calibration, method_name, given
+):
+    calibration.allocations = {"schedule": torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 2.0], [8.0, 8.0]])}
+    patcher = br.MoERouterPatcher(tiny_model, calibration=calibration)
+    method = br.routing_method(method_name)
+    params = method.parameters(patcher.shape, **given)
+    patcher.params = params
+    logits = torch.randn(13, 64, generator=torch.Generator().manual_seed(1)) * 4
+    native_weights, native_index = torch.softmax(logits, -1).topk(8)
+    for layer, context in enumerate(patcher.contexts()):
+        route = method.layer_route(params, context)
+        expected = route(logits, native_weights, native_index)
+        actual = torch.compile(route, fullgraph=True, backend="eager")(logits, native_weights, native_index)
+        for mine, theirs in zip(actual, expected, strict=True):
+            assert (mine is None and theirs is None) or torch.equal(mine, theirs), (method_name, layer)
+
+
+# BH and HC on the robust_z and empirical statistics: on the CPU the eager path counts with a shortcut
+# (`fast_count`) that keeps min_k on a token with a NaN or infinite logit, the traced full path keeps max_k with
+# NaN weights. A known difference of the two paths, not yet given one meaning.
+NON_FINITE_DIFFER = {
+    "bh:alpha=0.2,max_k=8",
+    "bh:alpha=0.05,max_k=8,min_k=2",
+    "bh:pvalue_method=empirical,alpha=0.2,max_k=8",
+    "hc:beta=0.3,max_k=8",
+    "hc:beta=0.3,max_k=8,pvalue_method=empirical",
+    "bh",  # one alpha per layer
+}
+
+
+def non_finite_cases():
+    configs = {spec: br.RoutingConfig.parse(spec) for spec in LAYER_ROUTES}
+    cases = [(spec, config.method, config.kwargs) for spec, config in configs.items()]
+    cases += [(name, name, given) for name, given in PER_LAYER_ROUTES]
+    known = pytest.mark.xfail(strict=True, reason="CPU eager shortcut and traced path differ on non-finite logits")
+    return [pytest.param(m, g, id=i, marks=[known] if i in NON_FINITE_DIFFER else []) for i, m, g in cases]
+
+
+@pytest.mark.parametrize(("method_name", "given"), non_finite_cases())
+def test_every_route_gives_the_same_counts_compiled_as_eager_on_non_finite_logits(
+    tiny_model, calibration, method_name, given
+):
+    calibration.allocations = {"schedule": torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 2.0], [8.0, 8.0]])}
+    patcher = br.MoERouterPatcher(tiny_model, calibration=calibration)
+    method = br.routing_method(method_name)
+    params = method.parameters(patcher.shape, **given)
+    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)) * 4
+    logits[0, 5], logits[1, :] = float("inf"), float("-inf")
+    logits[2, 7], logits[3, :] = float("nan"), float("nan")
+    native_weights, native_index = torch.softmax(logits, -1).topk(8)
+    for layer, context in enumerate(patcher.contexts()):
+        route = method.layer_route(params, context)
+        expected = route(logits, native_weights, native_index)
+        actual = torch.compile(route, fullgraph=True, backend="eager")(logits, native_weights, native_index)
+        for mine, theirs in zip(actual, expected, strict=True):
+            if mine is not None or theirs is not None:
+                torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True, msg=(method_name, layer))
 
 
 def reference(records, num_experts):
