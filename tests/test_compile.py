@@ -43,28 +43,35 @@ def fresh_dynamo():
 @pytest.fixture
 def calibration(tiny_model):
     token_ids = torch.randint(0, tiny_model.config.vocab_size, (400,), generator=torch.Generator().manual_seed(0))
-    return br.fit_routing_calibration(bx.collect_router_logits(tiny_model, token_ids, window=100))
+    calibration = br.fit_routing_calibration(bx.collect_router_logits(tiny_model, token_ids, window=100))
+    calibration.allocations = {"schedule": torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 2.0], [8.0, 8.0]])}
+    return calibration
 
 
-@pytest.mark.parametrize("spec", LAYER_ROUTES)
-def test_every_layer_route_compiles_as_one_graph_and_routes_as_eager(tiny_model, calibration, spec):
-    config = br.RoutingConfig.parse(spec)
-    patcher = br.MoERouterPatcher(tiny_model, calibration=calibration)
-    method = br.routing_method(config.method)
-    params = method.parameters(patcher.shape, **config.kwargs)
+def eager_and_compiled(model, calibration, method_name: str, given: dict, logits):
+    """(layer, eager outputs, outputs of the route compiled as one graph) of each layer's route on `logits`."""
+    patcher = br.MoERouterPatcher(model, calibration=calibration)
+    method = br.routing_method(method_name)
+    params = method.parameters(patcher.shape, **given)
     patcher.params = params
-    logits = torch.randn(13, 64, generator=torch.Generator().manual_seed(1)) * 4
     native_weights, native_index = torch.softmax(logits, -1).topk(8)
     for layer, context in enumerate(patcher.contexts()):
         route = method.layer_route(params, context)
         expected = route(logits, native_weights, native_index)
         compiled = torch.compile(route, fullgraph=True, backend="eager")
-        actual = compiled(logits, native_weights, native_index)
+        yield layer, expected, compiled(logits, native_weights, native_index)
+
+
+@pytest.mark.parametrize("spec", LAYER_ROUTES)
+def test_every_layer_route_compiles_as_one_graph_and_routes_as_eager(tiny_model, calibration, spec):
+    config = br.RoutingConfig.parse(spec)
+    logits = torch.randn(13, 64, generator=torch.Generator().manual_seed(1)) * 4
+    for layer, expected, actual in eager_and_compiled(tiny_model, calibration, config.method, config.kwargs, logits):
         for mine, theirs in zip(actual, expected, strict=True):
             assert (mine is None and theirs is None) or torch.equal(mine, theirs), (spec, layer)
 
 
-PER_LAYER_ROUTES = [  # the tiny model's 2 MoE layers, one value each; allocations fitted below
+PER_LAYER_ROUTES = [  # the tiny model's 2 MoE layers, one value each; the schedule is the calibration fixture's
     ("bh", {"alpha": (0.05, 0.2), "max_k": 8}),
     ("topp", {"p": (0.3, 0.6), "max_k": 8}),
     ("skip", {"beta": (0.2, 0.5)}),
@@ -79,17 +86,8 @@ PER_LAYER_ROUTES = [  # the tiny model's 2 MoE layers, one value each; allocatio
 def test_per_layer_and_allocated_routes_compile_as_one_graph_and_route_as_eager(
     tiny_model, calibration, method_name, given
 ):
-    calibration.allocations = {"schedule": torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 2.0], [8.0, 8.0]])}
-    patcher = br.MoERouterPatcher(tiny_model, calibration=calibration)
-    method = br.routing_method(method_name)
-    params = method.parameters(patcher.shape, **given)
-    patcher.params = params
     logits = torch.randn(13, 64, generator=torch.Generator().manual_seed(1)) * 4
-    native_weights, native_index = torch.softmax(logits, -1).topk(8)
-    for layer, context in enumerate(patcher.contexts()):
-        route = method.layer_route(params, context)
-        expected = route(logits, native_weights, native_index)
-        actual = torch.compile(route, fullgraph=True, backend="eager")(logits, native_weights, native_index)
+    for layer, expected, actual in eager_and_compiled(tiny_model, calibration, method_name, given, logits):
         for mine, theirs in zip(actual, expected, strict=True):
             assert (mine is None and theirs is None) or torch.equal(mine, theirs), (method_name, layer)
 
@@ -119,18 +117,10 @@ def non_finite_cases():
 def test_every_route_gives_the_same_counts_compiled_as_eager_on_non_finite_logits(
     tiny_model, calibration, method_name, given
 ):
-    calibration.allocations = {"schedule": torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 2.0], [8.0, 8.0]])}
-    patcher = br.MoERouterPatcher(tiny_model, calibration=calibration)
-    method = br.routing_method(method_name)
-    params = method.parameters(patcher.shape, **given)
     logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)) * 4
     logits[0, 5], logits[1, :] = float("inf"), float("-inf")
     logits[2, 7], logits[3, :] = float("nan"), float("nan")
-    native_weights, native_index = torch.softmax(logits, -1).topk(8)
-    for layer, context in enumerate(patcher.contexts()):
-        route = method.layer_route(params, context)
-        expected = route(logits, native_weights, native_index)
-        actual = torch.compile(route, fullgraph=True, backend="eager")(logits, native_weights, native_index)
+    for layer, expected, actual in eager_and_compiled(tiny_model, calibration, method_name, given, logits):
         for mine, theirs in zip(actual, expected, strict=True):
             if mine is not None or theirs is not None:
                 torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True, msg=(method_name, layer))
