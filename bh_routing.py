@@ -731,7 +731,8 @@ class RoutingCalibration:
         """Experts per layer of allocation `name` at an average of `budget` experts per token: its row of that
         average, or the linear mix of the two rows around it (a layer then keeps a fractional budget)."""
         if name not in self.allocations:
-            raise ValueError(f"allocation must be one of {sorted(self.allocations)} for this calibration, got {name!r}")
+            fitted = sorted(self.allocations) or "[] (none fitted: bh_allocation.fit_allocations adds them)"
+            raise ValueError(f"allocation must be one of {fitted} for this calibration, got {name!r}")
         table = self.allocations[name].double()  # [S, L], S >= 2 rows of rising average
         averages = table.mean(dim=-1)  # [S]
         low, high = float(averages[0]), float(averages[-1])

@@ -71,6 +71,9 @@ def test_a_calibrations_allocation_is_its_row_or_the_mix_of_two_rows():
         calibration.allocation("schedule", 9)
     with pytest.raises(ValueError, match="allocation must be one of"):
         calibration.allocation("greedy", 2.0)
+    calibration.allocations = {}
+    with pytest.raises(ValueError, match=r"none fitted: bh_allocation.fit_allocations adds them\), got 'schedule'"):
+        calibration.allocation("schedule", 2.0)
 
 
 def test_an_allocation_routes_each_layer_with_its_budget_and_saves_with_the_calibration(
