@@ -72,7 +72,8 @@ def test_a_calibrations_allocation_is_its_row_or_the_mix_of_two_rows():
     with pytest.raises(ValueError, match="allocation must be one of"):
         calibration.allocation("greedy", 2.0)
     calibration.allocations = {}
-    with pytest.raises(ValueError, match=r"none fitted: bh_allocation.fit_allocations adds them\), got 'schedule'"):
+    none_fitted = r"none fitted: bh_allocation.fit_allocations adds them\) for this calibration, got 'schedule'"
+    with pytest.raises(ValueError, match=none_fitted):
         calibration.allocation("schedule", 2.0)
 
 
