@@ -46,16 +46,14 @@ from bh_routing import (
     ROUTING_METHODS,
     MoERouterPatcher,
     RouterShape,
-    RouterSpec,
     compute_p_values,
-    find_moe_layers,
-    moe_shape,
     permute_experts,
     pvalue_method_of,
     robust_z_trimmed,
     route_logits,
     routing_method,
 )
+from moe_families import RouterSpec, find_moe_layers, moe_shape
 
 __all__ = [
     "HUB_MODEL_ID",
@@ -108,7 +106,14 @@ __all__ = [
     "function_fingerprint",
 ]
 
-FINGERPRINTED_SOURCES = ("bh_routing.py", "variable_k_experts.py", "bh_experiment.py")  # what results depend on
+# What results depend on: the routing, the families, the experts path, the harness and the allocations it fits.
+FINGERPRINTED_SOURCES = (
+    "bh_routing.py",
+    "moe_families.py",
+    "variable_k_experts.py",
+    "bh_experiment.py",
+    "bh_allocation.py",
+)
 GAUSSIAN_BULK_TOKENS = 2**15  # simulated tokens behind `bulk_shape`'s Gaussian reference
 
 

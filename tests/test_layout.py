@@ -13,24 +13,26 @@ import bh_downstream
 import bh_experiment
 import bh_report
 import bh_routing
+import moe_families
 import variable_k_experts
 
 REPO = Path(__file__).resolve().parent.parent
 MODULES = {
     module.__name__: module
-    for module in (variable_k_experts, bh_routing, bh_experiment, bh_allocation, bh_downstream, bh_report)
+    for module in (variable_k_experts, moe_families, bh_routing, bh_experiment, bh_allocation, bh_downstream, bh_report)
 }
 # What each module may import of the project: every arrow points down, none back up, no circle.
 ALLOWED = {
     "variable_k_experts": set(),
-    "bh_routing": {"variable_k_experts"},
-    "bh_experiment": {"bh_routing", "variable_k_experts"},
+    "moe_families": {"variable_k_experts"},
+    "bh_routing": {"moe_families", "variable_k_experts"},
+    "bh_experiment": {"bh_routing", "moe_families", "variable_k_experts"},
     "bh_allocation": {"bh_experiment", "bh_routing"},
     "bh_downstream": {"bh_experiment", "bh_routing"},
     "bh_report": {"bh_experiment"},
 }
-MAX_LINES = {"bh_routing": 3000, "variable_k_experts": 2000, "bh_experiment": 2000, "bh_allocation": 2000,
-             "bh_downstream": 2000, "bh_report": 2000}  # fmt: skip
+MAX_LINES = {"bh_routing": 3000, "moe_families": 1000, "variable_k_experts": 2000, "bh_experiment": 2000,
+             "bh_allocation": 2000, "bh_downstream": 2000, "bh_report": 2000}  # fmt: skip
 
 
 def imported(path: Path) -> set[str]:
@@ -51,6 +53,7 @@ def test_each_module_imports_only_the_modules_below_it(name):
 
 
 def test_the_routing_module_needs_no_experiment_library():
+    assert not imported(REPO / "moe_families.py") & {"pandas", "matplotlib", "scipy", "numpy"}
     assert not imported(REPO / "bh_routing.py") & {"pandas", "matplotlib", "seaborn", "lm_eval", "scipy", "numpy"}
     assert not imported(REPO / "variable_k_experts.py") & (set(MODULES) | {"pandas", "matplotlib"})
 

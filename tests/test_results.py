@@ -87,7 +87,9 @@ def test_a_result_saved_by_other_code_or_library_versions_is_recomputed(tmp_path
     assert after_change.run("bh_k8_a005", lambda: {"value": 2})["value"] == 2
 
 
-@pytest.mark.parametrize("source", ["bh_routing.py", "variable_k_experts.py", "bh_experiment.py"])
+@pytest.mark.parametrize(
+    "source", ["bh_routing.py", "moe_families.py", "variable_k_experts.py", "bh_experiment.py", "bh_allocation.py"]
+)
 def test_the_fingerprint_follows_every_source_a_result_depends_on(tmp_path, monkeypatch, source):
     for name in bx.FINGERPRINTED_SOURCES:
         (tmp_path / name).write_text((bx.REPO_DIR / name).read_text())
