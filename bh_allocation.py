@@ -131,7 +131,7 @@ class AllocTMethod(AllocationMethod):
                    renormalize=None) -> dict:  # fmt: skip
         params = super().parameters(shape, budget, temperature, renormalize)
         max_k = shape.native_top_k if max_k is None else max_k
-        if not isinstance(allocation, str) or not allocation:
+        if not isinstance(allocation, str) or not allocation.isidentifier():  # it is written into names and paths
             raise ValueError(f"allocation must be the name of a fitted allocation, e.g. 'schedule', got {allocation!r}")
         if isinstance(min_k, bool) or not isinstance(min_k, int) or not 0 <= min_k <= max_k <= shape.num_experts:
             raise ValueError(f"min_k and max_k must be integers with 0 <= min_k <= max_k <= {shape.num_experts}")

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from moe_families import find_moe_layers, moe_shape
+from moe_families import MoEShape, find_moe_layers, moe_shape
 from variable_k_experts import (
     VARIABLE_K_EXPERTS,
     CudaGraphed,
@@ -91,6 +91,7 @@ __all__ = [
     "summarize_expert_counts",
     # for a method defined in another file
     "check_temperature",
+    "MIN_TEMPERATURE",
     "resolve_renormalize",
     "config_suffix",
     "route_layer_budget",
@@ -101,6 +102,7 @@ __all__ = [
     "MoERouterPatcher",
     "OLMoERouterPatcher",
     "PATCHER_ATTRIBUTE",
+    "TOKEN_COUNTS_CAPACITY",
 ]
 
 NATIVE_TOP_K = 8  # OLMoE-1B-7B routes every token to 8 experts: the default k of `topk_routing`
@@ -117,10 +119,10 @@ EXPERTS_PATHS = (VARIABLE_K_EXPERTS, "model")  # MoERouterPatcher(experts_path=.
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_logits(router_logits: torch.Tensor, check_values: bool = True) -> None:
+def _check_logits(router_logits: torch.Tensor, check_values: bool = True, any_rank: bool = False) -> None:
     if not isinstance(router_logits, torch.Tensor):
         raise TypeError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
-    if router_logits.dim() not in (2, 3):
+    if router_logits.dim() not in (2, 3) and not (any_rank and router_logits.dim() >= 1):
         raise ValueError(
             "router_logits must have shape [tokens, num_experts] or [batch, seq_len, num_experts], "
             f"got rank {router_logits.dim()} with shape {tuple(router_logits.shape)}"
@@ -129,7 +131,8 @@ def _check_logits(router_logits: torch.Tensor, check_values: bool = True) -> Non
         raise ValueError(f"router_logits must be a floating-point tensor, got dtype {router_logits.dtype}")
     if router_logits.shape[-1] < 1:
         raise ValueError("router_logits must have at least one expert in its last dimension")
-    # `.all()` syncs with the device; the patcher's hot path skips it (its logits come from the model).
+    # `.all()` syncs with the device: the patcher never calls it, and routes a non-finite row by its rule instead
+    # (`PatchedRouter.routed`).
     if check_values and not bool(torch.isfinite(router_logits).all()):
         raise ValueError("router_logits must be finite: found NaN or +/-inf values")
 
@@ -139,11 +142,20 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
 
 
+# The smallest temperature: float32's resolution at 1. Logits are divided by T in float32 (`_work_logits`); far
+# below it 1/T leaves float32's range (a subnormal T) and robust_z's sums of squared logits overflow for logits
+# of ordinary size (at T = 1e-20 a logit of 1 becomes 1e20, its square 1e40): NaN weights, or no count at all.
+MIN_TEMPERATURE = float(torch.finfo(torch.float32).eps)  # 2**-23, about 1.2e-7
+
+
 def check_temperature(temperature: float) -> None:
-    """ValueError naming `temperature` unless it is a finite number > 0."""
+    """ValueError naming `temperature` unless it is a finite number >= MIN_TEMPERATURE."""
     bad_type = not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-    if bad_type or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if bad_type or not math.isfinite(temperature) or temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be a finite number >= {MIN_TEMPERATURE:.3g} (float32's resolution, the dtype logits "
+            f"are divided in), got {temperature!r}"
+        )
 
 
 def _check_k_bounds(min_k: int, max_k: int, num_experts: int) -> None:
@@ -331,16 +343,24 @@ def _robust_location_scale(logits: torch.Tensor, top_logits: torch.Tensor) -> tu
     # Moments of all E logits, then remove the J largest, centred on the mean so that the sums of
     # squares do not cancel in float32.
     mean = logits.mean(dim=-1, keepdim=True)  # [..., 1]
-    centered = logits - mean
+    # A row spread beyond 2**32 (max - mean; its centred logits lie within E times that) is scaled by a power of
+    # two, which changes no rounding, so that its sums of squares stay in float32's range (the statistic is
+    # scale-free); every other row is left as it is.
+    spread = top_logits[..., :1] - mean  # [..., 1]
+    scale = torch.where(spread > 2.0**32, torch.exp2(-torch.floor(torch.log2(spread))), 1.0)
+    centered = (logits - mean) * scale
     total_square = torch.linalg.vecdot(centered, centered).unsqueeze(-1)  # [..., 1]
-    centered_top = top_logits[..., :num_trimmed] - mean  # [..., J]
+    centered_top = (top_logits[..., :num_trimmed] - mean) * scale  # [..., J]
     num_bulk = num_experts - num_trimmed
     bulk_mean = -centered_top.sum(-1, keepdim=True) / num_bulk  # the E centred logits sum to 0
     bulk_square = (total_square - centered_top.square().sum(-1, keepdim=True)) / num_bulk
-    bulk_std = (bulk_square - bulk_mean.square()).clamp_min(0).sqrt()
-    center = mean + bulk_mean
-    # A token whose bulk logits are all equal has std 0: keep the statistic finite.
-    return center, 1.0 / bulk_std.clamp_min(torch.finfo(logits.dtype).eps * (1.0 + center.abs()))
+    bulk_std = (bulk_square - bulk_mean.square()).clamp_min(0).sqrt()  # in the scaled units
+    center = mean + bulk_mean / scale
+    # A token whose bulk logits are equal up to rounding has no spread to measure: a floor of sqrt(eps) of their
+    # size (far below any router's spread) keeps its statistics finite and near 0, no evidence, however the
+    # rounding of its mean falls on each path (a floor of eps let that rounding noise pass for signal).
+    floor = math.sqrt(torch.finfo(logits.dtype).eps) * (1.0 + center.abs()) * scale
+    return center, scale / bulk_std.clamp_min(floor)
 
 
 def robust_z_statistic(logits: torch.Tensor, top_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -386,6 +406,8 @@ class NullTable:
     def p_values(self, statistics: torch.Tensor) -> torch.Tensor:
         """P(S >= s) for each statistic s: [...] -> [...], same dtype (float32 or better)."""
         log_survival = self.log_survival.to(statistics.device)  # [num_knots]
+        # A NaN statistic is no evidence (p = 1), never an index: NaN cast to an integer is out of any range.
+        statistics = statistics.nan_to_num(nan=-math.inf)
         position = ((statistics - self.first) / self.step).clamp(0, log_survival.numel() - 1)
         lower = position.floor().long().clamp_max(log_survival.numel() - 2)
         fraction = (position - lower).to(log_survival.dtype)
@@ -669,6 +691,7 @@ def compute_p_values(
     Returns:
         [..., E] p-values in (0, 1], float32 (float64 for float64 input), in expert order.
     """
+    _check_logits(router_logits, any_rank=True)
     method = pvalue_method_of(pvalue_method)
     check_temperature(temperature)
     table = method.null(router_logits.shape[-1], null, router_logits.device)
@@ -712,6 +735,7 @@ class RoutingCalibration:
     info: dict  # num_tokens, num_experts, seed and what the caller adds (text, model)
     # Experts per layer by allocation (e.g. bh_allocation's "schedule"): [S, L] rows of rising total.
     allocations: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: str = "fitted in this process"  # where it came from (the file `load` read), for the messages of `check`
 
     @property
     def num_layers(self) -> int:
@@ -743,6 +767,27 @@ class RoutingCalibration:
         share = float((budget - averages[upper - 1]) / (averages[upper] - averages[upper - 1]))
         return torch.lerp(table[upper - 1], table[upper], min(max(share, 0.0), 1.0)).tolist()
 
+    def check(self, num_layers: int | None = None, num_experts: int | None = None) -> RoutingCalibration:
+        """ValueError naming the calibration's source and what differs, unless its tables agree on the number of
+        layers (and with `num_layers`, the model's MoE layers) and it was fitted on `num_experts` selectable
+        experts (if given: `MoERouterPatcher.shape.num_experts`). Returns the calibration."""
+        layers = {"skip_beta": len(self.skip_beta), "entropy_knots": int(self.entropy_knots.shape[0])}
+        layers |= {f"nulls[{name!r}]": len(tables) for name, tables in self.nulls.items()}
+        layers |= {f"allocations[{name!r}]": int(table.shape[-1]) for name, table in self.allocations.items()}
+        if len(set(layers.values())) > 1:
+            raise ValueError(f"calibration ({self.source}) has tables of different numbers of layers: {layers}")
+        if num_layers is not None and self.num_layers != num_layers:
+            raise ValueError(
+                f"calibration ({self.source}) has {self.num_layers} layers, this model {num_layers} MoE layers"
+            )
+        fitted = self.info.get("num_experts")
+        if num_experts is not None and fitted != num_experts:
+            raise ValueError(
+                f"calibration ({self.source}) was fitted on {fitted} experts per layer; this model's routers choose "
+                f"among {num_experts}: fit one on this model (fit_routing_calibration)"
+            )
+        return self
+
     def save(self, path: str | Path) -> Path:
         """Write the tables to `path` with torch.save (no pickled code: `load` reads them with weights_only)."""
         nulls = {name: [(t.first, t.step, t.log_survival) for t in tables] for name, tables in self.nulls.items()}
@@ -752,10 +797,21 @@ class RoutingCalibration:
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingCalibration:
-        state = torch.load(path, weights_only=True)
+        """The calibration `save` wrote to `path`, its tables checked (`check`); ValueError naming the file if it
+        cannot be read or lacks a table."""
+        try:
+            state = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # torch.load's errors (OSError, RuntimeError, UnpicklingError...) name no file
+            raise ValueError(f"{path}: not a readable calibration file ({type(error).__name__}: {error})") from error
+        found = set(state) if isinstance(state, dict) else set()
+        missing = sorted({"nulls", "skip_beta", "entropy_knots", "info"} - found)
+        if missing:
+            raise ValueError(f"{path}: not a calibration file written by RoutingCalibration.save: it lacks {missing}")
         nulls = {name: [NullTable(*table) for table in tables] for name, tables in state["nulls"].items()}
         tables = {"skip_beta": state["skip_beta"], "entropy_knots": state["entropy_knots"], "info": state["info"]}
-        return cls(nulls, **tables, allocations=state.get("allocations", {}))
+        return cls(nulls, **tables, allocations=state.get("allocations", {}), source=str(path)).check()
 
 
 def fit_routing_calibration(router_logits: list[torch.Tensor], seed: int = 0, info: dict | None = None):
@@ -1023,6 +1079,9 @@ def route_alloct(logits, budget: float, temperature, min_k, max_k, renormalize) 
 # ----------------------------------------------------------------------------------------------------
 
 
+ANY_NUM_EXPERTS = 1 << 16  # a model of any size (`RouterShape.of(None)`): no bound of E or k is known yet
+
+
 @dataclass(frozen=True)
 class RouterShape:
     """What a routing method knows of the routers it replaces, the same in every layer."""
@@ -1032,6 +1091,20 @@ class RouterShape:
     norm_topk_prob: bool = False  # the model renormalises its kept weights (renormalize=None follows it)
     native_slices: bool = False  # the router's own output is its top-k softmax probabilities, sorted and
     # unscaled, so that its first k slots are top-k at k (`RouterSpec.plain` and `sorted_output`)
+    known: bool = True  # False: a model of any size (`RoutingConfig.of` without a shape), whose own top-k
+    # and experts bound nothing yet: the patcher checks them against its model
+
+    @classmethod
+    def of(cls, shape) -> RouterShape:
+        """The RouterShape of `shape`: a RouterShape (e.g. `patcher.shape`), a `MoEShape` (`moe_shape(config)`),
+        or None for a model of any size."""
+        if shape is None:
+            return cls(ANY_NUM_EXPERTS, ANY_NUM_EXPERTS, known=False)
+        if isinstance(shape, MoEShape):
+            return cls(shape.selectable, shape.top_k)
+        if not isinstance(shape, RouterShape):
+            raise ValueError(f"shape must be a RouterShape, a MoEShape (moe_shape(config)) or None, got {shape!r}")
+        return shape
 
 
 @dataclass(frozen=True)
@@ -1047,8 +1120,11 @@ class LayerContext:
 
 
 def resolve_renormalize(renormalize: bool | None, shape: RouterShape) -> bool:
-    """Whether a configuration renormalises its kept weights: as the model does (None), or as given."""
-    return shape.norm_topk_prob if renormalize is None else bool(renormalize)
+    """Whether a configuration renormalises its kept weights: as the model does (None), or as given (True or
+    False; ValueError naming `renormalize` for anything else, e.g. the text "false")."""
+    if renormalize is not None and not isinstance(renormalize, bool):
+        raise ValueError(f"renormalize must be True, False or None (as the model), got {renormalize!r}")
+    return shape.norm_topk_prob if renormalize is None else renormalize
 
 
 def _percent_code(value: float | tuple) -> str:
@@ -1381,7 +1457,7 @@ class NativeMethod(TopKMethod):
     is_baseline = False
 
     def parameters(self, shape, k=None) -> dict:
-        if k is not None and k != shape.native_top_k:
+        if k is not None and shape.known and k != shape.native_top_k:
             raise ValueError(f"k of the native routing must be the model's top-k ({shape.native_top_k}), got {k!r}")
         return super().parameters(shape)
 
@@ -1605,6 +1681,19 @@ for _method in _ALL_METHODS:
     register_routing_method(_method)
 
 
+_WORDS = {"true": True, "false": False, "none": None}  # text booleans read strictly (bool("false") is True)
+
+
+def _literal(text: str):
+    """A configuration value from text: a Python literal, true / false / none in any case, else the text."""
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
     """One routing configuration: a name, a registered method and the parameters it sets."""
@@ -1614,17 +1703,23 @@ class RoutingConfig:
     params: tuple = ()  # (("alpha", 0.05), ("max_k", 8), ...): hashable, ordered
 
     @classmethod
-    def of(cls, method: str, **params) -> RoutingConfig:
-        """A configuration named by its method's naming rule, e.g. RoutingConfig.of("bh", alpha=0.05, max_k=8)."""
+    def of(cls, method: str, shape: RouterShape | MoEShape | None = None, **params) -> RoutingConfig:
+        """A configuration named by its method's naming rule, e.g. RoutingConfig.of("bh", alpha=0.05, max_k=8).
+
+        Every value is checked now, with the method's own messages (ValueError naming the argument): against the
+        model `shape` describes (`moe_shape(config)`, or a patcher's `shape`) if given, else against a model of
+        any size, whose own bounds (max_k <= E, the native k) the patcher checks when it patches."""
         spec = routing_method(method)
         spec.check_names(params)
+        spec.parameters(RouterShape.of(shape), **params)
         return cls(spec.config_name(**params), method, tuple(params.items()))
 
     @classmethod
-    def parse(cls, spec: str) -> RoutingConfig:
+    def parse(cls, spec: str, shape: RouterShape | MoEShape | None = None) -> RoutingConfig:
         """A configuration from text, "method" or "method:name=value,...": e.g. "bh:alpha=0.05,max_k=8",
-        "topk:k=2", "native:k=8". Values are read as Python literals (0.05, 8, True, None); other text stays
-        a string ("pvalue_method=robust_z")."""
+        "topk:k=2", "native:k=8", checked as `of` checks it. Values are read as Python literals (0.05, 8, True,
+        None), the words true, false and none in any case as True, False and None; other text stays a string
+        ("pvalue_method=robust_z")."""
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError(f"spec must be 'method' or 'method:name=value,...', got {spec!r}")
         method, _, given = spec.partition(":")
@@ -1633,11 +1728,8 @@ class RoutingConfig:
             name, equals, text = item.partition("=")
             if not equals or not name.strip():
                 raise ValueError(f"spec must be 'method' or 'method:name=value,...', got {spec!r} (at {item!r})")
-            try:
-                params[name.strip()] = ast.literal_eval(text.strip())
-            except (ValueError, SyntaxError):
-                params[name.strip()] = text.strip()
-        return cls.of(method.strip(), **params)
+            params[name.strip()] = _literal(text.strip())
+        return cls.of(method.strip(), shape, **params)
 
     @property
     def kwargs(self) -> dict:
@@ -1830,8 +1922,10 @@ class LayerAccumulators:
         selections [E + 1]: how many kept rows chose each expert (the last bin: unused sentinel slots).
         histogram [E + 1]: how many kept rows kept 0, 1, ..., E experts.
         decisions [1]: kept rows (routing decisions) so far.
-        entropy_sum [1]: sum over kept rows of the entropy (nats) of the kept weights, normalised.
-        (the four are views of one float64 `counters` tensor [2E + 4], which one scatter-add updates per
+        entropy_sum [1]: sum over kept rows of the entropy (nats) of the kept weights, normalised (a weight that
+            is not finite counts as 0).
+        nonfinite [1]: kept rows whose router logits were not all finite (`PatchedRouter.routed`).
+        (the five are views of one float64 `counters` tensor [2E + 5], which one scatter-add updates per
         call: float64 counts are exact up to 2**53; inductor compiles a float64 scatter-add into atomic adds
         where an int64 one falls back to aten's sort-based kernel, several launches per call; and a compiled
         forward guards on every tensor it reads, one more guard evaluation per tensor and decode step. A
@@ -1845,7 +1939,8 @@ class LayerAccumulators:
     def __init__(self, num_experts: int, device, token_capacity: int | None, counters: torch.Tensor | None = None):
         self.num_experts = num_experts
         # counters: given as a row of one tensor for several layers (`RoutingStatistics.allocate_layers`).
-        self.counters = static_zeros((2 * num_experts + 4,), torch.float64, device) if counters is None else counters
+        width = counters_width(num_experts)
+        self.counters = static_zeros((width,), torch.float64, device) if counters is None else counters
         self.token_counts = None if token_capacity is None else static_zeros((token_capacity,), torch.int16, device)
         self.written = None if token_capacity is None else static_zeros((1,), torch.int64, device)
 
@@ -1859,10 +1954,14 @@ class LayerAccumulators:
 
     @property
     def decisions(self) -> torch.Tensor:
-        return self.counters[-2:-1]
+        return self.counters[-3:-2]
 
     @property
     def entropy_sum(self) -> torch.Tensor:
+        return self.counters[-2:-1]
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
         return self.counters[-1:]
 
     def tensors(self) -> list[torch.Tensor]:
@@ -1870,11 +1969,20 @@ class LayerAccumulators:
         return [tensor for tensor in named if tensor is not None]
 
 
-def accumulate_routing(accumulators: LayerAccumulators, top_weights, top_index, expert_counts=None, keep=None):
+def counters_width(num_experts: int) -> int:
+    """Length of a layer's float64 counters (`LayerAccumulators`): selections and histogram (E + 1 each),
+    decisions, entropy sum, non-finite rows."""
+    return 2 * (num_experts + 1) + 3
+
+
+def accumulate_routing(
+    accumulators: LayerAccumulators, top_weights, top_index, expert_counts=None, keep=None, nonfinite=None
+):
     """Fold one routing call into a layer's accumulators, in place, with device ops only (no host sync, no
     allocation kept, traceable by torch.compile): weights and index [..., K]; expert_counts [...] (None: all
-    K kept); keep [N] bool over the flattened rows (None: all count), e.g. the positions that are not padding."""
-    accumulate_sums(accumulators, top_weights, top_index, expert_counts, keep)
+    K kept); keep [N] bool over the flattened rows (None: all count), e.g. the positions that are not padding;
+    nonfinite [...] bool, the rows whose router logits were not all finite (None: none)."""
+    accumulate_sums(accumulators, top_weights, top_index, expert_counts, keep, nonfinite)
     if accumulators.token_counts is not None:
         write_token_counts(accumulators, top_index, expert_counts, keep)
 
@@ -1888,23 +1996,30 @@ def flat_counts(top_index: torch.Tensor, expert_counts) -> torch.Tensor:
     return expert_counts.reshape(-1).long()
 
 
-def accumulate_sums(accumulators: LayerAccumulators, top_weights, top_index, expert_counts=None, keep=None):
-    """The order-free part of `accumulate_routing`: selections, count histogram, decisions, entropy sum."""
+def accumulate_sums(
+    accumulators: LayerAccumulators, top_weights, top_index, expert_counts=None, keep=None, nonfinite=None
+):
+    """The order-free part of `accumulate_routing`: selections, count histogram, decisions, entropy sum,
+    non-finite rows."""
     slots = top_index.shape[-1]
     counts = None if expert_counts is None else expert_counts.reshape(1, -1)
     weights, index = top_weights.reshape(1, -1, slots), top_index.reshape(1, -1, slots)
-    accumulate_layers(accumulators.counters.unsqueeze(0), weights, index, counts, keep)
+    nonfinite = None if nonfinite is None else nonfinite.reshape(1, -1)
+    accumulate_layers(accumulators.counters.unsqueeze(0), weights, index, counts, keep, nonfinite)
 
 
-def accumulate_layers(counters, top_weights, top_index, expert_counts=None, keep=None):
-    """`accumulate_sums` of one routing call of each of L layers, with one scatter-add: counters [L, 2E + 4]
+def accumulate_layers(counters, top_weights, top_index, expert_counts=None, keep=None, nonfinite=None):
+    """`accumulate_sums` of one routing call of each of L layers, with one scatter-add: counters [L, 2E + 5]
     float64 (each a layer's `LayerAccumulators.counters`), top_weights and top_index [L, N, K], expert_counts
-    [L, N] (None: all K kept), keep [N] bool (None: every row counts), the same rows for every layer."""
+    [L, N] (None: all K kept), keep [N] bool (None: every row counts), the same rows for every layer, nonfinite
+    [L, N] bool (None: every row's logits were finite)."""
     num_layers, num_rows, slots = top_index.shape
     width = counters.shape[-1]
-    bins = (width - 2) // 2  # E + 1: the selections' and the histogram's
+    bins = (width - 3) // 2  # E + 1: the selections' and the histogram's
     expert_counts = flat_counts(top_index, expert_counts).reshape(num_layers, num_rows)
-    weights = top_weights.detach().float()  # statistics never join an autograd graph
+    # Statistics never join an autograd graph; a weight that is not finite (an observed router's own, on
+    # non-finite logits) counts as 0, so that one such row cannot make the entropy sum NaN.
+    weights = top_weights.detach().float().nan_to_num(0.0, 0.0, 0.0)
     shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     entropy = -torch.xlogy(shares, shares).sum(dim=-1)  # [L, N]
     if keep is None:
@@ -1928,6 +2043,9 @@ def accumulate_layers(counters, top_weights, top_index, expert_counts=None, keep
         row_weight.reshape(-1),
         (entropy.double() * row_weight).reshape(-1),
     ]
+    if nonfinite is not None:  # (a Python choice: no data-dependent branch)
+        positions.append((start + 2 * bins + 2).expand(num_layers, num_rows).reshape(-1))
+        values.append((nonfinite.reshape(num_layers, num_rows).double() * row_weight).reshape(-1))
     counters.view(-1).index_add_(0, torch.cat(positions), torch.cat(values))
 
 
@@ -1992,21 +2110,27 @@ STATISTICS_FOLD_LAYERS = 8  # layers folded in per scatter-add of a compiled ste
 
 
 def _stacked(routings: list[tuple]) -> tuple:
-    """(weights [L, N, K] float32, index [L, N, K] int32, counts [L, N] int32 or None, keep [N] or None) of L
-    layers' routings (weights, index, counts or None, keep or None) of the same N rows; the first layer's keep.
+    """(weights [L, N, K] float32, index [L, N, K] int32, counts [L, N] int32 or None, keep [N] or None,
+    nonfinite [L, N] bool or None) of L layers' routings (weights, index, counts or None, keep or None,
+    nonfinite or None) of the same N rows; the first layer's keep.
 
     Each layer's tensors are cast before they are stacked: inductor computes a concatenation of at most 8
     inputs (its max_pointwise_cat_inputs) inside the kernel that reads it, where each input is an op of its
     own, but copies every input of a longer one, or one that is already stored, with a kernel of its own
     (benchmarks/gpu_notes.md counts what that costs a decode step)."""
-    weights, index, counts, keep = zip(*routings, strict=True)
+    weights, index, counts, keep, nonfinite = zip(*routings, strict=True)
     slots = index[0].shape[-1]
     if all(layer_counts is None for layer_counts in counts):
         counts = None
     else:
         counts = torch.stack([flat_counts(i, c).int() for i, c in zip(index, counts, strict=True)])
+    if all(rows is None for rows in nonfinite):
+        nonfinite = None
+    else:
+        every = zip(index, nonfinite, strict=True)
+        nonfinite = torch.stack([i[..., 0].reshape(-1) < 0 if n is None else n.reshape(-1) for i, n in every])
     weights = torch.stack([w.reshape(-1, slots).float() for w in weights])
-    return weights, torch.stack([i.reshape(-1, slots).int() for i in index]), counts, keep[0]
+    return weights, torch.stack([i.reshape(-1, slots).int() for i in index]), counts, keep[0], nonfinite
 
 
 class RoutingStatistics:
@@ -2035,7 +2159,7 @@ class RoutingStatistics:
         self.num_layers, self.num_experts = num_layers, num_experts
         self.record_token_counts, self.token_capacity = bool(record_token_counts), token_capacity
         self.layers: list[LayerAccumulators | None] = [None] * num_layers
-        self.groups: list[tuple[torch.Tensor, list[int]]] = []  # (counters [L_d, 2E + 4], its layers) per device
+        self.groups: list[tuple[torch.Tensor, list[int]]] = []  # (counters [L_d, 2E + 5], its layers) per device
         self._pending: list[list[tuple]] = [[] for _ in range(num_layers)]
 
     def allocate(self, layer: int, device) -> LayerAccumulators:
@@ -2059,7 +2183,7 @@ class RoutingStatistics:
         self.groups = []
         for device in dict.fromkeys(devices):
             layers = [layer for layer, layer_device in enumerate(devices) if layer_device == device]
-            counters = static_zeros((len(layers), 2 * self.num_experts + 4), torch.float64, device)
+            counters = static_zeros((len(layers), counters_width(self.num_experts)), torch.float64, device)
             for row, layer in enumerate(layers):
                 self.layers[layer] = LayerAccumulators(self.num_experts, device, capacity, counters=counters[row])
             self.groups.append((counters, layers))
@@ -2068,8 +2192,8 @@ class RoutingStatistics:
         """Fold one forward pass's routing of its layers into their sums, traceable (the patcher calls it at
         the end of a compiled forward): one `accumulate_layers` per `STATISTICS_FOLD_LAYERS` layers of a device
         whose layers all routed (`_stacked` says why not all at once), one `accumulate_sums` per other layer.
-        routings: layer -> (weights [..., K], index [..., K], counts [...] or None, keep or None), every layer
-        over the same rows."""
+        routings: layer -> (weights [..., K], index [..., K], counts [...] or None, keep or None, nonfinite [...]
+        or None), every layer over the same rows."""
         folded = set()
         for counters, layers in self.groups:
             if all(layer in routings for layer in layers):
@@ -2078,9 +2202,9 @@ class RoutingStatistics:
                     stacked = _stacked([routings[layer] for layer in chunk])
                     accumulate_layers(counters[start : start + len(chunk)], *stacked)
                 folded.update(layers)
-        for layer, (weights, index, counts, keep) in routings.items():
+        for layer, routing in routings.items():
             if layer not in folded:
-                accumulate_sums(self.layers[layer], weights, index, counts, keep)
+                accumulate_sums(self.layers[layer], *routing)
 
     def reset(self) -> None:
         """Forget everything recorded so far (in place: compiled forwards and graphs keep the same tensors)."""
@@ -2091,14 +2215,14 @@ class RoutingStatistics:
 
     max_pending = 256  # eager calls kept per layer before they are folded in
 
-    def record(self, layer: int, top_weights, top_index, expert_counts=None, keep=None) -> None:
+    def record(self, layer: int, top_weights, top_index, expert_counts=None, keep=None, nonfinite=None) -> None:
         """One eager routing call of `layer` (arguments as `accumulate_routing`): its token counts are written
         now (a compiled forward may write the next ones), its sums folded in later."""
         accumulators = self.allocate(layer, top_index.device)
         if accumulators.token_counts is not None:
             write_token_counts(accumulators, top_index, expert_counts, keep)
         weights = top_weights.detach() if top_weights.requires_grad else top_weights  # detach: an op per call
-        self._pending[layer].append((weights, top_index, expert_counts, keep))
+        self._pending[layer].append((weights, top_index, expert_counts, keep, nonfinite))
         if len(self._pending[layer]) >= self.max_pending:
             self._fold(layer)
 
@@ -2108,16 +2232,19 @@ class RoutingStatistics:
         if not pending:
             return
         slots, device = pending[0][1].shape[-1], pending[0][1].device
-        weights = torch.cat([_rows(w, -1, slots) for w, _, _, _ in pending])
-        index = torch.cat([_rows(i, -1, slots) for _, i, _, _ in pending])
-        counts = keep = None
-        if any(c is not None for _, _, c, _ in pending):
-            full = [i.new_full(i.shape[:-1], slots) if c is None else c for _, i, c, _ in pending]
+        weights = torch.cat([_rows(w, -1, slots) for w, *_ in pending])
+        index = torch.cat([_rows(i, -1, slots) for _, i, *_ in pending])
+        counts = keep = nonfinite = None
+        if any(c is not None for _, _, c, *_ in pending):
+            full = [i.new_full(i.shape[:-1], slots) if c is None else c for _, i, c, *_ in pending]
             counts = torch.cat([_rows(c, -1) for c in full])
-        if any(k is not None for *_, k in pending):
-            every = [i[..., 0].reshape(-1) >= 0 if k is None else k.reshape(-1).to(device) for _, i, _, k in pending]
+        if any(k is not None for *_, k, _ in pending):
+            every = [i[..., 0].reshape(-1) >= 0 if k is None else k.reshape(-1).to(device) for _, i, _, k, _ in pending]
             keep = torch.cat(every)  # a call without a mask keeps every row
-        accumulate_sums(self.allocate(layer, device), weights, index, counts, keep)
+        if any(n is not None for *_, n in pending):
+            every = [i[..., 0].reshape(-1) < 0 if n is None else n.reshape(-1) for _, i, *_, n in pending]
+            nonfinite = torch.cat(every)  # a call that said nothing had none
+        accumulate_sums(self.allocate(layer, device), weights, index, counts, keep, nonfinite)
 
     def _recorded(self) -> list[LayerAccumulators]:
         if self.num_tokens == 0 or any(layer is None for layer in self.layers):  # num_tokens folds first
@@ -2160,9 +2287,18 @@ class RoutingStatistics:
     def summary(self, min_k: int, max_k: int, baseline_k: int) -> dict:
         """The design's metrics over every (token, layer) decision (`summarize_count_histogram`), plus
         weight_entropy, expert_utilization, per_layer_avg_experts, expert_utilization_per_layer,
-        token_counts (if recorded), num_tokens and num_layers (see `MoERouterPatcher.get_stats`)."""
+        token_counts (if recorded), num_tokens, num_layers and nonfinite_rows, with a warning when there are
+        any (see `MoERouterPatcher.get_stats`)."""
         histograms, selections = self.histograms(), self.selections()  # [L, E + 1], [L, E]
         num_tokens, decisions = self.num_tokens, sum(int(layer.decisions) for layer in self.layers)
+        nonfinite = sum(int(layer.nonfinite) for layer in self.layers)
+        if nonfinite:
+            warnings.warn(
+                f"{nonfinite} of {decisions} (token, layer) routing decisions had non-finite router logits (NaN or "
+                "inf, e.g. a float16 overflow): a routing method gave them the model's own top-k of their finite "
+                "logits (MoERouterPatcher's rule), an observed router its own output",
+                stacklevel=3,
+            )
         values = torch.arange(histograms.shape[-1], dtype=torch.float64)
         stats = summarize_count_histogram(histograms, min_k, max_k, baseline_k) | {
             "per_layer_avg_experts": ((histograms.double() * values).sum(dim=-1) / num_tokens).tolist(),
@@ -2171,6 +2307,7 @@ class RoutingStatistics:
             "expert_utilization_per_layer": (selections / num_tokens).tolist(),
             "num_tokens": num_tokens,
             "num_layers": self.num_layers,
+            "nonfinite_rows": nonfinite,
         }
         return stats | ({"token_counts": self.token_counts()} if self.record_token_counts else {})
 
@@ -2194,6 +2331,15 @@ def _require_transformers() -> None:
 _PATCHED_ROUTER_CLASSES: dict[type, type] = {}
 
 
+def _refuse_pickling(self, protocol):
+    """A patched model holds routes, CUDA graphs and hooks made at run time: saving it would save a patch that
+    cannot be loaded (copy.deepcopy and torch.save pickle too)."""
+    raise TypeError(
+        "a patched model cannot be pickled or copied (pickle, torch.save(model), copy.deepcopy): call the "
+        "patcher's unpatch() first, or save model.state_dict(), which patching leaves unchanged"
+    )
+
+
 def patched_router_class(router_class: type) -> type:
     """The subclass of `router_class` that a patched router runs as (one per class, made once): its forward
     is the router's own (class attribute `unpatched_class`), whose output the router's `PatchedRouter`
@@ -2211,6 +2357,7 @@ def patched_router_class(router_class: type) -> type:
             return output if routed is None else routed
 
         namespace = {"forward": forward, "unpatched_class": router_class, "__module__": __name__}
+        namespace["__reduce_ex__"] = _refuse_pickling
         _PATCHED_ROUTER_CLASSES[router_class] = type(f"Patched{router_class.__name__}", (router_class,), namespace)
     return _PATCHED_ROUTER_CLASSES[router_class]
 
@@ -2234,6 +2381,8 @@ class PatchedRouter:
     def __init__(self, patcher: MoERouterPatcher, index: int, routes: tuple, graphed: bool):
         layer, self.patcher, self.index = patcher.layers[index], patcher, index
         self.spec, self.renormalize = layer.spec, patcher.params.get("renormalize", False)
+        params = patcher.params  # a row with non-finite logits keeps the native k, within [min_k, max_k]
+        self.fallback_width = min(max(patcher.native_top_k, params.get("min_k", 1)), params.get("max_k", 1 << 30))
         self.family_weighting = not (layer.spec.plain or patcher.in_expert_space)
         self.route, eager_route = routes  # None, None: the native routing, observed
         self.own_weights = self.route is None or patcher.in_expert_space  # the router's weights kept as they are
@@ -2248,8 +2397,8 @@ class PatchedRouter:
             outputs = functools.partial(self.eager_outputs, eager_route, self.accumulators is not None)
             self.eager_route = CudaGraphed(outputs) if graphed and not self.reads_native else outputs
 
-    def accumulate(self, top_weights, top_index, expert_counts, keep) -> None:
-        accumulate_routing(self.accumulators, top_weights, top_index, expert_counts, keep)
+    def accumulate(self, top_weights, top_index, expert_counts, keep, nonfinite) -> None:
+        accumulate_routing(self.accumulators, top_weights, top_index, expert_counts, keep, nonfinite)
 
     def traced_record(self) -> Callable | None:
         """How a traced call records: not at all without statistics; inside a compiled forward of the decoder
@@ -2258,54 +2407,85 @@ class PatchedRouter:
             return None
         return self.accumulate if self.patcher._step_routings is None else self.defer
 
-    def defer(self, top_weights, top_index, expert_counts, keep) -> None:
+    def defer(self, top_weights, top_index, expert_counts, keep, nonfinite) -> None:
         """`accumulate` inside a compiled forward of the decoder stack: the token counts now, the sums with
         every other layer's at the stack's end (`RoutingStatistics.accumulate_step`), where one
         scatter-add replaces one per layer and step."""
         if self.accumulators.token_counts is not None:
             write_token_counts(self.accumulators, top_index, expert_counts, keep)
-        self.patcher._step_routings[self.index] = (top_weights, top_index, expert_counts, keep)
+        self.patcher._step_routings[self.index] = (top_weights, top_index, expert_counts, keep, nonfinite)
 
     def routed(self, route, router_logits, native_weights, native_index):
-        """(weights [T, K], index [T, K], counts [T] or None) of the method, in expert space."""
+        """(weights [T, K], index [T, K], counts [T] or None, nonfinite [T] bool) of the method, in expert
+        space. The method routes every row whose logits are all finite; a row with a NaN or infinite logit (a
+        float16 overflow, a broken router) gets `finite_fallback`'s routing, the same on every path (eager,
+        compiled, CUDA-graphed), and is counted in the statistics' `nonfinite_rows`."""
+        finite = torch.isfinite(router_logits).all(dim=-1, keepdim=True)  # [T, 1]
+        logits = router_logits.masked_fill(~finite, 0.0)  # the method never sees a row it cannot route
         if not self.family_weighting:
-            return route(router_logits, native_weights, native_index)
-        selection, allowed = self.spec.selection(router_logits)
-        _, top_index, expert_counts = route(selection, native_weights, native_index)
-        top_index = self.spec.expand(top_index, allowed)
-        return self.spec.weights(router_logits, top_index, self.renormalize), top_index, expert_counts
+            top_weights, top_index, expert_counts = route(logits, native_weights, native_index)
+        else:
+            selection, allowed = self.spec.selection(logits)
+            _, top_index, expert_counts = route(selection, native_weights, native_index)
+            top_index = self.spec.expand(top_index, allowed)
+            top_weights = self.spec.weights(logits, top_index, self.renormalize)
+        routing = self.finite_fallback(finite, router_logits, top_weights, top_index, expert_counts)
+        return (*routing, ~finite.squeeze(-1))
+
+    def finite_fallback(self, finite, router_logits, top_weights, top_index, expert_counts) -> tuple:
+        """The rule for rows whose logits are not all finite (finite [T, 1] False): such a row keeps the
+        family's own top-k of its finite logits (NaN and +-inf logits never kept), k the model's top-k clamped to
+        the configuration's [min_k, max_k], weighted as the family weights them over its finite logits (all 0
+        when none is finite); every other row keeps the method's (weights, index, counts)."""
+        slots, width = top_index.shape[-1], min(self.fallback_width, top_index.shape[-1])
+        clean = router_logits.masked_fill(~torch.isfinite(router_logits), -math.inf)
+        selection, allowed = self.spec.selection(clean)
+        index = self.spec.expand(selection.float().topk(width, dim=-1).indices, allowed)  # [T, width]
+        if width < slots:  # the method's other slots: the sentinel
+            index = torch.cat([index, index.new_full((index.shape[0], slots - width), self.spec.num_experts)], -1)
+        weights = self.spec.weights(clean, index, self.renormalize).nan_to_num(0.0)
+        top_weights = torch.where(finite, top_weights, weights.to(top_weights.dtype))
+        top_index = torch.where(finite, top_index, index.to(top_index.dtype))
+        if expert_counts is not None or width < slots:
+            counts = flat_counts(top_index, expert_counts).reshape(top_index.shape[:-1])
+            expert_counts = torch.where(finite.squeeze(-1), counts, width)
+        return top_weights, top_index, expert_counts
 
     def traced(self, router_logits, native_weights, native_index, keep) -> tuple:
         """The layer's patched (weights, index) in the router's dtypes, statistics recorded (`traced_record`),
         inside a compiled forward; () when observing."""
-        if self.route is None:
+        if self.route is None:  # the router's own routing, whatever its logits
             top_weights, top_index, expert_counts = native_weights, native_index, None
+            nonfinite = ~torch.isfinite(router_logits).all(dim=-1)
         else:
-            top_weights, top_index, expert_counts = self.routed(self.route, router_logits, native_weights, native_index)
+            routing = self.routed(self.route, router_logits, native_weights, native_index)
+            top_weights, top_index, expert_counts, nonfinite = routing
         record = self.traced_record()
         if record is not None:
-            record(self.recorded_weights(router_logits, top_weights, top_index), top_index, expert_counts, keep)
+            recorded = self.recorded_weights(router_logits, top_weights, top_index)
+            record(recorded, top_index, expert_counts, keep, nonfinite)
         return () if self.route is None else (top_weights.to(native_weights.dtype), top_index)
 
     def eager_outputs(self, route, with_record, router_logits, dtype, native_weights, native_index) -> tuple:
-        """The eager route's (weights in `dtype`, the router's, index) and, with_record, the weights and counts
-        (None: every row keeps K) its statistics read: the function a CUDA graph replays, which leaves the
-        statistics to `eager` so that the graph launches no statistics kernel (a list append outside it)."""
-        top_weights, top_index, expert_counts = self.routed(route, router_logits, native_weights, native_index)
+        """The eager route's (weights in `dtype`, the router's, index) and, with_record, the weights, counts
+        (None: every row keeps K) and non-finite rows its statistics read: the function a CUDA graph replays,
+        which leaves the statistics to `eager` so that the graph launches no statistics kernel."""
+        top_weights, top_index, *recorded = self.routed(route, router_logits, native_weights, native_index)
         outputs = (top_weights.to(dtype), top_index)
-        return outputs + (top_weights, expert_counts) if with_record else outputs
+        return outputs + (top_weights, *recorded) if with_record else outputs
 
     def eager(self, router_logits, native_weights, native_index, keep) -> tuple:
         """`traced` run eagerly: the route (fused by torch.compile, replayed as a CUDA graph where the patcher
         uses them), then its statistics recorded outside the graph (`RoutingStatistics.record`)."""
         if self.eager_route is None:  # observing: the router's own routing
             if self.accumulators is not None:
-                self.patcher.statistics.record(self.index, native_weights, native_index, None, keep)
+                nonfinite = ~torch.isfinite(router_logits).all(dim=-1)
+                self.patcher.statistics.record(self.index, native_weights, native_index, None, keep, nonfinite)
             return ()
         natives = (native_weights, native_index) if self.reads_native else (None, None)
         top_weights, top_index, *recorded = self.eager_route(router_logits, native_weights.dtype, *natives)
-        if recorded:  # the route's own weights and counts
-            self.patcher.statistics.record(self.index, recorded[0], top_index, recorded[1], keep)
+        if recorded:  # the route's own weights, counts and non-finite rows
+            self.patcher.statistics.record(self.index, recorded[0], top_index, recorded[1], keep, recorded[2])
         return top_weights, top_index
 
     def recorded_weights(self, router_logits, top_weights, top_index) -> torch.Tensor:
@@ -2432,11 +2612,7 @@ class MoERouterPatcher:
         self.cuda_graphs = self._choose_cuda_graphs(cuda_graphs, on_cuda)
         self.statistics = RoutingStatistics(self.num_layers, self.num_experts, record_token_counts, token_capacity)
         self.record_statistics = bool(record_statistics)
-        if calibration is not None and calibration.num_layers != self.num_layers:
-            raise ValueError(
-                f"calibration has {calibration.num_layers} layers, this model {self.num_layers} MoE layers"
-            )
-        self.calibration = calibration
+        self.calibration = calibration  # checked against the model (the property's setter)
         self._handles: list = []  # the decoder stack's hooks
         self._patched_routers: list = []  # (router, its own class) while patched
         self._thread: int | None = None
@@ -2450,6 +2626,17 @@ class MoERouterPatcher:
         self.method: str | None = None
         self.params: dict = {}
         self.experts_implementation: str | None = None
+
+    @property
+    def calibration(self) -> RoutingCalibration | None:
+        """The model's RoutingCalibration, for the methods that read per-layer tables; set before `patch`."""
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, calibration: RoutingCalibration | None) -> None:
+        if calibration is not None and not isinstance(calibration, RoutingCalibration):
+            raise ValueError(f"calibration must be a RoutingCalibration or None, got {type(calibration).__name__}")
+        self._calibration = None if calibration is None else calibration.check(self.num_layers, self.shape.num_experts)
 
     def _choose_experts_path(self, experts_path: str | None) -> str:
         experts = self.experts[0]
@@ -2563,6 +2750,8 @@ class MoERouterPatcher:
     def is_patched(self) -> bool:
         return bool(self._handles)
 
+    __reduce_ex__ = _refuse_pickling  # a patcher is tied to its model in this process (hooks, graphs, threads)
+
     def __enter__(self) -> MoERouterPatcher:
         return self
 
@@ -2620,7 +2809,13 @@ class MoERouterPatcher:
         inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
         if mask is None or inputs is None:
             return None
-        return mask[:, -inputs.shape[1] :].reshape(-1).bool()
+        batch, length = inputs.shape[:2]
+        if mask.shape[0] != batch or mask.shape[1] < length:  # shapes only: no device sync
+            raise ValueError(
+                f"attention_mask must be [batch, >= length] = [{batch}, >= {length}] for this forward pass, got "
+                f"{list(mask.shape)} (patcher.set_attention_mask: set the batch's own mask, or None)"
+            )
+        return mask[:, -length:].reshape(-1).bool()
 
     # --- the experts path ----------------------------------------------------------------------------
 
@@ -2690,6 +2885,9 @@ class MoERouterPatcher:
                 routed, in order; only with record_token_counts=True).
             shared_experts_per_layer: [L] shared experts every token also runs (always computed, never
                 routed); avg_shared_experts their mean; avg_active_experts = avg_experts + avg_shared_experts.
+            nonfinite_rows: (token, layer) decisions whose router logits were not all finite, routed by the
+                model's own top-k of their finite logits (`PatchedRouter.finite_fallback`; observed: as the
+                router gave them); a warning says how many when there are any.
             num_tokens, num_layers, method, params, weights_renormalized, experts_implementation, routing
                 (how the model's routers route: `RouterSpec.describe`).
         Every count but the shared ones, and reduction_vs_baseline, are of routed experts.

@@ -205,6 +205,13 @@ def describe_router(router: torch.nn.Module) -> RouterSpec:
     if not (isinstance(output, tuple) and len(output) >= 3):
         raise TypeError(f"{own_class.__name__} does not return (router_logits, top_k_weights, top_k_index)")
     logits, weights, index = output[:3]
+    if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(weights).all())):
+        broken = int((~torch.isfinite(router.weight)).sum())
+        raise ValueError(
+            f"{own_class.__name__} returned NaN or infinite logits or weights on a probe batch of random inputs "
+            f"({broken} of its {router.weight.numel()} weights are NaN or inf): its weights are broken (a failed "
+            "load or an overflow), so its routing cannot be read or patched"
+        )
     found = [(_matches(spec, logits, weights, index), spec) for spec in _router_candidates(router)]
     chosen = next((s for m, s in found if m == "exact"), None) or next((s for m, s in found if m == "close"), None)
     if chosen is None:

@@ -92,38 +92,8 @@ def test_per_layer_and_allocated_routes_compile_as_one_graph_and_route_as_eager(
             assert (mine is None and theirs is None) or torch.equal(mine, theirs), (method_name, layer)
 
 
-# BH and HC on the robust_z and empirical statistics: on the CPU the eager path counts with a shortcut
-# (`fast_count`) that keeps min_k on a token with a NaN or infinite logit, the traced full path keeps max_k with
-# NaN weights. A known difference of the two paths, not yet given one meaning.
-NON_FINITE_DIFFER = {
-    "bh:alpha=0.2,max_k=8",
-    "bh:alpha=0.05,max_k=8,min_k=2",
-    "bh:pvalue_method=empirical,alpha=0.2,max_k=8",
-    "hc:beta=0.3,max_k=8",
-    "hc:beta=0.3,max_k=8,pvalue_method=empirical",
-    "bh",  # one alpha per layer
-}
-
-
-def non_finite_cases():
-    configs = {spec: br.RoutingConfig.parse(spec) for spec in LAYER_ROUTES}
-    cases = [(spec, config.method, config.kwargs) for spec, config in configs.items()]
-    cases += [(name, name, given) for name, given in PER_LAYER_ROUTES]
-    known = pytest.mark.xfail(strict=True, reason="CPU eager shortcut and traced path differ on non-finite logits")
-    return [pytest.param(m, g, id=i, marks=[known] if i in NON_FINITE_DIFFER else []) for i, m, g in cases]
-
-
-@pytest.mark.parametrize(("method_name", "given"), non_finite_cases())
-def test_every_route_gives_the_same_counts_compiled_as_eager_on_non_finite_logits(
-    tiny_model, calibration, method_name, given
-):
-    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)) * 4
-    logits[0, 5], logits[1, :] = float("inf"), float("-inf")
-    logits[2, 7], logits[3, :] = float("nan"), float("nan")
-    for layer, expected, actual in eager_and_compiled(tiny_model, calibration, method_name, given, logits):
-        for mine, theirs in zip(actual, expected, strict=True):
-            if mine is not None or theirs is not None:
-                torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True, msg=(method_name, layer))
+# Non-finite logits never reach a layer route: the patched router routes such rows by one rule on every path
+# (tests/test_reliability.py, `PatchedRouter.routed`).
 
 
 def reference(records, num_experts):
@@ -175,9 +145,10 @@ def test_several_layers_fold_in_with_one_scatter_add_per_eight_as_each_would_alo
     for layer in layers:
         logits = torch.randn(9, 64, generator=generator) * 3
         weights, index, counts = br.route_bh_tensors(logits, None, 0.2, 1.0, 0, 6, "robust_z", False)
-        routings[layer] = (weights, index, counts, keep)
+        nonfinite = torch.rand(9, generator=generator) < 0.2  # rows the patcher routed by its non-finite rule
+        routings[layer] = (weights, index, counts, keep, nonfinite)
         alone.append(br.LayerAccumulators(64, "cpu", token_capacity=None))
-        br.accumulate_sums(alone[-1], weights, index, counts, keep)
+        br.accumulate_sums(alone[-1], weights, index, counts, keep, nonfinite)
     graphs = []
 
     def backend(graph_module, example_inputs):
@@ -188,12 +159,12 @@ def test_several_layers_fold_in_with_one_scatter_add_per_eight_as_each_would_alo
     scatter_adds = [node for node in graphs[0].graph.nodes if "index_add" in str(node.target)]
     assert len(scatter_adds) == 2  # layers 0-7, then 8-10 (inductor fuses a concatenation of up to 8 inputs)
     statistics.accumulate_step({0: routings[0], 2: routings[2]})  # not every layer routed: folded one by one
-    for accumulators, (weights, index, counts, _) in zip((alone[0], alone[2]), (routings[0], routings[2]), strict=True):
-        br.accumulate_sums(accumulators, weights, index, counts, keep)
+    for accumulators, routing in zip((alone[0], alone[2]), (routings[0], routings[2]), strict=True):
+        br.accumulate_sums(accumulators, *routing)
     for layer in layers:
         mine, theirs = statistics.layers[layer], alone[layer]
         assert torch.equal(mine.selections, theirs.selections) and torch.equal(mine.histogram, theirs.histogram)
-        assert torch.equal(mine.decisions, theirs.decisions)
+        assert torch.equal(mine.decisions, theirs.decisions) and torch.equal(mine.nonfinite, theirs.nonfinite)
         assert mine.entropy_sum.item() == pytest.approx(theirs.entropy_sum.item(), rel=1e-12)
     kept = int(keep.sum())
     assert [int(statistics.layers[layer].decisions) for layer in layers] == [2 * kept, kept, 2 * kept] + [kept] * 8
