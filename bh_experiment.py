@@ -25,8 +25,11 @@ import functools
 import hashlib
 import json
 import math
+import os
 import pickle
 import platform
+import re
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -588,6 +591,12 @@ def evaluate_language_model(
     if token_ids.dim() != 1 or token_ids.numel() < 2:
         raise ValueError(f"token_ids must be a 1-D tensor of at least 2 tokens, got shape {tuple(token_ids.shape)}")
     _check_windows(window, stride, batch_size)
+    capacity = None if patcher is None else patcher.statistics.token_capacity
+    if capacity is not None and batch_size * window > capacity:  # a forward pass's counts must fit the ring
+        raise ValueError(
+            f"batch_size x window ({batch_size} x {window}) must be <= the patcher's token_capacity ({capacity}): "
+            "lower batch_size or window, or MoERouterPatcher(model, record_token_counts=True, token_capacity=...)"
+        )
     windows = sliding_windows(token_ids.numel(), window, stride)
     parts, batch_size = _score_all(model, token_ids, windows, batch_size, patcher)
     nll = torch.cat(parts["nll"]).double()
@@ -1397,11 +1406,14 @@ def group_intervals(results: dict, resamples: int = FRONTIER_RESAMPLES, seed: in
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call write(temporary) on a temporary file beside `path`, then rename it to `path`: readers (and a
-    run that is killed) never see a half-written file. The temporary keeps the suffix (name.tmp.png), so
-    writers that pick a format from it (matplotlib) work."""
+    run that is killed) never see a half-written file, and writers of the same path (two processes saving one
+    configuration) each write their own temporary, the last rename winning. The temporary keeps the suffix
+    (name.<random>.tmp.png), so writers that pick a format from it (matplotlib) work."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(handle)
+    temporary = Path(name)
     try:
         write(temporary)
         temporary.replace(path)
@@ -1470,6 +1482,9 @@ def function_fingerprint(*functions: Callable) -> str:
     return digest.hexdigest()[:16]
 
 
+RESULT_NAME = re.compile(r"[A-Za-z0-9_.+=-]+")  # what a result's file name may hold (`ResultStore.path`)
+
+
 class ResultStore:
     """Results of a sweep, one JSON file per configuration in `directory`, written as each finishes.
 
@@ -1489,7 +1504,23 @@ class ResultStore:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str, suffix: str = ".json") -> Path:
+        """The file of result `name` in the store's directory; ValueError for a name that is not one plain file
+        name of letters, digits and _ . + = - (a name made of free text must not reach outside the store)."""
+        if not isinstance(name, str) or not RESULT_NAME.fullmatch(name) or name.strip(".") == "":
+            raise ValueError(
+                f"name must be a file name of letters, digits and '_.+=-' inside {self.directory}, got {name!r}"
+            )
         return self.directory / f"{name}{suffix}"
+
+    def check_writable(self) -> None:
+        """PermissionError (or the OSError met) naming the directory unless a file can be created there: checked
+        before a result is computed, so that a read-only store loses no computation."""
+        try:
+            handle, name = tempfile.mkstemp(dir=self.directory, prefix=".writable.")
+        except OSError as error:
+            raise type(error)(error.errno, f"cannot write results to {self.directory}: {error.strerror}") from error
+        os.close(handle)
+        Path(name).unlink(missing_ok=True)
 
     def _move_aside(self, name: str, error: Exception) -> None:
         """Warn, naming the unreadable file, and move the configuration's files aside (*.corrupt*)."""
@@ -1507,11 +1538,12 @@ class ResultStore:
         """The saved result of `name` if it can be resumed (status ok, same settings and code, the same `key`:
         what this one result depends on besides the store's settings, e.g. a configuration's parameters; its
         tensors readable), else None."""
-        path = self.path(name)
-        if not path.exists():
+        try:
+            text = self.path(name).read_text()
+        except FileNotFoundError:  # none saved (a concurrent writer renames its file in whole: never half of it)
             return None
         try:
-            saved = json.loads(path.read_text())
+            saved = json.loads(text)
             if not isinstance(saved, dict):
                 raise ValueError(f"expected a JSON object, found {type(saved).__name__}")
             resumable = saved.get("status") == "ok" and saved.get("settings") == self.settings
@@ -1538,6 +1570,7 @@ class ResultStore:
         saved = None if redo else self.load(name, key)
         if saved is not None:
             return saved
+        self.check_writable()
         self.path(name, ".pt").unlink(missing_ok=True)  # an older run's tensors must not pass for this one's
         try:
             result = {**compute(), "status": "ok"}

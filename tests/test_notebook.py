@@ -401,6 +401,7 @@ def test_failed_generation_configurations_still_give_every_output(tmp_path, monk
         ({"config_names": 5}, "config_names must be None, a list of names or a comma-separated string"),
         ({"config_names": "bh_k8_a005,bh-k8"}, r"config_names has unknown names \['bh-k8'\]; allowed: \['topk_8"),
         ({"timing_repeats": 0}, "timing_repeats must be an integer >= 1, got 0"),
+        ({"eval_batch_size": 300, "eval_window": 256}, "eval_batch_size x eval_window must be <= 65536, got 300 x 256"),
         ({"eval_max_tokens": 1}, "eval_max_tokens must be None or an integer >= 2, got 1"),
         ({"config_names": ","}, "config_names names no configuration"),
         ({"dtype": "fp8"}, "dtype must be one of"),
