@@ -1,8 +1,11 @@
 """The experiment harness: what the notebook, the scripts and the benchmarks run around `bh_routing`.
 
     import bh_experiment as bx
+    from bh_routing import MoERouterPatcher
     model, tokenizer = bx.load_model("embedded")  # or a local directory, or "allenai/OLMoE-1B-7B-0924"
-    quality = bx.evaluate_language_model(model, token_ids, window=256, patcher=patcher)
+    token_ids = tokenizer(bx.load_heldout_text("embedded"), return_tensors="pt").input_ids[0, :2048]
+    patcher = MoERouterPatcher(model, record_token_counts=True).patch("bh", alpha=0.05, max_k=8)
+    quality = bx.evaluate_language_model(model, token_ids, window=256, patcher=patcher)  # perplexity, counts
 
 1. Models: `load_model` (the embedded default, a local directory or a hub id), `load_config`, `memory_plan`,
    `environment_info`, `build_random_moe` (random weights of any family, e.g. the real shape from a config).
@@ -107,6 +110,8 @@ __all__ = [
     "note_failures",
     "ResultStore",
     "function_fingerprint",
+    "measurement_span",
+    "halving_batches",
 ]
 
 # What results depend on: the routing, the families, the experts path, the harness and the allocations it fits.
@@ -275,6 +280,16 @@ def memory_plan(model, eval_batch_size: int, eval_window: int, generate_tokens: 
         "kv_cache_gib": per_token_kv * generate_tokens / GIB,
         "evaluation_peak_gib": weights + (activations + logits) / GIB,
     }
+
+
+def measurement_span(*sweeps: dict) -> dict:
+    """{"first", "last"}: when the earliest and the latest of the sweeps' results ({name: result}, as
+    `ResultStore.run` returns them) were saved, UTC, whatever run resumed or reused them; "unknown" counts
+    results saved without a time (by an older version)."""
+    times = [r.get("saved_at") for sweep in sweeps for r in sweep.values() if isinstance(r, dict)]
+    known = sorted(t for t in times if t)
+    return {"first": known[0] if known else None, "last": known[-1] if known else None,
+            "unknown": len(times) - len(known)}  # fmt: skip
 
 
 def environment_info(model=None, device=None) -> dict:
@@ -538,28 +553,39 @@ def _score_batch(model, token_ids, batch, device, patcher) -> dict[str, list]:
     return parts
 
 
-def _score_all(model, token_ids, windows, batch_size, patcher) -> tuple[dict[str, list], int]:
-    """Every window scored, `batch_size` windows per forward pass; on out-of-memory the batch is halved and
-    retried (its partial results are dropped). Returns the parts and the batch size that ran last."""
-    device = next(model.parameters()).device
-    parts = _empty_parts()
-    position = 0
-    while position < len(windows):
-        batch = windows[position : position + batch_size]
+def halving_batches(items: list, batch_size: int, run: Callable[[list], object], what: str) -> tuple[list, int]:
+    """run(batch) over `items`, `batch_size` at a time; on out-of-memory the batch is halved and retried (its
+    partial results dropped), down to 1, where the error is raised. Every GPU batch of the harness goes
+    through here. Returns ([run's result of each batch], the batch size that ran last)."""
+    results, position = [], 0
+    while position < len(items):
+        batch = items[position : position + batch_size]
         try:
-            scored = _score_batch(model, token_ids, batch, device, patcher)
+            result = run(batch)
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
-            scored = None
-        if scored is None:  # outside the except block, where the failed batch's tensors are already released
+            result = None
+        if result is None:  # outside the except block, where the failed batch's tensors are already released
             batch_size //= 2
             torch.cuda.empty_cache()
-            warnings.warn(f"out of memory: evaluating with batch_size={batch_size}", stacklevel=3)
+            warnings.warn(f"out of memory: {what} with batches of {batch_size}", stacklevel=3)
             continue
-        for name, values in scored.items():
-            parts[name] += values
+        results.append(result)
         position += len(batch)
+    return results, batch_size
+
+
+def _score_all(model, token_ids, windows, batch_size, patcher) -> tuple[dict[str, list], int]:
+    """Every window scored, `batch_size` windows per forward pass (halved on out-of-memory: `halving_batches`).
+    Returns the parts and the batch size that ran last."""
+    device = next(model.parameters()).device
+    parts = _empty_parts()
+    score = functools.partial(_score_batch, model, token_ids, device=device, patcher=patcher)
+    scored, batch_size = halving_batches(windows, batch_size, score, "evaluating")
+    for batch in scored:
+        for name, values in batch.items():
+            parts[name] += values
     return parts, batch_size
 
 
@@ -683,26 +709,29 @@ def oracle_drop_effects(
     if any(not context - 1 <= t < token_ids.numel() - 1 for t in positions):
         raise ValueError(f"positions must lie in [context - 1, {token_ids.numel() - 1}) = [{context - 1}, ...)")
     spec, device = moe_layers[layer].spec, next(model.parameters()).device
-    num_slots, captured, increases = spec.top_k, [], []
+    num_slots, captured = spec.top_k, []
     hook = _drop_last_position_slots(num_slots, context, captured, spec)
+
+    def drop_effects(chunk):  # (router logits [P, E], loss increases [P, k]) of a chunk of positions
+        captured.clear()
+        prefixes = torch.stack([token_ids[t - context + 1 : t + 1] for t in chunk])  # [P, context]
+        inputs = prefixes.repeat_interleave(num_slots + 1, dim=0).to(device)  # [P (k + 1), context]
+        logits = model(inputs, use_cache=False).logits[:, -1].float()  # [P (k + 1), V]
+        targets = token_ids[torch.tensor(chunk) + 1].repeat_interleave(num_slots + 1).to(device)
+        nll = torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)
+        nll = nll.view(len(chunk), num_slots + 1).cpu()
+        return torch.cat(captured), nll[:, 1:] - nll[:, :1]
+
     handle = moe_layers[layer].router.register_forward_hook(hook)
     try:
-        for start in range(0, len(positions), batch_positions):
-            chunk = positions[start : start + batch_positions]
-            prefixes = torch.stack([token_ids[t - context + 1 : t + 1] for t in chunk])  # [P, context]
-            inputs = prefixes.repeat_interleave(num_slots + 1, dim=0).to(device)  # [P (k + 1), context]
-            logits = model(inputs, use_cache=False).logits[:, -1].float()  # [P (k + 1), V]
-            targets = token_ids[torch.tensor(chunk) + 1].repeat_interleave(num_slots + 1).to(device)
-            nll = torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)
-            nll = nll.view(len(chunk), num_slots + 1).cpu()
-            increases.append(nll[:, 1:] - nll[:, :1])
+        chunks, _ = halving_batches(positions, batch_positions, drop_effects, "the oracle check")
     finally:
         handle.remove()
     return {
         "layer": layer,
         "positions": torch.tensor(positions),
-        "router_logits": torch.cat(captured),
-        "loss_increase": torch.cat(increases).double(),
+        "router_logits": torch.cat([logits for logits, _ in chunks]),
+        "loss_increase": torch.cat([increase for _, increase in chunks]).double(),
     }
 
 
@@ -1493,15 +1522,23 @@ class ResultStore:
     `code_fingerprint()`. A configuration that raises is recorded with status "failed" and its error, and
     is retried next time. A saved file that cannot be read (truncated, corrupted) is named in a warning,
     moved aside (name.corrupt.json) and recomputed; so is a configuration whose tensors (name.pt) cannot be.
+    `reuse`: another run's directory of the same results (e.g. the default run's results/quality): a result
+    this store lacks is copied from there when it would resume there (same settings, code and key), instead
+    of being computed; that directory is only read.
 
-        store = ResultStore("results/configs", settings={"model": "embedded", ...})
-        result = store.run(config.name, lambda: measure(config), describe={"method": config.method})
+        from bh_experiment import ResultStore
+        from bh_routing import RoutingConfig
+        store = ResultStore(f"{output_dir}/configs", settings={"model": "embedded", "seed": 0})
+        config = RoutingConfig.parse("topk:k=2")
+        result = store.run(config.name, lambda: {"k": config.kwargs["k"]}, describe={"method": config.method})
     """
 
-    def __init__(self, directory: str | Path, settings: dict):
+    def __init__(self, directory: str | Path, settings: dict, reuse: str | Path | None = None):
         self.directory = Path(directory)
         self.settings = _as_json({**settings, "code": code_fingerprint()})
         self.directory.mkdir(parents=True, exist_ok=True)
+        same = reuse is not None and Path(reuse).resolve() == self.directory.resolve()
+        self.reuse = None if reuse is None or same else Path(reuse)
 
     def path(self, name: str, suffix: str = ".json") -> Path:
         """The file of result `name` in the store's directory; ValueError for a name that is not one plain file
@@ -1534,30 +1571,56 @@ class ResultStore:
             stacklevel=3,
         )
 
+    def _read(self, directory: Path, name: str, key: dict | None) -> dict | None:
+        """The result `name` saved in `directory` if it can be resumed (status ok, the store's settings and code,
+        the same `key`, its tensors readable), else None; raises what reading a broken file raises."""
+        try:
+            text = (directory / self.path(name).name).read_text()
+        except FileNotFoundError:  # none saved (a concurrent writer renames its file in whole: never half of it)
+            return None
+        saved = json.loads(text)
+        if not isinstance(saved, dict):
+            raise ValueError(f"expected a JSON object, found {type(saved).__name__}")
+        resumable = saved.get("status") == "ok" and saved.get("settings") == self.settings
+        resumable = resumable and saved.get("key") == _as_json(key)
+        if resumable and saved.get("tensors"):
+            self.load_tensors(name, directory)
+        return saved if resumable else None
+
     def load(self, name: str, key: dict | None = None) -> dict | None:
         """The saved result of `name` if it can be resumed (status ok, same settings and code, the same `key`:
         what this one result depends on besides the store's settings, e.g. a configuration's parameters; its
         tensors readable), else None."""
         try:
-            text = self.path(name).read_text()
-        except FileNotFoundError:  # none saved (a concurrent writer renames its file in whole: never half of it)
-            return None
-        try:
-            saved = json.loads(text)
-            if not isinstance(saved, dict):
-                raise ValueError(f"expected a JSON object, found {type(saved).__name__}")
-            resumable = saved.get("status") == "ok" and saved.get("settings") == self.settings
-            resumable = resumable and saved.get("key") == _as_json(key)
-            if resumable and saved.get("tensors"):
-                self.load_tensors(name)
+            return self._read(self.directory, name, key)
         except (ValueError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
             self._move_aside(name, error)
             return None
-        return saved if resumable else None
+
+    def adopt(self, name: str, key: dict | None = None) -> dict | None:
+        """The result `name` of the `reuse` directory, copied into this store, if it would resume there; else
+        None (a file there that cannot be read is left as it is, and the result computed here)."""
+        if self.reuse is None:
+            return None
+        try:
+            saved = self._read(self.reuse, name, key)
+        except (ValueError, RuntimeError, EOFError, OSError, pickle.UnpicklingError):
+            return None
+        if saved is None:
+            return None
+        self.check_writable()
+        if saved.get("tensors"):
+            tensors = (self.reuse / self.path(name, ".pt").name).read_bytes()
+            atomic_write(self.path(name, ".pt"), lambda temporary: temporary.write_bytes(tensors))
+        saved = {**saved, "reused_from": str(self.reuse)}
+        atomic_write_text(self.path(name), json.dumps(saved))
+        return saved
 
     def save(self, name: str, result: dict, key: dict | None = None) -> dict:
-        """Write `result` with the store's settings and its `key`; returns it as it reads back."""
-        result = _as_json({**result, "name": name, "settings": self.settings, "key": key})
+        """Write `result` with the store's settings, its `key` and when it was saved (`saved_at`, UTC, kept from
+        `result` if it has one); returns it as it reads back."""
+        saved_at = result.get("saved_at") or datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        result = _as_json({**result, "name": name, "settings": self.settings, "key": key, "saved_at": saved_at})
         atomic_write_text(self.path(name), json.dumps(result))
         return result
 
@@ -1567,7 +1630,7 @@ class ResultStore:
         saved as status "ok", or, if compute raises an Exception, a "failed" record with the error (`describe`
         adds fields to it, e.g. the method and parameters). KeyboardInterrupt and other BaseExceptions
         propagate, saving nothing."""
-        saved = None if redo else self.load(name, key)
+        saved = None if redo else (self.load(name, key) or self.adopt(name, key))
         if saved is not None:
             return saved
         self.check_writable()
@@ -1584,9 +1647,10 @@ class ResultStore:
         """Per-token arrays of `name` beside its JSON (name.pt), written atomically."""
         return atomic_write(self.path(name, ".pt"), lambda temporary: torch.save(tensors, temporary))
 
-    def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """The per-token arrays saved by `save_tensors` (RuntimeError naming the file if it is unreadable)."""
-        path = self.path(name, ".pt")
+    def load_tensors(self, name: str, directory: Path | None = None) -> dict[str, torch.Tensor]:
+        """The per-token arrays saved by `save_tensors` (RuntimeError naming the file if it is unreadable), from
+        the store's directory or `directory`."""
+        path = (directory or self.directory) / self.path(name, ".pt").name
         try:
             return torch.load(path, weights_only=True)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as error:

@@ -192,3 +192,22 @@ def test_saturation_analysis_on_known_numbers():
     assert pd.isna(bx.saturation_analysis(pd.DataFrame(rows)).loc[0, "saturation_max_k"])
     rows[0]["status"] = "failed"  # failed rows are left out
     assert list(bx.saturation_analysis(pd.DataFrame(rows)).loc[0, "growth_percent_by_step"]) == ["4->8", "8->16"]
+
+
+def test_a_store_reuses_another_runs_results_with_the_same_settings_and_leaves_them_as_they_are(tmp_path):
+    default = bx.ResultStore(tmp_path / "results" / "quality", {"seed": 0})
+    default.run(
+        "bh_k8_a005", lambda: default.save_tensors("bh_k8_a005", {"nll": torch.ones(3)}) and {"v": 1}, key={"a": 1}
+    )
+    (default.directory / "broken.json").write_text("{not json")
+    before = {path.name: path.read_bytes() for path in default.directory.iterdir()}
+    own = bx.ResultStore(tmp_path / "runs" / "x" / "quality", {"seed": 0}, reuse=default.directory)
+    computed = []
+    reused = own.run("bh_k8_a005", lambda: computed.append(1) or {"v": 2}, key={"a": 1})
+    assert computed == [] and reused["v"] == 1 and reused["reused_from"] == str(default.directory)
+    assert torch.equal(own.load_tensors("bh_k8_a005")["nll"], torch.ones(3))
+    assert own.run("bh_k8_a005", lambda: {"v": 3}, key={"a": 2})["v"] == 3  # another key: computed here
+    assert own.run("broken", lambda: {"v": 4})["v"] == 4  # unreadable there: computed here
+    other_settings = bx.ResultStore(tmp_path / "runs" / "y" / "quality", {"seed": 1}, reuse=default.directory)
+    assert other_settings.run("bh_k8_a005", lambda: {"v": 5}, key={"a": 1})["v"] == 5
+    assert {path.name: path.read_bytes() for path in default.directory.iterdir()} == before
