@@ -13,6 +13,7 @@ the notebook prints (its progress: each configuration done, of how many, in how 
 
 import base64
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -54,12 +55,19 @@ def plan(arguments: list[str]) -> tuple[Path, list[str]]:
     return REPO / output_dir, arguments
 
 
+def shown(path: Path) -> str:
+    """`path` relative to the repository if it is inside it, else as given."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def main(arguments: list[str]) -> int:
     output_dir, arguments = plan(arguments)
     output_dir.mkdir(parents=True, exist_ok=True)
     executed = output_dir / f"{NOTEBOOK.stem}.executed.ipynb"
     running = output_dir / f"{NOTEBOOK.stem}.running.ipynb"
-    command = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(running), "-k", "python3"]
+    # Paths relative to the repository where they are inside it: papermill writes them into the notebook's
+    # metadata, which should not carry this machine's directories.
+    command = [sys.executable, "-m", "papermill", NOTEBOOK.name, shown(running), "-k", "python3"]
     print(f"output_dir: {output_dir}", flush=True)
     # The notebook's printed lines (each configuration done, of how many, in how long) as they come: "-" is
     # papermill's own stdout; its log stays at warnings.
@@ -71,6 +79,9 @@ def main(arguments: list[str]) -> int:
             running.replace(failed)
         print(f"the run failed: its notebook is {failed}; {executed.name} was left as it was", file=sys.stderr)
         return 1
+    notebook = json.loads(running.read_text())
+    notebook["metadata"].get("papermill", {})["output_path"] = shown(executed)  # its name once renamed
+    running.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
     running.replace(executed)
     return 0
 

@@ -32,6 +32,8 @@ def run_cells(overrides: dict, log=print) -> dict:
             log(f"(skipped the rest of cell {index}: no IPython)")
         if "parameters" in cell.get("metadata", {}).get("tags", []):
             namespace.update(overrides)
+        if "plt" in namespace:  # as Jupyter's inline backend does after each cell: no figure stays open
+            namespace["plt"].close("all")
         log(f"--- cell {index} done in {time.time() - started:.1f} s")
     return namespace
 

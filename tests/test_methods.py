@@ -320,3 +320,30 @@ def test_paired_perplexity_difference_of_two_results_on_the_same_windows():
     assert paired["low"] > 0  # the 3% difference with small noise is resolved
     with pytest.raises(ValueError, match="per-window sums over the same windows"):
         bx.paired_perplexity_difference(quality["bh"], {**quality["topk_k2"], "window_tokens": [1.0]})
+
+
+def test_every_gpu_batch_halves_on_out_of_memory_the_oracle_included(tiny_model, monkeypatch):
+    def small_only(batch):
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return list(batch)
+
+    with pytest.warns(UserWarning, match="out of memory: testing with batches of 2"):
+        done, size = bx.halving_batches(list(range(7)), 8, small_only, "testing")
+    assert sum(done, []) == list(range(7)) and size == 2
+    with pytest.raises(torch.OutOfMemoryError):
+        bx.halving_batches([1], 1, lambda batch: small_only(batch * 3), "testing")
+    token_ids = torch.randint(2, 500, (300,), generator=torch.Generator().manual_seed(0))
+    expected = bx.oracle_drop_effects(tiny_model, token_ids, layer=1, positions=[40, 90, 150, 200], context=32)
+    forward = tiny_model.forward
+
+    def limited(input_ids, **kwargs):  # a forward of more than two positions' copies runs out of memory
+        if input_ids.shape[0] > 2 * (tiny_model.config.num_experts_per_tok + 1):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(input_ids, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", limited)
+    with pytest.warns(UserWarning, match="the oracle check with batches of 2"):
+        backed_off = bx.oracle_drop_effects(tiny_model, token_ids, layer=1, positions=[40, 90, 150, 200], context=32)
+    assert torch.allclose(backed_off["loss_increase"], expected["loss_increase"], atol=1e-5)
+    assert torch.equal(backed_off["router_logits"], expected["router_logits"])

@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.colors
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.container import ErrorbarContainer
 
 import bh_experiment as bx
 import bh_routing as br
@@ -133,6 +135,14 @@ def test_the_notebook_writes_every_output(quick_run):
         assert settings["dtype"] == "float32" and settings["device"] == "cpu"
     assert (table["warm_up_seconds"] > 0).all()  # each configuration's warm-up, timed apart
     assert table["perplexity"].notna().all() and (table["perplexity"] < 8192).all()
+
+
+def test_the_executed_notebook_ends_with_its_answer_and_shows_no_warning(quick_run):
+    cells = json.loads((quick_run / "executed.ipynb").read_text())["cells"]
+    last = "".join("".join(output.get("data", {}).get("text/markdown", "")) for output in cells[-1]["outputs"])
+    assert "**The answer** (embedded, " in last and "Evaluation slice" in last
+    streams = [o for c in cells if c["cell_type"] == "code" for o in c["outputs"] if o.get("name") == "stderr"]
+    assert not [o for o in streams if "Warning" in "".join(o["text"])]
 
 
 def test_the_frontier_compares_every_method_with_both_baselines_on_both_slices(quick_run):
@@ -312,8 +322,11 @@ def test_a_run_of_the_baseline_alone_through_make_runs_script_writes_every_outpu
     assert list(table_with(report, "config", "avg_experts")["config"]) == ["topk_8_baseline"]
     assert "Not measured in this run" in report
     assert (tmp_path / "visualizations" / "bh_routing_analysis.png").exists()
-    executed = json.loads((tmp_path / "OLMoE_BH_Routing_Experiments.executed.ipynb").read_text())
+    text = (tmp_path / "OLMoE_BH_Routing_Experiments.executed.ipynb").read_text()
+    executed = json.loads(text)
     assert executed["metadata"]["papermill"]["exception"] is None
+    assert executed["metadata"]["papermill"]["input_path"] == "OLMoE_BH_Routing_Experiments.ipynb"
+    assert str(REPO) not in text and "site-packages" not in text and "Warning" not in text  # no machine paths
     assert not list(tmp_path.glob("*.running.ipynb")) and not list(tmp_path.glob("*.failed.ipynb"))
 
 
@@ -325,6 +338,70 @@ def test_a_failed_run_leaves_the_executed_notebook_as_it_was(tmp_path):
     assert finished.returncode == 1 and b"the run failed" in finished.stderr
     assert executed.read_text() == "the previous good run"
     assert (tmp_path / "OLMoE_BH_Routing_Experiments.failed.ipynb").exists()
+
+
+def test_own_configurations_run_beside_the_design_reusing_another_runs_results(tmp_path, monkeypatch):
+    base = {"config_names": "topk_8_baseline", "prompts_per_group": 1, "run_quality": False, "max_new_tokens": 3,
+            "device": "cpu", "timing_repeats": 1}  # fmt: skip
+    run_in_process(tmp_path / "default", monkeypatch, **base)
+    own = run_in_process(tmp_path / "own", monkeypatch, **base, extra_configs=["topk:k=2", "bh:alpha=0.1,max_k=4"],
+                         reuse_results=str(tmp_path / "default"))  # fmt: skip
+    assert [c.name for c in own["configs"]] == ["topk_8_baseline", "topk_k2", "bh_k4_a010"]
+    saved = {path.stem: json.loads(path.read_text()) for path in (tmp_path / "own" / "configs").glob("*.json")}
+    assert saved["topk_8_baseline"]["reused_from"] == str(tmp_path / "default" / "configs")
+    assert "reused_from" not in saved["topk_k2"] and saved["bh_k4_a010"]["status"] == "ok"
+    report = (tmp_path / "own" / "bh_routing_report.md").read_text()
+    first = saved["topk_8_baseline"]["saved_at"]  # the reused result's own time, from the default run
+    assert first < saved["topk_k2"]["saved_at"] or first == saved["topk_k2"]["saved_at"]
+    assert f"- Measured: {first} to {max(r['saved_at'] for r in saved.values())} (UTC" in report
+    assert list(table_with(report, "config", "avg_experts")["config"]) == ["topk_8_baseline", "topk_k2", "bh_k4_a010"]
+    with pytest.raises(Exception, match="alpha must be a number in"):
+        run_in_process(tmp_path / "bad", monkeypatch, **base, extra_configs=["bh:alpha=2"])
+
+
+def test_the_quick_profile_runs_the_design_against_the_baselines_only(tmp_path, monkeypatch):
+    run = run_in_process(tmp_path, monkeypatch, config_names=",".join(QUICK_CONFIGS), prompts_per_group=1,
+                         profile="quick", **QUICK)  # fmt: skip
+    methods = {result["method"] for result in run["quality"].values()}
+    assert methods == {"native", "bh", "topk", "topp", "schedule"}, methods
+    assert run["quality_2"] == {} and run["eval_text_2"] is None and run["oracle_positions"] == 0
+    assert len(run["quality"]) < 40 and "- Profile: quick (" in (tmp_path / "bh_routing_report.md").read_text()
+
+
+def figure_facts(figure, dpi) -> dict:
+    """Pixels, the most tick labels on one axis, and {label: colour} of the lines and error bars drawn."""
+    colours, labels = {}, 0
+    for ax in figure.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = max(labels, sum(bool(tick.get_text()) for tick in axis.get_ticklabels()))
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):
+                colours.setdefault(line.get_label(), set()).add(matplotlib.colors.to_hex(line.get_color()))
+        for container in ax.containers:
+            if isinstance(container, ErrorbarContainer) and not container.get_label().startswith("_"):
+                colour = matplotlib.colors.to_hex(container.lines[0].get_color())
+                colours.setdefault(container.get_label(), set()).add(colour)
+    return {"pixels": [int(v * dpi) for v in figure.get_size_inches()], "labels": labels, "colours": colours}
+
+
+def test_every_figure_is_readable_at_its_size_and_colours_a_series_alike_everywhere(tmp_path, monkeypatch):
+    saved, save = {}, bx.save_figure
+
+    def recording(figure, path, dpi=110):
+        saved[Path(path).name] = figure_facts(figure, dpi)
+        return save(figure, path, dpi)
+
+    monkeypatch.setattr(bx, "save_figure", recording)
+    run_in_process(tmp_path, monkeypatch, config_names=",".join(QUICK_CONFIGS), prompts_per_group=1, **QUICK)
+    assert {"bh_routing_analysis.png", "bh_routing_frontier.png", "bh_routing_layers.png"} <= set(saved)
+    for name, facts in saved.items():
+        assert max(facts["pixels"]) <= 4000 and facts["labels"] <= 16, (name, facts["pixels"], facts["labels"])
+        assert (tmp_path / "visualizations" / name).stat().st_size < 2_000_000, name
+    colours = {}
+    for name in ("bh_routing_frontier.png", "bh_routing_frontier_intervals.png"):
+        for label, used in saved[name]["colours"].items():
+            colours.setdefault(label, set()).update(used)
+    assert len(colours) >= 5 and all(len(used) == 1 for used in colours.values()), colours
 
 
 def run_in_process(tmp_path, monkeypatch, **parameters):
