@@ -6,8 +6,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch on machines without a GPU; override on a GPU box, e.g. TORCH_SPEC="torch>=2.6".
+# torch as pip resolves it: on Linux x86_64 PyPI's torch==2.13.0 is the CUDA build (with ~20 nvidia-* packages,
+# several GB); for the CPU build give PyTorch's CPU index, TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+# On a GPU box any recent torch, e.g. TORCH_SPEC="torch>=2.6".
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 # Triton for the kernel tests under its CPU interpreter, installed beside (not into) .venv, so that the
 # rest of the suite runs on a plain CPU install as users have it.
 TRITON_SPEC ?= triton==3.9.0
@@ -18,7 +21,7 @@ EVAL_INSTALLED := $(VENV)/.eval-installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
@@ -44,7 +47,7 @@ test: lint $(VENV)/.installed $(TRITON_SITE)/.installed $(EVAL_INSTALLED)
 run: $(VENV)/.installed
 	$(PY) scripts/run_notebook.py $(RUN_ARGS)
 
-# Downstream accuracy (scripts/run_downstream.py): results/downstream/ (CSV, figure, report section, one JSON
+# Downstream accuracy (scripts/run_downstream.py): results/lm_eval/ (CSV, figure, report section, one JSON
 # per configuration, resumable). Arguments in EVAL_ARGS, e.g. make eval EVAL_ARGS="--limit 100 --tasks heldout_continuation".
 eval: $(EVAL_INSTALLED)
 	$(PY) scripts/run_downstream.py $(EVAL_ARGS)

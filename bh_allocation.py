@@ -3,6 +3,7 @@ and the per-token rules fitted to spend each layer's budget of a schedule. Impor
 its routing methods with `bh_routing`; fitting needs the model, so it runs through `bh_experiment`.
 
     import bh_allocation
+    from bh_routing import MoERouterPatcher
     calibration.allocations |= bh_allocation.fit_allocations(model, calibration_ids)  # then calibration.save(...)
     patcher = MoERouterPatcher(model, calibration=calibration).patch("schedule", budget=2.0)
 

@@ -3,8 +3,10 @@ scripts/run_downstream.py, and the notebook's optional section 8c). lm-eval is a
 (requirements-eval.txt), imported when a function here needs it.
 
     import bh_downstream as bd
-    results = bd.evaluate_downstream(model, tokenizer, configs, "heldout_continuation", "out/downstream")
-    bd.write_downstream_outputs(results, "out/downstream")
+    from bh_routing import RoutingConfig
+    configs = [RoutingConfig.parse("topk:k=2"), RoutingConfig.parse("bh:alpha=0.05,max_k=8")]
+    results = bd.evaluate_downstream(model, tokenizer, configs, "heldout_continuation", output_dir, limit=8)
+    bd.write_downstream_outputs(results, output_dir)
 
 1. Tasks: the offline tasks built from the held-out text (`OFFLINE_TASKS`, no download), names and limits
    checked against lm-eval's registry before any work (`check_task_names`, `check_lm_eval_tasks`).

@@ -1,7 +1,6 @@
 """The report of a run: its findings computed as data from the run's tables, rendered as markdown through
-the Jinja2 template `bh_report.md.j2`, tables by pandas (`DataFrame.to_markdown`).
-
-    report = bh_report.render_report(run)  # run: the notebook's `report_inputs` (section 12)
+the Jinja2 template `bh_report.md.j2`, tables by pandas (`DataFrame.to_markdown`): `render_report(run)`, `run`
+the notebook's `report_inputs` (section 12).
 
 The run is a dict of what the notebook measured: "metadata" (model, versions, hardware, date),
 "design" (the run's parameters and the names of its groups of configurations), "summary" (the CSV),

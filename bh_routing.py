@@ -5,6 +5,7 @@ router scores and weights experts (`RouterSpec`, `find_moe_layers`, `moe_shape`)
 
     from bh_routing import MoERouterPatcher
     patcher = MoERouterPatcher(model).patch("bh", alpha=0.05, max_k=8)  # model.generate(...) now routes by BH
+    model.generate(ids, max_new_tokens=5, do_sample=False)
     print(patcher.get_stats()["avg_experts"]); patcher.unpatch()
 
 1. Argument checks shared by every routing method.
@@ -2534,9 +2535,10 @@ class MoERouterPatcher:
     expert parallel, which the patcher sets while patched (if this transformers supports it); any other
     implementation is switched to "eager" while patched. `unpatch` restores all of it.
 
+        from bh_routing import MoERouterPatcher
         patcher = MoERouterPatcher(model)
         patcher.patch_with_bh(alpha=0.05, max_k=8)      # or patcher.patch("bh", alpha=0.05, max_k=8)
-        outputs = model.generate(...)
+        outputs = model.generate(ids, max_new_tokens=5, do_sample=False)
         stats = patcher.get_stats()
         patcher.unpatch()
 

@@ -42,3 +42,15 @@ def test_the_repository_address_is_written_alike_in_every_place(tmp_path):
     assert all(written == ["someone/bh-routing"] for written in set_repository.addresses(readme, notebook).values())
     with pytest.raises(ValueError, match="OWNER/NAME"):
         set_repository.set_repository("https://github.com/someone/bh-routing", readme, notebook)
+
+
+@pytest.mark.parametrize("index", [None, "https://download.pytorch.org/whl/cpu"])
+def test_the_makefile_installs_torch_from_the_index_given(index):
+    """The README's way to the CPU build of torch on Linux (PyPI's is the CUDA one): make's own dry run."""
+    import subprocess
+
+    extra = [f"TORCH_INDEX_URL={index}"] if index else []
+    dry = subprocess.run(["make", "-n", "-B", ".venv/.installed", *extra], cwd=REPO, capture_output=True, text=True)
+    [install] = [line for line in dry.stdout.splitlines() if "pip install" in line and "torch" in line]
+    assert '"torch==2.13.0"' in install
+    assert (f"--index-url {index}" in install) if index else ("--index-url" not in install)
