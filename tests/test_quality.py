@@ -91,7 +91,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_result(tiny_model, monke
     monkeypatch.setattr(type(tiny_model), "forward", small_memory)
     with pytest.warns(UserWarning) as warned:
         backed_off = bx.evaluate_language_model(tiny_model, token_ids, window=24, batch_size=8, patcher=patcher)
-    assert [str(w.message) for w in warned] == [f"out of memory: evaluating with batch_size={b}" for b in (4, 2)]
+    assert [str(w.message) for w in warned] == [f"out of memory: evaluating with batches of {b}" for b in (4, 2)]
     assert attempts[:3] == [8, 4, 2] and backed_off["batch_size"] == 2
     torch.testing.assert_close(backed_off["nll"], reference["nll"])
     assert torch.equal(backed_off["expert_counts"], reference["expert_counts"])
