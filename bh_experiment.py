@@ -1612,9 +1612,7 @@ class ResultStore:
         if saved.get("tensors"):
             tensors = (self.reuse / self.path(name, ".pt").name).read_bytes()
             atomic_write(self.path(name, ".pt"), lambda temporary: temporary.write_bytes(tensors))
-        saved = {**saved, "reused_from": str(self.reuse)}
-        atomic_write_text(self.path(name), json.dumps(saved))
-        return saved
+        return self.save(name, {**saved, "reused_from": str(self.reuse)}, key)  # its own saved_at kept
 
     def save(self, name: str, result: dict, key: dict | None = None) -> dict:
         """Write `result` with the store's settings, its `key` and when it was saved (`saved_at`, UTC, kept from

@@ -2363,6 +2363,12 @@ def patched_router_class(router_class: type) -> type:
     return _PATCHED_ROUTER_CLASSES[router_class]
 
 
+def nonfinite_rows(router_logits: torch.Tensor) -> torch.Tensor:
+    """[T] bool: the rows of router_logits [T, E] with a NaN or infinite logit (what an observed router's
+    statistics count as `nonfinite_rows`)."""
+    return ~torch.isfinite(router_logits).all(dim=-1)
+
+
 class PatchedRouter:
     """What one MoE layer's router does after its own forward while patched (`patched_router_class`): the
     method's route of the layer, the family's weighting of the kept experts, and the layer's statistics
@@ -2383,7 +2389,7 @@ class PatchedRouter:
         layer, self.patcher, self.index = patcher.layers[index], patcher, index
         self.spec, self.renormalize = layer.spec, patcher.params.get("renormalize", False)
         params = patcher.params  # a row with non-finite logits keeps the native k, within [min_k, max_k]
-        self.fallback_width = min(max(patcher.native_top_k, params.get("min_k", 1)), params.get("max_k", 1 << 30))
+        self.fallback_width = min(max(patcher.native_top_k, params["min_k"]), params["max_k"])
         self.family_weighting = not (layer.spec.plain or patcher.in_expert_space)
         self.route, eager_route = routes  # None, None: the native routing, observed
         self.own_weights = self.route is None or patcher.in_expert_space  # the router's weights kept as they are
@@ -2421,7 +2427,8 @@ class PatchedRouter:
         space. The method routes every row whose logits are all finite; a row with a NaN or infinite logit (a
         float16 overflow, a broken router) gets `finite_fallback`'s routing, the same on every path (eager,
         compiled, CUDA-graphed), and is counted in the statistics' `nonfinite_rows`."""
-        finite = torch.isfinite(router_logits).all(dim=-1, keepdim=True)  # [T, 1]
+        finite_logits = torch.isfinite(router_logits)  # [T, E]
+        finite = finite_logits.all(dim=-1, keepdim=True)  # [T, 1]
         logits = router_logits.masked_fill(~finite, 0.0)  # the method never sees a row it cannot route
         if not self.family_weighting:
             top_weights, top_index, expert_counts = route(logits, native_weights, native_index)
@@ -2430,16 +2437,16 @@ class PatchedRouter:
             _, top_index, expert_counts = route(selection, native_weights, native_index)
             top_index = self.spec.expand(top_index, allowed)
             top_weights = self.spec.weights(logits, top_index, self.renormalize)
-        routing = self.finite_fallback(finite, router_logits, top_weights, top_index, expert_counts)
+        routing = self.finite_fallback(finite_logits, finite, router_logits, top_weights, top_index, expert_counts)
         return (*routing, ~finite.squeeze(-1))
 
-    def finite_fallback(self, finite, router_logits, top_weights, top_index, expert_counts) -> tuple:
-        """The rule for rows whose logits are not all finite (finite [T, 1] False): such a row keeps the
-        family's own top-k of its finite logits (NaN and +-inf logits never kept), k the model's top-k clamped to
-        the configuration's [min_k, max_k], weighted as the family weights them over its finite logits (all 0
-        when none is finite); every other row keeps the method's (weights, index, counts)."""
+    def finite_fallback(self, finite_logits, finite, router_logits, top_weights, top_index, expert_counts) -> tuple:
+        """The rule for rows whose logits are not all finite (finite_logits [T, E] per logit, finite [T, 1] per
+        row): such a row keeps the family's own top-k of its finite logits (NaN and +-inf logits never kept), k the
+        model's top-k clamped to the configuration's [min_k, max_k], weighted as the family weights them over its
+        finite logits (all 0 when none is finite); every other row keeps the method's (weights, index, counts)."""
         slots, width = top_index.shape[-1], min(self.fallback_width, top_index.shape[-1])
-        clean = router_logits.masked_fill(~torch.isfinite(router_logits), -math.inf)
+        clean = router_logits.masked_fill(~finite_logits, -math.inf)
         selection, allowed = self.spec.selection(clean)
         index = self.spec.expand(selection.float().topk(width, dim=-1).indices, allowed)  # [T, width]
         if width < slots:  # the method's other slots: the sentinel
@@ -2457,7 +2464,7 @@ class PatchedRouter:
         inside a compiled forward; () when observing."""
         if self.route is None:  # the router's own routing, whatever its logits
             top_weights, top_index, expert_counts = native_weights, native_index, None
-            nonfinite = ~torch.isfinite(router_logits).all(dim=-1)
+            nonfinite = nonfinite_rows(router_logits)
         else:
             routing = self.routed(self.route, router_logits, native_weights, native_index)
             top_weights, top_index, expert_counts, nonfinite = routing
@@ -2480,7 +2487,7 @@ class PatchedRouter:
         uses them), then its statistics recorded outside the graph (`RoutingStatistics.record`)."""
         if self.eager_route is None:  # observing: the router's own routing
             if self.accumulators is not None:
-                nonfinite = ~torch.isfinite(router_logits).all(dim=-1)
+                nonfinite = nonfinite_rows(router_logits)
                 self.patcher.statistics.record(self.index, native_weights, native_index, None, keep, nonfinite)
             return ()
         natives = (native_weights, native_index) if self.reads_native else (None, None)
