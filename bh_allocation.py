@@ -35,6 +35,7 @@ import bh_routing as br
 __all__ = [
     "ALLOCATIONS",
     "fit_allocations",
+    "fit_evaluations",
     "resumed_allocations",
     "greedy_allocation",
     "dp_allocation",
@@ -43,6 +44,7 @@ __all__ = [
     "lexi_perturbations",
     "fit_layer_parameter",
     "budget_matched_configs",
+    "budget_matched_count",
 ]
 
 
@@ -257,6 +259,13 @@ def _block_output(block, hidden_states: torch.Tensor) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def fit_evaluations(num_layers: int, native_k: int) -> int:
+    """At most how many evaluations of the calibration text `fit_allocations` makes: the greedy schedule's
+    L (K - 1) steps of at most L candidates each, and Alloc-L's reference and L (K - 1) profiles."""
+    steps = num_layers * (native_k - 1)
+    return steps * num_layers + steps + 1
+
+
 def fit_allocations(model, token_ids, window: int = 256, batch_size: int = 8, seed: int = 0, log=print) -> dict:
     """Every allocation of `ALLOCATIONS` fitted to `model`: the greedy schedule and Alloc-L on the calibration
     text `token_ids` (its mean NLL), LExI data-free. Returns {name: [S, L] float64} for
@@ -337,6 +346,11 @@ def fit_layer_parameter(
                 high = middle
         values.append(float(f"{min((low, high), key=lambda v: abs(average(v) - budget)):.6g}"))
     return tuple(values)
+
+
+def budget_matched_count(rules=tuple(MATCHED_RULES)) -> int:
+    """How many configurations `budget_matched_configs` makes for one budget: one per rule, and Alloc-T."""
+    return len(rules) + 1
 
 
 def budget_matched_configs(calibration, layer_logits, budget: float, native_k: int, allocation: str = "schedule",

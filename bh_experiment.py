@@ -13,7 +13,8 @@
    routing decisions of every scored position), `collect_router_logits` (calibration text), the oracle check
    (`oracle_drop_effects`).
 3. Timed generation: `generate_timed` on a generation path (`GENERATION_PATHS`, `fastest_generation_path`,
-   `generation_settings`), `throughput_summary`.
+   `generation_settings`), `throughput_summary`; the paths and the evaluation measured before a run
+   (`choose_generation_path`, `probe_evaluation`) and the run's time estimated from them (`estimate_runtime`).
 4. Tables: quality at equal compute against the baselines with paired bootstrap intervals (`frontier_table`,
    `best_at_budget`, `layer_matched_table`), saturation, the calibration diagnostics (`null_rejection_rates`,
    `bulk_shape`, `null_pvalue_quantiles`), the token level and the oracle table.
@@ -38,6 +39,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from statistics import median
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -60,6 +62,7 @@ from bh_routing import (
     routing_method,
 )
 from moe_families import RouterSpec, find_moe_layers, moe_shape
+from variable_k_experts import fused_path_supported
 
 __all__ = [
     "HUB_MODEL_ID",
@@ -76,9 +79,17 @@ __all__ = [
     "load_heldout_text",
     "evaluate_language_model",
     "collect_router_logits",
+    "ORACLE_CONTEXT",
     "oracle_drop_effects",
     "GENERATION_PATHS",
     "fastest_generation_path",
+    "GenerationProbe",
+    "probe_generation",
+    "fast_compiled_path",
+    "generation_candidates",
+    "choose_generation_path",
+    "probe_evaluation",
+    "estimate_runtime",
     "generation_settings",
     "generate_timed",
     "throughput_summary",
@@ -690,9 +701,12 @@ def _drop_last_position_slots(num_slots: int, length: int, captured: list, spec:
     return hook
 
 
+ORACLE_CONTEXT = 64  # tokens of context before each position of the oracle check
+
+
 @torch.no_grad()
 def oracle_drop_effects(
-    model, token_ids: torch.Tensor, layer: int, positions, context: int = 64, batch_positions: int = 16
+    model, token_ids: torch.Tensor, layer: int, positions, context: int = ORACLE_CONTEXT, batch_positions: int = 16
 ):
     """The loss each native top-k expert of one layer is worth, one routing decision at a time.
 
@@ -807,9 +821,10 @@ GENERATION_PATHS = {
 
 
 def fastest_generation_path(device) -> str:
-    """The generation path to time on `device`: "static_compiled" on a GPU, where CUDA graphs remove the
-    launch cost that bounds decoding; "dynamic" on a CPU, where compiling costs seconds per configuration
-    and buys little (benchmarks/README.md measures the paths on both)."""
+    """The generation path to time on `device` when nothing is measured: "static_compiled" on a GPU, where CUDA
+    graphs remove the launch cost that bounds decoding; "dynamic" on a CPU, where compiling costs seconds per
+    configuration and buys little (benchmarks/README.md measures the paths on both). `choose_generation_path`
+    measures where this is not known."""
     return "static_compiled" if torch.device(device).type == "cuda" else "dynamic"
 
 
@@ -857,6 +872,115 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int, exact: bo
     )
     synchronize(device)
     return input_ids, output_ids, time.perf_counter() - start
+
+
+class GenerationProbe(NamedTuple):
+    """One generation path measured on a model as it is: the seconds its first call takes beyond a steady call
+    (compilation and CUDA-graph capture on a compiled path) and the tokens/s of a steady call."""
+
+    path: str
+    first_call_seconds: float
+    tokens_per_second: float
+
+    def seconds(self, calls: int, tokens: int) -> float:
+        """The time of `calls` first calls (one per configuration patched) and `tokens` generated tokens."""
+        return calls * self.first_call_seconds + tokens / self.tokens_per_second
+
+
+def probe_generation(model, tokenizer, prompt: str, new_tokens: int, path: str, max_cache_len=None) -> GenerationProbe:
+    """`path` measured with `prompt`: one generate of `new_tokens` (its first call), then one more, timed."""
+    settings = generation_settings(path, max_cache_len, next(model.parameters()).device)
+    first = generate_timed(model, tokenizer, prompt, new_tokens, exact=True, settings=settings)[2]
+    steady = generate_timed(model, tokenizer, prompt, new_tokens, exact=True, settings=settings)[2]
+    return GenerationProbe(path, max(first - steady, 0.0), new_tokens / steady)
+
+
+def fast_compiled_path(model) -> bool:
+    """Whether the variable-k path's fused kernels serve every MoE layer of `model` where it is (a GPU of
+    sm80+ in bf16 with Triton, the OLMoE layout): where the compiled path's timings show what routing saves."""
+    device = next(model.parameters()).device
+    return all(fused_path_supported(layer.experts, device) for layer in find_moe_layers(model))
+
+
+def generation_candidates(device, fast_compiled: bool) -> list[str]:
+    """The paths `choose_generation_path` measures on `device`: the one `fastest_generation_path` names on a
+    CPU, or on a GPU where the fused kernels serve (`fast_compiled`); both dynamic and static compiled on any
+    other GPU, where which is faster is not known beforehand."""
+    known = torch.device(device).type != "cuda" or fast_compiled
+    return [fastest_generation_path(device)] if known else ["dynamic", "static_compiled"]
+
+
+def choose_generation_path(
+    model,
+    tokenizer,
+    prompt: str,
+    new_tokens: int,
+    max_cache_len: int,
+    calls: int,
+    tokens: int,
+    candidates=None,
+    log=print,
+) -> tuple[GenerationProbe, list[GenerationProbe]]:
+    """The path the sweep generates on, measured with the model's own routing on `prompt`.
+
+    candidates: the paths to measure (names of `GENERATION_PATHS`); None: on a CPU the dynamic path and on a
+    GPU with `fast_compiled_path` the static compiled one (`fastest_generation_path`), on any other GPU (a T4,
+    float16, a family without the fused kernels) both. Of those, the one whose sweep of `calls`
+    configurations and `tokens` generated tokens takes least time (compilations included) is chosen. A path
+    that fails to compile is left out, with its error in `log`. Returns (the chosen probe, every probe)."""
+    device = next(model.parameters()).device
+    if candidates is None:
+        candidates = generation_candidates(device, fast_compiled_path(model))
+    unknown = sorted(set(candidates) - set(GENERATION_PATHS))
+    if not candidates or unknown:
+        raise ValueError(f"candidates must name paths of {sorted(GENERATION_PATHS)}, got {candidates!r}")
+    probes = []
+    for path in candidates:
+        try:
+            probes.append(probe_generation(model, tokenizer, prompt, new_tokens, path, max_cache_len))
+        except RuntimeError as error:  # dynamo's and inductor's errors are RuntimeErrors
+            log(f"generation path {path!r} left out: {error}")
+    if not probes:
+        raise RuntimeError(f"no generation path of {candidates} ran on {device}")
+    chosen = min(probes, key=lambda probe: probe.seconds(calls, tokens))
+    for probe in probes:
+        log(
+            f"generation path {probe.path}: {probe.tokens_per_second:.1f} tok/s, its first call "
+            f"{probe.first_call_seconds:.1f} s longer; the sweep ~{probe.seconds(calls, tokens) / 60:.1f} min"
+            + (" (chosen: the faster)" if probe is chosen and len(probes) > 1 else "")
+        )
+    return chosen, probes
+
+
+@torch.no_grad()
+def probe_evaluation(model, window: int, batch_size: int) -> float | None:
+    """Tokens/s of `evaluate_language_model` with the model's own routing: `batch_size` windows of random
+    tokens after a one-window warm-up (the batch halves on out-of-memory as in a run). None where not even one
+    window fits in memory: the run then records each evaluation's failure, and nothing is estimated for it."""
+    generator = torch.Generator().manual_seed(0)
+    token_ids = torch.randint(model.config.vocab_size, (window * batch_size,), generator=generator)
+    try:
+        evaluate_language_model(model, token_ids[:window], window, None, 1)
+        synchronize(next(model.parameters()).device)
+        started = time.perf_counter()
+        scored = evaluate_language_model(model, token_ids, window, None, batch_size)["num_scored"]
+    except torch.OutOfMemoryError:
+        return None
+    return scored / (time.perf_counter() - started)
+
+
+def estimate_runtime(generation: GenerationProbe, calls: int, generated_tokens: int, evaluate_tokens_per_second,
+                     evaluated_tokens: int) -> dict[str, float]:  # fmt: skip
+    """Seconds of a run's parts from its counted work and measured rates: "sweep" (`calls` configurations
+    patched, `generated_tokens` generated, at `generation`'s rates), "evaluation" (`evaluated_tokens` forward
+    tokens at `evaluate_tokens_per_second`; NaN where that rate is None, unmeasured) and "total"."""
+    if min(calls, generated_tokens, evaluated_tokens) < 0:
+        raise ValueError(f"work must be >= 0, got {calls=}, {generated_tokens=}, {evaluated_tokens=}")
+    sweep = generation.seconds(calls, generated_tokens)
+    evaluation = 0.0
+    if evaluated_tokens:
+        evaluation = math.nan if evaluate_tokens_per_second is None else evaluated_tokens / evaluate_tokens_per_second
+    return {"sweep": sweep, "evaluation": evaluation, "total": sweep + evaluation}
 
 
 def throughput_summary(new_tokens: int, seconds_per_repeat: list[float]) -> dict:

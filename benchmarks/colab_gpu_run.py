@@ -10,7 +10,7 @@ on the full card.
 `notebook` runs the notebook's cells (scripts/run_notebook_cells.py) with model_name_or_path=DIR,
 eval_window=1024 and the given overrides, GPU memory capped with torch.cuda.set_per_process_memory_fraction,
 and writes OUT_DIR/gpu_run.json: wall time, peak GPU memory allocated and reserved, peak host memory, card,
-versions and parameters.
+versions and parameters, and the runtime the notebook estimated before its work beside the time it took.
 """
 
 import argparse
@@ -111,6 +111,8 @@ def notebook(directory: Path, output_dir: Path, cap_gib: float | None, overrides
         "memory_plan_gib": namespace["plan"],
         "quality_batch_sizes": {name: r.get("batch_size") for name, r in namespace["quality"].items()},
         "failed": namespace["failed"] + [f"{name} (quality)" for name in namespace["quality_failed"]],
+        "runtime_minutes": namespace["metadata"]["runtime_minutes"],  # the notebook's estimate, and its elapsed
+        "generation_probes": namespace["metadata"]["generation_probes"],
         **bx.environment_info(namespace["model"]),
     }
     (output_dir / "gpu_run.json").write_text(json.dumps(record, indent=1))

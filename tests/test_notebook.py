@@ -171,6 +171,10 @@ def test_the_reports_numbers_are_the_csvs(quick_run):
     report = (quick_run / "bh_routing_report.md").read_text()
     assert "`embedded`" in report and "Prompts: 4 in 4 complexity groups" in report
     assert f"Generation path: dynamic ({bx.GENERATION_PATHS['dynamic']})" in report  # the CPU's path
+    runtime = json.loads((quick_run / "bh_routing_full_results.json").read_text())["metadata"]["runtime_minutes"]
+    assert runtime["estimated_total"] == pytest.approx(runtime["estimated_sweep"] + runtime["estimated_evaluation"])
+    assert min(runtime.values()) > 0
+    assert f"Runtime: estimated {runtime['estimated_total']:.1f} min before the work" in report
     summary = pd.read_csv(quick_run / "bh_routing_summary.csv")
     shown = table_with(report, "config", "avg_experts", "std_experts").set_index("config")
     for row in summary.itertuples():
