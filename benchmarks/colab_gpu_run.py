@@ -112,6 +112,7 @@ def notebook(directory: Path, output_dir: Path, cap_gib: float | None, overrides
         "quality_batch_sizes": {name: r.get("batch_size") for name, r in namespace["quality"].items()},
         "failed": namespace["failed"] + [f"{name} (quality)" for name in namespace["quality_failed"]],
         "runtime_minutes": namespace["metadata"]["runtime_minutes"],  # the notebook's estimate, and its elapsed
+        "estimated_work": namespace["metadata"]["estimated_work"],
         "generation_probes": namespace["metadata"]["generation_probes"],
         **bx.environment_info(namespace["model"]),
     }
