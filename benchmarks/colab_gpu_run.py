@@ -6,11 +6,14 @@ on the full card.
     python benchmarks/colab_gpu_run.py build DIR                 # the checkpoint (bf16, random weights)
     python benchmarks/colab_gpu_run.py load DIR OUT.json          # peak host memory while load_model reads it
     python benchmarks/colab_gpu_run.py notebook DIR OUT_DIR [--cap-gib 15] [name=JSON ...]
+    python benchmarks/colab_gpu_run.py estimate DIR OUT_DIR [--cap-gib 15] [name=JSON ...]   # up to the estimate
 
 `notebook` runs the notebook's cells (scripts/run_notebook_cells.py) with model_name_or_path=DIR,
 eval_window=1024 and the given overrides, GPU memory capped with torch.cuda.set_per_process_memory_fraction,
 and writes OUT_DIR/gpu_run.json: wall time, peak GPU memory allocated and reserved, peak host memory, card,
 versions and parameters, and the runtime the notebook estimated before its work beside the time it took.
+`estimate` runs the cells up to the notebook's runtime estimate (the model loaded, the paths probed, no work)
+and writes OUT_DIR/gpu_estimate.json.
 """
 
 import argparse
@@ -120,9 +123,32 @@ def notebook(directory: Path, output_dir: Path, cap_gib: float | None, overrides
     print(json.dumps({k: v for k, v in record.items() if k != "quality_batch_sizes"}))
 
 
+def estimate(directory: Path, output_dir: Path, cap_gib: float | None, overrides: dict) -> None:
+    from run_notebook_cells import run_cells
+
+    if cap_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(cap_gib * bx.GIB / torch.cuda.get_device_properties(0).total_memory)
+    parameters = {**HUB_PARAMETERS, "model_name_or_path": str(directory), "output_dir": str(output_dir), **overrides}
+    namespace = run_cells(parameters, log=lambda line: print(line, flush=True), until="bx.estimate_runtime(")
+    record = {
+        "estimate_minutes": {part: seconds / 60 for part, seconds in namespace["estimate"].items()},
+        "configurations": len(namespace["configs"]),
+        "generated_tokens": namespace["sweep_tokens"],
+        "evaluated_tokens": namespace["evaluated_tokens"],
+        "evaluate_tokens_per_second": namespace["evaluate_rate"],
+        "generation_probes": [probe._asdict() for probe in namespace["generation_probes"]],
+        "cap_gib": cap_gib,
+        "parameters": parameters,
+        **bx.environment_info(namespace["model"]),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "gpu_estimate.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("build", "load", "notebook"))
+    parser.add_argument("step", choices=("build", "load", "notebook", "estimate"))
     parser.add_argument("directory", type=Path)
     parser.add_argument("output", type=Path, nargs="?")
     parser.add_argument("--cap-gib", type=float, default=None)
@@ -134,7 +160,8 @@ def main() -> None:
         load(arguments.directory, arguments.output)
     else:
         overrides = {name: json.loads(value) for name, _, value in (o.partition("=") for o in arguments.overrides)}
-        notebook(arguments.directory, arguments.output, arguments.cap_gib, overrides)
+        step = notebook if arguments.step == "notebook" else estimate
+        step(arguments.directory, arguments.output, arguments.cap_gib, overrides)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "OLMoE_BH_Routing_Experiments.ipynb"
 
 
-def run_cells(overrides: dict, log=print) -> dict:
+def run_cells(overrides: dict, log=print, until: str | None = None) -> dict:
     """Execute every code cell with `overrides` applied after the parameters cell; returns the namespace.
-    Only the last cell's Markdown display may be skipped (when IPython is missing)."""
+    Only the last cell's Markdown display may be skipped (when IPython is missing). until: stop after the
+    first code cell whose source contains this text (None: run every cell)."""
     notebook = json.loads(NOTEBOOK.read_text())
     namespace = {"__name__": "__main__", "display": print}  # display: an IPython builtin
     for index, cell in enumerate(notebook["cells"]):
@@ -35,6 +36,8 @@ def run_cells(overrides: dict, log=print) -> dict:
         if "plt" in namespace:  # as Jupyter's inline backend does after each cell: no figure stays open
             namespace["plt"].close("all")
         log(f"--- cell {index} done in {time.time() - started:.1f} s")
+        if until is not None and until in "".join(cell["source"]):
+            break
     return namespace
 
 

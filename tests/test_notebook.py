@@ -369,6 +369,7 @@ def test_the_quick_profile_runs_the_design_against_the_baselines_only(tmp_path, 
     methods = {result["method"] for result in run["quality"].values()}
     assert methods == {"native", "bh", "topk", "topp", "schedule"}, methods
     assert run["quality_2"] == {} and run["eval_text_2"] is None and run["oracle_positions"] == 0
+    assert (run["timing_repeats"], run["allocation_tokens"]) == (2, QUICK["allocation_tokens"])  # None: the profile's
     assert len(run["quality"]) < 40 and "- Profile: quick (" in (tmp_path / "bh_routing_report.md").read_text()
 
 
@@ -482,6 +483,8 @@ def test_failed_generation_configurations_still_give_every_output(tmp_path, monk
         ({"config_names": 5}, "config_names must be None, a list of names or a comma-separated string"),
         ({"config_names": "bh_k8_a005,bh-k8"}, r"config_names has unknown names \['bh-k8'\]; allowed: \['topk_8"),
         ({"timing_repeats": 0}, "timing_repeats must be an integer >= 1, got 0"),
+        ({"profile": "fast"}, r"profile must be one of \('full', 'quick'\), got 'fast'"),
+        ({"profile": "quick", "allocation_tokens": 1}, "allocation_tokens must be an integer >= 2, got 1"),
         ({"eval_batch_size": 300, "eval_window": 256}, "eval_batch_size x eval_window must be <= 65536, got 300 x 256"),
         ({"eval_max_tokens": 1}, "eval_max_tokens must be None or an integer >= 2, got 1"),
         ({"config_names": ","}, "config_names names no configuration"),
