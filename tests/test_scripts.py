@@ -1,5 +1,6 @@
 """The scripts around the notebook: where `make run` writes, and the repository address in every place."""
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -54,3 +55,28 @@ def test_the_makefile_installs_torch_from_the_index_given(index):
     [install] = [line for line in dry.stdout.splitlines() if "pip install" in line and "torch" in line]
     assert '"torch==2.13.0"' in install
     assert (f"--index-url {index}" in install) if index else ("--index-url" not in install)
+
+
+def test_the_t4_estimate_scales_a_measured_run_by_its_stated_assumptions():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import t4_estimate
+
+    config = json.loads(t4_estimate.REAL_SHAPE.read_text())
+    active = t4_estimate.active_parameters(config)
+    assert 1.2e9 < active < 1.4e9  # OLMoE-1B-7B: 1.3B active parameters (its paper)
+    probe = {"path": "dynamic", "tokens_per_second": 30.0, "first_call_seconds": 4.0}
+    work = {
+        "configurations": 29,
+        "generated_tokens": 15_000,
+        "evaluated_tokens": 10**6,
+        "evaluate_tokens_per_second": 1e4,
+    }
+    record = {"hardware": "NVIDIA H100 80GB HBM3", "estimated_work": work, "generation_probes": [probe]}
+    minutes = t4_estimate.t4_minutes(record, config)
+    floor = 10**6 * 2 * active / (65e12 * t4_estimate.TENSOR_EFFICIENCY)  # below the measured 100 s here
+    assert floor < 100 and minutes["evaluation"] == pytest.approx((100 / 60, 100 * 989 / 65 / 60))
+    sweep = (29 * 4.0 + 15_000 / 30.0, 29 * 4.0 + 15_000 * 2.0 / 30.0)  # the host bounds: 33 ms > 8 ms of weights
+    assert minutes["sweep"] == pytest.approx(tuple(s / 60 for s in sweep))
+    assert minutes["total"][0] <= minutes["total"][1]
+    with pytest.raises(ValueError, match=r"the measured card must be one of \['H100', 'H200', 'T4'\]"):
+        t4_estimate.t4_minutes(record | {"hardware": "x86_64 CPU, 2 threads"}, config)

@@ -1,0 +1,75 @@
+"""A Colab T4's time for the notebook, estimated from a measured GPU run (no T4 was measured): the work the
+notebook counted before its run (`estimated_work` in colab_gpu_run.py's gpu_run.json, or its gpu_estimate.json)
+and the rates it measured there, scaled by datasheet ratios and floors stated below.
+
+    python benchmarks/t4_estimate.py benchmarks/results/colab_gpu_h100_run52/quick_gpu_run.json
+
+The estimate is a range, each end from stated assumptions:
+- Evaluation (batched forwards of whole windows): at best the measured card's rate, where that card ran far
+  below its arithmetic peak (a T4 cannot beat that), or the T4's floor of 2 x active parameters FLOPs per
+  token at half its fp16 tensor peak, whichever is slower; at worst the measured rate slowed by the ratio of
+  fp16 tensor peaks (the measured run compute-bound).
+- Generation at batch 1 (the dynamic path, which a T4 takes: no fused variable-k kernels on sm75): a token
+  costs at least the measured card's host time per token (Python and kernel launches; a Colab host of 2 vCPUs
+  may be up to `HOST_SLOWDOWN` slower) and at least the T4's time to read the active weights once.
+- A compiled path's first calls are left out: a T4 takes the dynamic path unless its own probe says otherwise.
+Not included: the model's download (about 14 GB) and loading.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+# Datasheet numbers (dense fp16/bf16 tensor TFLOP/s, memory GB/s): NVIDIA's T4, H100 SXM5 and H200 sheets.
+CARDS = {"T4": (65.0, 320.0), "H100": (989.0, 3350.0), "H200": (989.0, 4800.0)}
+HOST_SLOWDOWN = 2.0  # a Colab host (2 vCPUs) against a 16-core GPU server's, per token of eager decoding
+TENSOR_EFFICIENCY = 0.5  # the share of the T4's fp16 tensor peak a batched forward reaches at best
+REAL_SHAPE = Path(__file__).resolve().parent / "olmoe-1b-7b-0924.config.json"
+
+
+def active_parameters(config: dict) -> float:
+    """Parameters a token passes through: attention, its experts, the embedding row and the output head."""
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    attention = 4 * hidden * hidden * layers
+    experts = config["num_experts_per_tok"] * 3 * hidden * config["intermediate_size"] * layers
+    return attention + experts + 2 * config["vocab_size"] * hidden
+
+
+def card_of(name: str) -> str:
+    """The CARDS key a device name names (e.g. "NVIDIA H100 80GB HBM3" -> "H100")."""
+    matches = [key for key in CARDS if key in name]
+    if len(matches) != 1:
+        raise ValueError(f"the measured card must be one of {sorted(CARDS)}, got {name!r}")
+    return matches[0]
+
+
+def t4_minutes(record: dict, config: dict) -> dict:
+    """{"evaluation": (low, high), "sweep": (low, high), "total": (low, high)} minutes on a T4."""
+    work = record.get("estimated_work", record)
+    card = card_of(record["hardware"])
+    flops, (t4_flops, t4_bandwidth) = CARDS[card][0], CARDS["T4"]
+    active = active_parameters(config)
+    measured = work["evaluated_tokens"] / work["evaluate_tokens_per_second"]
+    floor = work["evaluated_tokens"] * 2 * active / (t4_flops * 1e12 * TENSOR_EFFICIENCY)
+    evaluation = (max(measured, floor), measured * flops / t4_flops)
+    dynamic = next(p for p in record["generation_probes"] if p["path"] == "dynamic")
+    weights_read = active * 2 / (t4_bandwidth * 1e9)  # float16: 2 bytes a parameter
+    per_token = [max(host / dynamic["tokens_per_second"], weights_read) for host in (1.0, HOST_SLOWDOWN)]
+    firsts = work["configurations"] * dynamic["first_call_seconds"]
+    sweep = tuple(firsts + work["generated_tokens"] * seconds for seconds in per_token)
+    total = (evaluation[0] + sweep[0], evaluation[1] + sweep[1])
+    return {name: (low / 60, high / 60) for name, (low, high) in
+            {"evaluation": evaluation, "sweep": sweep, "total": total}.items()}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("record", type=Path, help="gpu_run.json or gpu_estimate.json of colab_gpu_run.py")
+    arguments = parser.parse_args()
+    record = json.loads(arguments.record.read_text())
+    minutes = t4_minutes(record, json.loads(REAL_SHAPE.read_text()))
+    print(json.dumps({"from": str(arguments.record), "card": record["hardware"], "t4_minutes": minutes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
