@@ -955,12 +955,13 @@ def choose_generation_path(
 @torch.no_grad()
 def probe_evaluation(model, window: int, batch_size: int) -> float | None:
     """Tokens/s of `evaluate_language_model` with the model's own routing: `batch_size` windows of random
-    tokens after a one-window warm-up (the batch halves on out-of-memory as in a run). None where not even one
-    window fits in memory: the run then records each evaluation's failure, and nothing is estimated for it."""
+    tokens, timed the second time (the first allocates the batch's memory and, on out-of-memory, halves the
+    batch as a run does). None where not even one window fits in memory: the run then records each
+    evaluation's failure, and nothing is estimated for it."""
     generator = torch.Generator().manual_seed(0)
     token_ids = torch.randint(model.config.vocab_size, (window * batch_size,), generator=generator)
     try:
-        evaluate_language_model(model, token_ids[:window], window, None, 1)
+        batch_size = evaluate_language_model(model, token_ids, window, None, batch_size)["batch_size"]
         synchronize(next(model.parameters()).device)
         started = time.perf_counter()
         scored = evaluate_language_model(model, token_ids, window, None, batch_size)["num_scored"]
