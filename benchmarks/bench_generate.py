@@ -8,6 +8,11 @@ ids, batch 1 and 16. Configurations: native (unpatched, always timed), top-k 8/4
 and 0.2 at max_k 8, BH alpha 0.05 on floors 2 and 4, and top-k 8 / BH alpha 0.05 with statistics off
 (record_statistics=False).
 
+Two modes (--modes). "switching", the way a user and the notebook work: one model, and in every round each
+configuration is patched, generated with (timed: the first generate after a switch) and unpatched in turn,
+after one warm-up of each; its rows also give the second generate of the same patch (steady state) and the
+switch's penalty, their ratio. "copies": as follows.
+
 Timing, per path and batch size: each configuration runs on its own copy of the model (the module tree
 copied, the weights shared), patched and warmed up once (the warm-up's time, compilation included on the
 static path, is reported apart). Then `--repeats` rounds time one generate of every configuration each, in
@@ -28,8 +33,8 @@ static compiled path against the eager computation on the same inputs (`check_co
 forward's decode decisions replayed eagerly on the logits it routed, and a whole generate's per-token counts
 against the dynamic and static eager paths, with the native router's own choices on those paths beside them.
 
---targets runs `TARGET_BLOCKS`, the blocks that the issue's targets (`TARGETS`) read, in one process; the
-targets table (`target_table`) follows the rows' table.
+--targets runs `TARGET_BLOCKS`, the blocks that the issue's targets (`TARGETS`) read, in one process and in
+each mode of --modes; the targets table (`target_table`) reads them in each mode and follows the rows' table.
 
 Results go to --out (JSON, merged with what is there: an interrupted run keeps its finished blocks of
 path and batch size, and a rerun skips them unless --redo), with the card, versions and date; --table
@@ -416,13 +421,22 @@ def native_first(configs: list[str]) -> list[str]:
     return ["native"] + [name for name in dict.fromkeys(configs) if name != "native"]
 
 
+MODES = ("copies", "switching")  # a copy of the model per configuration; one model, configurations in turn
+
+
 class Block(NamedTuple):
-    """Configurations timed together on one path and batch size, in `repeats` rounds (`run_block`)."""
+    """Configurations timed together on one path and batch size, in `repeats` rounds, in one of `MODES`."""
 
     path: str
     batch: int
     configs: tuple[str, ...]  # native first
     repeats: int
+    mode: str = "copies"
+
+
+def row_key(mode: str, path: str, batch: int, name: str) -> str:
+    """A row's key in the results: the copies mode's as before the modes, the switching mode's prefixed."""
+    return f"{'' if mode == 'copies' else mode + '/'}{path}/b{batch}/{name}"
 
 
 _TOP8_BH = ("native", "topk_k8", "topk_k8_nostats", "bh_k8_a005", "bh_k8_a005_nostats")  # statistics on and off
@@ -437,19 +451,16 @@ def blocks(args) -> list[Block]:
     """The blocks to run: `TARGET_BLOCKS` with --targets (--repeats, if given, for all of them), else every
     --paths and --batch-sizes with --configs."""
     if args.targets:
-        return [block._replace(repeats=args.repeats or block.repeats) for block in TARGET_BLOCKS]
+        return [block._replace(repeats=args.repeats or block.repeats, mode=mode)
+                for mode in args.modes for block in TARGET_BLOCKS]  # fmt: skip
     configs = tuple(native_first(args.configs))
-    return [Block(path, batch, configs, args.repeats or 3) for path in args.paths for batch in args.batch_sizes]
+    return [Block(path, batch, configs, args.repeats or 3, mode)
+            for mode in args.modes for path in args.paths for batch in args.batch_sizes]  # fmt: skip
 
 
-def run_block(model, block: Block, args, results: dict, save) -> None:
-    """Every configuration of a block, each on its own copy of the model, timed in turn (`time_rounds`);
-    then each copy unpatched must generate native's logits again, bit for bit. The block's rows are saved
-    together, as their ratios come from the same rounds; a rerun skips a finished block."""
-    keys = {name: f"{block.path}/b{block.batch}/{name}" for name in block.configs}
-    if not args.redo and all(key in results["rows"] for key in keys.values()):
-        return
-    prompt = random_prompt(model, block.batch, args)
+def copies_rows(model, block: Block, prompt, args) -> dict:
+    """The copies mode: each configuration on its own copy, patched once, timed in turn (`time_rounds`); then
+    each copy unpatched must generate native's logits again, bit for bit."""
     copies = dict(zip(block.configs, model_copies(model, len(block.configs)), strict=True))
     states = prepare(copies, block.path, prompt, args)
     timings = time_rounds(copies, block.path, prompt, block.repeats, args)
@@ -460,9 +471,111 @@ def run_block(model, block: Block, args, results: dict, save) -> None:
             state["patcher"].unpatch()
         after = generate(copies[name], prompt, block.path, args.new_tokens, logits=True).logits
         rows[name]["unpatched_bit_identical"] = all(map(torch.equal, after, native_logits))
+    return rows
+
+
+class Switcher:
+    """One model patched with one configuration at a time, as the notebook does: a patcher per statistics
+    setting (the notebook keeps one), each configuration applied to it and unpatched after its use."""
+
+    def __init__(self, model):
+        self.model, self.patchers = model, {}
+
+    def patch(self, name: str):
+        """The model patched with `name` (`CONFIGS`): its patcher, or None for native."""
+        spec, statistics_on = CONFIGS[name]
+        if spec is None:
+            return None
+        if statistics_on not in self.patchers:
+            self.patchers[statistics_on] = bh_routing.MoERouterPatcher(self.model, record_statistics=statistics_on)
+        bh_routing.RoutingConfig.parse(spec).apply(self.patchers[statistics_on])
+        return self.patchers[statistics_on]
+
+    def timed(self, name: str, path: str, prompt, args) -> tuple[float, float]:
+        """Patch `name`, time the first generate after the switch and a second one, unpatch."""
+        patcher = self.patch(name)
+        try:
+            work = functools.partial(generate, self.model, prompt, path, args.new_tokens)
+            return timed(work, args.device), timed(work, args.device)
+        finally:
+            if patcher is not None:
+                patcher.unpatch()
+
+
+def switching_state(switcher: Switcher, name: str, path: str, prompt, args) -> dict:
+    """One configuration's warm-up on the shared model (its compilation, timed apart), then its reference
+    output, statistics and device profile while patched."""
+    patcher = switcher.patch(name)
+    try:
+        skips_before = cudagraph_skips()
+        warm_up = timed(functools.partial(generate, switcher.model, prompt, path, args.new_tokens), args.device)
+        if patcher is not None and patcher.record_statistics:
+            patcher.reset_stats()  # the statistics of the reference generate only
+        output = generate(switcher.model, prompt, path, args.new_tokens, logits=True)
+        stats = patcher.get_stats() if patcher is not None and patcher.record_statistics else {}
+        profile = device_profile(switcher.model, prompt, path, args)
+    finally:
+        if patcher is not None:
+            patcher.unpatch()
+    return {"warm_up_s": warm_up, "cudagraph_skips": cudagraph_skips() - skips_before, "output": output,
+            "stats": stats, "profile": profile}  # fmt: skip
+
+
+def switching_rows(model, block: Block, prompt, args) -> dict:
+    """The switching mode: every configuration warmed up once on the one model, then `repeats` rounds, each
+    switching to every configuration in an order rotated by one (the first generate after the switch timed,
+    then a second), the ratio to native per round from the first; finally the model, unpatched after every
+    switch, must generate native's logits bit for bit."""
+    switcher, names = Switcher(model), list(block.configs)
+    states = {name: switching_state(switcher, name, block.path, prompt, args) for name in names}
+    first, steady = {name: [] for name in names}, {name: [] for name in names}
+    for round_index in range(-1, block.repeats):  # round -1 is not kept, as in `time_rounds`
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times = switcher.timed(name, block.path, prompt, args)
+            if round_index >= 0:
+                first[name].append(times[0])
+                steady[name].append(times[1])
+    after = generate(model, prompt, block.path, args.new_tokens, logits=True).logits
+    restored = all(map(torch.equal, after, states["native"]["output"].logits))
+    tokens, native, rows = prompt.shape[0] * args.new_tokens, states["native"]["output"], {}
+    for name, state in states.items():
+        ratios = sorted(a / b for a, b in zip(first["native"], first[name], strict=True))
+        penalties = [a / b for a, b in zip(first[name], steady[name], strict=True)]
+        rows[name] = {
+            "warm_up_s": state["warm_up_s"],
+            **bh_experiment.throughput_summary(tokens, first[name]),  # the first generate after each switch
+            "ratio_to_native": statistics.median(ratios),
+            "ratio_to_native_min": ratios[0],
+            "ratio_to_native_max": ratios[-1],
+            "ratio_to_native_ci95": median_interval(ratios),
+            "seconds_per_round": first[name],
+            "steady_seconds_per_round": steady[name],  # the second generate of the same patch
+            "switch_penalty": statistics.median(penalties),  # first after the switch over steady: 1 = none
+            "device_ms_per_token": None,
+            **state["profile"],
+            "avg_experts": state["stats"].get("avg_experts", bh_routing.find_moe_layers(model)[0].spec.top_k),
+            "experts_implementation": state["stats"].get("experts_implementation"),
+            "cudagraph_skips": state["cudagraph_skips"],
+            "tokens": state["output"].sequences[:, prompt.shape[1] :].tolist(),
+            "same_tokens_as_native": bool(torch.equal(state["output"].sequences, native.sequences)),
+            "unpatched_bit_identical": restored,  # the one model, after every switch of the block
+        }
+    return rows
+
+
+def run_block(model, block: Block, args, results: dict, save) -> None:
+    """Every configuration of a block, each on its own copy of the model, timed in turn (`time_rounds`);
+    then each copy unpatched must generate native's logits again, bit for bit. The block's rows are saved
+    together, as their ratios come from the same rounds; a rerun skips a finished block."""
+    keys = {name: row_key(block.mode, block.path, block.batch, name) for name in block.configs}
+    if not args.redo and all(key in results["rows"] for key in keys.values()):
+        return
+    prompt = random_prompt(model, block.batch, args)
+    rows = (copies_rows if block.mode == "copies" else switching_rows)(model, block, prompt, args)
     for name, row in rows.items():
         results["rows"][keys[name]] = row | {"path": block.path, "batch": block.batch, "config": name,
-                                             "process": results["process"]}  # fmt: skip
+                                             "mode": block.mode, "process": results["process"]}  # fmt: skip
         print(f"{keys[name]}: {row['tokens_per_second']:.1f} tok/s, {row['ratio_to_native']:.2f}x native, "
               f"{row['avg_experts']:.2f} experts, warm-up {row['warm_up_s']:.1f} s", flush=True)  # fmt: skip
     save()
@@ -476,10 +589,10 @@ def table(results: dict) -> str:
     """Markdown: one row per path, batch and configuration; the ratio to native is the median over rounds
     of the same process, with its range and the 95% interval of the median (`median_interval`)."""
     lines = [
-        "| path | batch | config | avg experts | tok/s (range) | vs native (range over rounds; 95% interval of "
+        "| mode | path | batch | config | avg experts | tok/s (range) | vs native (range over rounds; 95% interval of "
         "the median) | first token ms | decode step ms | GPU ms/token | kernels/token | HBM floor tok/s | of floor | "
         "warm-up s | same tokens as native | unpatched bit-identical |",
-        "|" + " --- |" * 15,
+        "|" + " --- |" * 16,
     ]
     for row in results["rows"].values():
         speed, floor, device_ms = (
@@ -495,7 +608,8 @@ def table(results: dict) -> str:
         floor_cells = f"{floor:.0f} | {speed / floor:.0%}" if floor else "- | -"
         same_tokens = {True: "yes", False: "no", None: "-"}[row.get("same_tokens_as_native")]
         lines.append(
-            f"| {row['path']} | {row['batch']} | {row['config']} | {row['avg_experts']:.2f} | "
+            f"| {row.get('mode', 'copies')} | {row['path']} | {row['batch']} | {row['config']} | "
+            f"{row['avg_experts']:.2f} | "
             f"{speed:.1f} ({row['tokens_per_second_min']:.1f}-{row['tokens_per_second_max']:.1f}) | {ratio} | "
             f"{number(row.get('first_token_ms'))} | {number(row.get('decode_step_ms'))} | "
             f"{number(device_ms)} | {number(row.get('kernels_per_token'), 0)} | {floor_cells} | "
@@ -522,18 +636,19 @@ TARGETS = (  # the issue's speed targets: (path, batch, config, baseline, lowest
 
 
 def target_rows(results: dict) -> list[dict]:
-    """Each speed target of `TARGETS` whose rows `results` holds from one process: the per-round ratio
+    """Each speed target of `TARGETS` whose rows `results` holds from one process, in each mode: the per-round ratio
     (baseline's seconds over config's), its median and the 95% interval of the median (`median_interval`),
     whether the median meets the target and whether the whole interval does."""
     found = []
-    for path, batch, config, baseline, lowest, highest in TARGETS:
-        rows = [results["rows"].get(f"{path}/b{batch}/{name}") for name in (config, baseline)]
+    for mode, (path, batch, config, baseline, lowest, highest) in itertools.product(MODES, TARGETS):
+        rows = [results["rows"].get(row_key(mode, path, batch, name)) for name in (config, baseline)]
         if None in rows or rows[0]["process"] != rows[1]["process"]:
             continue
         ratios = [b / a for a, b in zip(rows[0]["seconds_per_round"], rows[1]["seconds_per_round"], strict=True)]
         median, interval = statistics.median(ratios), median_interval(ratios)
         inside = [lowest <= value and (highest is None or value <= highest) for value in (median, *interval)]
-        found.append({"path": path, "batch": batch, "config": config, "baseline": baseline, "bounds": (lowest, highest),
+        found.append({"mode": mode, "path": path, "batch": batch, "config": config, "baseline": baseline,
+                      "bounds": (lowest, highest),
                       "ratio": median, "ci95": interval, "rounds": len(ratios),
                       "met": inside[0], "interval_met": all(inside[1:])})  # fmt: skip
     return found
@@ -543,11 +658,15 @@ def correctness_lines(results: dict) -> list[str]:
     """The correctness targets: top-8 generates native's tokens and unpatch restores native's logits bit for
     bit in every block; BH's counts of `check_counts`."""
     lines = []
-    for block in sorted({(row["path"], row["batch"]) for row in results["rows"].values()}):
-        rows = [row for row in results["rows"].values() if (row["path"], row["batch"]) == block]
+
+    def block_of(row):
+        return row.get("mode", "copies"), row["path"], row["batch"]
+
+    for block in sorted({block_of(row) for row in results["rows"].values()}):
+        rows = [row for row in results["rows"].values() if block_of(row) == block]
         top8 = [row["same_tokens_as_native"] for row in rows if row["config"] == "topk_k8"]
         restored = sum(row["unpatched_bit_identical"] for row in rows)
-        lines.append(f"- {block[0]}, batch {block[1]}: top-8 generates native's tokens: "
+        lines.append(f"- {block[0]}, {block[1]}, batch {block[2]}: top-8 generates native's tokens: "
                      f"{'yes' if top8 and all(top8) else 'no' if top8 else '-'}; unpatched bit-identical: "
                      f"{restored} of {len(rows)} configurations")  # fmt: skip
     for name, check in results["checks"].items():
@@ -561,12 +680,13 @@ def correctness_lines(results: dict) -> list[str]:
 
 def target_table(results: dict) -> str:
     """Markdown: the speed targets of `TARGETS` found in `results` (`target_rows`), then the correctness ones."""
-    lines = ["| path | batch | config | against | target | median ratio (95% interval) | rounds | met | interval met |",
-             "|" + " --- |" * 9]  # fmt: skip
+    lines = ["| mode | path | batch | config | against | target | median ratio (95% interval) | rounds | met | "
+             "interval met |", "|" + " --- |" * 10]  # fmt: skip
     for row in target_rows(results):
         lowest, highest = row["bounds"]
         target = f">= {lowest:.2f}x" if highest is None else f"{lowest:.2f}-{highest:.2f}x"
-        lines.append(f"| {row['path']} | {row['batch']} | {row['config']} | {row['baseline']} | {target} | "
+        lines.append(f"| {row['mode']} | {row['path']} | {row['batch']} | {row['config']} | {row['baseline']} | "
+                     f"{target} | "
                      f"{row['ratio']:.2f}x ({row['ci95'][0]:.2f}-{row['ci95'][1]:.2f}) | {row['rounds']} | "
                      f"{'yes' if row['met'] else 'no'} | {'yes' if row['interval_met'] else 'no'} |")  # fmt: skip
     return "\n".join(lines + [""] + correctness_lines(results))
@@ -580,7 +700,8 @@ def add_floors(results: dict, model) -> None:
     for row in results["rows"].values():
         experts = row["avg_experts"]
         if row["config"].endswith("_nostats"):  # same routing as with statistics: read its count
-            twin = results["rows"].get(f"{row['path']}/b{row['batch']}/{row['config'][: -len('_nostats')]}")
+            twin_name = row["config"][: -len("_nostats")]
+            twin = results["rows"].get(row_key(row.get("mode", "copies"), row["path"], row["batch"], twin_name))
             experts = row["avg_experts"] = twin["avg_experts"] if twin else float("nan")
         row["hbm_floor_tokens_per_second"] = hbm_floor(weights, experts, row["batch"], bandwidth) if bandwidth else None
 
@@ -595,6 +716,9 @@ def main() -> None:
                         choices=list(bh_experiment.GENERATION_PATHS))  # fmt: skip
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="switching: one model, configurations patched in turn (the user's flow); copies: a "
+                             "copy of the model per configuration")  # fmt: skip
     parser.add_argument("--targets", action="store_true",
                         help="run TARGET_BLOCKS, not --paths, --batch-sizes and --configs")  # fmt: skip
     parser.add_argument("--prompt-tokens", type=int, default=64)

@@ -4,6 +4,7 @@ static-cache generate compiled whole (as transformers compiles it on a GPU) give
 and per-token counts, and the model back bit for bit after unpatch."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -312,7 +313,18 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
         for key in ("generation_vs", "native_sets_vs")
         for path in ("dynamic", "static")
     )
-    assert len(rows) == 6 and {row["batch"] for row in rows.values()} == {2}
+    assert len(rows) == 12 and {row["batch"] for row in rows.values()} == {2}
+    assert {row["mode"] for row in rows.values()} == {"copies", "switching"}  # both by default
+    for path in ("dynamic", "static"):  # one model, configurations patched in turn: the notebook's flow
+        native, top8 = rows[f"switching/{path}/b2/native"], rows[f"switching/{path}/b2/topk_k8"]
+        assert top8["same_tokens_as_native"] and top8["unpatched_bit_identical"] and native["ratio_to_native"] == 1.0
+        assert len(top8["seconds_per_round"]) == len(top8["steady_seconds_per_round"]) == 2
+        assert top8["switch_penalty"] == pytest.approx(
+            statistics.median(
+                a / b for a, b in zip(top8["seconds_per_round"], top8["steady_seconds_per_round"], strict=True)
+            )
+        )
+        assert not rows[f"switching/{path}/b2/bh_k8_a005_nostats"]["same_tokens_as_native"]  # its routing ran
     for path in ("dynamic", "static"):
         native, top8 = rows[f"{path}/b2/native"], rows[f"{path}/b2/topk_k8"]
         assert top8["tokens"] == native["tokens"] and top8["same_tokens_as_native"] and top8["unpatched_bit_identical"]
@@ -328,8 +340,11 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
     subprocess.run(command, check=True, capture_output=True, timeout=600)  # every row done: nothing reruns
     assert json.loads(out.read_text())["rows"] == json.loads(first)["rows"]
     table = subprocess.run(command + ["--table"], check=True, capture_output=True, text=True).stdout
-    assert table.count("\n| static | 2 |") == 3 and "1.00x" in table
-    assert "- static, batch 2: top-8 generates native's tokens: yes; unpatched bit-identical: 3 of 3" in table
+    assert table.count("\n| copies | static | 2 |") == table.count("\n| switching | static | 2 |") == 3
+    assert "1.00x" in table
+    for mode in ("copies", "switching"):
+        line = f"- {mode}, static, batch 2: top-8 generates native's tokens: yes; unpatched bit-identical: 3 of 3"
+        assert line in table
     assert "routing: 248 of 248 equal" in table
     refused = subprocess.run(command[:-2] + ["--new-tokens", "1", "--out", str(out)], capture_output=True, text=True)
     assert refused.returncode == 2 and "--new-tokens must be >= 2" in refused.stderr
@@ -352,9 +367,9 @@ def test_the_benchmark_targets_read_ratios_of_one_process_with_their_interval():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import bench_generate
 
-    def row(config, seconds, process="p"):
+    def row(config, seconds, process="p", mode="copies"):
         return {"path": "dynamic", "batch": 1, "config": config, "seconds_per_round": seconds, "process": process,
-                "same_tokens_as_native": True, "unpatched_bit_identical": True}  # fmt: skip
+                "mode": mode, "same_tokens_as_native": True, "unpatched_bit_identical": True}  # fmt: skip
 
     native = [1.0] * 9
     results = {"checks": {}, "rows": {
@@ -362,8 +377,13 @@ def test_the_benchmark_targets_read_ratios_of_one_process_with_their_interval():
         "dynamic/b1/topk_k8": row("topk_k8", [0.99] * 5 + [1.1] * 4),  # median ratio 1/0.99: met
         "dynamic/b1/topk_k8_nostats": row("topk_k8_nostats", [0.9] * 9),  # top-8 at 0.9/0.99 of it: below 3%
         "dynamic/b1/bh_k8_a005": row("bh_k8_a005", [1.2] * 9, process="q"),  # another process: no target
+        "switching/dynamic/b1/native": row("native", native, mode="switching"),  # targets are read there too
+        "switching/dynamic/b1/topk_k8": row("topk_k8", [1.25] * 9, mode="switching"),
     }}  # fmt: skip
-    found = {(row["config"], row["baseline"]): row for row in bench_generate.target_rows(results)}
+    every = bench_generate.target_rows(results)
+    switching = [row for row in every if row["mode"] == "switching"]
+    assert [(row["config"], row["baseline"], row["ratio"]) for row in switching] == [("topk_k8", "native", 0.8)]
+    found = {(row["config"], row["baseline"]): row for row in every if row["mode"] == "copies"}
     assert set(found) == {("topk_k8", "native"), ("topk_k8", "topk_k8_nostats")}
     top8 = found["topk_k8", "native"]
     assert top8["ratio"] == pytest.approx(1 / 0.99) and top8["met"] and top8["rounds"] == 9
@@ -371,8 +391,12 @@ def test_the_benchmark_targets_read_ratios_of_one_process_with_their_interval():
     assert found["topk_k8", "topk_k8_nostats"]["ratio"] == pytest.approx(0.9 / 0.99)
     assert not found["topk_k8", "topk_k8_nostats"]["met"]
     text = bench_generate.target_table(results)
-    assert "| dynamic | 1 | topk_k8 | native | >= 0.95x | 1.01x (0.91-1.01) | 9 | yes | no |" in text
-    assert "- dynamic, batch 1: top-8 generates native's tokens: yes; unpatched bit-identical: 4 of 4" in text
+    assert "| copies | dynamic | 1 | topk_k8 | native | >= 0.95x | 1.01x (0.91-1.01) | 9 | yes | no |" in text
+    assert "| switching | dynamic | 1 | topk_k8 | native | >= 0.95x | 0.80x (0.80-0.80) | 9 | no | no |" in text
+    assert "- copies, dynamic, batch 1: top-8 generates native's tokens: yes; unpatched bit-identical: 4 of 4" in text
+    assert (
+        "- switching, dynamic, batch 1: top-8 generates native's tokens: yes; unpatched bit-identical: 2 of 2" in text
+    )
 
 
 def test_the_benchmark_interval_for_a_median_is_the_order_statistics_of_the_binomial_table():
