@@ -83,3 +83,14 @@ def test_the_t4_estimate_scales_a_measured_run_by_its_stated_assumptions():
     assert minutes["total"][0] < minutes["total"][1]
     with pytest.raises(ValueError, match=r"the measured card must be one of \['H100', 'H200', 'T4'\]"):
         t4_estimate.t4_minutes(record | {"hardware": "x86_64 CPU, 2 threads"}, config)
+
+
+def test_the_notebook_cells_run_up_to_a_given_cell_and_no_further(tmp_path, monkeypatch):
+    from run_notebook_cells import run_cells
+
+    monkeypatch.chdir(REPO)
+    parameters = {"output_dir": str(tmp_path), "device": "cpu", "run_quality": False, "prompts_per_group": 1,
+                  "max_new_tokens": 2, "timing_repeats": 1}  # fmt: skip
+    namespace = run_cells(parameters, log=lambda line: None, until="bx.estimate_runtime(")
+    assert namespace["estimate"]["sweep"] > 0 and namespace["estimate"]["evaluation"] == 0.0  # nothing evaluated
+    assert "results" not in namespace and not (tmp_path / "configs").exists()  # the sweep never started
