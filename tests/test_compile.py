@@ -382,7 +382,8 @@ def test_the_benchmark_targets_read_ratios_of_one_process_with_their_interval():
     }}  # fmt: skip
     every = bench_generate.target_rows(results)
     switching = [row for row in every if row["mode"] == "switching"]
-    assert [(row["config"], row["baseline"], row["ratio"]) for row in switching] == [("topk_k8", "native", 0.8)]
+    targets = [(row["issue"], row["config"], row["baseline"], row["bounds"][0], row["ratio"]) for row in switching]
+    assert targets == [(10, "topk_k8", "native", 0.95, 0.8), (29, "topk_k8", "native", 0.97, 0.8)]
     found = {(row["config"], row["baseline"]): row for row in every if row["mode"] == "copies"}
     assert set(found) == {("topk_k8", "native"), ("topk_k8", "topk_k8_nostats")}
     top8 = found["topk_k8", "native"]
@@ -391,8 +392,9 @@ def test_the_benchmark_targets_read_ratios_of_one_process_with_their_interval():
     assert found["topk_k8", "topk_k8_nostats"]["ratio"] == pytest.approx(0.9 / 0.99)
     assert not found["topk_k8", "topk_k8_nostats"]["met"]
     text = bench_generate.target_table(results)
-    assert "| copies | dynamic | 1 | topk_k8 | native | >= 0.95x | 1.01x (0.91-1.01) | 9 | yes | no |" in text
-    assert "| switching | dynamic | 1 | topk_k8 | native | >= 0.95x | 0.80x (0.80-0.80) | 9 | no | no |" in text
+    assert "| 10 | copies | dynamic | 1 | topk_k8 | native | >= 0.95x | 1.01x (0.91-1.01) | 9 | yes | no |" in text
+    assert "| 29 | copies | dynamic | 1 | topk_k8 | native | >= 0.97x | 1.01x (0.91-1.01) | 9 | yes | no |" in text
+    assert "| 10 | switching | dynamic | 1 | topk_k8 | native | >= 0.95x | 0.80x (0.80-0.80) | 9 | no | no |" in text
     assert "- copies, dynamic, batch 1: top-8 generates native's tokens: yes; unpatched bit-identical: 4 of 4" in text
     assert (
         "- switching, dynamic, batch 1: top-8 generates native's tokens: yes; unpatched bit-identical: 2 of 2" in text
