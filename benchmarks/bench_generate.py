@@ -190,23 +190,34 @@ def prepare(copies: dict, path: str, prompt, args) -> dict:
     return states
 
 
-def time_rounds(copies: dict, path: str, prompt, repeats: int, args) -> tuple[dict, dict]:
-    """`repeats` rounds, each timing every configuration once, in an order rotated by one each round: a
-    drift in the host's speed (most of a decode step at batch 1) falls on every configuration alike, and
-    each round gives a ratio to native. Each configuration also generates one token (the prefill, eager on
-    every path) just before, so that a step of decoding can be told apart. (name -> seconds per round,
-    name -> seconds of the one-token generate per round)."""
-    names, cache_tokens = list(copies), prompt.shape[1] + args.new_tokens
-    seconds, first_token = {name: [] for name in names}, {name: [] for name in names}
-    for round_index in range(-1, repeats):  # round -1 is not kept: the first calls after compiling others
+def rotated_rounds(names: list[str], repeats: int, time_one) -> tuple[dict, dict]:
+    """`repeats` rounds, each calling time_one(name) -> (seconds, seconds) for every configuration once, in an
+    order rotated by one each round, after a round that is not kept (the first calls after compiling others).
+    (name -> the first times per round, name -> the second times per round)."""
+    first, second = {name: [] for name in names}, {name: [] for name in names}
+    for round_index in range(-1, repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            one = functools.partial(generate, copies[name], prompt, path, 1, cache_tokens=cache_tokens)
-            work = functools.partial(generate, copies[name], prompt, path, args.new_tokens)
-            times = timed(one, args.device), timed(work, args.device)
+            times = time_one(name)
             if round_index >= 0:
-                first_token[name].append(times[0])
-                seconds[name].append(times[1])
+                first[name].append(times[0])
+                second[name].append(times[1])
+    return first, second
+
+
+def time_rounds(copies: dict, path: str, prompt, repeats: int, args) -> tuple[dict, dict]:
+    """`rotated_rounds` of every copy: a drift in the host's speed (most of a decode step at batch 1) falls on
+    every configuration alike, and each round gives a ratio to native. Each configuration also generates one
+    token (the prefill, eager on every path) just before, so that a step of decoding can be told apart.
+    (name -> seconds per round, name -> seconds of the one-token generate per round)."""
+    cache_tokens = prompt.shape[1] + args.new_tokens
+
+    def time_one(name):
+        one = functools.partial(generate, copies[name], prompt, path, 1, cache_tokens=cache_tokens)
+        work = functools.partial(generate, copies[name], prompt, path, args.new_tokens)
+        return timed(one, args.device), timed(work, args.device)
+
+    first_token, seconds = rotated_rounds(list(copies), repeats, time_one)
     return seconds, first_token
 
 
@@ -260,35 +271,50 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     return ordered[k - 1], ordered[n - k]
 
 
+def ratio_fields(seconds: dict, name: str, tokens: int) -> dict:
+    """`name`'s tokens/s over its rounds (median and range) and its ratio to native per round (median, range,
+    95% interval of the median), with the raw seconds per round for any other statistic."""
+    ratios = sorted(a / b for a, b in zip(seconds["native"], seconds[name], strict=True))
+    return {
+        **bh_experiment.throughput_summary(tokens, seconds[name]),
+        "ratio_to_native": statistics.median(ratios),
+        "ratio_to_native_min": ratios[0],
+        "ratio_to_native_max": ratios[-1],
+        "ratio_to_native_ci95": median_interval(ratios),
+        "seconds_per_round": seconds[name],
+    }
+
+
+def outcome_fields(model, state: dict, stats: dict, native, prompt) -> dict:
+    """What a configuration's routing did: its experts (the router's k where no statistics were read), its
+    experts path, compiled graphs run without CUDA graphs, and its tokens against native's."""
+    return {
+        "avg_experts": stats.get("avg_experts", bh_routing.find_moe_layers(model)[0].spec.top_k),
+        "experts_implementation": stats.get("experts_implementation"),
+        "cudagraph_skips": state["cudagraph_skips"],
+        "tokens": state["output"].sequences[:, prompt.shape[1] :].tolist(),
+        "same_tokens_as_native": bool(torch.equal(state["output"].sequences, native.sequences)),
+    }
+
+
 def block_rows(copies: dict, states: dict, timings: tuple, path: str, prompt, args) -> dict:
-    """One row per configuration: tokens/s and the ratio to native per round (median and range), the
-    first token's time and a decode step's (medians over rounds), the routing's statistics, the device's
-    share, whether it generates native's tokens."""
+    """One row per configuration: tokens/s and the ratio to native per round (`ratio_fields`), the first
+    token's time and a decode step's (medians over rounds), the device's share, the routing's outcome."""
     (seconds, first_token), native, rows = timings, states["native"]["output"], {}
     tokens = prompt.shape[0] * args.new_tokens
     for name, state in states.items():
         patcher = state["patcher"]
         stats = patcher.get_stats() if patcher is not None and patcher.record_statistics else {}
-        ratios = sorted(a / b for a, b in zip(seconds["native"], seconds[name], strict=True))
         steps = [(a - b) / (args.new_tokens - 1) for a, b in zip(seconds[name], first_token[name], strict=True)]
         rows[name] = {
             "warm_up_s": state["warm_up_s"],
-            **bh_experiment.throughput_summary(tokens, seconds[name]),  # median tok/s and range
-            "ratio_to_native": statistics.median(ratios),
-            "ratio_to_native_min": ratios[0],
-            "ratio_to_native_max": ratios[-1],
-            "ratio_to_native_ci95": median_interval(ratios),
-            "seconds_per_round": seconds[name],  # the raw times, for any other statistic
+            **ratio_fields(seconds, name, tokens),
             "first_token_seconds_per_round": first_token[name],
             "first_token_ms": 1000 * statistics.median(first_token[name]),
             "decode_step_ms": 1000 * statistics.median(steps),
             "device_ms_per_token": None,  # on CUDA, with kernels_per_token and top_kernels: `device_profile`
             **device_profile(copies[name], prompt, path, args),
-            "avg_experts": stats.get("avg_experts", bh_routing.find_moe_layers(copies[name])[0].spec.top_k),
-            "experts_implementation": stats.get("experts_implementation"),
-            "cudagraph_skips": state["cudagraph_skips"],
-            "tokens": state["output"].sequences[:, prompt.shape[1] :].tolist(),
-            "same_tokens_as_native": bool(torch.equal(state["output"].sequences, native.sequences)),
+            **outcome_fields(copies[name], state, stats, native, prompt),
         }
     return rows
 
@@ -522,52 +548,34 @@ def switching_state(switcher: Switcher, name: str, path: str, prompt, args) -> d
 
 
 def switching_rows(model, block: Block, prompt, args) -> dict:
-    """The switching mode: every configuration warmed up once on the one model, then `repeats` rounds, each
-    switching to every configuration in an order rotated by one (the first generate after the switch timed,
-    then a second), the ratio to native per round from the first; finally the model, unpatched after every
-    switch, must generate native's logits bit for bit."""
+    """The switching mode: every configuration warmed up once on the one model, then `rotated_rounds`, each
+    switching to every configuration (the first generate after the switch timed, then a second), the ratio to
+    native per round from the first; finally the model, unpatched after every switch, must generate native's
+    logits bit for bit."""
     switcher, names = Switcher(model), list(block.configs)
     states = {name: switching_state(switcher, name, block.path, prompt, args) for name in names}
-    first, steady = {name: [] for name in names}, {name: [] for name in names}
-    for round_index in range(-1, block.repeats):  # round -1 is not kept, as in `time_rounds`
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            times = switcher.timed(name, block.path, prompt, args)
-            if round_index >= 0:
-                first[name].append(times[0])
-                steady[name].append(times[1])
+    first, steady = rotated_rounds(names, block.repeats, lambda name: switcher.timed(name, block.path, prompt, args))
     after = generate(model, prompt, block.path, args.new_tokens, logits=True).logits
     restored = all(map(torch.equal, after, states["native"]["output"].logits))
     tokens, native, rows = prompt.shape[0] * args.new_tokens, states["native"]["output"], {}
     for name, state in states.items():
-        ratios = sorted(a / b for a, b in zip(first["native"], first[name], strict=True))
         penalties = [a / b for a, b in zip(first[name], steady[name], strict=True)]
         rows[name] = {
             "warm_up_s": state["warm_up_s"],
-            **bh_experiment.throughput_summary(tokens, first[name]),  # the first generate after each switch
-            "ratio_to_native": statistics.median(ratios),
-            "ratio_to_native_min": ratios[0],
-            "ratio_to_native_max": ratios[-1],
-            "ratio_to_native_ci95": median_interval(ratios),
-            "seconds_per_round": first[name],
+            **ratio_fields(first, name, tokens),  # the first generate after each switch
             "steady_seconds_per_round": steady[name],  # the second generate of the same patch
             "switch_penalty": statistics.median(penalties),  # first after the switch over steady: 1 = none
             "device_ms_per_token": None,
             **state["profile"],
-            "avg_experts": state["stats"].get("avg_experts", bh_routing.find_moe_layers(model)[0].spec.top_k),
-            "experts_implementation": state["stats"].get("experts_implementation"),
-            "cudagraph_skips": state["cudagraph_skips"],
-            "tokens": state["output"].sequences[:, prompt.shape[1] :].tolist(),
-            "same_tokens_as_native": bool(torch.equal(state["output"].sequences, native.sequences)),
+            **outcome_fields(model, state, state["stats"], native, prompt),
             "unpatched_bit_identical": restored,  # the one model, after every switch of the block
         }
     return rows
 
 
 def run_block(model, block: Block, args, results: dict, save) -> None:
-    """Every configuration of a block, each on its own copy of the model, timed in turn (`time_rounds`);
-    then each copy unpatched must generate native's logits again, bit for bit. The block's rows are saved
-    together, as their ratios come from the same rounds; a rerun skips a finished block."""
+    """Every configuration of a block timed in its mode (`copies_rows` or `switching_rows`). The block's rows
+    are saved together, as their ratios come from the same rounds; a rerun skips a finished block."""
     keys = {name: row_key(block.mode, block.path, block.batch, name) for name in block.configs}
     if not args.redo and all(key in results["rows"] for key in keys.values()):
         return
