@@ -94,19 +94,24 @@ def load(directory: Path, output: Path) -> None:
     print(json.dumps(record))
 
 
-def notebook(directory: Path, output_dir: Path, cap_gib: float | None, overrides: dict) -> None:
+def run_capped(directory: Path, output_dir: Path, cap_gib: float | None, overrides: dict, until=None):
+    """The notebook's cells (up to the cell holding `until`, if given) on the checkpoint `directory` with the
+    hub parameters and `overrides`, GPU memory capped at `cap_gib`: (the parameters, the cells' namespace)."""
     from run_notebook_cells import run_cells
 
-    total = torch.cuda.get_device_properties(0).total_memory
     if cap_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(cap_gib * bx.GIB / total)
+        torch.cuda.set_per_process_memory_fraction(cap_gib * bx.GIB / torch.cuda.get_device_properties(0).total_memory)
     parameters = {**HUB_PARAMETERS, "model_name_or_path": str(directory), "output_dir": str(output_dir), **overrides}
+    return parameters, run_cells(parameters, log=lambda line: print(line, flush=True), until=until)
+
+
+def notebook(directory: Path, output_dir: Path, cap_gib: float | None, overrides: dict) -> None:
     started = time.perf_counter()
-    namespace = run_cells(parameters, log=lambda line: print(line, flush=True))
+    parameters, namespace = run_capped(directory, output_dir, cap_gib, overrides)
     record = {
         "wall_seconds": time.perf_counter() - started,
         "cap_gib": cap_gib,
-        "card_total_gib": total / bx.GIB,
+        "card_total_gib": torch.cuda.get_device_properties(0).total_memory / bx.GIB,
         "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / bx.GIB,
         "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / bx.GIB,
         "peak_host_rss_gib": peak_host_gib(),
@@ -124,12 +129,7 @@ def notebook(directory: Path, output_dir: Path, cap_gib: float | None, overrides
 
 
 def estimate(directory: Path, output_dir: Path, cap_gib: float | None, overrides: dict) -> None:
-    from run_notebook_cells import run_cells
-
-    if cap_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(cap_gib * bx.GIB / torch.cuda.get_device_properties(0).total_memory)
-    parameters = {**HUB_PARAMETERS, "model_name_or_path": str(directory), "output_dir": str(output_dir), **overrides}
-    namespace = run_cells(parameters, log=lambda line: print(line, flush=True), until="bx.estimate_runtime(")
+    parameters, namespace = run_capped(directory, output_dir, cap_gib, overrides, until="bx.estimate_runtime(")
     record = {
         "estimate_minutes": {part: seconds / 60 for part, seconds in namespace["estimate"].items()},
         "configurations": len(namespace["configs"]),
