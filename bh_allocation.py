@@ -23,6 +23,7 @@ each method.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -35,7 +36,8 @@ import bh_routing as br
 __all__ = [
     "ALLOCATIONS",
     "fit_allocations",
-    "fit_evaluations",
+    "fit_cost",
+    "PrefixReuse",
     "resumed_allocations",
     "greedy_allocation",
     "dp_allocation",
@@ -165,14 +167,19 @@ for _method in (ScheduleMethod(), AllocLMethod(), LExIMethod(), AllocTMethod()):
 # ----------------------------------------------------------------------------------------------------
 
 
-def greedy_allocation(loss: Callable[[tuple[int, ...]], float], num_layers: int, native_k: int, start: int = 1):
+def greedy_allocation(loss: Callable[[tuple[int, ...]], float], num_layers: int, native_k: int, start: int = 1,
+                      on_step: Callable[[tuple[int, ...]], object] | None = None):  # fmt: skip
     """The greedy marginal-loss path: from `start` experts in every layer, each step gives one more expert to
     the layer whose increment lowers loss(k) the most (each step costs one expert per token, so this is the
-    largest drop per expert; ties go to the lowest layer), until every layer keeps native_k.
-    Returns [S, L] float64, row s the experts per layer after s steps (S = L (native_k - start) + 1)."""
+    largest drop per expert; ties go to the lowest layer), until every layer keeps native_k. `on_step`, if
+    given, is called with the allocation each step raises before its candidates are evaluated
+    (`PrefixReuse.rebase`). Returns [S, L] float64, row s the experts per layer after s steps
+    (S = L (native_k - start) + 1)."""
     experts = [start] * num_layers
     rows = [tuple(experts)]
     while min(experts) < native_k:
+        if on_step is not None:
+            on_step(tuple(experts))
         raised = {layer: tuple(k + (i == layer) for i, k in enumerate(experts)) for layer in range(num_layers)
                   if experts[layer] < native_k}  # fmt: skip
         losses = {layer: loss(candidate) for layer, candidate in raised.items()}
@@ -213,6 +220,111 @@ def budget_nll(model, patcher, token_ids, window: int, batch_size: int) -> Calla
             patcher.unpatch()
 
     return loss
+
+
+def decoder_layers(model, blocks: list) -> tuple[torch.nn.ModuleList, list[int]]:
+    """The model's list of decoder layers (the first module list holding every block of `blocks`) and, for each
+    block in order, the index of the decoder layer that holds it. ValueError when no module list holds them."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            holder = {id(part): index for index, layer in enumerate(module) for part in layer.modules()}
+            if all(id(block) in holder for block in blocks):
+                return module, [holder[id(block)] for block in blocks]
+    raise ValueError(f"{type(model).__name__} has no module list of decoder layers holding its MoE blocks")
+
+
+def _moved(value, device):
+    """A decoder layer's output (a tensor, or a tuple of tensors and None) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, copy=True)
+    return type(value)(_moved(item, device) for item in value) if isinstance(value, tuple) else value
+
+
+def _first_tensor(value) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else next(v for v in value if isinstance(v, torch.Tensor))
+
+
+class PrefixReuse:
+    """`budget_nll` of allocations that share their first MoE layers with a base allocation, computed from the
+    decoder layer of the first MoE layer where they differ: the decoder layers before it return the base's
+    outputs recorded on the same windows (kept on the CPU) instead of recomputing them. Their inputs and routing
+    are the base's, so are their outputs: the same losses as whole forwards, bit for bit on a CPU and within
+    the kernels' run-to-run variation on a GPU. A forward whose windows or shapes the base did not record runs
+    whole. The greedy schedule's candidates, each one layer raised from its step's allocation, then cost about
+    half a forward on average (`fit_cost`)."""
+
+    def __init__(self, model, patcher, token_ids, window: int, batch_size: int):
+        self.model, self.loss = model, budget_nll(model, patcher, token_ids, window, batch_size)
+        self.layers, self.holders = decoder_layers(model, [layer.block for layer in br.find_moe_layers(model)])
+        self.base, self.outputs, self.key = None, {}, None  # outputs[(windows' key, decoder layer)]
+        self.computed = 0  # decoder layers run over whole evaluations, for the log
+
+    def __call__(self, experts: tuple) -> float:
+        """loss(experts), from the first decoder layer where experts differs from the base."""
+        with self._replayed(self.first_computed(experts)):
+            return self.loss(experts)
+
+    def rebase(self, experts: tuple) -> float:
+        """loss(experts), recording every decoder layer's output from its first difference with the old base
+        on: `experts` is the base from now on."""
+        start = self.first_computed(experts)
+        hooks = [self.layers[j].register_forward_hook(self._recorder(j)) for j in range(start, len(self.layers))]
+        try:
+            with self._replayed(start):
+                value = self.loss(experts)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.base = tuple(experts)
+        return value
+
+    def first_computed(self, experts: tuple) -> int:
+        """The first decoder layer `experts` must run: that of its first MoE layer unlike the base's (0 without
+        a base; past the last layer for the base itself)."""
+        if self.base is None:
+            return 0
+        differing = [layer for layer, (k, b) in enumerate(zip(experts, self.base, strict=True)) if k != b]
+        return self.holders[differing[0]] if differing else len(self.layers)
+
+    def _recorder(self, index: int):
+        def record(module, args, output):
+            self.outputs[(self.key, index)] = _moved(output, "cpu")
+
+        return record
+
+    def _keyed(self, module, args, kwargs):
+        input_ids = args[0] if args else kwargs["input_ids"]
+        self.key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes())
+
+    def _replay(self, original, start: int):
+        """The forward of a decoder layer before `start`: the base's output of layer start - 1 on these windows,
+        or the layer's own forward where the base has none of this shape."""
+
+        def forward(*args, **kwargs):
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            recorded = self.outputs.get((self.key, start - 1))
+            if recorded is None or _first_tensor(recorded).shape != hidden_states.shape:
+                return original(*args, **kwargs)
+            return _moved(recorded, hidden_states.device)
+
+        return forward
+
+    @contextlib.contextmanager
+    def _replayed(self, start: int):
+        keying = self.model.register_forward_pre_hook(self._keyed, with_kwargs=True)
+        replaced = [(layer, layer.__dict__.get("forward")) for layer in self.layers[:start]]
+        for layer, _ in replaced:
+            layer.forward = self._replay(layer.forward, start)
+        self.computed += len(self.layers) - start
+        try:
+            yield
+        finally:
+            keying.remove()
+            for layer, own in replaced:  # the layer's own instance attribute again, or its class's forward
+                if own is None:
+                    del layer.forward
+                else:
+                    layer.forward = own
 
 
 def layer_sensitivities(loss: Callable[[tuple], float], num_layers: int, native_k: int) -> torch.Tensor:
@@ -259,30 +371,39 @@ def _block_output(block, hidden_states: torch.Tensor) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def fit_evaluations(num_layers: int, native_k: int) -> int:
-    """At most how many evaluations of the calibration text `fit_allocations` makes: the greedy schedule's
-    L (K - 1) steps of at most L candidates each, and Alloc-L's reference and L (K - 1) profiles."""
-    steps = num_layers * (native_k - 1)
-    return steps * num_layers + steps + 1
+def fit_cost(num_layers: int, native_k: int) -> float:
+    """At most how many whole evaluations of the calibration text `fit_allocations` costs, counting an
+    evaluation from decoder layer d as (L - d) / L of one (`PrefixReuse`, one decoder layer per MoE layer):
+    the greedy schedule's L (K - 1) steps, each a rebase (at most one) and at most L candidates, one from
+    each layer; Alloc-L's reference and its L (K - 1) profiles, K - 1 from each layer."""
+    steps, from_each_layer = num_layers * (native_k - 1), (num_layers + 1) / 2  # sum over d of (L - d) / L
+    return steps * (1 + from_each_layer) + 1 + (native_k - 1) * from_each_layer
 
 
 def fit_allocations(model, token_ids, window: int = 256, batch_size: int = 8, seed: int = 0, log=print) -> dict:
     """Every allocation of `ALLOCATIONS` fitted to `model`: the greedy schedule and Alloc-L on the calibration
-    text `token_ids` (its mean NLL), LExI data-free. Returns {name: [S, L] float64} for
+    text `token_ids` (its mean NLL, each allocation evaluated from its first layer unlike the one it is
+    derived from: `PrefixReuse`), LExI data-free. Returns {name: [S, L] float64} for
     `RoutingCalibration.allocations`, rows from 1 expert in every layer to the native k."""
     patcher = br.MoERouterPatcher(model, record_statistics=False)
     num_layers, native_k = patcher.num_layers, patcher.native_top_k
-    evaluations = {}
+    reuse, evaluations = PrefixReuse(model, patcher, token_ids, window, batch_size), {}
 
     def loss(experts):  # each allocation evaluated once, however many fits ask for it
         if experts not in evaluations:
-            evaluations[experts] = budget_nll(model, patcher, token_ids, window, batch_size)(experts)
+            evaluations[experts] = reuse(experts)
         return evaluations[experts]
 
-    fitted = {"schedule": greedy_allocation(loss, num_layers, native_k)}
+    def rebase(experts):
+        evaluations.setdefault(experts, reuse.rebase(experts))
+
+    fitted = {"schedule": greedy_allocation(loss, num_layers, native_k, on_step=rebase)}
+    rebase((native_k,) * num_layers)  # Alloc-L's profiles each lower one layer from the native allocation
     fitted["allocl"] = dp_allocation(layer_sensitivities(loss, num_layers, native_k))
     fitted["lexi"] = dp_allocation(lexi_perturbations(model, patcher, seed=seed))
-    log(f"allocations fitted: {len(evaluations)} evaluations of {token_ids.numel()} calibration tokens")
+    whole = reuse.computed / len(reuse.layers)
+    log(f"allocations fitted: {len(evaluations)} allocations of {token_ids.numel()} calibration tokens evaluated, "
+        f"{whole:.0f} evaluations' worth of decoder layers run")  # fmt: skip
     return fitted
 
 

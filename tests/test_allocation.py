@@ -5,6 +5,7 @@ reference."""
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -170,3 +171,39 @@ def test_a_rule_with_one_value_per_layer_stays_one_when_read_back_from_json(rule
     assert isinstance(read_back[name], list) and method.series(read_back) == method.series(params)
     assert "per layer" in method.series(read_back) and method.baseline(read_back) is None
     assert method.config_name(**fixed, **{name: list(values)}) == method.config_name(**fixed, **{name: values})
+
+
+@pytest.mark.parametrize(("family", "overrides"), [("olmoe", {"num_hidden_layers": 4}), ("deepseek_v3", {}),
+                                                   ("jamba", {}), ("gpt_oss", {})])  # fmt: skip
+def test_an_allocation_evaluated_from_its_first_differing_layer_has_its_whole_forwards_loss(family, overrides):
+    model = bx.build_random_moe(family, seed=0, **overrides)
+    patcher = br.MoERouterPatcher(model, record_statistics=False)
+    native_k, num_layers = patcher.native_top_k, patcher.num_layers
+    tokens = torch.randint(2, 500, (80,), generator=torch.Generator().manual_seed(4))  # 5 windows: batches 2, 2, 1
+    whole = ba.budget_nll(model, patcher, tokens, window=16, batch_size=2)
+    reuse = ba.PrefixReuse(model, patcher, tokens, window=16, batch_size=2)
+    layers, holders = ba.decoder_layers(model, [layer.block for layer in br.find_moe_layers(model)])
+    base = tuple(1 + layer % native_k for layer in range(num_layers))
+    assert reuse.rebase(base) == whole(base)
+    for layer in range(num_layers):  # one layer raised, as the greedy schedule's candidates are
+        raised = tuple(k + (i == layer) for i, k in enumerate(base))
+        before = reuse.computed
+        assert reuse.first_computed(raised) == holders[layer] and holders[layer] > 0 or layer == 0
+        assert reuse(raised) == whole(raised), (family, raised)  # bit for bit on a CPU
+        assert reuse.computed - before == len(layers) - holders[layer]
+    lowered = tuple(max(1, k - 1) for k in base)
+    assert reuse.rebase(lowered) == whole(lowered) and reuse(base) == whole(base)
+    assert all("forward" not in layer.__dict__ for layer in layers)  # every layer's own forward again
+    assert reuse(base) != reuse(tuple(native_k for _ in base))  # the allocation is routed, not replayed
+
+
+def test_the_fit_with_reused_prefixes_is_the_fit_of_whole_forwards_within_its_counted_cost(tiny_model):
+    tokens = torch.randint(2, 500, (96,), generator=torch.Generator().manual_seed(5))
+    logged = []
+    fitted = ba.fit_allocations(tiny_model, tokens, window=32, batch_size=2, log=logged.append)
+    patcher = br.MoERouterPatcher(tiny_model, record_statistics=False)
+    loss = ba.budget_nll(tiny_model, patcher, tokens, window=32, batch_size=2)
+    assert torch.equal(fitted["schedule"], ba.greedy_allocation(loss, 2, 8))
+    assert torch.equal(fitted["allocl"], ba.dp_allocation(ba.layer_sensitivities(loss, 2, 8)))
+    worth = float(re.search(r"(\d+) evaluations' worth", logged[-1]).group(1))
+    assert 0.5 * ba.fit_cost(2, 8) <= worth <= ba.fit_cost(2, 8) + 0.5
