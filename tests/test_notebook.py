@@ -428,8 +428,8 @@ def test_failed_quality_configurations_still_give_every_output(tmp_path, monkeyp
         return evaluate(model, token_ids, window, stride, batch_size, patcher)
 
     monkeypatch.setattr(bx, "evaluate_language_model", out_of_memory_for_some)
-    configs = ["topk_8_baseline", "bh_k8_a005", "bh_k16_a005"]
-    run_in_process(tmp_path, monkeypatch, config_names=configs, prompts_per_group=1, **QUICK)
+    configs = ["topk_8_baseline", "bh_k8_a005", "bh_k16_a005"]  # the quick profile: fewer quality configurations
+    run_in_process(tmp_path, monkeypatch, config_names=configs, prompts_per_group=1, profile="quick", **QUICK)
     table = pd.read_csv(tmp_path / "bh_routing_summary.csv")
     failed = table["method"] == "bh" if failing == "bh" else table["method"].notna()
     assert (table["status"] == "ok").all() and (table.loc[failed, "quality_status"] == "failed").all()
