@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from fused_bh_route import fused_bh_route, fused_route_supported
 from moe_families import MoEShape, find_moe_layers, moe_shape
 from variable_k_experts import (
     VARIABLE_K_EXPERTS,
@@ -522,6 +523,7 @@ class PValueMethod:
     name = ""
     code = ""  # how configuration names write it: bh{code}_k8_a005
     fitted = False  # its null is fitted to each layer on calibration text (`fit_routing_calibration`)
+    fused = False  # its statistic is robust_z's, read against critical statistics: `fused_bh_route` routes it
 
     def check(self, num_experts: int) -> None:
         """ValueError if the method cannot test `num_experts` experts (checked before any forward pass)."""
@@ -590,6 +592,8 @@ class OneMinusProbPValue(PValueMethod):
 
 class RobustZStatistic(PValueMethod):
     """The statistic s = (z - mean) / std of the token's logits without its J = E/4 largest (`robust_z_statistic`)."""
+
+    fused = True
 
     def check(self, num_experts):
         robust_z_trimmed(num_experts)
@@ -1118,6 +1122,7 @@ class LayerContext:
     device: torch.device
     calibration: RoutingCalibration | None = None  # the model's fitted tables, read at `layer`
     num_layers: int | None = None  # the model's MoE layers (None: not known, e.g. one layer's logits alone)
+    fused: bool = False  # the layer may route with a fused kernel (`fused_bh_route`) where its method has one
 
 
 def resolve_renormalize(renormalize: bool | None, shape: RouterShape) -> bool:
@@ -1304,6 +1309,12 @@ def _bh_layer_route(route, critical, constants, logits, native_weights, native_i
     return route(logits, critical, *constants)
 
 
+def _fused_bh_layer_route(critical, constants, logits, native_weights, native_index):
+    """`_bh_layer_route` in one kernel (`fused_bh_route`), for a method whose statistic is robust_z's."""
+    _, temperature, min_k, max_k, _, renormalize = constants
+    return fused_bh_route(logits, critical, temperature, min_k, max_k, renormalize, robust_z_trimmed(logits.shape[-1]))
+
+
 class BenjaminiHochbergMethod(RoutingMethod):
     """BH over the E tests "expert i is not relevant to this token" (`benjamini_hochberg_routing`)."""
 
@@ -1348,7 +1359,10 @@ class BenjaminiHochbergMethod(RoutingMethod):
         method, num_experts = pvalue_method_of(params["pvalue_method"]), context.shape.num_experts
         null = self.layer_tables(params, context).get("null")
         critical = method.critical(params["alpha"], num_experts, method.null(num_experts, null, "cpu"), context.device)
-        return functools.partial(_bh_layer_route, route, None if critical is None else critical.clone(), constants)
+        critical = None if critical is None else critical.clone()
+        if context.fused and method.fused:  # one kernel for the whole route, on CUDA (issue 29)
+            return functools.partial(_fused_bh_layer_route, critical, constants)
+        return functools.partial(_bh_layer_route, route, critical, constants)
 
     def config_name(
         self, alpha=0.05, max_k=16, min_k=1, pvalue_method=DEFAULT_PVALUE_METHOD, temperature=1.0, renormalize=None
@@ -2577,6 +2591,7 @@ class MoERouterPatcher:
         calibration: RoutingCalibration | None = None,
         record_statistics: bool = True,
         token_capacity: int = TOKEN_COUNTS_CAPACITY,
+        fused_routing: bool | None = None,
     ):
         """record_token_counts: also keep every token's count per layer, in a device ring buffer of the last
             `token_capacity` routed tokens (get_stats()["token_counts"], `statistics.token_counts()`); off,
@@ -2596,7 +2611,10 @@ class MoERouterPatcher:
             per-layer tables (BH / HC with a fitted null, dynamic skipping with beta="median", entropy k);
             may also be set later (patcher.calibration = ...), before `patch`.
         record_statistics: accumulate the routing statistics (on each layer's device, in place: a few small
-            kernels per layer); False routes without them, and get_stats raises."""
+            kernels per layer); False routes without them, and get_stats raises.
+        fused_routing: route BH with robust_z's statistic (pvalue_method "robust_z" or "empirical") in one Triton
+            kernel per layer (`fused_bh_route`) instead of torch's ~20 (None: where it runs, a model on CUDA
+            with Triton; True: ValueError where it does not run; False: the torch route)."""
         _require_transformers()
         raise_recompile_limit()
         self.model = model
@@ -2619,6 +2637,7 @@ class MoERouterPatcher:
             compile_routing = on_cuda and importlib.util.find_spec("triton") is not None
         self.compile_routing = bool(compile_routing)
         self.cuda_graphs = self._choose_cuda_graphs(cuda_graphs, on_cuda)
+        self.fused_routing = self._choose_fused_routing(fused_routing)
         self.statistics = RoutingStatistics(self.num_layers, self.num_experts, record_token_counts, token_capacity)
         self.record_statistics = bool(record_statistics)
         self.calibration = calibration  # checked against the model (the property's setter)
@@ -2646,6 +2665,16 @@ class MoERouterPatcher:
         if calibration is not None and not isinstance(calibration, RoutingCalibration):
             raise ValueError(f"calibration must be a RoutingCalibration or None, got {type(calibration).__name__}")
         self._calibration = None if calibration is None else calibration.check(self.num_layers, self.shape.num_experts)
+
+    def _choose_fused_routing(self, fused_routing: bool | None) -> bool:
+        supported = all(fused_route_supported(device) for device in self.router_devices)
+        if fused_routing is None:
+            return supported
+        if not isinstance(fused_routing, bool):
+            raise ValueError(f"fused_routing must be True, False or None, got {fused_routing!r}")
+        if fused_routing and not supported:
+            raise ValueError(f"fused_routing=True needs routers on CUDA with Triton, got {self.router_devices}")
+        return fused_routing
 
     def _choose_experts_path(self, experts_path: str | None) -> str:
         experts = self.experts[0]
@@ -2710,7 +2739,7 @@ class MoERouterPatcher:
     def contexts(self) -> list[LayerContext]:
         """What a routing method sees of each MoE layer when it builds the layer's route."""
         return [
-            LayerContext(i, self.shape, router.weight.device, self.calibration, self.num_layers)
+            LayerContext(i, self.shape, router.weight.device, self.calibration, self.num_layers, self.fused_routing)
             for i, router in enumerate(self.routers)
         ]
 

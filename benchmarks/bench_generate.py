@@ -5,8 +5,9 @@ graphs, as transformers' generate does for a static cache on a GPU).
 OLMoE-1B-7B shape (benchmarks/olmoe-1b-7b-0924.config.json, all 16 layers, random bf16 weights) on a GPU, or
 the embedded model on the CPU (--model embedded --device cpu). 48 new tokens after a 64-token prompt of random
 ids, batch 1 and 16. Configurations: native (unpatched, always timed), top-k 8/4/2, top-p 0.5, BH alpha 0.05
-and 0.2 at max_k 8, BH alpha 0.05 on floors 2 and 4, and top-k 8 / BH alpha 0.05 with statistics off
-(record_statistics=False).
+and 0.2 at max_k 8, BH alpha 0.05 on floors 2 and 4, top-k 8 / BH alpha 0.05 with statistics off
+(record_statistics=False), and BH alpha 0.05 routed by torch's operations rather than the fused kernel
+(fused_routing=False; on a CPU, where no kernel runs, the same route as bh_k8_a005).
 
 Two modes (--modes). "switching", the way a user and the notebook work: one model, and in every round each
 configuration is patched, generated with (timed: the first generate after a switch) and unpatched in turn,
@@ -67,18 +68,20 @@ import bh_routing  # noqa: E402 - importable only once the repository root is on
 
 CHECKED_K, CHECKED_TOKENS = 8, 32  # --check-counts: BH at max_k 8 and top-8, 32 new tokens
 CHECKED_BH = f"bh:alpha=0.05,max_k={CHECKED_K}"
-CONFIGS = {  # name -> (routing configuration or None for the unpatched model, statistics on)
-    "native": (None, True),
-    "topk_k8": ("topk:k=8", True),
-    "topk_k4": ("topk:k=4", True),
-    "topk_k2": ("topk:k=2", True),
-    "topp_p050": ("topp:p=0.5,max_k=8", True),
-    "bh_k8_a005": ("bh:alpha=0.05,max_k=8", True),
-    "bh_k8_a020": ("bh:alpha=0.2,max_k=8", True),
-    "bh_k8_a005_min2": ("bh:alpha=0.05,max_k=8,min_k=2", True),
-    "bh_k8_a005_min4": ("bh:alpha=0.05,max_k=8,min_k=4", True),
-    "topk_k8_nostats": ("topk:k=8", False),
-    "bh_k8_a005_nostats": ("bh:alpha=0.05,max_k=8", False),
+NO_STATISTICS, TORCH_ROUTE = {"record_statistics": False}, {"fused_routing": False}
+CONFIGS = {  # name -> (routing configuration or None for the unpatched model, the patcher's options)
+    "native": (None, {}),
+    "topk_k8": ("topk:k=8", {}),
+    "topk_k4": ("topk:k=4", {}),
+    "topk_k2": ("topk:k=2", {}),
+    "topp_p050": ("topp:p=0.5,max_k=8", {}),
+    "bh_k8_a005": ("bh:alpha=0.05,max_k=8", {}),
+    "bh_k8_a020": ("bh:alpha=0.2,max_k=8", {}),
+    "bh_k8_a005_min2": ("bh:alpha=0.05,max_k=8,min_k=2", {}),
+    "bh_k8_a005_min4": ("bh:alpha=0.05,max_k=8,min_k=4", {}),
+    "topk_k8_nostats": ("topk:k=8", NO_STATISTICS),
+    "bh_k8_a005_nostats": ("bh:alpha=0.05,max_k=8", NO_STATISTICS),
+    "bh_k8_a005_torchroute": ("bh:alpha=0.05,max_k=8", TORCH_ROUTE),  # BH's torch route, not the fused kernel
 }
 
 
@@ -163,10 +166,10 @@ def model_copies(model, count: int) -> list:
 
 def patch_copy(model, name: str):
     """The patcher of configuration `name` (`CONFIGS`) on this copy of the model, patched; None for native."""
-    spec, statistics_on = CONFIGS[name]
+    spec, options = CONFIGS[name]
     if spec is None:
         return None
-    patcher = bh_routing.MoERouterPatcher(model, record_statistics=statistics_on)
+    patcher = bh_routing.MoERouterPatcher(model, **options)
     bh_routing.RoutingConfig.parse(spec).apply(patcher)
     return patcher
 
@@ -467,7 +470,7 @@ def row_key(mode: str, path: str, batch: int, name: str) -> str:
 
 _TOP8_BH = ("native", "topk_k8", "topk_k8_nostats", "bh_k8_a005", "bh_k8_a005_nostats")  # statistics on and off
 TARGET_BLOCKS = (  # --targets: every block that the issue's targets (`TARGETS`) read, in one process
-    Block("static_compiled", 1, (*_TOP8_BH, "topk_k2"), 20),
+    Block("static_compiled", 1, (*_TOP8_BH, "topk_k2", "bh_k8_a005_torchroute"), 20),
     Block("static_compiled", 16, ("native", "topk_k8", "topk_k2", "bh_k8_a005"), 10),
     Block("dynamic", 1, _TOP8_BH, 30),  # the eager path's host time varies the most from round to round
 )
@@ -509,13 +512,14 @@ class Switcher:
 
     def patch(self, name: str):
         """The model patched with `name` (`CONFIGS`): its patcher, or None for native."""
-        spec, statistics_on = CONFIGS[name]
+        spec, options = CONFIGS[name]
         if spec is None:
             return None
-        if statistics_on not in self.patchers:
-            self.patchers[statistics_on] = bh_routing.MoERouterPatcher(self.model, record_statistics=statistics_on)
-        bh_routing.RoutingConfig.parse(spec).apply(self.patchers[statistics_on])
-        return self.patchers[statistics_on]
+        key = tuple(sorted(options.items()))
+        if key not in self.patchers:
+            self.patchers[key] = bh_routing.MoERouterPatcher(self.model, **options)
+        bh_routing.RoutingConfig.parse(spec).apply(self.patchers[key])
+        return self.patchers[key]
 
     def timed(self, name: str, path: str, prompt, args) -> tuple[float, float]:
         """Patch `name`, time the first generate after the switch and a second one, unpatch."""
@@ -647,6 +651,7 @@ TARGETS = (  # the issues' speed targets: (issue, path, batch, config, baseline,
     (29, "static_compiled", 16, "topk_k2", "topk_k8", 1.3, None),
     (29, "dynamic", 1, "topk_k8", "native", 0.97, None),
     (29, "dynamic", 1, "bh_k8_a005", "native", 0.97, None),
+    (29, "static_compiled", 1, "bh_k8_a005", "bh_k8_a005_torchroute", 1.0, None),  # the fused BH route pays
 )
 
 
