@@ -62,7 +62,7 @@ from bh_routing import (
     routing_method,
 )
 from moe_families import RouterSpec, find_moe_layers, moe_shape
-from variable_k_experts import fused_path_supported
+from variable_k_experts import fused_path_supported, grouped_mm_usable
 
 __all__ = [
     "HUB_MODEL_ID",
@@ -896,10 +896,15 @@ def probe_generation(model, tokenizer, prompt: str, new_tokens: int, path: str, 
 
 
 def fast_compiled_path(model) -> bool:
-    """Whether the variable-k path's fused kernels serve every MoE layer of `model` where it is (a GPU of
-    sm80+ in bf16 with Triton, the OLMoE layout): where the compiled path's timings show what routing saves."""
+    """Whether the variable-k path's fused kernels with torch's grouped GEMM serve every MoE layer of `model`
+    where it is (a GPU of sm80+ in bf16 with Triton, the OLMoE layout), the path measured fastest: where the
+    compiled path's timings show what routing saves. Without a grouped GEMM (a T4, float16) the fused decode
+    kernels serve, but which generation path is faster there is measured (`choose_generation_path`)."""
     device = next(model.parameters()).device
-    return all(fused_path_supported(layer.experts, device) for layer in find_moe_layers(model))
+    return all(
+        fused_path_supported(layer.experts, device) and grouped_mm_usable(device, layer.experts.gate_up_proj.dtype)
+        for layer in find_moe_layers(model)
+    )
 
 
 def generation_candidates(device, fast_compiled: bool) -> list[str]:

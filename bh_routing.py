@@ -2605,8 +2605,8 @@ class MoERouterPatcher:
             routing would otherwise double.
         experts_path: "variable_k" (the experts compute only the kept pairs with `variable_k_experts_forward`)
             or "model" (the model's own experts implementation). None: "variable_k" where its fused path runs
-            (CUDA, Triton, bfloat16, a GPU with a grouped GEMM kernel: sm80+, not a T4), else "model" (on a
-            CPU, eager or grouped_mm are as fast as the torch reference).
+            (CUDA, Triton, the OLMoE layout, bf16, float16 or float32; a T4 too), else "model" (on a CPU, eager
+            or grouped_mm are as fast as the torch reference).
         calibration: the model's RoutingCalibration (`fit_routing_calibration`), for the methods that read
             per-layer tables (BH / HC with a fitted null, dynamic skipping with beta="median", entropy k);
             may also be set later (patcher.calibration = ...), before `patch`.

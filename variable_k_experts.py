@@ -388,19 +388,22 @@ def _num_row_programs(device: torch.device) -> int:
     return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, row_programs=None):
+def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, row_programs=None,
+                              grouped: bool = True):  # fmt: skip
     """The fused variable-k experts forward (SiLU-gated experts): sort, Triton gather, two grouped GEMMs
     with a Triton SiLU-and-multiply between them, Triton weighted combine; for at most `DECODE_PAIRS`
     (token, slot) pairs, `variable_k_experts_decode` instead. Shapes as in `variable_k_experts_forward`;
-    row_programs: programs of the row kernels (None: a few per SM). Runs wherever Triton runs (CUDA; CPU
-    under TRITON_INTERPRET=1)."""
+    row_programs: programs of the row kernels (None: a few per SM). grouped: torch has a grouped GEMM here
+    (`grouped_mm_usable`); without one (a T4, float16) a compiled forward takes the decode kernels at any
+    size (no host read, no gathered weights) and an eager one (a prefill) one matmul per expert after a single
+    read of the offsets. Runs wherever Triton runs (CUDA; CPU under TRITON_INTERPRET=1)."""
     num_tokens, slots = top_k_index.shape
     num_experts, double_intermediate, hidden_size = gate_up_proj.shape
     num_pairs = num_tokens * slots
     hidden_states, top_k_index, top_k_weights = (t.contiguous() for t in (hidden_states, top_k_index, top_k_weights))
     if num_pairs == 0:
         return torch.empty_like(hidden_states)
-    if num_pairs <= DECODE_PAIRS:
+    if num_pairs <= DECODE_PAIRS or not grouped and torch.compiler.is_compiling():
         return variable_k_experts_decode(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
     pair_order, offsets = sort_pairs_by_expert(top_k_index, num_experts)
     sorted_hidden = torch.empty(num_pairs, hidden_size, device=hidden_states.device, dtype=gate_up_proj.dtype)
@@ -410,12 +413,12 @@ def variable_k_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up
     _gather_kept_pairs_kernel[row_programs](
         hidden_states, pair_order, offsets, sorted_hidden, pair_rows, hidden_size, num_experts, SLOTS=slots, BLOCK=1024
     )
-    gate_up = grouped_matmul(sorted_hidden, gate_up_proj, offsets, grouped=True)  # [S, 2I]
+    gate_up = grouped_matmul(sorted_hidden, gate_up_proj, offsets, grouped=grouped)  # [S, 2I]
     activated = torch.empty(num_pairs, double_intermediate // 2, device=gate_up.device, dtype=gate_up.dtype)
     _silu_and_mul_kept_kernel[row_programs](
         gate_up, activated, offsets, double_intermediate // 2, num_experts, BLOCK=1024
     )
-    expert_outputs = grouped_matmul(activated, down_proj, offsets, grouped=True)  # [S, H]
+    expert_outputs = grouped_matmul(activated, down_proj, offsets, grouped=grouped)  # [S, H]
     return _combine_kept_pairs(expert_outputs, pair_rows, top_k_index, top_k_weights, hidden_states, num_experts)
 
 
@@ -478,13 +481,14 @@ def _olmoe_layout(experts: torch.nn.Module) -> bool:
 
 
 def fused_path_supported(experts: torch.nn.Module, device: torch.device) -> bool:
-    """The fused path: CUDA with Triton, the OLMoE layout in bf16, SiLU gating and a grouped GEMM kernel."""
+    """The fused path: CUDA with Triton, the OLMoE layout and SiLU gating, in bf16, float16 or float32 (with a
+    grouped GEMM kernel, sm80+ in bf16, or without one: `variable_k_experts_triton`'s grouped=False)."""
     return (
         triton is not None
         and device.type == "cuda"
         and _olmoe_layout(experts)
         and getattr(experts.config, "hidden_act", None) == "silu"
-        and grouped_mm_usable(device, experts.gate_up_proj.dtype)
+        and experts.gate_up_proj.dtype in (torch.bfloat16, torch.float16, torch.float32)
     )
 
 
@@ -499,7 +503,7 @@ class VariableKPlan(NamedTuple):
 
     device: torch.device
     dtype: torch.dtype
-    fused: bool  # the Triton path (`_triton_path_supported`)
+    fused: bool  # the Triton path (`fused_path_supported`)
     grouped: bool  # torch's grouped GEMM (`grouped_mm_usable`), else one matmul per expert
     row_programs: int  # programs of the Triton row kernels
 
@@ -547,16 +551,18 @@ def variable_k_experts_forward(experts, hidden_states, top_k_index, top_k_weight
         top_k_weights: [T, K] routing weights (ignored in sentinel slots).
     Returns:
         [T, H] in hidden_states' dtype: sum over kept slots of weight * expert(hidden_state).
-    Where `_triton_path_supported` (CUDA, Triton, the OLMoE layout in bf16, SiLU, a grouped GEMM kernel) the
-    Triton path runs; otherwise the torch reference (on a GPU without a grouped GEMM kernel, one matmul per
-    expert). The choice is the module's `variable_k_plan`, made eagerly; a compiled forward only reads it.
+    Where `fused_path_supported` (CUDA, Triton, the OLMoE layout, SiLU; bf16, float16 or float32) the Triton
+    path runs, with torch's grouped GEMM where it has one (`grouped_mm_usable`); otherwise the torch reference
+    (on a GPU without a grouped GEMM kernel, one matmul per expert). The choice is the module's
+    `variable_k_plan`, made eagerly; a compiled forward only reads it.
     """
     plan = _plan_of(experts)
     if not plan.fused:
         # torch traces its grouped GEMM in bfloat16 only (its meta function refuses other dtypes).
         grouped = plan.grouped and (plan.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
         return variable_k_experts_torch(hidden_states, top_k_index, top_k_weights, experts, grouped)
-    arguments = (hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj, plan.row_programs)
+    arguments = (hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj, plan.row_programs,
+                 plan.grouped)  # fmt: skip
     if torch.compiler.is_compiling() or hidden_states.device.index == torch.cuda.current_device():
         return variable_k_experts_triton(*arguments)
     with torch.cuda.device(hidden_states.device):  # Triton launches on the current device

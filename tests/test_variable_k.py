@@ -180,6 +180,7 @@ model = bh_experiment.build_random_olmoe(seed=0, hidden_size=96, intermediate_si
 experts = model.model.layers[0].mlp.experts
 model.set_experts_implementation("eager")
 decode_calls, decode = [], variable_k_experts.variable_k_experts_decode
+compiler_is_compiling = torch.compiler.is_compiling
 variable_k_experts.variable_k_experts_decode = lambda *args: decode_calls.append(1) or decode(*args)
 # The interpreter rounds float32 to bfloat16 by truncation, twice the error of a GPU's round-to-nearest.
 for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
@@ -202,6 +203,18 @@ for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
         assert actual.dtype == dtype and error < tolerance, (dtype, num_tokens, slots, error)
         assert torch.all(actual[counts == 0] == 0)
         assert len(decode_calls) - calls == (num_tokens * slots <= variable_k_experts.DECODE_PAIRS), (num_tokens, slots)
+        # Without a grouped GEMM (a T4, float16): per-expert matmuls eagerly, the decode kernels when compiled.
+        for compiling in (False, True):
+            torch.compiler.is_compiling, calls = (lambda c=compiling: c), len(decode_calls)
+            actual = kernel(hidden, index, weights, experts.gate_up_proj, experts.down_proj, grouped=False)
+            torch.compiler.is_compiling = compiler_is_compiling
+            error = ((actual.double() - expected).norm() / expected.norm()).item()
+            assert error < tolerance, (dtype, num_tokens, slots, compiling, error)
+            decoded = compiling or num_tokens * slots <= variable_k_experts.DECODE_PAIRS
+            assert len(decode_calls) - calls == decoded, (num_tokens, slots, compiling)
+for dtype, served in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, True), (torch.float64, False)):
+    experts.to(dtype)  # the fused path serves a T4's float16 too, with or without a grouped GEMM
+    assert variable_k_experts.fused_path_supported(experts, torch.device("cuda")) is served, dtype
 print("triton interpreter ok")
 """
 
@@ -275,7 +288,8 @@ def test_triton_kernels_compile_for_a_t4_in_float16():
 
 
 def test_grouped_gemm_only_where_torch_has_a_kernel(monkeypatch):
-    """The fused path (and the patcher's default) needs a grouped GEMM kernel: sm80+ in bf16, not a T4."""
+    """torch's grouped GEMM only where it has a kernel, sm80+ in bf16 (not a T4): elsewhere the fused path
+    runs without it (its decode kernels, per-expert matmuls; the interpreter check)."""
     try:
         for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
             variable_k_experts.grouped_mm_usable.cache_clear()
