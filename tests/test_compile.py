@@ -308,6 +308,7 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
     counts = checks["b2/counts"]
     assert counts["routing"] == {"decisions": 4 * 2 * 31, "different": 0, "equal": True}  # 4 layers, 31 steps
     assert counts["routing_experts"]["equal"] and counts["generation_vs_dynamic"]["decisions"] == 4 * 2 * (5 + 31)
+    assert counts["routing_torch_route"] == counts["routing"]  # no fused kernel on a CPU: torch's route is the route
     assert all(
         counts[f"{key}_{path}"]["equal"]
         for key in ("generation_vs", "native_sets_vs")
@@ -399,6 +400,14 @@ def test_the_benchmark_targets_read_ratios_of_one_process_with_their_interval():
     assert (
         "- switching, dynamic, batch 1: top-8 generates native's tokens: yes; unpatched bit-identical: 2 of 2" in text
     )
+    timed = (("native", native), ("topk_k2", [0.75] * 9), ("bh_k8_a005", [0.7] * 9))
+    static = {f"static_compiled/b1/{name}": row(name, seconds) | {"path": "static_compiled"} for name, seconds in timed}
+    for dtype, expected in (("float16", {(29, "float16")}), ("bfloat16", {(10, "bfloat16"), (29, "bfloat16")})):
+        rows = bench_generate.target_rows({"checks": {}, "rows": static, "settings": {"dtype": dtype}})
+        assert {(row["issue"], row["dtype"]) for row in rows} == expected  # a file's dtype reads its own targets
+    float16 = bench_generate.target_rows({"checks": {}, "rows": static, "settings": {"dtype": "float16"}})
+    assert {(row["config"], row["bounds"][0], row["met"]) for row in float16} == {("bh_k8_a005", 1.25, True),
+                                                                                   ("topk_k2", 1.25, True)}  # fmt: skip
 
 
 def test_the_benchmark_interval_for_a_median_is_the_order_statistics_of_the_binomial_table():
