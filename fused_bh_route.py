@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - depends on the install
 __all__ = ["fused_bh_route", "fused_route_supported", "ROWS_PER_PROGRAM"]
 
 ROWS_PER_PROGRAM = 4  # tokens a program routes: its E x E comparisons a token stay in registers
+ROOT_EPS = math.sqrt(torch.finfo(torch.float32).eps)  # the statistic's floor, the work dtype's as the torch route's
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The kernel
@@ -155,10 +156,9 @@ def fused_bh_route(logits, critical, temperature: float, min_k: int, max_k: int,
     counts = torch.empty(num_rows, device=logits.device, dtype=torch.int64)
     if num_rows == 0:
         return weights, index, counts
-    root_eps = math.sqrt(torch.finfo(torch.float32).eps)  # the work dtype's, as the torch route's floor
     _bh_route_kernel[(triton.cdiv(num_rows, ROWS_PER_PROGRAM),)](
         logits, critical, weights, index, counts, num_rows, num_experts, float(temperature), min_k, max_k,
-        TRIMMED=trimmed, ROOT_EPS=root_eps, EXPERTS=triton.next_power_of_2(num_experts),
+        TRIMMED=trimmed, ROOT_EPS=ROOT_EPS, EXPERTS=triton.next_power_of_2(num_experts),
         SLOTS=triton.next_power_of_2(max_k), ROWS=ROWS_PER_PROGRAM, RENORMALIZE=bool(renormalize),
     )  # fmt: skip
     return weights, index, counts

@@ -128,7 +128,7 @@ for logits_type in ("fp16", "bf16", "fp32"):
         pointers = {"logits_ptr": "*" + logits_type, "critical_ptr": "*fp32", "weights_ptr": "*fp32",
                     "index_ptr": "*i64", "counts_ptr": "*i64"}
         scalars = {"num_rows": "i32", "num_experts": "i32", "temperature": "fp32", "min_k": "i32", "max_k": "i32"}
-        constants = {"TRIMMED": 16, "ROOT_EPS": 0.00034526698300124393, "EXPERTS": 64, "SLOTS": 8,
+        constants = {"TRIMMED": 16, "ROOT_EPS": fr.ROOT_EPS, "EXPERTS": 64, "SLOTS": 8,
                      "ROWS": fr.ROWS_PER_PROGRAM, "RENORMALIZE": False}
         signature = {name: pointers.get(name) or scalars.get(name) or "constexpr" for name in kernel.arg_names}
         constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
