@@ -85,15 +85,14 @@ CONFIGS = {  # name -> (routing configuration or None for the unpatched model, t
 }
 
 
-def load(args):
-    """The model: the embedded one (in --dtype, or its device's native dtype) or random weights of a config's
-    shape (in --dtype, or bf16)."""
-    if args.model == "embedded":
-        model, tokenizer = bh_experiment.load_model("embedded", device=args.device, dtype=args.dtype or "auto")[:2]
-        return model
-    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    dtype = getattr(torch, args.dtype or "bfloat16")
-    return bh_experiment.build_random_moe(config=args.model, device=args.device, dtype=dtype, **overrides)
+def load(model: str, device: str, layers: int | None = None, dtype: str | None = None):
+    """The model: the embedded one (in `dtype`, or its device's native dtype) or random weights of a config's
+    shape (`layers` of them, or all; in `dtype`, or bf16)."""
+    if model == "embedded":
+        return bh_experiment.load_model("embedded", device=device, dtype=dtype or "auto")[0]
+    overrides = {"num_hidden_layers": layers} if layers else {}
+    weights = getattr(torch, dtype or "bfloat16")
+    return bh_experiment.build_random_moe(config=model, device=device, dtype=weights, **overrides)
 
 
 def generate(model, prompt, path: str, new_tokens: int, logits: bool = False, cache_tokens: int | None = None):
@@ -790,7 +789,7 @@ def main() -> None:
 def measure(args, results: dict) -> None:
     if args.emulate_precision_casts:
         torch._inductor.config.emulate_precision_casts = True
-    model = load(args)
+    model = load(args.model, args.device, args.layers, args.dtype)
     dtype, saved = str(model.dtype).removeprefix("torch."), results.get("settings", {}).get("dtype")
     if results["rows"] and saved not in (None, dtype):  # one file, one dtype: its targets read one
         raise SystemExit(f"--out {args.out} holds rows in {saved}, this run's model is in {dtype}: use another --out")

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.configs = bench_generate.native_first(args.configs)
-    model = bench_generate.load(args)
+    model = bench_generate.load(args.model, args.device, args.layers)
     prompt = bench_generate.random_prompt(model, args.batch, args)
     copies = dict(zip(args.configs, bench_generate.model_copies(model, len(args.configs)), strict=True))
     bench_generate.prepare(copies, args.path, prompt, args)
