@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from fused_bh_route import MAX_EXPERTS as FUSED_MAX_EXPERTS
 from fused_bh_route import fused_bh_route, fused_route_supported
 from moe_families import MoEShape, find_moe_layers, moe_shape
 from variable_k_experts import (
@@ -1360,7 +1361,7 @@ class BenjaminiHochbergMethod(RoutingMethod):
         null = self.layer_tables(params, context).get("null")
         critical = method.critical(params["alpha"], num_experts, method.null(num_experts, null, "cpu"), context.device)
         critical = None if critical is None else critical.clone()
-        if context.fused and method.fused:  # one kernel for the whole route, on CUDA (issue 29)
+        if context.fused and method.fused and num_experts <= FUSED_MAX_EXPERTS:  # one kernel, on CUDA (issue 29)
             return functools.partial(_fused_bh_layer_route, critical, constants)
         return functools.partial(_bh_layer_route, route, critical, constants)
 

@@ -35,9 +35,10 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs route with the
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["fused_bh_route", "fused_route_supported", "ROWS_PER_PROGRAM"]
+__all__ = ["fused_bh_route", "fused_route_supported", "ROWS_PER_PROGRAM", "MAX_EXPERTS"]
 
 ROWS_PER_PROGRAM = 4  # tokens a program routes: its E x E comparisons a token stay in registers
+MAX_EXPERTS = 128  # beyond, a token's E x E comparisons outgrow a program's registers: the torch route serves
 ROOT_EPS = math.sqrt(torch.finfo(torch.float32).eps)  # the statistic's floor, the work dtype's as the torch route's
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,7 +141,8 @@ if triton is not None:
 
 
 def fused_route_supported(device: torch.device | str) -> bool:
-    """Whether `fused_bh_route` runs on `device`: CUDA with Triton (elsewhere Triton's interpreter only)."""
+    """Whether `fused_bh_route` runs on `device`: CUDA with Triton (elsewhere Triton's interpreter only); a
+    layer of more than `MAX_EXPERTS` experts routes with torch's operations all the same."""
     return triton is not None and torch.device(device).type == "cuda"
 
 

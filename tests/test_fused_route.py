@@ -78,6 +78,10 @@ for pvalue_method, fused in (("robust_z", True), ("empirical", True), ("pooled",
     plain = method.layer_route(params, br.LayerContext(0, shape, torch.device("cpu"), calibration, 1))
     routed, expected = route(logits, None, None), plain(logits, None, None)
     assert torch.equal(routed[2], expected[2]) and torch.allclose(routed[0], expected[0], atol=1e-7), pvalue_method
+wide = br.RouterShape(256, 8)  # DeepSeek-V3's 256 experts: beyond the kernel's registers, torch's route
+params = method.parameters(wide, alpha=0.1, max_k=8)
+route = method.layer_route(params, br.LayerContext(0, wide, torch.device("cpu"), None, 1, fused=True))
+assert route.func.__name__ == "_bh_layer_route"
 empty = fused_bh_route(torch.zeros(0, 64), br.robust_z_critical_statistics(0.05, 64, "cpu"), 1.0, 1, 8, False, 16)
 assert [tuple(t.shape) for t in empty] == [(0, 8), (0, 8), (0,)]
 print("fused route ok", total)
