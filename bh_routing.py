@@ -1351,7 +1351,6 @@ class BenjaminiHochbergMethod(RoutingMethod):
 
     def layer_route(self, params, context, compiled=False):
         params = self.layer_params(params, context)
-        route = compile_once(route_bh_tensors) if compiled else route_bh_tensors
         constants = tuple(
             params[name] for name in ("alpha", "temperature", "min_k", "max_k", "pvalue_method", "renormalize")
         )
@@ -1363,6 +1362,7 @@ class BenjaminiHochbergMethod(RoutingMethod):
         critical = None if critical is None else critical.clone()
         if context.fused and method.fused and num_experts <= FUSED_MAX_EXPERTS:  # one kernel, on CUDA (issue 29)
             return functools.partial(_fused_bh_layer_route, critical, constants)
+        route = compile_once(route_bh_tensors) if compiled else route_bh_tensors
         return functools.partial(_bh_layer_route, route, critical, constants)
 
     def config_name(

@@ -416,13 +416,12 @@ def bh_counts_of(model, prompt, path: str, new_tokens: int) -> torch.Tensor:
 
 
 def torch_routes(model) -> list:
-    """`CHECKED_BH`'s layer routes through torch's operations (fused_routing=False): on CUDA, the reference the
-    fused kernel (`fused_bh_route`) that the patcher routes with is checked against."""
-    patcher = bh_routing.MoERouterPatcher(model, record_statistics=False, fused_routing=False)
-    config = bh_routing.RoutingConfig.parse(CHECKED_BH)
-    method = bh_routing.routing_method(config.method)
-    params = method.parameters(patcher.shape, **config.kwargs)
-    return [method.layer_route(params, context) for context in patcher.contexts()]
+    """`CHECKED_BH`'s layer routes through torch's operations (fused_routing=False), as the patcher builds them
+    (`PatchedRouter.route`, read as `record_routes` does): on CUDA, the reference the fused kernel
+    (`fused_bh_route`) that the patcher routes with is checked against."""
+    with bh_routing.MoERouterPatcher(model, record_statistics=False, fused_routing=False) as patcher:
+        bh_routing.RoutingConfig.parse(CHECKED_BH).apply(patcher)
+        return [getattr(router, bh_routing.PATCH_ATTRIBUTE).route for router in patcher.routers]
 
 
 def check_counts(model, prompt) -> dict:
