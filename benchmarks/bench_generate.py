@@ -534,15 +534,19 @@ class Switcher:
         bh_routing.RoutingConfig.parse(spec).apply(self.patchers[key])
         return self.patchers[key]
 
-    def timed(self, name: str, path: str, prompt, args) -> tuple[float, float]:
-        """Patch `name`, time the first generate after the switch and a second one, unpatch."""
+    def twice(self, name: str, measure) -> tuple:
+        """Patch `name`, call measure() for the first generate after the switch and again, unpatch."""
         patcher = self.patch(name)
         try:
-            work = functools.partial(generate, self.model, prompt, path, args.new_tokens)
-            return timed(work, args.device), timed(work, args.device)
+            return measure(), measure()
         finally:
             if patcher is not None:
                 patcher.unpatch()
+
+    def timed(self, name: str, path: str, prompt, args) -> tuple[float, float]:
+        """Patch `name`, time the first generate after the switch and a second one, unpatch."""
+        work = functools.partial(generate, self.model, prompt, path, args.new_tokens)
+        return self.twice(name, lambda: timed(work, args.device))
 
 
 def switching_state(switcher: Switcher, name: str, path: str, prompt, args) -> dict:

@@ -1,11 +1,23 @@
-"""Where the host's time goes in generation (issue 10): each configuration on its own copy of the model, as in
-`bench_generate.py` (same model, path, prompt and warm-up), then one `generate` per configuration under
-cProfile; per function, its calls and own time per generated token, and the functions whose own time differs
-most from native's. cProfile slows Python calls, so the times are relative: they locate host work a
-configuration adds (a hook run eagerly, a guard evaluated in Python, a wrapper's bookkeeping), they do not
-measure its cost in a run without the profiler (bench_generate does).
+"""Where the host's time goes in generation (issues 10 and 29), under cProfile. Two modes (--mode):
+
+"copies" (issue 10): each configuration on its own copy of the model, as in `bench_generate.py` (same model,
+path, prompt and warm-up), then one `generate` per configuration; per function, its calls and own time per
+generated token, and the functions whose own time differs most from native's.
+
+"switching" (issue 29, point 2): one model, each configuration patched, generated and unpatched in turn, as a
+user and the notebook do (`bench_generate.Switcher`); after every configuration has been compiled once, a round
+of switches profiles the first generate after each switch and the second of the same patch, and lists the
+functions whose own time differs most between them (the switch's cost), with what moved in dynamo's and
+inductor's counters during each (compilations, recompilations, CUDA-graph skips), the CUDA graphs captured
+(calls of `capture_begin`), and the number of dynamo cache entries (guard sets checked in turn) of every
+compiled code object after each switch, to show whether they grow with the configurations seen.
+
+cProfile slows Python calls, so the times are relative: they locate host work a configuration or a switch adds
+(a hook run eagerly, a guard evaluated in Python, a graph recorded again), they do not measure its cost in a
+run without the profiler (bench_generate does).
 
     python benchmarks/profile_generate.py --configs native topk_k8_nostats bh_k8_a005 --out FILE.json
+    python benchmarks/profile_generate.py --mode switching --configs native topk_k2 bh_k8_a005 --out FILE.json
 """
 
 import argparse
@@ -42,11 +54,88 @@ def differences(native: dict, other: dict, tokens: int, top: int) -> list[dict]:
     return sorted(rows, key=lambda row: -abs(row["own_us_per_token"]))[:top]
 
 
+def print_differences(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"  {row['own_us_per_token']:+8.1f} us/token {row['calls_per_token']:+6.1f} calls  {row['function']}")
+
+
+def counter_values() -> dict:
+    """dynamo's and inductor's counters (compilations, graph breaks, CUDA-graph skips...) as "group.key" -> n."""
+    from torch._dynamo.utils import counters
+
+    return {f"{group}.{key}": value for group, values in counters.items() for key, value in values.items()}
+
+
+def cache_entries() -> dict:
+    """Compiled code object -> its dynamo cache entries, each a set of guards a call may check before one
+    passes. Read through dynamo's private tracker of compiled code, the one place that lists them."""
+    from torch._dynamo import convert_frame, eval_frame
+
+    codes = [reference() for reference in convert_frame.input_codes.seen]
+    entries = {f"{Path(code.co_filename).name}:{code.co_firstlineno}({code.co_name})":
+               len(eval_frame._debug_get_cache_entry_list(code)) for code in codes if code is not None}  # fmt: skip
+    return {name: count for name, count in entries.items() if count}
+
+
+def observed(model, prompt, path: str, new_tokens: int) -> dict:
+    """One generate under cProfile: its profile, the counters that moved, and the CUDA graphs captured."""
+    before = counter_values()
+    profile = own_times(model, prompt, path, new_tokens)
+    moved = {key: value - before.get(key, 0) for key, value in counter_values().items() if value != before.get(key, 0)}
+    captures = sum(calls for name, (calls, _) in profile.items() if name.endswith("(capture_begin)"))
+    return {"profile": profile, "counters": moved, "graph_captures": captures}
+
+
+def switching_profiles(model, prompt, args) -> dict:
+    """The switching mode's results per configuration: the switch's cost (first generate after it against the
+    second), what moved in each, and the cache entries after it."""
+    switcher, tokens = bench_generate.Switcher(model), args.batch * args.new_tokens
+    for name in args.configs:  # each configuration compiled once, as bench_generate's switching mode does
+        switcher.twice(name, lambda: bench_generate.generate(model, prompt, args.path, args.new_tokens))
+    results = {}
+    for name in args.configs:
+        first, steady = switcher.twice(name, lambda: observed(model, prompt, args.path, args.new_tokens))
+        results[name] = {
+            "first_own_seconds_per_token": sum(own for _, own in first["profile"].values()) / tokens,
+            "steady_own_seconds_per_token": sum(own for _, own in steady["profile"].values()) / tokens,
+            "first": {key: first[key] for key in ("counters", "graph_captures")},
+            "steady": {key: steady[key] for key in ("counters", "graph_captures")},
+            "cache_entries": cache_entries(),
+            "switch_cost": differences(steady["profile"], first["profile"], tokens, args.top),
+        }
+        row = results[name]
+        print(f"{name}: first after the switch {1e3 * row['first_own_seconds_per_token']:.2f} ms/token, steady "
+              f"{1e3 * row['steady_own_seconds_per_token']:.2f}; first {row['first']}, steady {row['steady']}; "
+              f"cache entries {row['cache_entries']}")  # fmt: skip
+        print_differences(row["switch_cost"][:10])
+    return results
+
+
+def copies_profiles(model, prompt, args) -> dict:
+    """The copies mode's results per configuration: its host time and the functions that differ from native."""
+    copies = dict(zip(args.configs, bench_generate.model_copies(model, len(args.configs)), strict=True))
+    bench_generate.prepare(copies, args.path, prompt, args)
+    profiles = {}
+    for name, copy in copies.items():
+        bench_generate.generate(copy, prompt, args.path, args.new_tokens)  # the first call after the others
+        profiles[name] = own_times(copy, prompt, args.path, args.new_tokens)
+    tokens, results = args.batch * args.new_tokens, {}
+    for name, profile in profiles.items():
+        results[name] = {"own_seconds_per_token": sum(own for _, own in profile.values()) / tokens,
+                         "calls_per_token": sum(calls for calls, _ in profile.values()) / tokens,
+                         "against_native": differences(profiles["native"], profile, tokens, args.top)}  # fmt: skip
+        print(f"{name}: {1e3 * results[name]['own_seconds_per_token']:.2f} ms/token of host time under cProfile, "
+              f"{results[name]['calls_per_token']:.0f} calls/token")  # fmt: skip
+        print_differences(results[name]["against_native"][: 10 if name != "native" else 0])
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(bench_generate.REPO / "benchmarks" / "olmoe-1b-7b-0924.config.json"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--mode", default="copies", choices=["copies", "switching"])
     parser.add_argument("--path", default="static_compiled", choices=list(bh_experiment.GENERATION_PATHS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--configs", nargs="+", default=["native", "topk_k8_nostats", "bh_k8_a005"],
@@ -59,25 +148,12 @@ def main() -> None:
     args.configs = bench_generate.native_first(args.configs)
     model = bench_generate.load(args.model, args.device, args.layers)
     prompt = bench_generate.random_prompt(model, args.batch, args)
-    copies = dict(zip(args.configs, bench_generate.model_copies(model, len(args.configs)), strict=True))
-    bench_generate.prepare(copies, args.path, prompt, args)
-    profiles = {}
-    for name, copy in copies.items():
-        bench_generate.generate(copy, prompt, args.path, args.new_tokens)  # the first call after the others
-        profiles[name] = own_times(copy, prompt, args.path, args.new_tokens)
-    tokens = args.batch * args.new_tokens
+    profiles = (copies_profiles if args.mode == "copies" else switching_profiles)(model, prompt, args)
     results = {
         "environment": bh_experiment.environment_info(model, args.device),
         "settings": vars(args) | {"out": None},
+        **profiles,
     }
-    for name, profile in profiles.items():
-        results[name] = {"own_seconds_per_token": sum(own for _, own in profile.values()) / tokens,
-                         "calls_per_token": sum(calls for calls, _ in profile.values()) / tokens,
-                         "against_native": differences(profiles["native"], profile, tokens, args.top)}  # fmt: skip
-        print(f"{name}: {1e3 * results[name]['own_seconds_per_token']:.2f} ms/token of host time under cProfile, "
-              f"{results[name]['calls_per_token']:.0f} calls/token")  # fmt: skip
-        for row in results[name]["against_native"][: 10 if name != "native" else 0]:
-            print(f"  {row['own_us_per_token']:+8.1f} us/token {row['calls_per_token']:+6.1f} calls  {row['function']}")
     args.out.write_text(json.dumps(results, indent=1, default=str))
 
 
