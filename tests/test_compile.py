@@ -434,3 +434,20 @@ def test_the_host_profile_compares_each_configuration_with_native(tmp_path):
     assert patched["own_seconds_per_token"] > 0
     added = {row["function"] for row in patched["against_native"] if row["calls_per_token"] > 0}
     assert any(name.startswith("bh_routing.py:") for name in added)  # the patcher's hooks ran, native's did not
+
+
+def test_the_switching_profile_finds_no_recompilation_after_each_configuration_was_compiled(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_generate.py"
+    out = tmp_path / "switching.json"
+    command = [sys.executable, str(script), "--mode", "switching", "--model", "embedded", "--device", "cpu",
+               "--configs", "topk_k2", "--new-tokens", "3", "--prompt-tokens", "5", "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    results = json.loads(out.read_text())
+    for name in ("native", "topk_k2"):
+        row = results[name]
+        assert row["first_own_seconds_per_token"] > 0 and row["steady_own_seconds_per_token"] > 0
+        for generate in ("first", "steady"):  # dynamo converts no frame once both were compiled (CPU: no graphs)
+            assert not any(key.startswith("frames.") for key in row[generate]["counters"]), row[generate]
+            assert row[generate]["graph_captures"] == 0
+        assert row["switch_cost"] and all(cost["function"] for cost in row["switch_cost"])
+        assert row["cache_entries"] and all(count >= 1 for count in row["cache_entries"].values())
