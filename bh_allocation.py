@@ -37,6 +37,7 @@ __all__ = [
     "ALLOCATIONS",
     "fit_allocations",
     "fit_cost",
+    "FitLosses",
     "PrefixReuse",
     "resumed_allocations",
     "greedy_allocation",
@@ -380,38 +381,74 @@ def fit_cost(num_layers: int, native_k: int) -> float:
     return steps * (1 + from_each_layer) + 1 + (native_k - 1) * from_each_layer
 
 
-def fit_allocations(model, token_ids, window: int = 256, batch_size: int = 8, seed: int = 0, log=print) -> dict:
+class FitLosses:
+    """The losses the fits ask for, each allocation evaluated once however many fits ask for it, through a
+    `PrefixReuse`: `rebase(experts)` names the allocation a greedy step raises, which is recorded (and the reuse
+    rebased on it) only when one of that step's candidates must be computed, so that the steps of a resumed fit
+    whose losses are all known cost nothing. `evaluated`: losses already known (an interrupted fit's);
+    `on_evaluation(evaluations)` is called after each new one (to save the progress)."""
+
+    def __init__(self, reuse, evaluated: dict | None = None, on_evaluation: Callable[[dict], object] | None = None):
+        self.reuse, self.evaluations, self.on_evaluation = reuse, dict(evaluated or {}), on_evaluation
+        self.resumed, self.base = len(self.evaluations), None
+
+    def __call__(self, experts: tuple) -> float:
+        if experts not in self.evaluations:
+            if self.base is not None:
+                self._record(self.base, self.reuse.rebase(self.base))
+                self.base = None
+            self._record(experts, self.reuse(experts))
+        return self.evaluations[experts]
+
+    def rebase(self, experts: tuple) -> None:
+        self.base = tuple(experts)
+
+    def _record(self, experts: tuple, loss: float) -> None:
+        if experts not in self.evaluations:
+            self.evaluations[experts] = loss
+            if self.on_evaluation is not None:
+                self.on_evaluation(self.evaluations)
+
+
+def fit_allocations(model, token_ids, window: int = 256, batch_size: int = 8, seed: int = 0, log=print,
+                    evaluated: dict | None = None, on_evaluation: Callable | None = None) -> dict:  # fmt: skip
     """Every allocation of `ALLOCATIONS` fitted to `model`: the greedy schedule and Alloc-L on the calibration
     text `token_ids` (its mean NLL, each allocation evaluated from its first layer unlike the one it is
-    derived from: `PrefixReuse`), LExI data-free. Returns {name: [S, L] float64} for
+    derived from: `PrefixReuse`), LExI data-free. `evaluated` and `on_evaluation`: `FitLosses`' (a fit resumed
+    from the losses an interrupted one had). Returns {name: [S, L] float64} for
     `RoutingCalibration.allocations`, rows from 1 expert in every layer to the native k."""
     patcher = br.MoERouterPatcher(model, record_statistics=False)
     num_layers, native_k = patcher.num_layers, patcher.native_top_k
-    reuse, evaluations = PrefixReuse(model, patcher, token_ids, window, batch_size), {}
-
-    def loss(experts):  # each allocation evaluated once, however many fits ask for it
-        if experts not in evaluations:
-            evaluations[experts] = reuse(experts)
-        return evaluations[experts]
-
-    def rebase(experts):
-        evaluations.setdefault(experts, reuse.rebase(experts))
-
-    fitted = {"schedule": greedy_allocation(loss, num_layers, native_k, on_step=rebase)}
-    rebase((native_k,) * num_layers)  # Alloc-L's profiles each lower one layer from the native allocation
-    fitted["allocl"] = dp_allocation(layer_sensitivities(loss, num_layers, native_k))
+    reuse = PrefixReuse(model, patcher, token_ids, window, batch_size)
+    losses = FitLosses(reuse, evaluated, on_evaluation)
+    fitted = {"schedule": greedy_allocation(losses, num_layers, native_k, on_step=losses.rebase)}
+    losses.rebase((native_k,) * num_layers)  # Alloc-L's profiles each lower one layer from the native allocation
+    fitted["allocl"] = dp_allocation(layer_sensitivities(losses, num_layers, native_k))
     fitted["lexi"] = dp_allocation(lexi_perturbations(model, patcher, seed=seed))
     whole = reuse.computed / len(reuse.layers)
-    log(f"allocations fitted: {len(evaluations)} allocations of {token_ids.numel()} calibration tokens evaluated, "
-        f"{whole:.0f} evaluations' worth of decoder layers run")  # fmt: skip
+    log(f"allocations fitted: {len(losses.evaluations)} allocations of {token_ids.numel()} calibration tokens "
+        f"evaluated ({losses.resumed} resumed from an interrupted fit), {whole:.0f} evaluations' worth of decoder "
+        "layers run")  # fmt: skip
     return fitted
+
+
+FIT_PROGRESS = "allocations_progress"  # the store's record of an unfinished fit's losses
 
 
 def resumed_allocations(store: bx.ResultStore, model, token_ids, window: int = 256, batch_size: int = 8,
                         seed: int = 0, redo: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
     """`fit_allocations` saved in `store` (its settings: what the allocations depend on) and read back by a
-    later run with the same settings and code; RuntimeError with the error if the fit failed."""
-    fit = functools.partial(fit_allocations, model, token_ids, window, batch_size, seed)
+    later run with the same settings and code; RuntimeError with the error if the fit failed. Each allocation's
+    loss is saved as it is evaluated (`FIT_PROGRESS`), so that a fit interrupted (a crash, a lost Colab
+    runtime) resumes from them and loses at most the evaluation in flight; redo starts afresh."""
+    progress = None if redo else store.load(FIT_PROGRESS)
+    evaluated = {tuple(experts): loss for experts, loss in (progress or {}).get("evaluations", [])}
+
+    def save(evaluations: dict) -> None:
+        store.save(FIT_PROGRESS, {"status": "ok", "evaluations": [[list(k), v] for k, v in evaluations.items()]})
+
+    fit = functools.partial(fit_allocations, model, token_ids, window, batch_size, seed, evaluated=evaluated,
+                            on_evaluation=save)  # fmt: skip
     fitted = store.run("allocations", lambda: {name: table.tolist() for name, table in fit().items()}, redo=redo)
     if fitted["status"] != "ok":
         raise RuntimeError(f"the layer allocations could not be fitted: {fitted['error']}")

@@ -207,3 +207,30 @@ def test_the_fit_with_reused_prefixes_is_the_fit_of_whole_forwards_within_its_co
     assert torch.equal(fitted["allocl"], ba.dp_allocation(ba.layer_sensitivities(loss, 2, 8)))
     worth = float(re.search(r"(\d+) evaluations' worth", logged[-1]).group(1))
     assert 0.5 * ba.fit_cost(2, 8) <= worth <= ba.fit_cost(2, 8) + 0.5
+
+
+def test_an_interrupted_fit_resumes_from_the_losses_it_had_saved(tiny_model, tmp_path, monkeypatch):
+    tokens = torch.randint(2, 500, (64,), generator=torch.Generator().manual_seed(6))
+    store = bx.ResultStore(tmp_path / "allocations", settings={"tokens": 64})
+    whole = ba.fit_allocations(tiny_model, tokens, window=32, batch_size=2, log=lambda line: None)
+    computed, own_call = [], ba.PrefixReuse.__call__
+
+    def interrupted_after_20(self, experts):
+        if len(computed) == 20:
+            raise KeyboardInterrupt  # a lost runtime: nothing of the fit itself is saved
+        computed.append(experts)
+        return own_call(self, experts)
+
+    monkeypatch.setattr(ba.PrefixReuse, "__call__", interrupted_after_20)
+    with pytest.raises(KeyboardInterrupt):
+        ba.resumed_allocations(store, tiny_model, tokens, window=32, batch_size=2)
+    saved = json.loads(store.path(ba.FIT_PROGRESS).read_text())["evaluations"]
+    assert len(saved) == 21 and not store.path("allocations").exists()  # 20 candidates and the first base
+    computed.clear()
+    monkeypatch.setattr(
+        ba.PrefixReuse, "__call__", lambda self, experts: computed.append(experts) or own_call(self, experts)
+    )
+    resumed = ba.resumed_allocations(store, tiny_model, tokens, window=32, batch_size=2)
+    assert all(torch.equal(resumed[name], whole[name]) for name in ba.ALLOCATIONS)  # bit for bit on a CPU
+    assert not {tuple(experts) for experts, _ in saved} & set(computed)  # nothing saved was computed again
+    assert len(json.loads(store.path(ba.FIT_PROGRESS).read_text())["evaluations"]) == len(saved) + len(computed)

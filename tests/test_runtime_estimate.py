@@ -116,16 +116,11 @@ class CountingReuse:
 
 @pytest.mark.parametrize(("num_layers", "native_k"), [(2, 8), (4, 3), (16, 8)])
 def test_the_allocation_fit_costs_at_most_its_counted_evaluations(num_layers, native_k):
-    reuse, asked = CountingReuse(num_layers), {}
-
-    def loss(experts):
-        if experts not in asked:
-            asked[experts] = reuse(experts)
-        return asked[experts]
-
-    ba.greedy_allocation(loss, num_layers, native_k, on_step=reuse.rebase)
-    reuse.rebase((native_k,) * num_layers)
-    ba.layer_sensitivities(loss, num_layers, native_k)
+    reuse = CountingReuse(num_layers)
+    losses = ba.FitLosses(reuse)  # as fit_allocations asks for them
+    ba.greedy_allocation(losses, num_layers, native_k, on_step=losses.rebase)
+    losses.rebase((native_k,) * num_layers)
+    ba.layer_sensitivities(losses, num_layers, native_k)
     bound = ba.fit_cost(num_layers, native_k)
     assert reuse.computed / num_layers <= bound
     assert reuse.computed / num_layers >= 0.5 * bound  # the count is what the fit costs, not a loose ceiling
