@@ -2419,6 +2419,11 @@ class PatchedRouter:
             outputs = functools.partial(self.eager_outputs, eager_route, self.accumulators is not None)
             self.eager_route = CudaGraphed(outputs) if graphed and not self.reads_native else outputs
 
+    def release(self) -> None:
+        """Drop the route's CUDA graphs now (at unpatch): a patch can outlive its unpatch until the garbage
+        collector breaks its reference cycles, and its graphs' memory with it."""
+        getattr(self.eager_route, "release", lambda: None)()
+
     def accumulate(self, top_weights, top_index, expert_counts, keep, nonfinite) -> None:
         accumulate_routing(self.accumulators, top_weights, top_index, expert_counts, keep, nonfinite)
 
@@ -2771,6 +2776,7 @@ class MoERouterPatcher:
         self._handles = []
         for router, router_class in self._patched_routers:
             router.__class__ = router_class
+            getattr(router, PATCH_ATTRIBUTE).release()
             delattr(router, PATCH_ATTRIBUTE)
         self._patched_routers = []
         if getattr(self.model, PATCHER_ATTRIBUTE, None) is self:

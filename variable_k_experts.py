@@ -15,7 +15,7 @@ the sentinel index E (= num_experts) into the slots it leaves empty can use it.
    the few pairs of a decode step).
 4. The plan and the entry point (`variable_k_plan`, `variable_k_experts_forward`,
    `register_variable_k_experts`): experts_implementation="variable_k".
-5. Compile and CUDA-graph helpers (`compile_once`, `raise_recompile_limit`, `CudaGraphed`,
+5. Compile and CUDA-graph helpers (`compile_once`, `raise_recompile_limit`, `CudaGraphed`, `graph_pool`,
    `capture_cuda_graph`).
 
 transformers' experts paths take a fixed slot width K: "eager" loops over experts in Python with a host sync
@@ -68,6 +68,7 @@ __all__ = [
     "compile_once",
     "raise_recompile_limit",
     "CudaGraphed",
+    "graph_pool",
     "capture_cuda_graph",
 ]
 
@@ -620,6 +621,19 @@ def compile_once(function):
     return _compiled_cache[function]
 
 
+GRAPHED_MAX_ROWS = 256  # calls of more rows (a prompt, an evaluation window) run directly: see CudaGraphed
+_GRAPH_POOLS: dict[int, tuple] = {}  # CUDA device index -> the memory pool every CudaGraphed capture shares
+
+
+def graph_pool(device: torch.device) -> tuple:
+    """The graph memory pool of `device` that every `CudaGraphed` capture shares (made on first use)."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _GRAPH_POOLS:
+        _GRAPH_POOLS[index] = torch.cuda.graph_pool_handle()
+    return _GRAPH_POOLS[index]
+
+
 class CudaGraphed:
     """Replay `function(*args)` as one CUDA graph per (shape, dtype, device) of its tensor arguments.
 
@@ -627,17 +641,27 @@ class CudaGraphed:
     graph's static buffers and the outputs (a tuple of tensors or None) are cloned out, because the next
     replay (the next layer) overwrites them; arguments that are not tensors (None) are part of the key. The
     function must leave every other tensor alone: the two warm-up runs before a capture run it too. At most
-    `max_graphs` keys are kept (least recently used dropped); other devices than CUDA, and calls inside
-    another capture or a compiled region, call the function directly."""
+    `max_graphs` keys are kept (least recently used dropped); `release` drops them all. Other devices than
+    CUDA, calls inside another capture or a compiled region, and calls whose first tensor has more than
+    `max_rows` rows (a prompt or an evaluation window, whose launches a graph would not shorten noticeably
+    and whose every new length would cost a capture) call the function directly.
 
-    def __init__(self, function, max_graphs: int = 16):
-        self.function, self.max_graphs = function, max_graphs
+    Memory: every capture allocates in one pool per device (`graph_pool`), so that the hundreds of small
+    graphs of a sweep (layers x shapes x configurations) share its segments instead of holding at least one
+    each. This is safe because no data lives in the pool from one replay to the next: the static inputs are
+    allocated outside it, and a replay's outputs are cloned out before any other graph is replayed on the
+    stream, so a graph may overwrite another's intermediates and outputs."""
+
+    def __init__(self, function, max_graphs: int = 16, max_rows: int = GRAPHED_MAX_ROWS):
+        self.function, self.max_graphs, self.max_rows = function, max_graphs, max_rows
         self.graphs: dict = {}
 
     def __call__(self, *args):
-        device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
-        if device.type != "cuda" or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        tensor = next(arg for arg in args if isinstance(arg, torch.Tensor))
+        direct = tensor.device.type != "cuda" or tensor.shape[0] > self.max_rows
+        if direct or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return self.function(*args)
+        device = tensor.device
         key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
         entry = self.graphs.pop(key, None)
         if entry is None:
@@ -655,15 +679,20 @@ class CudaGraphed:
             graph.replay()
             return tuple(None if output is None else output.clone() for output in static_outputs)
 
+    def release(self) -> None:
+        """Drop every graph, returning its memory to the shared pool (the patcher does at unpatch)."""
+        self.graphs.clear()
+
     def _capture(self, device, args):
         with torch.cuda.device(device):
             static_args = [arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args]
-            graph, static_outputs = capture_cuda_graph(lambda: self.function(*static_args))
+            graph, static_outputs = capture_cuda_graph(lambda: self.function(*static_args), graph_pool(device))
         return graph, static_args, static_outputs
 
 
-def capture_cuda_graph(function: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
-    """Capture function() as a CUDA graph on the current device: (graph, the outputs graph.replay() refills).
+def capture_cuda_graph(function: Callable[[], object], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Capture function() as a CUDA graph on the current device: (graph, the outputs graph.replay() refills);
+    `pool`: a graph memory pool to allocate in (`graph_pool`), else the graph's own.
 
     function is first run twice on a side stream, so that lazy initialisations (allocator pools, cuBLAS
     handles, autotuning) happen outside the capture; it must not synchronise with the host."""
@@ -674,6 +703,6 @@ def capture_cuda_graph(function: Callable[[], object]) -> tuple[torch.cuda.CUDAG
             function()
     torch.cuda.current_stream().wait_stream(side_stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         outputs = function()
     return graph, outputs

@@ -441,3 +441,19 @@ def test_cuda_graphed_routes_give_the_plain_routes_outputs_and_statistics(tiny_m
     assert torch.equal(plain["token_counts"], stats["token_counts"]) and stats["num_tokens"] == 15
     for name in ("avg_experts", "weight_entropy", "expert_utilization_per_layer"):
         assert stats[name] == plain[name]
+
+
+def test_unpatch_drops_the_routes_cuda_graphs_at_once(tiny_model):
+    # A patch can outlive its unpatch in a reference cycle until the garbage collector runs; its graphs must
+    # not, or a sweep's earlier configurations hold GPU memory (run 56 ran out of it under a 15 GiB cap).
+    patcher = OLMoERouterPatcher(tiny_model, cuda_graphs=True).patch("bh", alpha=0.1)
+    routes = [getattr(router, bh_routing.PATCH_ATTRIBUTE).eager_route for router in patcher.routers]
+    for route in routes:
+        route.graphs[("a captured shape",)] = ("graph", [], ())  # what a capture on a GPU leaves
+    patcher.patch("bh", alpha=0.2)  # a new patch unpatches the old one first
+    assert all(route.graphs == {} for route in routes)
+    fresh = [getattr(router, bh_routing.PATCH_ATTRIBUTE).eager_route for router in patcher.routers]
+    for route in fresh:
+        route.graphs[("a captured shape",)] = ("graph", [], ())
+    patcher.unpatch()
+    assert all(route.graphs == {} for route in fresh)
