@@ -2,25 +2,30 @@
 # The capped Colab-shaped notebook runs of issue 30 inside one device lease, detached so that the calls that
 # poll them keep the machine (it goes back 30 s after a call returns). Run from the repository root there,
 # transformers >= 5.24 on PYTHONPATH (gpu_notes.md: carried as a wheel).
-#   bash benchmarks/colab_gpu_lease.sh start        # build the checkpoint, the quick run, the full profile's estimate
-#   bash benchmarks/colab_gpu_lease.sh start full   # build the checkpoint, the full profile's run
-#   bash benchmarks/colab_gpu_lease.sh poll SECONDS # wait until done or SECONDS passed; logs and outputs to $OUT
+#   bash benchmarks/colab_gpu_lease.sh start quick full  # build the checkpoint, then each profile's run in turn
+#   bash benchmarks/colab_gpu_lease.sh start estimate    # build the checkpoint, the full profile's estimate only
+#   bash benchmarks/colab_gpu_lease.sh poll SECONDS      # wait until done or SECONDS passed; logs, outputs to $OUT
+# Each run compiles with empty inductor and Triton caches of its own, as a fresh Colab runtime does.
 R=/tmp/run
 case "$1" in
 start)
+  shift
   mkdir -p $R && export PYTHONUNBUFFERED=1
+  runs=""
+  for name in "$@"; do
+    case "$name" in
+      quick|full) mode=notebook profile=$name ;;
+      estimate) mode=estimate profile=full ;;
+      *) echo "start takes quick, full or estimate, got '$name'" >&2; exit 2 ;;
+    esac
+    runs="$runs TORCHINDUCTOR_CACHE_DIR=/tmp/cache_$name/inductor TRITON_CACHE_DIR=/tmp/cache_$name/triton \
+      python3 benchmarks/colab_gpu_run.py $mode /tmp/ckpt $R/$name --cap-gib 15 'profile=\"$profile\"' \
+      'dtype=\"float16\"' 'reuse_results=null' > $R/$name.log 2>&1;"
+  done
   setsid nohup bash -c "
     date -u +%FT%TZ > $R/started
     [ -f /tmp/ckpt/config.json ] || python3 benchmarks/colab_gpu_run.py build /tmp/ckpt > $R/build.log 2>&1
-    if [ '$2' = full ]; then
-      python3 benchmarks/colab_gpu_run.py notebook /tmp/ckpt $R/full --cap-gib 15 'profile=\"full\"' \
-        'dtype=\"float16\"' 'reuse_results=null' > $R/full.log 2>&1
-    else
-      python3 benchmarks/colab_gpu_run.py notebook /tmp/ckpt $R/quick --cap-gib 15 'profile=\"quick\"' \
-        'dtype=\"float16\"' 'reuse_results=null' > $R/quick.log 2>&1
-      python3 benchmarks/colab_gpu_run.py estimate /tmp/ckpt $R/full --cap-gib 15 'profile=\"full\"' \
-        'dtype=\"float16\"' 'reuse_results=null' > $R/full_estimate.log 2>&1
-    fi
+    $runs
     date -u +%FT%TZ > $R/DONE" > /dev/null 2>&1 < /dev/null &
   ;;
 poll)
@@ -31,5 +36,5 @@ poll)
   tar czf $OUT/outputs.tgz -C $R --exclude=configs --exclude='quality*' --exclude=allocations --exclude='*.pt' \
     --exclude=visualizations .
   ;;
-*) echo "usage: $0 start | poll SECONDS" >&2; exit 2 ;;
+*) echo "usage: $0 start quick|full|estimate ... | poll SECONDS" >&2; exit 2 ;;
 esac
