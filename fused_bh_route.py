@@ -35,9 +35,9 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs route with the
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["fused_bh_route", "fused_route_supported", "ROWS_PER_PROGRAM", "MAX_EXPERTS"]
+__all__ = ["fused_bh_route", "fused_route_supported", "launch_warps", "ROWS_PER_PROGRAM", "MAX_EXPERTS"]
 
-ROWS_PER_PROGRAM = 4  # tokens a program routes: its E x E comparisons a token stay in registers
+ROWS_PER_PROGRAM = 1  # tokens a program routes: a token's E x E comparisons stay in registers (see launch_warps)
 MAX_EXPERTS = 128  # beyond, a token's E x E comparisons outgrow a program's registers: the torch route serves
 ROOT_EPS = math.sqrt(torch.finfo(torch.float32).eps)  # the statistic's floor, the work dtype's as the torch route's
 
@@ -140,6 +140,13 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def launch_warps(num_experts: int) -> int:
+    """Warps a program of `ROWS_PER_PROGRAM` tokens runs with: enough threads that the [E, E] comparisons of a
+    token fit their registers without spilling to local memory, which ptxas reports (tests/test_fused_route.py
+    checks it for sm75 and sm90 at 64 and 128 experts; benchmarks/gpu_notes.md has the counts)."""
+    return 4 if num_experts <= 64 else 8
+
+
 def fused_route_supported(device: torch.device | str) -> bool:
     """Whether `fused_bh_route` runs on `device`: CUDA with Triton (elsewhere Triton's interpreter only); a
     layer of more than `MAX_EXPERTS` experts routes with torch's operations all the same."""
@@ -162,5 +169,6 @@ def fused_bh_route(logits, critical, temperature: float, min_k: int, max_k: int,
         logits, critical, weights, index, counts, num_rows, num_experts, float(temperature), min_k, max_k,
         TRIMMED=trimmed, ROOT_EPS=ROOT_EPS, EXPERTS=triton.next_power_of_2(num_experts),
         SLOTS=triton.next_power_of_2(max_k), ROWS=ROWS_PER_PROGRAM, RENORMALIZE=bool(renormalize),
+        num_warps=launch_warps(num_experts),
     )  # fmt: skip
     return weights, index, counts
