@@ -13,7 +13,7 @@
    routing decisions of every scored position), `collect_router_logits` (calibration text), the oracle check
    (`oracle_drop_effects`).
 3. Timed generation: `generate_timed` on a generation path (`GENERATION_PATHS`, `fastest_generation_path`,
-   `generation_settings`), `throughput_summary`; the paths and the evaluation measured before a run
+   `generation_settings`, `generate_with`), `throughput_summary`; the paths and the evaluation measured before a run
    (`choose_generation_path`, `probe_evaluation`) and the run's time estimated from them (`estimate_runtime`).
 4. Tables: quality at equal compute against the baselines with paired bootstrap intervals (`frontier_table`,
    `best_at_budget`, `layer_matched_table`), saturation, the calibration diagnostics (`null_rejection_rates`,
@@ -36,6 +36,7 @@ import re
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from statistics import median
@@ -92,6 +93,7 @@ __all__ = [
     "estimate_runtime",
     "generation_settings",
     "generate_timed",
+    "generate_with",
     "throughput_summary",
     "progress",
     "repetition",
@@ -849,6 +851,28 @@ def generation_settings(path: str, max_cache_len: int | None = None, device=None
     return settings
 
 
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(batch, length): StaticCache}
+
+
+def generate_with(model, input_ids: torch.Tensor, settings: dict | None = None, **kwargs):
+    """model.generate(input_ids, **settings, **kwargs), where a static cache (`generation_settings`) is the model's
+    own of this batch and length, reset, rather than a new one each call as transformers' generate makes: a
+    compiled forward under CUDA graphs is recorded on its cache's tensors and would be recorded again at every
+    generate on a new cache's (benchmarks/gpu_notes.md, run 57)."""
+    settings = dict(settings or {})
+    if settings.get("cache_implementation") == "static":
+        del settings["cache_implementation"]
+        length = settings.pop("max_cache_len", None) or input_ids.shape[1] + kwargs["max_new_tokens"]
+        caches = _STATIC_CACHES.setdefault(model, {})
+        if (input_ids.shape[0], length) not in caches:
+            from transformers import StaticCache
+
+            caches[(input_ids.shape[0], length)] = StaticCache(config=model.config, max_cache_len=length)
+        settings["cache"] = caches[(input_ids.shape[0], length)]
+        settings["cache"].reset()  # in place: the tensors a recorded graph reads stay where they are
+    return model.generate(input_ids, **settings, **kwargs)
+
+
 def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int, exact: bool = False, settings=None):
     """Greedy generation of `prompt` (a string), timed: (input_ids [1, P], output_ids [1, P + n], seconds).
 
@@ -862,13 +886,14 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int, exact: bo
     minimum = {"min_new_tokens": max_new_tokens} if exact else {}
     synchronize(device)
     start = time.perf_counter()
-    output_ids = model.generate(
+    output_ids = generate_with(
+        model,
         input_ids,
+        settings,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         **minimum,
-        **(settings or {}),
     )
     synchronize(device)
     return input_ids, output_ids, time.perf_counter() - start

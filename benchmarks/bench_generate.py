@@ -99,15 +99,16 @@ def generate(model, prompt, path: str, new_tokens: int, logits: bool = False, ca
     """Greedy generate of exactly new_tokens: the output (ids, and logits per step if asked). cache_tokens:
     the static cache's length (default prompt + new tokens); one length keeps one cache and compiled graph."""
     settings = bh_experiment.generation_settings(path, cache_tokens or prompt.shape[1] + new_tokens, prompt.device)
-    return model.generate(
+    return bh_experiment.generate_with(
+        model,
         prompt,
+        settings,
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
         return_dict_in_generate=True,
         output_logits=logits,
-        **settings,
     )
 
 

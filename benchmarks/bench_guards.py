@@ -50,7 +50,8 @@ def decode_step_guards(model, prompt, new_tokens: int):
     settings = bh_experiment.generation_settings("static_compiled", prompt.shape[1] + new_tokens, "cpu")
     settings["compile_config"].backend = "eager"
     for _ in range(2):  # the second generate runs the compiled step without compiling
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **settings)
+        bh_experiment.generate_with(model, prompt, settings, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                    do_sample=False)  # fmt: skip
     function = type(model).forward  # the outermost of its decorators is the frame dynamo compiled
     while not torch._dynamo.eval_frame._debug_get_cache_entry_list(function.__code__):
         function = function.__wrapped__

@@ -451,3 +451,19 @@ def test_the_switching_profile_finds_no_recompilation_after_each_configuration_w
             assert row[generate]["graph_captures"] == 0
         assert row["switch_cost"] and all(cost["function"] for cost in row["switch_cost"])
         assert row["cache_entries"] and all(count >= 1 for count in row["cache_entries"].values())
+
+
+def test_static_generates_reuse_one_cache_whose_tensors_stay_where_a_recorded_graph_reads_them(tiny_model):
+    ids = torch.randint(2, 512, (1, 6), generator=torch.Generator().manual_seed(3))
+    settings = bx.generation_settings("static", 16)
+    options = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 1}
+    own = tiny_model.generate(ids, **settings, **options)  # transformers' generate: a new cache each call
+    first = bx.generate_with(tiny_model, ids, settings, return_dict_in_generate=True, **options)
+    pointers = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in first.past_key_values.layers]
+    second = bx.generate_with(tiny_model, ids, settings, return_dict_in_generate=True, **options)
+    assert second.past_key_values is first.past_key_values  # one cache, reset in place between generates
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in second.past_key_values.layers] == pointers
+    assert torch.equal(first.sequences, own) and torch.equal(second.sequences, own)  # reset: nothing carried over
+    batch = bx.generate_with(tiny_model, ids.repeat(2, 1), settings, return_dict_in_generate=True, **options)
+    assert batch.past_key_values is not first.past_key_values and torch.equal(batch.sequences[1:], own)
+    assert bx.generate_with(tiny_model, ids, bx.generation_settings("dynamic"), **options).shape == own.shape
