@@ -851,24 +851,41 @@ def generation_settings(path: str, max_cache_len: int | None = None, device=None
     return settings
 
 
-_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(batch, length): StaticCache}
+class _StaticCaches(dict):
+    """(batch, length) -> StaticCache, shared by the models of one cache layout (a dict that can be weakly held)."""
+
+
+_LAYOUT_CACHES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # layout -> its _StaticCaches
+_MODEL_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its layout's _StaticCaches
+
+
+def _static_caches(model) -> _StaticCaches:
+    """The static caches of `model`'s layout (its decoder config, dtype and devices), shared with every live model
+    of that layout (e.g. copies of one model sharing its weights), freed with the last of them."""
+    if model not in _MODEL_CACHES:
+        config = model.config.get_text_config(decoder=True).to_json_string()
+        devices = tuple(sorted({str(parameter.device) for parameter in model.parameters()}))
+        layout = (type(model).__name__, config, str(model.dtype), devices)
+        _MODEL_CACHES[model] = _LAYOUT_CACHES.get(layout) or _LAYOUT_CACHES.setdefault(layout, _StaticCaches())
+    return _MODEL_CACHES[model]
 
 
 def generate_with(model, input_ids: torch.Tensor, settings: dict | None = None, **kwargs):
-    """model.generate(input_ids, **settings, **kwargs), where a static cache (`generation_settings`) is the model's
-    own of this batch and length, reset, rather than a new one each call as transformers' generate makes: a
-    compiled forward under CUDA graphs is recorded on its cache's tensors and would be recorded again at every
-    generate on a new cache's (benchmarks/gpu_notes.md, run 57)."""
+    """model.generate(input_ids, **settings, **kwargs), where a static cache (`generation_settings`) is one kept
+    for the model's layout, batch and length and reset in place, rather than a new one each call as
+    transformers' generate makes: a compiled forward under CUDA graphs is recorded on its cache's tensors and
+    would be recorded again at every generate on a new cache's (benchmarks/gpu_notes.md, run 57). Models of one
+    layout share it (generate calls of one thread follow one another)."""
     settings = dict(settings or {})
     if settings.get("cache_implementation") == "static":
         del settings["cache_implementation"]
-        length = settings.pop("max_cache_len", None) or input_ids.shape[1] + kwargs["max_new_tokens"]
-        caches = _STATIC_CACHES.setdefault(model, {})
-        if (input_ids.shape[0], length) not in caches:
+        key = (input_ids.shape[0], settings.pop("max_cache_len", None) or input_ids.shape[1] + kwargs["max_new_tokens"])
+        caches = _static_caches(model)
+        if key not in caches:
             from transformers import StaticCache
 
-            caches[(input_ids.shape[0], length)] = StaticCache(config=model.config, max_cache_len=length)
-        settings["cache"] = caches[(input_ids.shape[0], length)]
+            caches[key] = StaticCache(config=model.config, max_cache_len=key[1])
+        settings["cache"] = caches[key]
         settings["cache"].reset()  # in place: the tensors a recorded graph reads stay where they are
     return model.generate(input_ids, **settings, **kwargs)
 

@@ -467,3 +467,18 @@ def test_static_generates_reuse_one_cache_whose_tensors_stay_where_a_recorded_gr
     batch = bx.generate_with(tiny_model, ids.repeat(2, 1), settings, return_dict_in_generate=True, **options)
     assert batch.past_key_values is not first.past_key_values and torch.equal(batch.sequences[1:], own)
     assert bx.generate_with(tiny_model, ids, bx.generation_settings("dynamic"), **options).shape == own.shape
+
+
+def test_copies_of_a_model_share_its_static_cache_and_another_layout_gets_its_own(tiny_model):
+    import copy
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_generate
+
+    ids = torch.randint(2, 512, (1, 6), generator=torch.Generator().manual_seed(4))
+    settings, options = bx.generation_settings("static", 16), {"max_new_tokens": 3, "return_dict_in_generate": True}
+    twin = bench_generate.model_copies(tiny_model, 1)[0]  # its own module tree on the same weights
+    first = bx.generate_with(tiny_model, ids, settings, do_sample=False, **options).past_key_values
+    assert bx.generate_with(twin, ids, settings, do_sample=False, **options).past_key_values is first
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)  # another dtype: a cache of its own
+    assert bx.generate_with(half, ids, settings, do_sample=False, **options).past_key_values is not first
