@@ -622,6 +622,7 @@ def compile_once(function):
 
 
 GRAPHED_MAX_ROWS = 256  # calls of more rows (a prompt, an evaluation window) run directly: see CudaGraphed
+CAPTURE_AT_CALL = 3  # a shape is captured at its third call: one seen once a generate (a prefill) runs directly
 _GRAPH_POOLS: dict[int, tuple] = {}  # CUDA device index -> the memory pool every CudaGraphed capture shares
 
 
@@ -640,11 +641,13 @@ class CudaGraphed:
     Capturing needs a function without host synchronisation. The tensor arguments are copied into the
     graph's static buffers and the outputs (a tuple of tensors or None) are cloned out, because the next
     replay (the next layer) overwrites them; arguments that are not tensors (None) are part of the key. The
-    function must leave every other tensor alone: the two warm-up runs before a capture run it too. At most
-    `max_graphs` keys are kept (least recently used dropped); `release` drops them all. Other devices than
-    CUDA, calls inside another capture or a compiled region, and calls whose first tensor has more than
-    `max_rows` rows (a prompt or an evaluation window, whose launches a graph would not shorten noticeably
-    and whose every new length would cost a capture) call the function directly.
+    function must leave every other tensor alone: the two warm-up runs before a capture run it too. A key is
+    captured at its `capture_at`-th call, the ones before run directly, so that a shape seen once a generate
+    (a prompt's prefill, whose capture would cost more than its replays save) is not captured after every
+    patch. At most `max_graphs` keys are kept (least recently used dropped); `release` drops them all. Other
+    devices than CUDA, calls inside another capture or a compiled region, and calls whose first tensor has more
+    than `max_rows` rows (an evaluation window, whose launches a graph would not shorten noticeably) call the
+    function directly.
 
     Memory: every capture allocates in one pool per device (`graph_pool`), so that the hundreds of small
     graphs of a sweep (layers x shapes x configurations) share its segments instead of holding at least one
@@ -652,9 +655,11 @@ class CudaGraphed:
     allocated outside it, and a replay's outputs are cloned out before any other graph is replayed on the
     stream, so a graph may overwrite another's intermediates and outputs."""
 
-    def __init__(self, function, max_graphs: int = 16, max_rows: int = GRAPHED_MAX_ROWS):
-        self.function, self.max_graphs, self.max_rows = function, max_graphs, max_rows
+    def __init__(self, function, max_graphs: int = 16, max_rows: int = GRAPHED_MAX_ROWS,
+                 capture_at: int = CAPTURE_AT_CALL):  # fmt: skip
+        self.function, self.max_graphs, self.max_rows, self.capture_at = function, max_graphs, max_rows, capture_at
         self.graphs: dict = {}
+        self.calls: dict = {}  # key -> its calls so far, until it is captured
 
     def __call__(self, *args):
         tensor = next(arg for arg in args if isinstance(arg, torch.Tensor))
@@ -665,6 +670,8 @@ class CudaGraphed:
         key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
         entry = self.graphs.pop(key, None)
         if entry is None:
+            if not self.captures(key):
+                return self.function(*args)
             entry = self._capture(device, args)
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
@@ -679,9 +686,18 @@ class CudaGraphed:
             graph.replay()
             return tuple(None if output is None else output.clone() for output in static_outputs)
 
+    def captures(self, key) -> bool:
+        """Count a call of `key` that has no graph: whether it is the one to capture."""
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] < self.capture_at:
+            return False
+        del self.calls[key]
+        return True
+
     def release(self) -> None:
         """Drop every graph, returning its memory to the shared pool (the patcher does at unpatch)."""
         self.graphs.clear()
+        self.calls.clear()
 
     def _capture(self, device, args):
         with torch.cuda.device(device):

@@ -457,3 +457,11 @@ def test_unpatch_drops_the_routes_cuda_graphs_at_once(tiny_model):
         route.graphs[("a captured shape",)] = ("graph", [], ())
     patcher.unpatch()
     assert all(route.graphs == {} for route in fresh)
+
+
+def test_a_graphed_shape_is_captured_at_its_third_call_so_a_prefill_seen_once_is_not():
+    graphed = variable_k_experts.CudaGraphed(lambda logits: (logits,))
+    assert [graphed.captures("a decode shape") for _ in range(3)] == [False, False, True]  # then replayed
+    assert [graphed.captures("a prompt's shape") for _ in range(2)] == [False, False]
+    graphed.release()  # a new patch counts afresh
+    assert [graphed.captures("a prompt's shape") for _ in range(3)] == [False, False, True]
