@@ -874,7 +874,7 @@ def generate_with(model, input_ids: torch.Tensor, settings: dict | None = None, 
     """model.generate(input_ids, **settings, **kwargs), where a static cache (`generation_settings`) is one kept
     for the model's layout, batch and length and reset in place, rather than a new one each call as
     transformers' generate makes: a compiled forward under CUDA graphs is recorded on its cache's tensors and
-    would be recorded again at every generate on a new cache's (benchmarks/gpu_notes.md, run 57). Models of one
+    would be recorded again at every generate on a new cache's (benchmarks/gpu_notes.md). Models of one
     layout share it (generate calls of one thread follow one another)."""
     settings = dict(settings or {})
     if settings.get("cache_implementation") == "static":
