@@ -103,8 +103,8 @@ def compare_with_eager(results: dict) -> None:
 
 
 def check_graphs_and_compile(model, input_ids) -> None:
-    """CUDA-graph and compiled routing against plain: prefill counts, and decode generations (one token per
-    step replays the same graph)."""
+    """CUDA-graph and compiled routing against plain: prefill counts (the same prompt until its graph replays),
+    and decode generations (one token per step replays the same graph)."""
     model.set_experts_implementation("grouped_mm")
     plain = OLMoERouterPatcher(model, cuda_graphs=False, record_token_counts=True)
     graphed = OLMoERouterPatcher(model, record_token_counts=True)  # default: CUDA graphs
@@ -113,7 +113,8 @@ def check_graphs_and_compile(model, input_ids) -> None:
     for candidate in (plain, graphed, compiled):
         patch_bh(candidate)
         with torch.no_grad():
-            model(input_ids)
+            for _ in range(variable_k_experts.CAPTURE_AT_CALL + 1):  # captured at the last but one, then replayed
+                model(input_ids)
         counts.append(candidate.get_stats()["token_counts"])
         candidate.unpatch()
     print(
