@@ -875,7 +875,8 @@ def generate_with(model, input_ids: torch.Tensor, settings: dict | None = None, 
     for the model's layout, batch and length and reset in place, rather than a new one each call as
     transformers' generate makes: a compiled forward under CUDA graphs is recorded on its cache's tensors and
     would be recorded again at every generate on a new cache's (benchmarks/gpu_notes.md). Models of one
-    layout share it (generate calls of one thread follow one another)."""
+    layout share it (generate calls of one thread follow one another), so a cache that generate returns
+    (`past_key_values`) holds that call's keys and values only until the next call."""
     settings = dict(settings or {})
     if settings.get("cache_implementation") == "static":
         del settings["cache_implementation"]
