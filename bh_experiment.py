@@ -866,7 +866,7 @@ def _static_caches(model) -> _StaticCaches:
         config = model.config.get_text_config(decoder=True).to_json_string()
         devices = tuple(sorted({str(parameter.device) for parameter in model.parameters()}))
         layout = (type(model).__name__, config, str(model.dtype), devices)
-        _MODEL_CACHES[model] = _LAYOUT_CACHES.get(layout) or _LAYOUT_CACHES.setdefault(layout, _StaticCaches())
+        _MODEL_CACHES[model] = _LAYOUT_CACHES.setdefault(layout, _StaticCaches())
     return _MODEL_CACHES[model]
 
 
@@ -880,7 +880,10 @@ def generate_with(model, input_ids: torch.Tensor, settings: dict | None = None, 
     settings = dict(settings or {})
     if settings.get("cache_implementation") == "static":
         del settings["cache_implementation"]
-        key = (input_ids.shape[0], settings.pop("max_cache_len", None) or input_ids.shape[1] + kwargs["max_new_tokens"])
+        length = settings.pop("max_cache_len", None)
+        if length is None and not isinstance(kwargs.get("max_new_tokens"), int):
+            raise ValueError("a static cache needs its length: max_cache_len in settings, or max_new_tokens")
+        key = (input_ids.shape[0], length or input_ids.shape[1] + kwargs["max_new_tokens"])
         caches = _static_caches(model)
         if key not in caches:
             from transformers import StaticCache

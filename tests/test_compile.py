@@ -467,6 +467,8 @@ def test_static_generates_reuse_one_cache_whose_tensors_stay_where_a_recorded_gr
     batch = bx.generate_with(tiny_model, ids.repeat(2, 1), settings, return_dict_in_generate=True, **options)
     assert batch.past_key_values is not first.past_key_values and torch.equal(batch.sequences[1:], own)
     assert bx.generate_with(tiny_model, ids, bx.generation_settings("dynamic"), **options).shape == own.shape
+    with pytest.raises(ValueError, match="a static cache needs its length: max_cache_len in settings, or max_new"):
+        bx.generate_with(tiny_model, ids, bx.generation_settings("static"), do_sample=False)
 
 
 def test_copies_of_a_model_share_its_static_cache_and_another_layout_gets_its_own(tiny_model):
