@@ -421,13 +421,18 @@ def test_the_benchmark_interval_for_a_median_is_the_order_statistics_of_the_bino
     assert bench_generate.median_interval(list(range(1, 21)), level=0.5) == (8, 13)  # coverage 73.7%; (9, 12): 49.7%
 
 
-def test_the_host_profile_compares_each_configuration_with_native(tmp_path):
+def host_profile(tmp_path, *arguments: str) -> dict:
+    """benchmarks/profile_generate.py on the embedded model on the CPU (3 new tokens after 5): its results."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_generate.py"
     out = tmp_path / "profile.json"
-    command = [sys.executable, str(script), "--model", "embedded", "--device", "cpu", "--configs", "topk_k8_nostats",
-               "--new-tokens", "3", "--prompt-tokens", "5", "--top", "100000", "--out", str(out)]  # fmt: skip
+    command = [sys.executable, str(script), "--model", "embedded", "--device", "cpu", "--new-tokens", "3",
+               "--prompt-tokens", "5", *arguments, "--out", str(out)]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=600)
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_the_host_profile_compares_each_configuration_with_native(tmp_path):
+    results = host_profile(tmp_path, "--configs", "topk_k8_nostats", "--top", "100000")
     assert results["settings"]["configs"] == ["native", "topk_k8_nostats"]  # native added, first
     assert all(row["own_us_per_token"] == 0 for row in results["native"]["against_native"])
     patched = results["topk_k8_nostats"]
@@ -437,12 +442,7 @@ def test_the_host_profile_compares_each_configuration_with_native(tmp_path):
 
 
 def test_the_switching_profile_finds_no_recompilation_after_each_configuration_was_compiled(tmp_path):
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_generate.py"
-    out = tmp_path / "switching.json"
-    command = [sys.executable, str(script), "--mode", "switching", "--model", "embedded", "--device", "cpu",
-               "--configs", "topk_k2", "--new-tokens", "3", "--prompt-tokens", "5", "--out", str(out)]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True, timeout=600)
-    results = json.loads(out.read_text())
+    results = host_profile(tmp_path, "--mode", "switching", "--configs", "topk_k2")
     for name in ("native", "topk_k2"):
         row = results[name]
         assert row["first_own_seconds_per_token"] > 0 and row["steady_own_seconds_per_token"] > 0
