@@ -5,9 +5,9 @@ p-value methods that read robust_z's statistic against a null (robust_z, empiric
 is tested against (tests/test_fused_route.py, under Triton's CPU interpreter).
 
     from fused_bh_route import fused_bh_route
-    weights, index, counts = fused_bh_route(logits, critical, temperature, min_k, max_k, renormalize)
+    weights, index, counts = fused_bh_route(logits, critical, temperature, min_k, max_k, renormalize, trimmed)
 
-1. The kernel (`_bh_route_kernel`): one program per block of ROWS tokens, every expert of a token in registers.
+1. The kernel (`_bh_route_kernel`): one program per ROWS tokens, every expert of a token in registers.
 2. The entry point (`fused_bh_route`) and where it runs (`fused_route_supported`).
 
 Why one kernel: in decode a BH route of torch operations is about 20 small kernels per layer (softmax, top-k,
