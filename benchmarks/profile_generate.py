@@ -21,11 +21,14 @@ run without the profiler (bench_generate does).
 """
 
 import argparse
+import contextlib
 import cProfile
 import json
 import pstats
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate  # noqa: E402 - the benchmark's model, copies, warm-up and generate
@@ -77,13 +80,57 @@ def cache_entries() -> dict:
     return {name: count for name, count in entries.items() if count}
 
 
+def moved_inputs(node, inputs: list) -> list[str]:
+    """The graph inputs held by address (static, or in the graphs' pool) that are not where `node` recorded them."""
+    held = [*node.cudagraph_managed_idxs, *getattr(node, "tensor_static_input_idxs", [])]
+    return [
+        node.wrapped_function.placeholders[i].name
+        for i in held
+        if isinstance(inputs[i], torch.Tensor) and inputs[i].data_ptr() != node.static_input_data_ptrs[i]
+    ]
+
+
+@contextlib.contextmanager
+def graph_recordings(events: list):
+    """Appends to `events` each recording inductor's CUDA-graph trees make (the function, the graph it is recorded
+    under, None at a root, and how many graphs of the same function that place already had: more than 0 is a
+    re-recording) and each failed check of a recorded node (its status, and the inputs whose address
+    moved). The reasons are read here rather than through TORCH_LOGS=cudagraphs, whose formatting of an address
+    mismatch can fail inside torch's logging. Reads torch's private classes: a diagnostic, not an interface."""
+    from torch._inductor import cudagraph_trees as trees
+
+    record, check = trees.CUDAGraphTreeManager.record_function, trees.CUDAGraphNode.check_invariants
+
+    def recording(manager, new_inputs, function_id):
+        parent = manager.current_node
+        siblings = (manager.roots if parent is None else parent.children).get(function_id, [])
+        events.append({"recorded": manager.get_func_name(function_id), "under_graph": None if parent is None
+                       else parent.id.id, "same_function_nodes_there": len(siblings)})  # fmt: skip
+        return record(manager, new_inputs, function_id)
+
+    def checked(node, inputs):
+        moved = moved_inputs(node, inputs)  # before the check, which drops some inputs
+        status, reason = check(node, inputs)
+        if status != trees.CheckInvariantStatus.SUCCESS:
+            events.append({"check_failed_graph": node.id.id, "status": status.name, "moved_inputs": moved})
+        return status, reason
+
+    trees.CUDAGraphTreeManager.record_function, trees.CUDAGraphNode.check_invariants = recording, checked
+    try:
+        yield events
+    finally:
+        trees.CUDAGraphTreeManager.record_function, trees.CUDAGraphNode.check_invariants = record, check
+
+
 def observed(model, prompt, path: str, new_tokens: int) -> dict:
-    """One generate under cProfile: its profile, the counters that moved, and the CUDA graphs captured."""
+    """One generate under cProfile: its profile, the counters that moved, the CUDA graphs captured, and
+    inductor's CUDA-graph recordings with their reasons (`graph_recordings`)."""
     before = counter_values()
-    profile = own_times(model, prompt, path, new_tokens)
+    with graph_recordings([]) as recordings:
+        profile = own_times(model, prompt, path, new_tokens)
     moved = {key: value - before.get(key, 0) for key, value in counter_values().items() if value != before.get(key, 0)}
     captures = sum(calls for name, (calls, _) in profile.items() if name.endswith("(capture_begin)"))
-    return {"profile": profile, "counters": moved, "graph_captures": captures}
+    return {"profile": profile, "counters": moved, "graph_captures": captures, "graph_recordings": recordings}
 
 
 def switching_profiles(model, prompt, args) -> dict:
@@ -98,8 +145,8 @@ def switching_profiles(model, prompt, args) -> dict:
         results[name] = {
             "first_own_seconds_per_token": sum(own for _, own in first["profile"].values()) / tokens,
             "steady_own_seconds_per_token": sum(own for _, own in steady["profile"].values()) / tokens,
-            "first": {key: first[key] for key in ("counters", "graph_captures")},
-            "steady": {key: steady[key] for key in ("counters", "graph_captures")},
+            "first": {key: first[key] for key in ("counters", "graph_captures", "graph_recordings")},
+            "steady": {key: steady[key] for key in ("counters", "graph_captures", "graph_recordings")},
             "cache_entries": cache_entries(),
             "switch_cost": differences(steady["profile"], first["profile"], tokens, args.top),
         }
