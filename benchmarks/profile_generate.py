@@ -81,12 +81,12 @@ def cache_entries() -> dict:
 
 
 def moved_inputs(node, inputs: list) -> list[str]:
-    """The graph inputs held by address (static, or in the graphs' pool) that are not where `node` recorded them."""
-    held = [*node.cudagraph_managed_idxs, *getattr(node, "tensor_static_input_idxs", [])]
+    """The graph inputs held by address (static, or in the graphs' pool: those `node` kept an address of) that
+    are not where `node` recorded them: name, shape and dtype."""
     return [
-        node.wrapped_function.placeholders[i].name
-        for i in held
-        if isinstance(inputs[i], torch.Tensor) and inputs[i].data_ptr() != node.static_input_data_ptrs[i]
+        f"{node.wrapped_function.placeholders[i].name} {tuple(inputs[i].shape)} {inputs[i].dtype}"
+        for i, address in enumerate(node.static_input_data_ptrs)
+        if address is not None and isinstance(inputs[i], torch.Tensor) and inputs[i].data_ptr() != address
     ]
 
 
