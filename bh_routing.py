@@ -99,6 +99,7 @@ __all__ = [
     "config_suffix",
     "route_layer_budget",
     "route_alloct",
+    "layer_tensor",
     # families and the patcher
     "find_moe_layers",
     "moe_shape",
@@ -1211,7 +1212,7 @@ class RoutingMethod:
         It must trace under torch.compile(fullgraph=True) and replay in a CUDA graph: tensor ops only, no
         host sync, no Python state changed. compiled: the function runs eagerly (not inside a compiled
         model) and may fuse itself with torch.compile."""
-        tables = _tables_to(self.layer_tables(params, context), context.device)
+        tables = _tables_to(self.layer_tables(params, context), context)
         # A route reaching only objects of its own layer (the method through the registry, one global): a
         # compiled forward checks every object it reads at every decode step, and an object that several
         # layers share costs each layer an identity check evaluated in Python.
@@ -1263,16 +1264,36 @@ def _route_with_tables(method: str, params: dict, tables: dict, logits, native_w
     return routing.top_weights, routing.top_index, routing.expert_counts
 
 
-def _tables_to(tables: dict, device) -> dict:
-    """A layer's tables with every tensor (and NullTable) copied to `device`: the layer's own, even where
-    layers share a table (the pooled null), so that no two layers' routes read one object."""
-    return {name: _owned_copy(value, device) for name, value in tables.items()}
+def _tables_to(tables: dict, context: LayerContext) -> dict:
+    """A layer's tables with every tensor (and NullTable) on the layer's device: the layer's own
+    (`layer_tensor`), even where layers share a table (the pooled null), so that no two layers' routes read
+    one object."""
+    return {name: _owned_copy(value, (name, context.layer), context.device) for name, value in tables.items()}
 
 
-def _owned_copy(value, device):
+def _owned_copy(value, place: tuple, device):
     if isinstance(value, NullTable):
-        return NullTable(value.first, value.step, value.log_survival.to(device, copy=True))
-    return value.to(device, copy=True) if isinstance(value, torch.Tensor) else value
+        return NullTable(value.first, value.step, layer_tensor(place, value.log_survival, device))
+    return layer_tensor(place, value, device) if isinstance(value, torch.Tensor) else value
+
+
+KEPT_PER_PLACE = 16  # distinct values kept for one place (a layer's table): configurations alternated in turn
+_kept_tensors: dict[tuple, list[torch.Tensor]] = {}
+
+
+def layer_tensor(place: tuple, tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` on `device` as the tensor of `place` (a table and its layer): the same object an earlier patch
+    got there for equal values, else a copy of its own. A compiled model's CUDA graphs hold these tensors by
+    address (static inputs); a fresh copy at every patch made each switch back to a configuration record its
+    decode graph again, and every later decode step check the stale graph first (`benchmarks/gpu_notes.md`)."""
+    tensor = tensor.to(device)
+    kept = _kept_tensors.setdefault((place, str(tensor.device), tensor.dtype, tuple(tensor.shape)), [])
+    same = next((old for old in kept if torch.equal(old, tensor)), None)
+    if same is None:
+        same = tensor.clone()
+        kept.append(same)
+        del kept[:-KEPT_PER_PLACE]
+    return same
 
 
 ROUTING_METHODS: dict[str, RoutingMethod] = {}
@@ -1359,7 +1380,7 @@ class BenjaminiHochbergMethod(RoutingMethod):
         method, num_experts = pvalue_method_of(params["pvalue_method"]), context.shape.num_experts
         null = self.layer_tables(params, context).get("null")
         critical = method.critical(params["alpha"], num_experts, method.null(num_experts, null, "cpu"), context.device)
-        critical = None if critical is None else critical.clone()
+        critical = None if critical is None else layer_tensor(("critical", context.layer), critical, context.device)
         if context.fused and method.fused and num_experts <= FUSED_MAX_EXPERTS:  # one kernel, on CUDA (issue 29)
             return functools.partial(_fused_bh_layer_route, critical, constants)
         route = compile_once(route_bh_tensors) if compiled else route_bh_tensors
@@ -1686,7 +1707,7 @@ def route_logits(
     shape = RouterShape(router_logits.shape[-1], num_experts_per_tok)
     params = spec.parameters(shape, **params)
     context = LayerContext(layer, shape, router_logits.device, calibration)
-    tables = _tables_to(spec.layer_tables(params, context), router_logits.device)
+    tables = _tables_to(spec.layer_tables(params, context), context)
     params = spec.layer_params(params, context)
     return spec.route(router_logits, params, with_stats, **({"tables": tables} if tables else {}))
 

@@ -453,6 +453,50 @@ def test_the_switching_profile_finds_no_recompilation_after_each_configuration_w
         assert row["cache_entries"] and all(count >= 1 for count in row["cache_entries"].values())
 
 
+def route_tensors(route) -> list[torch.Tensor]:
+    """The tensors a layer's route (a functools.partial) reads: bound directly, or in its tables."""
+    bound = [v for value in route.args for v in (value.values() if isinstance(value, dict) else [value])]
+    return [t for t in (getattr(v, "log_survival", v) for v in bound) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [("bh", {"alpha": 0.05}), ("bh", {"alpha": 0.05, "pvalue_method": "empirical"}),
+     ("hc", {"beta": 0.3, "pvalue_method": "empirical"})],
+)  # fmt: skip
+def test_a_configuration_patched_again_routes_with_the_same_layer_tensors(tiny_model, calibration, method, params):
+    # A compiled model's CUDA graphs hold these tensors by address: new ones at every patch made each switch back
+    # to BH record its decode graph again and every later step check the stale graph first (gpu_notes, run 59).
+    patcher = br.MoERouterPatcher(tiny_model, calibration=calibration)
+
+    def layer_tensors(method, **params):
+        patcher.patch(method, **params)
+        found = [route_tensors(getattr(router, br.PATCH_ATTRIBUTE).route) for router in patcher.routers]
+        patcher.unpatch()
+        return found
+
+    first = layer_tensors(method, **params)
+    assert all(len(tensors) == 1 for tensors in first)  # the critical statistics, or the null table
+    assert first[0][0] is not first[1][0]  # each layer its own, even with equal values (one guard each)
+    other = layer_tensors(method, **(params | {"alpha" if method == "bh" else "beta": 0.2}))
+    assert method == "hc" or not torch.equal(other[0][0], first[0][0])  # HC's null does not depend on beta
+    layer_tensors("topk", k=2)
+    again = layer_tensors(method, **params)
+    pairs = [pair for tensors in zip(first, again, strict=True) for pair in zip(*tensors, strict=True)]
+    assert all(kept is given and kept.data_ptr() == given.data_ptr() for kept, given in pairs)
+
+
+def test_a_layer_tensor_is_kept_per_place_and_value_up_to_a_bound():
+    place = ("a table", "test")
+    kept = br.layer_tensor(place, torch.arange(4.0), "cpu")
+    assert br.layer_tensor(place, torch.arange(4.0), "cpu") is kept  # equal values: the same object
+    assert br.layer_tensor(("another table", "test"), torch.arange(4.0), "cpu") is not kept
+    assert br.layer_tensor(place, torch.arange(4, dtype=torch.float64), "cpu") is not kept  # another dtype
+    for value in range(br.KEPT_PER_PLACE):  # older values make way for newer ones, each a copy of its own
+        assert not torch.equal(br.layer_tensor(place, torch.full((4,), float(value + 10)), "cpu"), kept)
+    assert br.layer_tensor(place, torch.arange(4.0), "cpu") is not kept
+
+
 def test_static_generates_reuse_one_cache_whose_tensors_stay_where_a_recorded_graph_reads_them(tiny_model):
     ids = torch.randint(2, 512, (1, 6), generator=torch.Generator().manual_seed(3))
     settings = bx.generation_settings("static", 16)
