@@ -2,7 +2,9 @@
 notebook counted before its run (`estimated_work` in colab_gpu_run.py's gpu_run.json, or its gpu_estimate.json)
 and the rates it measured there, scaled by datasheet ratios and floors stated below.
 
-    python benchmarks/t4_estimate.py benchmarks/results/colab_gpu_h100_run52/quick_gpu_run.json
+    python benchmarks/t4_estimate.py benchmarks/results/colab_gpu_h100_run59/quick/gpu_run.json
+    python benchmarks/t4_estimate.py benchmarks/results/colab_gpu_h100_run59/full_gpu_estimate.json \
+        --host-factor-from benchmarks/results/colab_gpu_h100_run59/quick/gpu_run.json
 
 The estimate is a range, each end from stated assumptions:
 - Evaluation (batched forwards of whole windows) costs the measured run's time, which on a card far faster
@@ -14,6 +16,11 @@ The estimate is a range, each end from stated assumptions:
   costs the measured host time per token and the T4's time to read the active weights once (float16).
   Low end: the larger; high end: the host `HOST_SLOWDOWN` slower plus the read.
 - A compiled path's first calls are left out: a T4 takes the dynamic path unless its own probe says otherwise.
+- The probes time the model's own routing on one prompt; a run's patched configurations, its shorter calls and
+  the allocation fit's small batches cost more. Where the record is a finished run (its elapsed time beside
+  its estimate), every measured host time is scaled by the run's elapsed over estimated time (`host_factor`);
+  `--host-factor-from RUN.json` takes that ratio from another run's record (e.g. the quick profile's, for the
+  full profile's estimate), else it is 1 and the estimate is as optimistic as the probes.
 Not included: the model's download (about 14 GB) and loading.
 """
 
@@ -44,22 +51,30 @@ def card_of(name: str) -> str:
     return matches[0]
 
 
-def t4_minutes(record: dict, config: dict) -> dict:
-    """{"evaluation": (low, high), "sweep": (low, high), "total": (low, high)} minutes on a T4."""
+def host_factor(record: dict) -> float:
+    """A finished run's elapsed time over the time it estimated before its work; 1 for an estimate alone."""
+    minutes = record.get("runtime_minutes", {})
+    return minutes["elapsed"] / minutes["estimated_total"] if "elapsed" in minutes else 1.0
+
+
+def t4_minutes(record: dict, config: dict, factor: float | None = None) -> dict:
+    """{"evaluation": (low, high), "sweep": (low, high), "total": (low, high)} minutes on a T4, the measured host
+    times scaled by `factor` (None: the record's own `host_factor`)."""
     work = record.get("estimated_work", record)
     card_of(record["hardware"])  # a measured card of known speed (what the host-bound reading assumes)
+    factor = host_factor(record) if factor is None else factor
     t4_flops, t4_bandwidth = CARDS["T4"]
     active = active_parameters(config)
-    measured = work["evaluated_tokens"] / work["evaluate_tokens_per_second"]
+    measured = factor * work["evaluated_tokens"] / work["evaluate_tokens_per_second"]
     arithmetic = work["evaluated_tokens"] * 2 * active / (t4_flops * 1e12)  # seconds at the whole peak
     evaluation = (
         max(measured, arithmetic / TENSOR_EFFICIENCY),
         measured * HOST_SLOWDOWN + arithmetic / TENSOR_EFFICIENCY_LOW,
     )
     dynamic = next(p for p in record["generation_probes"] if p["path"] == "dynamic")
-    host, weights_read = 1 / dynamic["tokens_per_second"], active * 2 / (t4_bandwidth * 1e9)  # float16: 2 bytes
+    host, weights_read = factor / dynamic["tokens_per_second"], active * 2 / (t4_bandwidth * 1e9)  # float16: 2 bytes
     per_token = (max(host, weights_read), host * HOST_SLOWDOWN + weights_read)
-    firsts = work["configurations"] * dynamic["first_call_seconds"]
+    firsts = factor * work["configurations"] * dynamic["first_call_seconds"]
     sweep = tuple(firsts + work["generated_tokens"] * seconds for seconds in per_token)
     total = (evaluation[0] + sweep[0], evaluation[1] + sweep[1])
     return {name: (low / 60, high / 60) for name, (low, high) in
@@ -69,10 +84,14 @@ def t4_minutes(record: dict, config: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("record", type=Path, help="gpu_run.json or gpu_estimate.json of colab_gpu_run.py")
+    parser.add_argument("--host-factor-from", type=Path, help="a finished run's gpu_run.json (default: the record)")
     arguments = parser.parse_args()
     record = json.loads(arguments.record.read_text())
-    minutes = t4_minutes(record, json.loads(REAL_SHAPE.read_text()))
-    print(json.dumps({"from": str(arguments.record), "card": record["hardware"], "t4_minutes": minutes}, indent=1))
+    source = arguments.host_factor_from or arguments.record
+    factor = host_factor(json.loads(source.read_text()))
+    minutes = t4_minutes(record, json.loads(REAL_SHAPE.read_text()), factor)
+    print(json.dumps({"from": str(arguments.record), "card": record["hardware"], "host_factor": factor,
+                      "host_factor_from": str(source), "t4_minutes": minutes}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
