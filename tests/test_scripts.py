@@ -81,6 +81,12 @@ def test_the_t4_estimate_scales_a_measured_run_by_its_stated_assumptions():
     sweep = (29 * 4.0 + 15_000 / 30.0, 29 * 4.0 + 15_000 * (2.0 / 30.0 + weights))  # 33 ms of host > 8 ms of weights
     assert minutes["sweep"] == pytest.approx(tuple(s / 60 for s in sweep))
     assert minutes["total"][0] < minutes["total"][1]
+    finished = record | {"runtime_minutes": {"estimated_total": 10.0, "elapsed": 15.0}}  # took 1.5x its estimate
+    assert t4_estimate.host_factor(finished) == 1.5 and t4_estimate.host_factor(record) == 1.0
+    slower = t4_estimate.t4_minutes(finished, config)  # the measured host times 1.5x, the T4's own work not
+    assert slower["evaluation"] == pytest.approx((max(150, low) / 60, (high + 50 * t4_estimate.HOST_SLOWDOWN) / 60))
+    assert slower["sweep"][1] == pytest.approx((1.5 * 29 * 4.0 + 15_000 * (3.0 / 30.0 + weights)) / 60)
+    assert t4_estimate.t4_minutes(finished, config, factor=1.0) == minutes
     with pytest.raises(ValueError, match=r"the measured card must be one of \['H100', 'H200', 'T4'\]"):
         t4_estimate.t4_minutes(record | {"hardware": "x86_64 CPU, 2 threads"}, config)
 
