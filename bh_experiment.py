@@ -971,24 +971,32 @@ def choose_generation_path(
     tokens: int,
     candidates=None,
     log=print,
+    patcher=None,
+    routing=None,
 ) -> tuple[GenerationProbe, list[GenerationProbe]]:
-    """The path the sweep generates on, measured with the model's own routing on `prompt`.
+    """The path the sweep generates on, measured on `prompt`.
 
     candidates: the paths to measure (names of `GENERATION_PATHS`); None: on a CPU the dynamic path and on a
     GPU with `fast_compiled_path` the static compiled one (`fastest_generation_path`), on any other GPU (a T4,
     float16, a family without the fused kernels) both. Of those, the one whose sweep of `calls`
     configurations and `tokens` generated tokens takes least time (compilations included) is chosen. A path
-    that fails to compile is left out, with its error in `log`. Returns (the chosen probe, every probe)."""
+    that fails to compile is left out, with its error in `log`. patcher and routing (a `RoutingConfig`),
+    given together: each path is probed with the model patched with `routing` (a sweep's configuration, whose
+    hooks, kernels and statistics cost time the model's own routing does not), and unpatched after; neither:
+    the model's own routing. Returns (the chosen probe, every probe)."""
     device = next(model.parameters()).device
     if candidates is None:
         candidates = generation_candidates(device, fast_compiled_path(model))
     unknown = sorted(set(candidates) - set(GENERATION_PATHS))
     if not candidates or unknown:
         raise ValueError(f"candidates must name paths of {sorted(GENERATION_PATHS)}, got {candidates!r}")
+    if (patcher is None) != (routing is None):
+        raise ValueError(f"patcher and routing must be given together or not at all, got {patcher=}, {routing=}")
     probes = []
     for path in candidates:
+        probe = functools.partial(probe_generation, model, tokenizer, prompt, new_tokens, path, max_cache_len)
         try:
-            probes.append(probe_generation(model, tokenizer, prompt, new_tokens, path, max_cache_len))
+            probes.append(_probe_routed(probe, path, patcher, routing, log))
         except RuntimeError as error:  # dynamo's and inductor's errors are RuntimeErrors
             log(f"generation path {path!r} left out: {error}")
     if not probes:
@@ -1001,6 +1009,21 @@ def choose_generation_path(
             + (" (chosen: the faster)" if probe is chosen and len(probes) > 1 else "")
         )
     return chosen, probes
+
+
+def _probe_routed(probe, path: str, patcher, routing, log) -> GenerationProbe:
+    """`probe()` of `path` with `routing` patched afresh (a configuration's first call compiles it) and unpatched
+    after; if that fails (e.g. out of memory), with the model's own routing, said in `log`: the sweep records
+    that configuration's failure itself, and the run goes on."""
+    if routing is not None:
+        try:
+            routing.apply(patcher)
+            return probe()
+        except RuntimeError as error:
+            log(f"generation path {path!r} with {routing.name} failed ({error}): probed unpatched instead")
+        finally:
+            patcher.unpatch()
+    return probe()
 
 
 @torch.no_grad()

@@ -75,6 +75,43 @@ def test_a_path_that_does_not_compile_is_left_out_and_named(monkeypatch, tiny_mo
         bx.choose_generation_path(tiny_model, None, "w1", 4, 16, 1, 100, ["eager"], print)
 
 
+def test_probes_run_the_sweeps_configuration_patched_afresh_on_each_path_and_unpatch(monkeypatch, tiny_model):
+    seen = []  # (path, the patcher holding the model, its method) at each probe
+
+    def probe(model, tokenizer, prompt, new_tokens, path, max_cache_len=None):
+        holder = getattr(model, br.PATCHER_ATTRIBUTE, None)
+        seen.append((path, holder, getattr(holder, "method", None)))
+        return bx.GenerationProbe(path, 1.0, 100.0)
+
+    monkeypatch.setattr(bx, "probe_generation", probe)
+    patcher, routing = br.MoERouterPatcher(tiny_model), br.RoutingConfig.of("bh", alpha=0.05, max_k=8)
+    bx.choose_generation_path(tiny_model, None, "w1", 4, 16, 1, 100, ["dynamic", "static_compiled"], print,
+                              patcher=patcher, routing=routing)  # fmt: skip
+    assert seen == [("dynamic", patcher, "bh"), ("static_compiled", patcher, "bh")]
+    assert getattr(tiny_model, br.PATCHER_ATTRIBUTE, None) is None  # unpatched after the probes
+    bx.choose_generation_path(tiny_model, None, "w1", 4, 16, 1, 100, ["dynamic"], print)
+    assert seen[-1] == ("dynamic", None, None)  # without them: the model's own routing
+    failing = br.RoutingConfig.of("topk", k=2)
+
+    def out_of_memory_when_patched(model, tokenizer, prompt, new_tokens, path, max_cache_len=None):
+        if getattr(model, br.PATCHER_ATTRIBUTE, None) is not None:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return probe(model, tokenizer, prompt, new_tokens, path, max_cache_len)
+
+    monkeypatch.setattr(bx, "probe_generation", out_of_memory_when_patched)
+    lines = []  # a configuration that cannot run is the sweep's to record: the probe falls back, the run goes on
+    chosen, _ = bx.choose_generation_path(tiny_model, None, "w1", 4, 16, 1, 100, ["dynamic"], lines.append,
+                                          patcher=patcher, routing=failing)  # fmt: skip
+    assert chosen.path == "dynamic" and seen[-1] == ("dynamic", None, None)
+    assert (
+        lines[0]
+        == "generation path 'dynamic' with topk_k2 failed (CUDA out of memory (simulated)): probed unpatched instead"
+    )
+    assert getattr(tiny_model, br.PATCHER_ATTRIBUTE, None) is None
+    with pytest.raises(ValueError, match="patcher and routing must be given together"):
+        bx.choose_generation_path(tiny_model, None, "w1", 4, 16, 1, 100, ["dynamic"], print, routing=routing)
+
+
 def test_probes_measure_the_model_as_it_is_and_leave_it_so(tiny_model, word_tokenizer):
     before = {name: p.clone() for name, p in tiny_model.state_dict().items()}
     probe, probes = bx.choose_generation_path(tiny_model, word_tokenizer, "w1 w2 w3", 6, 16, 3, 300, log=print)
