@@ -16,11 +16,12 @@ The estimate is a range, each end from stated assumptions:
   costs the measured host time per token and the T4's time to read the active weights once (float16).
   Low end: the larger; high end: the host `HOST_SLOWDOWN` slower plus the read.
 - A compiled path's first calls are left out: a T4 takes the dynamic path unless its own probe says otherwise.
-- The probes time the model's own routing on one prompt; a run's patched configurations, its shorter calls and
-  the allocation fit's small batches cost more. Where the record is a finished run (its elapsed time beside
-  its estimate), every measured host time is scaled by the run's elapsed over estimated time (`host_factor`);
-  `--host-factor-from RUN.json` takes that ratio from another run's record (e.g. the quick profile's, for the
-  full profile's estimate), else it is 1 and the estimate is as optimistic as the probes.
+- The probes time one prompt and one batch of windows; a run's other configurations, its shorter calls and
+  the allocation fit's small batches may cost more. Where the record is a finished run (its elapsed time
+  beside its estimate), every measured host time is scaled by the run's elapsed over estimated time
+  (`host_factor`); `--host-factor-from RUN.json` takes that ratio from another finished run of the same code
+  (its probes made the same way: e.g. the quick profile's, for the full profile's estimate), else it is 1
+  and the estimate is as optimistic as the probes.
 Not included: the model's download (about 14 GB) and loading.
 """
 
