@@ -109,9 +109,9 @@ def graph_recordings(events: list):
         return record(manager, new_inputs, function_id)
 
     def checked(node, inputs):
-        moved = moved_inputs(node, inputs)  # before the check, which drops some inputs
         status, reason = check(node, inputs)
-        if status != trees.CheckInvariantStatus.SUCCESS:
+        if status != trees.CheckInvariantStatus.SUCCESS:  # a failed check returns before it drops any input
+            moved = moved_inputs(node, inputs)
             events.append({"check_failed_graph": node.id.id, "status": status.name, "moved_inputs": moved})
         return status, reason
 
