@@ -89,7 +89,11 @@ def main() -> None:
     arguments = parser.parse_args()
     record = json.loads(arguments.record.read_text())
     source = arguments.host_factor_from or arguments.record
-    factor = host_factor(json.loads(source.read_text()))
+    finished = json.loads(source.read_text())
+    if arguments.host_factor_from and "elapsed" not in finished.get("runtime_minutes", {}):
+        parser.error(f"--host-factor-from must be a finished run's gpu_run.json (runtime_minutes with elapsed), "
+                     f"got {source}")  # fmt: skip
+    factor = host_factor(finished)
     minutes = t4_minutes(record, json.loads(REAL_SHAPE.read_text()), factor)
     print(json.dumps({"from": str(arguments.record), "card": record["hardware"], "host_factor": factor,
                       "host_factor_from": str(source), "t4_minutes": minutes}, indent=1))  # fmt: skip

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,8 +49,6 @@ def test_the_repository_address_is_written_alike_in_every_place(tmp_path):
 @pytest.mark.parametrize("index", [None, "https://download.pytorch.org/whl/cpu"])
 def test_the_makefile_installs_torch_from_the_index_given(index):
     """The README's way to the CPU build of torch on Linux (PyPI's is the CUDA one): make's own dry run."""
-    import subprocess
-
     extra = [f"TORCH_INDEX_URL={index}"] if index else []
     dry = subprocess.run(["make", "-n", "-B", ".venv/.installed", *extra], cwd=REPO, capture_output=True, text=True)
     [install] = [line for line in dry.stdout.splitlines() if "pip install" in line and "torch" in line]
@@ -89,6 +88,16 @@ def test_the_t4_estimate_scales_a_measured_run_by_its_stated_assumptions():
     assert t4_estimate.t4_minutes(finished, config, factor=1.0) == minutes
     with pytest.raises(ValueError, match=r"the measured card must be one of \['H100', 'H200', 'T4'\]"):
         t4_estimate.t4_minutes(record | {"hardware": "x86_64 CPU, 2 threads"}, config)
+
+
+def test_the_t4_estimate_refuses_a_host_factor_from_a_run_that_did_not_finish(tmp_path):
+    record = tmp_path / "gpu_estimate.json"
+    record.write_text(json.dumps({"hardware": "NVIDIA H100 80GB HBM3", "estimate_minutes": {"total": 16.0}}))
+    script = REPO / "benchmarks" / "t4_estimate.py"
+    command = [sys.executable, str(script), str(record), "--host-factor-from", str(record)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--host-factor-from must be a finished run's gpu_run.json (runtime_minutes with elapsed)" in result.stderr
 
 
 def test_the_notebook_cells_run_up_to_a_given_cell_and_no_further(tmp_path, monkeypatch):
