@@ -657,9 +657,10 @@ def evaluate_language_model(
 def collect_router_logits(model, token_ids: torch.Tensor, window: int = 256, batch_size: int = 8) -> list[torch.Tensor]:
     """Every MoE layer's router logits on `token_ids` ([N] int64, disjoint windows of `window` tokens, up to
     `batch_size` windows per forward pass), under the routing the model runs (its own, or a patcher's: the
-    logits each patched router received): a list of L float32 tensors [positions, E'] on the CPU. These are
-    the logits the routing methods route (`RouterSpec.selection`): the router's own logits, except for the
-    sigmoid and group-limited families, whose E' selectable experts vary by token."""
+    logits each patched router received): a list of L float32 tensors [positions, E'] on the CPU (the batch
+    halved on out-of-memory: `halving_batches`). These are the logits the routing methods route
+    (`RouterSpec.selection`): the router's own logits, except for the sigmoid and group-limited families, whose
+    E' selectable experts vary by token."""
     _check_windows(window, window, batch_size)
     layers = find_moe_layers(model)
     collected: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -670,19 +671,24 @@ def collect_router_logits(model, token_ids: torch.Tensor, window: int = 256, bat
             (output[0] if spec.plain else spec.selection(output[0])[0]).detach().float().cpu()
         )
 
+    def forward(batch: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        for parts in collected:  # what a batch that ran out of memory had collected is dropped with it
+            parts.clear()
+        model(torch.stack(batch).to(device), use_cache=False)
+        return [list(parts) for parts in collected]
+
     handles = [moe.router.register_forward_hook(keep(layer)) for layer, moe in enumerate(layers)]
     device = next(model.parameters()).device
     try:
         spans = [(begin, end) for begin, end, _ in sliding_windows(token_ids.numel(), window, window)]
         full = [token_ids[begin:end] for begin, end in spans if end - begin == window]
-        batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
-        batches += [token_ids[begin:end].unsqueeze(0) for begin, end in spans if end - begin != window]  # the tail
-        for inputs in batches:
-            model(inputs.to(device), use_cache=False)
+        tail = [token_ids[begin:end] for begin, end in spans if end - begin != window]  # the last span, if short
+        batches, _ = halving_batches(full, batch_size, forward, "collecting router logits")
+        batches += [forward(tail)] if tail else []
     finally:
         for handle in handles:
             handle.remove()
-    return [torch.cat(parts) for parts in collected]
+    return [torch.cat([part for batch in batches for part in batch[layer]]) for layer in range(len(layers))]
 
 
 def _drop_last_position_slots(num_slots: int, length: int, captured: list, spec: RouterSpec):

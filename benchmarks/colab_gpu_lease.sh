@@ -4,6 +4,8 @@
 # transformers >= 5.24 on PYTHONPATH (gpu_notes.md: carried as a wheel).
 #   bash benchmarks/colab_gpu_lease.sh start quick full  # build the checkpoint, then each profile's run in turn
 #   bash benchmarks/colab_gpu_lease.sh start estimate    # build the checkpoint, the full profile's estimate only
+#   bash benchmarks/colab_gpu_lease.sh start full-rest   # the full profile with one design configuration: its
+#                                                        # work after the sweep, where a lease cannot hold both
 #   bash benchmarks/colab_gpu_lease.sh poll SECONDS      # wait until done or SECONDS passed; logs, outputs to $OUT
 # Each run compiles with empty inductor and Triton caches of its own, as a fresh Colab runtime does.
 R=/tmp/run
@@ -13,14 +15,16 @@ start)
   mkdir -p $R && export PYTHONUNBUFFERED=1
   runs=""
   for name in "$@"; do
+    extra=""
     case "$name" in
       quick|full) mode=notebook profile=$name ;;
       estimate) mode=estimate profile=full ;;
-      *) echo "start takes quick, full or estimate, got '$name'" >&2; exit 2 ;;
+      full-rest) mode=notebook profile=full extra="'config_names=[\"topk_8_baseline\"]'" ;;
+      *) echo "start takes quick, full, full-rest or estimate, got '$name'" >&2; exit 2 ;;
     esac
     runs="$runs TORCHINDUCTOR_CACHE_DIR=/tmp/cache_$name/inductor TRITON_CACHE_DIR=/tmp/cache_$name/triton \
       python3 benchmarks/colab_gpu_run.py $mode /tmp/ckpt $R/$name --cap-gib 15 'profile=\"$profile\"' \
-      'dtype=\"float16\"' 'reuse_results=null' > $R/$name.log 2>&1;"
+      'dtype=\"float16\"' 'reuse_results=null' $extra > $R/$name.log 2>&1;"
   done
   setsid nohup bash -c "
     date -u +%FT%TZ > $R/started

@@ -10,6 +10,7 @@ from scipy.stats import kstest
 
 import bh_experiment as bx
 import bh_routing as br
+from moe_families import find_moe_layers
 
 NUM_EXPERTS, NATIVE_K = 64, 8
 
@@ -347,3 +348,23 @@ def test_every_gpu_batch_halves_on_out_of_memory_the_oracle_included(tiny_model,
         backed_off = bx.oracle_drop_effects(tiny_model, token_ids, layer=1, positions=[40, 90, 150, 200], context=32)
     assert torch.allclose(backed_off["loss_increase"], expected["loss_increase"], atol=1e-5)
     assert torch.equal(backed_off["router_logits"], expected["router_logits"])
+
+
+def test_collecting_router_logits_halves_on_out_of_memory_and_drops_the_failed_batchs_part(tiny_model):
+    token_ids = torch.randint(2, 500, (450,), generator=torch.Generator().manual_seed(1))  # 4 windows and a tail
+    expected = bx.collect_router_logits(tiny_model, token_ids, window=100, batch_size=4)
+    last_router = find_moe_layers(tiny_model)[-1].router
+
+    def limited(module, args):  # the last layer runs out of memory after the others' logits were kept
+        if args[0].reshape(-1, args[0].shape[-1]).shape[0] > 2 * 100:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    handle = last_router.register_forward_pre_hook(limited)
+    try:
+        with pytest.warns(UserWarning, match="collecting router logits with batches of 2"):
+            backed_off = bx.collect_router_logits(tiny_model, token_ids, window=100, batch_size=4)
+    finally:
+        handle.remove()
+    assert [layer.shape for layer in backed_off] == [layer.shape for layer in expected] == [(450, 64)] * len(expected)
+    for got, want in zip(backed_off, expected, strict=True):
+        torch.testing.assert_close(got, want)
