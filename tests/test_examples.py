@@ -56,11 +56,36 @@ def test_every_docstring_example_runs_as_written(tmp_path, monkeypatch, where, c
     exec(compile(code, where, "exec"), namespace)  # noqa: S102
 
 
+def _usage_ran(namespace) -> bool:
+    return namespace["counts"].shape == (2, 10) and not namespace["patcher"].is_patched
+
+
+def _calibrated_ran(namespace) -> bool:
+    stats, calibration = namespace["patcher"].get_stats(), namespace["calibration"]
+    return (stats["params"]["pvalue_method"] == "empirical" and stats["avg_experts"] >= 1
+            and calibration.num_layers == namespace["model"].config.num_hidden_layers)  # fmt: skip
+
+
+def _allocated_ran(namespace) -> bool:
+    calibration = namespace["calibration"]
+    return (set(calibration.allocations) == {"schedule", "allocl", "lexi"} and not namespace["patcher"].is_patched
+            and sum(calibration.allocation("schedule", 2.0)) == 2.0 * calibration.num_layers)  # fmt: skip
+
+
+# What the README's examples leave behind, checked after the block that holds each marker.
+README_CHECKS = {"MoERouterPatcher(model)": _usage_ran, "fit_routing_calibration(": _calibrated_ran,
+                 "fit_allocations(": _allocated_ran}  # fmt: skip
+
+
 @pytest.mark.parametrize("document", ["README.md", "docs/usage.md"])
 def test_every_block_of_the_readme_and_the_usage_guide_runs_in_order(monkeypatch, document):
     monkeypatch.chdir(REPO)
-    namespace = {}
+    namespace, checked = {}, set()
     blocks = re.findall(r"```python\n(.*?)```", (REPO / document).read_text(), flags=re.S)
     for number, block in enumerate(blocks):
         exec(compile(block, f"{document} block {number}", "exec"), namespace)  # noqa: S102
-    assert blocks and (document != "README.md" or not namespace["patcher"].is_patched)
+        for marker, ran in README_CHECKS.items() if document == "README.md" else ():
+            if marker in block:
+                assert ran(namespace), f"{document} block {number} ({marker}) did not leave what it says"
+                checked.add(marker)
+    assert blocks and checked == (set(README_CHECKS) if document == "README.md" else set())
