@@ -89,7 +89,7 @@ def main() -> None:
     arguments = parser.parse_args()
     record = json.loads(arguments.record.read_text())
     source = arguments.host_factor_from or arguments.record
-    finished = json.loads(source.read_text())
+    finished = json.loads(source.read_text()) if arguments.host_factor_from else record
     if arguments.host_factor_from and "elapsed" not in finished.get("runtime_minutes", {}):
         parser.error(f"--host-factor-from must be a finished run's gpu_run.json (runtime_minutes with elapsed), "
                      f"got {source}")  # fmt: skip
