@@ -389,7 +389,7 @@ def figure_facts(figure, dpi) -> dict:
     return {"pixels": [int(v * dpi) for v in figure.get_size_inches()], "labels": labels, "colours": colours}
 
 
-def test_every_figure_is_readable_at_its_size_and_colours_a_series_alike_everywhere(tmp_path, monkeypatch):
+def test_every_figure_is_readable_at_its_size_and_colours_a_series_alike_everywhere(tmp_path, monkeypatch, quick_run):
     saved, save = {}, bx.save_figure
 
     def recording(figure, path, dpi=110):
@@ -397,7 +397,8 @@ def test_every_figure_is_readable_at_its_size_and_colours_a_series_alike_everywh
         return save(figure, path, dpi)
 
     monkeypatch.setattr(bx, "save_figure", recording)
-    run_in_process(tmp_path, monkeypatch, config_names=",".join(QUICK_CONFIGS), prompts_per_group=1, **QUICK)
+    run_in_process(tmp_path, monkeypatch, config_names=",".join(QUICK_CONFIGS), prompts_per_group=1,
+                   reuse_results=str(quick_run), **QUICK)  # its results reused, the figures drawn anew  # fmt: skip
     assert {"bh_routing_analysis.png", "bh_routing_frontier.png", "bh_routing_layers.png"} <= set(saved)
     for name, facts in saved.items():
         assert max(facts["pixels"]) <= 4000 and facts["labels"] <= 16, (name, facts["pixels"], facts["labels"])
