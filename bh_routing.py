@@ -1211,7 +1211,13 @@ class RoutingMethod:
 
         It must trace under torch.compile(fullgraph=True) and replay in a CUDA graph: tensor ops only, no
         host sync, no Python state changed. compiled: the function runs eagerly (not inside a compiled
-        model) and may fuse itself with torch.compile."""
+        model) and may fuse itself with torch.compile.
+
+        A route that also applies the patcher's rule for rows with a non-finite logit (`PatchedRouter.
+        finite_fallback`) says so with an attribute `nonfinite_rule = True`: the patcher then passes it the
+        router's raw logits and `nonfinite_width=` the rule's width, and it returns the non-finite rows [T] bool
+        as a fourth output (the fused BH kernel, where the rule's own passes would cost a decode step four
+        kernels a layer)."""
         tables = _tables_to(self.layer_tables(params, context), context)
         # A route reaching only objects of its own layer (the method through the registry, one global): a
         # compiled forward checks every object it reads at every decode step, and an object that several
@@ -1331,10 +1337,15 @@ def _bh_layer_route(route, critical, constants, logits, native_weights, native_i
     return route(logits, critical, *constants)
 
 
-def _fused_bh_layer_route(critical, constants, logits, native_weights, native_index):
-    """`_bh_layer_route` in one kernel (`fused_bh_route`), for a method whose statistic is robust_z's."""
+def _fused_bh_layer_route(critical, constants, logits, native_weights, native_index, nonfinite_width=None):
+    """`_bh_layer_route` in one kernel (`fused_bh_route`), for a method whose statistic is robust_z's; given
+    `nonfinite_width`, it also routes rows with a non-finite logit by the patcher's rule and returns them as a
+    fourth output (`RoutingMethod.layer_route`, `nonfinite_rule`)."""
     _, temperature, min_k, max_k, _, renormalize = constants
-    return fused_bh_route(logits, critical, temperature, min_k, max_k, renormalize, robust_z_trimmed(logits.shape[-1]))
+    width = max_k if nonfinite_width is None else nonfinite_width  # None: the caller masked such rows already
+    trimmed = robust_z_trimmed(logits.shape[-1])
+    routed = fused_bh_route(logits, critical, temperature, min_k, max_k, renormalize, trimmed, width)
+    return routed if nonfinite_width is not None else routed[:3]
 
 
 class BenjaminiHochbergMethod(RoutingMethod):
@@ -1382,7 +1393,9 @@ class BenjaminiHochbergMethod(RoutingMethod):
         critical = method.critical(params["alpha"], num_experts, method.null(num_experts, null, "cpu"), context.device)
         critical = None if critical is None else layer_tensor(("critical", context.layer), critical, context.device)
         if context.fused and method.fused and num_experts <= FUSED_MAX_EXPERTS:  # one kernel, on CUDA (issue 29)
-            return functools.partial(_fused_bh_layer_route, critical, constants)
+            route = functools.partial(_fused_bh_layer_route, critical, constants)
+            route.nonfinite_rule = True
+            return route
         route = compile_once(route_bh_tensors) if compiled else route_bh_tensors
         return functools.partial(_bh_layer_route, route, critical, constants)
 
@@ -2428,6 +2441,11 @@ class PatchedRouter:
         self.fallback_width = min(max(patcher.native_top_k, params["min_k"]), params["max_k"])
         self.family_weighting = not (layer.spec.plain or patcher.in_expert_space)
         self.route, eager_route = routes  # None, None: the native routing, observed
+        # A route that applies the non-finite rule itself reads the raw logits (where they are its selection).
+        self.route_rules_nonfinite = getattr(self.route, "nonfinite_rule", False) and not self.family_weighting
+        if self.route_rules_nonfinite:
+            self.route = functools.partial(self.route, nonfinite_width=self.fallback_width)
+            eager_route = functools.partial(eager_route, nonfinite_width=self.fallback_width)
         self.own_weights = self.route is None or patcher.in_expert_space  # the router's weights kept as they are
         self.accumulators = None
         if patcher.record_statistics:
@@ -2467,7 +2485,10 @@ class PatchedRouter:
         """(weights [T, K], index [T, K], counts [T] or None, nonfinite [T] bool) of the method, in expert
         space. The method routes every row whose logits are all finite; a row with a NaN or infinite logit (a
         float16 overflow, a broken router) gets `finite_fallback`'s routing, the same on every path (eager,
-        compiled, CUDA-graphed), and is counted in the statistics' `nonfinite_rows`."""
+        compiled, CUDA-graphed), and is counted in the statistics' `nonfinite_rows`; a route that applies
+        the rule itself (`route_rules_nonfinite`, the fused BH kernel) reads the raw logits."""
+        if self.route_rules_nonfinite:
+            return route(router_logits, native_weights, native_index)
         finite_logits = torch.isfinite(router_logits)  # [T, E]
         finite = finite_logits.all(dim=-1, keepdim=True)  # [T, 1]
         logits = router_logits.masked_fill(~finite, 0.0)  # the method never sees a row it cannot route

@@ -5,20 +5,24 @@ p-value methods that read robust_z's statistic against a null (robust_z, empiric
 is tested against (tests/test_fused_route.py, under Triton's CPU interpreter).
 
     from fused_bh_route import fused_bh_route
-    weights, index, counts = fused_bh_route(logits, critical, temperature, min_k, max_k, renormalize, trimmed)
+    weights, index, counts, nonfinite = fused_bh_route(logits, critical, temperature, min_k, max_k, renormalize,
+                                                       trimmed, nonfinite_width)
 
 1. The kernel (`_bh_route_kernel`): one program per ROWS tokens, every expert of a token in registers.
 2. The entry point (`fused_bh_route`) and where it runs (`fused_route_supported`).
 
 Why one kernel: in decode a BH route of torch operations is about 20 small kernels per layer (softmax, top-k,
 the statistic's moments, the ranks' histogram, the count, the gathers), each a launch and a pass over memory
-for one token; here the route reads the logits once and writes its three outputs once. Sorting is by rank
+for one token; here the route reads the logits once and writes its outputs once. Sorting is by rank
 (each logit compared with every other: E^2 comparisons a token, no sort network), so the kernel has no
 data-dependent branch and replays in a CUDA graph.
 
-What it leaves to the caller: rows with a non-finite logit (the patcher routes them by its own rule and masks
-them to 0 before the route, as for the torch route) and the statistics' counters, which the patcher folds for
-every layer at once (one scatter-add a decode step on the compiled path) rather than per layer.
+Rows with a non-finite logit (a NaN, an infinity) it routes by the patcher's rule for them
+(`bh_routing.PatchedRouter.finite_fallback`, for a family whose selection logits are its logits): the route reads
+the raw logits, so that the rule's own passes (a finiteness reduction, a top-k and a softmax of the finite
+logits, the selects between the two routings: four kernels a layer on a decode step) cost nothing more. What it
+leaves to the caller: the statistics' counters, which the patcher folds for every layer at once (one
+scatter-add a decode step on the compiled path) rather than per layer.
 
 Shapes: T tokens, E experts, K = max_k slots; EP and KP the next powers of two.
 """
@@ -88,17 +92,29 @@ if triton is not None:
         return tl.max(tl.where(qualifies, ranks[None, :], 0), axis=1)
 
     @triton.jit
+    def _routed_logits(raw, valid, temperature):
+        """(the logits a row is routed by: its logits over the temperature where all are finite, else the
+        non-finite rule's, its finite logits with NaN and +-inf at -inf; [R] whether each row is finite).
+        [R, EP] -> [R, EP] (padding at -inf), [R]."""
+        finite = (raw == raw) & (tl.abs(raw) < float("inf"))  # NaN != NaN
+        row_finite = tl.sum((valid & ~finite).to(tl.int32), axis=1) == 0
+        divisor = tl.where(row_finite, temperature, 1.0)[:, None]
+        return tl.where(valid & finite, raw / divisor, -float("inf")), row_finite
+
+    @triton.jit
     def _bh_route_kernel(
         logits_ptr,
         critical_ptr,
         weights_ptr,
         index_ptr,
         counts_ptr,
+        nonfinite_ptr,
         num_rows,
         num_experts,
         temperature,
         min_k,
         max_k,
+        nonfinite_width,
         TRIMMED: tl.constexpr,
         ROOT_EPS: tl.constexpr,
         EXPERTS: tl.constexpr,
@@ -107,19 +123,21 @@ if triton is not None:
         RENORMALIZE: tl.constexpr,
     ):
         """weights [T, K] float32, index [T, K] int64 (E in empty slots), counts [T] int64 of `route_bh` for
-        ROWS tokens of logits [T, E], with critical [E] float32 (robust_z's statistic against the null)."""
+        ROWS tokens of logits [T, E], with critical [E] float32 (robust_z's statistic against the null); a row
+        with a non-finite logit routed by the non-finite rule (`fused_bh_route`), flagged in nonfinite [T] bool."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         experts = tl.arange(0, EXPERTS)
         valid = (experts < num_experts)[None, :]
         in_rows = rows < num_rows
         loaded = tl.load(logits_ptr + rows[:, None] * num_experts + experts[None, :], mask=in_rows[:, None] & valid)
-        x = tl.where(valid, tl.where(in_rows[:, None], loaded.to(tl.float32), 0.0) / temperature, -float("inf"))
-        rank = _descending_rank(x, experts)
-        statistics = _robust_z(x, rank, valid, num_experts, TRIMMED, ROOT_EPS)
+        x, row_finite = _routed_logits(tl.where(in_rows[:, None], loaded.to(tl.float32), 0.0), valid, temperature)
+        rank = _descending_rank(x, experts)  # one ranking for BH's route and the rule's
+        statistics = _robust_z(x, rank, valid, num_experts, TRIMMED, ROOT_EPS)  # NaN in a non-finite row: unread
         critical = tl.load(critical_ptr + experts, mask=experts < num_experts, other=-float("inf"))
         count = tl.minimum(tl.maximum(_bh_count(statistics, critical, valid, experts, num_experts), min_k), max_k)
+        count = tl.where(row_finite, count, nonfinite_width)
         exponentials = tl.exp(x - tl.max(x, axis=1)[:, None])  # padding: exp(-inf) = 0
-        probabilities = exponentials / tl.sum(exponentials, axis=1)[:, None]
+        probabilities = exponentials / tl.sum(exponentials, axis=1)[:, None]  # NaN where no logit is finite
         slots = tl.arange(0, SLOTS)
         at_slot = rank[:, None, :] == slots[None, :, None]  # [R, KP, EP]
         index = tl.sum(tl.where(at_slot, experts[None, None, :], 0), axis=2)  # [R, KP]
@@ -128,11 +146,13 @@ if triton is not None:
         weights = tl.where(kept, weights, 0.0)
         if RENORMALIZE:
             weights = weights / tl.maximum(tl.sum(weights, axis=1), 1.1754943508222875e-38)[:, None]
+        weights = tl.where(weights == weights, weights, 0.0)  # a row with no finite logit: weights 0
         slot_mask = in_rows[:, None] & (slots[None, :] < max_k)
         targets = rows[:, None] * max_k + slots[None, :]
         tl.store(weights_ptr + targets, weights, mask=slot_mask)
         tl.store(index_ptr + targets, tl.where(kept, index, num_experts).to(tl.int64), mask=slot_mask)
         tl.store(counts_ptr + rows, count.to(tl.int64), mask=in_rows)
+        tl.store(nonfinite_ptr + rows, ~row_finite, mask=in_rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,22 +173,31 @@ def fused_route_supported(device: torch.device | str) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
-def fused_bh_route(logits, critical, temperature: float, min_k: int, max_k: int, renormalize: bool, trimmed: int):
+def fused_bh_route(
+    logits, critical, temperature: float, min_k: int, max_k: int, renormalize: bool, trimmed: int, nonfinite_width: int
+):
     """`bh_routing.route_bh_tensors` for robust_z's statistic in one kernel: logits [T, E] (any float dtype),
     critical [E] float32 on the logits' device (c_j: p <= alpha j / E <=> s >= c_j), `trimmed` the largest
     logits the statistic leaves out (E / 4). Returns (weights [T, max_k] float32, index [T, max_k] int64 with
-    E in empty slots, counts [T] int64). Arguments unchecked (the routing method checked them at patch time)."""
+    E in empty slots, counts [T] int64, nonfinite [T] bool).
+
+    A row with a NaN or infinite logit (nonfinite) keeps its `nonfinite_width` largest finite logits (ties to
+    the lower expert; NaN and +-inf rank last), weighted by their softmax over its finite logits without the
+    temperature (renormalised as the route is; 0 where no logit is finite), count nonfinite_width: the
+    patcher's rule for such rows (`bh_routing.PatchedRouter.finite_fallback`) for a family whose selection
+    logits are its logits. Arguments unchecked (the routing method checked them at patch time)."""
     num_rows, num_experts = logits.shape
     logits = logits.contiguous()
     weights = torch.empty(num_rows, max_k, device=logits.device, dtype=torch.float32)
     index = torch.empty(num_rows, max_k, device=logits.device, dtype=torch.int64)
     counts = torch.empty(num_rows, device=logits.device, dtype=torch.int64)
+    nonfinite = torch.empty(num_rows, device=logits.device, dtype=torch.bool)
     if num_rows == 0:
-        return weights, index, counts
+        return weights, index, counts, nonfinite
     _bh_route_kernel[(triton.cdiv(num_rows, ROWS_PER_PROGRAM),)](
-        logits, critical, weights, index, counts, num_rows, num_experts, float(temperature), min_k, max_k,
-        TRIMMED=trimmed, ROOT_EPS=ROOT_EPS, EXPERTS=triton.next_power_of_2(num_experts),
+        logits, critical, weights, index, counts, nonfinite, num_rows, num_experts, float(temperature), min_k, max_k,
+        nonfinite_width, TRIMMED=trimmed, ROOT_EPS=ROOT_EPS, EXPERTS=triton.next_power_of_2(num_experts),
         SLOTS=triton.next_power_of_2(max_k), ROWS=ROWS_PER_PROGRAM, RENORMALIZE=bool(renormalize),
         num_warps=launch_warps(num_experts),
     )  # fmt: skip
-    return weights, index, counts
+    return weights, index, counts, nonfinite

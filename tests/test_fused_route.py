@@ -39,9 +39,10 @@ def check(logits, alpha, temperature, min_k, max_k, renormalize):
     num_experts = logits.shape[-1]
     critical = br.robust_z_critical_statistics(alpha, num_experts, "cpu")
     expected = br.route_bh_tensors(logits, critical, alpha, temperature, min_k, max_k, "robust_z", renormalize)
-    weights, index, counts = fused_bh_route(logits, critical, temperature, min_k, max_k, renormalize,
-                                            br.robust_z_trimmed(num_experts))
+    weights, index, counts, nonfinite = fused_bh_route(logits, critical, temperature, min_k, max_k, renormalize,
+                                                       br.robust_z_trimmed(num_experts), max_k)
     case = (tuple(logits.shape), logits.dtype, alpha, temperature, min_k, max_k, renormalize)
+    assert not nonfinite.any(), case
     assert torch.equal(counts, expected[2]), (case, counts, expected[2])
     assert torch.allclose(weights, expected[0], rtol=1e-5, atol=1e-7), case
     assert torch.equal(index == num_experts, expected[1] == num_experts), case  # the same empty slots
@@ -83,9 +84,56 @@ wide = br.RouterShape(256, 8)  # DeepSeek-V3's 256 experts: beyond the kernel's 
 params = method.parameters(wide, alpha=0.1, max_k=8)
 route = method.layer_route(params, br.LayerContext(0, wide, torch.device("cpu"), None, 1, fused=True))
 assert route.func.__name__ == "_bh_layer_route"
-empty = fused_bh_route(torch.zeros(0, 64), br.robust_z_critical_statistics(0.05, 64, "cpu"), 1.0, 1, 8, False, 16)
-assert [tuple(t.shape) for t in empty] == [(0, 8), (0, 8), (0,)]
+empty = fused_bh_route(torch.zeros(0, 64), br.robust_z_critical_statistics(0.05, 64, "cpu"), 1.0, 1, 8, False, 16, 8)
+assert [tuple(t.shape) for t in empty] == [(0, 8), (0, 8), (0,), (0,)]
 print("fused route ok", total)
+"""
+
+NONFINITE_CHECK = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import bh_experiment as bx
+import bh_routing as br
+
+INF, NAN = float("inf"), float("nan")
+generator = torch.Generator().manual_seed(0)
+logits = torch.randn(14, 64, generator=generator) * 4
+logits[0, 5], logits[1, 7], logits[2, 9] = -INF, INF, NAN  # one logit each; the rest finite
+logits[3], logits[4], logits[5, :40] = NAN, -INF, INF  # none finite; 24 finite
+logits[6, 3:] = NAN  # 3 finite: fewer than the rule's width
+logits[7, 10:20] = torch.linspace(9.0, 12.0, 10)  # experts that stand out, then finite rows 8-13
+native_weights, native_index = torch.softmax(logits.nan_to_num(0.0, 0.0, 0.0), -1).topk(8)
+model = bx.build_random_olmoe(seed=0)
+br.fused_route_supported = lambda device: True  # Triton's interpreter runs the kernel on the CPU
+
+
+calibration = br.fit_routing_calibration([torch.randn(2048, 64, generator=generator)] * 2)  # the empirical null
+
+
+def first_layer(spec, fused):  # the first layer's patch of spec, routed by the kernel or torch, and its patcher
+    patcher = br.MoERouterPatcher(model, fused_routing=fused, calibration=calibration)
+    br.RoutingConfig.parse(spec).apply(patcher)
+    return patcher, getattr(patcher.routers[0], br.PATCH_ATTRIBUTE)
+
+
+for spec in ("bh:alpha=0.2,max_k=8", "bh:alpha=0.05,max_k=8,min_k=2", "bh:alpha=0.1,max_k=4,renormalize=True",
+             "bh:alpha=0.3,max_k=16,temperature=0.7", "bh:alpha=0.1,max_k=8,pvalue_method=empirical"):
+    patcher, patch = first_layer(spec, fused=False)
+    weights, index, counts, nonfinite = patch.routed(patch.route, logits, native_weights, native_index)
+    patcher.unpatch()
+    patcher, fused = first_layer(spec, fused=True)
+    assert fused.route_rules_nonfinite and not patch.route_rules_nonfinite, spec
+    mine = fused.routed(fused.route, logits, native_weights, native_index)
+    graphed = fused.eager_outputs(fused.route, True, logits, torch.float32, None, None)  # the eager path's form
+    patcher.unpatch()
+    assert torch.equal(mine[3], nonfinite) and nonfinite.tolist() == [True] * 7 + [False] * 7, spec
+    assert torch.equal(mine[2], counts), (spec, mine[2], counts)
+    assert torch.allclose(mine[0], weights, rtol=1e-5, atol=1e-7) and torch.isfinite(mine[0]).all(), spec
+    decided = torch.isfinite(logits).sum(-1) >= 8  # rows whose kept experts are all finite and untied
+    assert torch.equal(mine[1][decided], index[decided]), spec
+    assert torch.equal(mine[1] == 64, index == 64), spec  # the same empty slots everywhere
+    assert all(torch.equal(a, b) for a, b in zip(graphed[2:], mine[:1] + mine[2:])), spec
+print("non-finite rule ok")
 """
 
 
@@ -105,6 +153,12 @@ def test_the_fused_route_keeps_the_torch_routes_experts_counts_and_weights_under
     result = run_check(INTERPRETER_CHECK, interpret=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fused route ok" in result.stdout
+
+
+def test_the_fused_route_applies_the_patchers_non_finite_rule_as_its_torch_route_does():
+    result = run_check(NONFINITE_CHECK, interpret=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "non-finite rule ok" in result.stdout
 
 
 def test_the_patcher_refuses_a_fused_route_where_none_runs(tiny_model):
@@ -131,8 +185,9 @@ for logits_type, num_experts in (("fp16", 64), ("bf16", 64), ("fp32", 64), ("bf1
         if capability == 75 and logits_type == "bf16":
             continue  # a T4 has no bfloat16: its models run in float16
         pointers = {"logits_ptr": "*" + logits_type, "critical_ptr": "*fp32", "weights_ptr": "*fp32",
-                    "index_ptr": "*i64", "counts_ptr": "*i64"}
-        scalars = {"num_rows": "i32", "num_experts": "i32", "temperature": "fp32", "min_k": "i32", "max_k": "i32"}
+                    "index_ptr": "*i64", "counts_ptr": "*i64", "nonfinite_ptr": "*i1"}
+        scalars = {"num_rows": "i32", "num_experts": "i32", "temperature": "fp32", "min_k": "i32", "max_k": "i32",
+                   "nonfinite_width": "i32"}
         constants = {"TRIMMED": num_experts // 4, "ROOT_EPS": fr.ROOT_EPS, "EXPERTS": num_experts, "SLOTS": 8,
                      "ROWS": fr.ROWS_PER_PROGRAM, "RENORMALIZE": False}
         signature = {name: pointers.get(name) or scalars.get(name) or "constexpr" for name in kernel.arg_names}
