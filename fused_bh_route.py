@@ -1,5 +1,5 @@
 """BH routing of a layer in one Triton kernel: for each token's E router logits, the robust_z statistic, each
-expert's first passing rank against the critical statistics, Benjamini-Hochberg's count, the kept experts (most
+expert's statistic against the critical statistic of its rank, Benjamini-Hochberg's count, the kept experts (most
 probable first) and their weights, the sentinel E in the slots left empty. It is `bh_routing.route_bh` for the
 p-value methods that read robust_z's statistic against a null (robust_z, empirical), which stays the reference it
 is tested against (tests/test_fused_route.py, under Triton's CPU interpreter).
@@ -81,15 +81,14 @@ if triton is not None:
         return x * inverse_std[:, None] + (-center * inverse_std)[:, None]
 
     @triton.jit
-    def _bh_count(statistics, critical, valid, experts, num_experts):
-        """BH's count max{j : #{i : s_i >= c_j} >= j} from each expert's first passing rank 1 + #{j : c_j > s_i}
-        (`bh_routing.first_passing_rank`, `fast_bh_count`). [R, EP], [EP] -> [R] int32."""
-        passing = (critical[None, None, :] > statistics[:, :, None]).to(tl.int32)  # padded c_j = -inf: never
-        first_rank = tl.where(valid, 1 + tl.sum(passing, axis=2), num_experts + 1)  # [R, EP]
-        ranks = experts + 1  # j = 1..EP
-        num_passing = tl.sum((first_rank[:, None, :] <= ranks[None, :, None]).to(tl.int32), axis=2)  # [R, EP]: N_j
-        qualifies = (num_passing >= ranks[None, :]) & (ranks[None, :] <= num_experts)
-        return tl.max(tl.where(qualifies, ranks[None, :], 0), axis=1)
+    def _bh_count(statistics, rank, critical_ptr, valid):
+        """BH's count max{j : s_(j) >= c_j}, s_(j) the j-th largest statistic: the statistic is increasing in the
+        logit (a positive scale and a shift), so an expert of logit rank r holds s_(r+1), and the count is the
+        largest r + 1 whose expert passes c_(r+1); the same count as `bh_routing.fast_bh_count`'s
+        max{j : #{i : s_i >= c_j} >= j}, ties included, from E loads rather than E x E comparisons.
+        [R, EP], [R, EP] -> [R] int32."""
+        critical = tl.load(critical_ptr + rank, mask=valid, other=float("inf"))  # c at each expert's own rank
+        return tl.max(tl.where(valid & (statistics >= critical), rank + 1, 0), axis=1)
 
     @triton.jit
     def _routed_logits(raw, valid, temperature):
@@ -133,8 +132,7 @@ if triton is not None:
         x, row_finite = _routed_logits(tl.where(in_rows[:, None], loaded.to(tl.float32), 0.0), valid, temperature)
         rank = _descending_rank(x, experts)  # one ranking for BH's route and the rule's
         statistics = _robust_z(x, rank, valid, num_experts, TRIMMED, ROOT_EPS)  # NaN in a non-finite row: unread
-        critical = tl.load(critical_ptr + experts, mask=experts < num_experts, other=-float("inf"))
-        count = tl.minimum(tl.maximum(_bh_count(statistics, critical, valid, experts, num_experts), min_k), max_k)
+        count = tl.minimum(tl.maximum(_bh_count(statistics, rank, critical_ptr, valid), min_k), max_k)
         count = tl.where(row_finite, count, nonfinite_width)
         exponentials = tl.exp(x - tl.max(x, axis=1)[:, None])  # padding: exp(-inf) = 0
         probabilities = exponentials / tl.sum(exponentials, axis=1)[:, None]  # NaN where no logit is finite
