@@ -338,14 +338,14 @@ class RouteRecorder:
         self.written = bh_routing.static_zeros((1,), torch.int64, device)
 
     def __call__(self, logits, native_weights, native_index):
-        if self.route is None:  # the patch observes the native routing (top-k at the router's own k)
-            top_weights, top_index, expert_counts = native_weights, native_index, None
-        else:
-            top_weights, top_index, expert_counts = self.route(logits, native_weights, native_index)
+        routed = (native_weights, native_index, None)  # the patch observes the native routing (top-k at its k)
+        if self.route is not None:  # a route that applies the non-finite rule returns a fourth output, passed on
+            routed = self.route(logits, native_weights, native_index)
+        _, top_index, expert_counts = routed[:3]
         counts = bh_routing.flat_counts(top_index, expert_counts)
         row = torch.cat([logits.double(), top_index.double(), counts.double().unsqueeze(-1)], dim=-1)
         bh_routing.ring_write(self.rows, self.written, row)
-        return top_weights, top_index, expert_counts
+        return routed
 
     def recorded(self) -> dict:
         """The rows recorded so far, in order (a run must not write more than the capacity): logits [N, E]

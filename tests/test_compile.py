@@ -410,6 +410,24 @@ def test_the_benchmark_targets_read_ratios_of_one_process_with_their_interval():
                                                                                    ("topk_k2", 1.25, True)}  # fmt: skip
 
 
+def test_the_counts_checks_recorder_passes_on_the_non_finite_rows_of_a_route_that_returns_them():
+    """A route that applies the non-finite rule itself (the fused BH kernel, on CUDA) returns four outputs,
+    which `PatchedRouter.routed` hands on as they are: the recorder keeps its decisions and passes all four."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_generate
+
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([[1, 8], [2, 3], [5, 8]])
+    routed = (torch.ones(3, 2), index, torch.tensor([1, 2, 1]), torch.tensor([False, True, False]))
+    recorder = bench_generate.RouteRecorder(lambda *args: routed, 6, 8, 2, "cpu")
+    assert recorder(logits, None, None) is routed
+    recorder.route = lambda *args: routed[:3]  # torch's route: three outputs
+    assert recorder(logits, None, None) == routed[:3]
+    recorded = recorder.recorded()
+    assert torch.equal(recorded["counts"], torch.tensor([1, 2, 1] * 2)) and torch.equal(recorded["index"][:3], index)
+    assert torch.equal(recorded["logits"][3:].float(), logits)
+
+
 def test_the_benchmark_interval_for_a_median_is_the_order_statistics_of_the_binomial_table():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import bench_generate
