@@ -1217,7 +1217,7 @@ class RoutingMethod:
         finite_fallback`) says so with an attribute `nonfinite_rule = True`: the patcher then passes it the
         router's raw logits and `nonfinite_width=` the rule's width, and it returns the non-finite rows [T] bool
         as a fourth output (the fused BH kernel, where the rule's own passes would cost a decode step four
-        kernels a layer)."""
+        kernels a layer; top-k below the router's k, whose one top-k then serves both)."""
         tables = _tables_to(self.layer_tables(params, context), context)
         # A route reaching only objects of its own layer (the method through the registry, one global): a
         # compiled forward checks every object it reads at every decode step, and an object that several
@@ -1426,8 +1426,25 @@ def config_suffix(min_k: int, default_min_k: int, temperature: float, renormaliz
 
 
 def _native_slots(k: int, logits, native_weights, native_index):
-    """The router's own first k slots: top-k reusing the native routing (`TopKMethod.in_expert_space`)."""
+    """The router's own first k slots: top-k at the router's own k (`TopKMethod.in_expert_space`), which the
+    patcher observes rather than routes."""
     return native_weights[..., :k], native_index[..., :k], None
+
+
+def _router_top_k(k: int, native_k: int, logits, native_weights, native_index, nonfinite_width=None):
+    """Top-k below the router's own k (`native_k`) for a plain softmax router whose output is sorted
+    (`TopKMethod.in_expert_space`): the router's first k slots, computed as the router computes them (its float32
+    softmax at its native_k most probable experts, ties ordered alike) over the finite logits, so that one top-k
+    also gives the patcher's rule for a row with a NaN or infinite logit (`PatchedRouter.finite_fallback`, whose
+    width is k here: its k most probable finite logits, weighted by their softmax, 0 where none is finite) and a
+    compiled forward drops the router's own top-k (`nonfinite_rule`). Given nonfinite_width (k), the non-finite
+    rows [T] bool are a fourth output."""
+    finite_logits = torch.isfinite(logits)
+    probabilities = torch.softmax(logits.float().masked_fill(~finite_logits, -math.inf), dim=-1)  # NaN: none finite
+    # A non-finite logit ranks after every finite one, even one whose probability underflows to 0.
+    index = probabilities.masked_fill(~finite_logits, -1.0).topk(native_k, dim=-1).indices[..., :k]
+    routed = (probabilities.gather(-1, index).nan_to_num(0.0), index, None)
+    return routed if nonfinite_width is None else (*routed, ~finite_logits.all(dim=-1))
 
 
 def _without_counts(route, logits, native_weights, native_index):
@@ -1461,8 +1478,12 @@ class TopKMethod(RoutingMethod):
         return native and (k == shape.native_top_k or (sliceable and k < shape.native_top_k))
 
     def layer_route(self, params, context, compiled=False):
-        if self.in_expert_space(params, context.shape):
+        if self.in_expert_space(params, context.shape) and params["k"] == context.shape.native_top_k:
             return functools.partial(_native_slots, params["k"])
+        if self.in_expert_space(params, context.shape):  # the router's first k slots, and the non-finite rule
+            route = functools.partial(_router_top_k, params["k"], context.shape.native_top_k)
+            route.nonfinite_rule = True
+            return route
         return functools.partial(_without_counts, super().layer_route(params, context))
 
     def config_name(self, k=None, temperature=1.0, renormalize=None) -> str:
@@ -2486,7 +2507,8 @@ class PatchedRouter:
         space. The method routes every row whose logits are all finite; a row with a NaN or infinite logit (a
         float16 overflow, a broken router) gets `finite_fallback`'s routing, the same on every path (eager,
         compiled, CUDA-graphed), and is counted in the statistics' `nonfinite_rows`; a route that applies
-        the rule itself (`route_rules_nonfinite`, the fused BH kernel) reads the raw logits."""
+        the rule itself (`route_rules_nonfinite`: the fused BH kernel, top-k below the router's k) reads the raw
+        logits."""
         if self.route_rules_nonfinite:
             return route(router_logits, native_weights, native_index)
         finite_logits = torch.isfinite(router_logits)  # [T, E]
