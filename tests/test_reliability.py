@@ -232,6 +232,40 @@ def test_null_table_reads_a_nan_statistic_as_no_evidence():
     assert p[0] == 1.0 and p[1] == 1.0 and 0 < p[2] < 1e-3 and 0 < p[3] <= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_top_k_below_the_routers_k_is_the_routers_first_slots_bit_for_bit_and_routes_non_finite_rows(tiny_model, dtype):
+    """Top-k at k below the router's own (a plain, sorted softmax router) computes the router's first k slots itself,
+    with the non-finite rule in the same top-k (so that a compiled forward drops the router's): on finite rows the
+    same experts in the same order and the same weights as the router's own output, ties of coarse dtypes included."""
+    router = br.find_moe_layers(tiny_model)[0].router
+    hidden = torch.randn(2048, router.weight.shape[1], generator=torch.Generator().manual_seed(5)) * 3
+    patcher = br.MoERouterPatcher(tiny_model).patch("topk", k=2)
+    patch = getattr(patcher.routers[0], br.PATCH_ATTRIBUTE)
+    assert patch.route_rules_nonfinite  # one top-k for the route and the rule
+    router_class = type(router).unpatched_class
+    with torch.no_grad():
+        logits, native_weights, native_index = router_class.forward(router.to(dtype), hidden.to(dtype))
+        weights, index, counts, nonfinite = patch.routed(patch.route, logits, native_weights, native_index)
+    router.float()
+    patcher.unpatch()
+    assert counts is None and not nonfinite.any()
+    assert torch.equal(index, native_index[:, :2]) and torch.equal(weights.to(dtype), native_weights[:, :2])
+
+
+def test_top_k_below_the_routers_k_never_keeps_a_non_finite_logit_before_an_underflowed_finite_one(tiny_model):
+    logits = torch.full((2, 64), -200.0)
+    logits[:, 0] = 100.0  # every other finite logit's probability underflows to 0 in float32
+    logits[0, 1:40], logits[1, 30:] = NAN, INF
+    patcher = br.MoERouterPatcher(tiny_model).patch("topk", k=2)
+    patch = getattr(patcher.routers[0], br.PATCH_ATTRIBUTE)
+    native_weights, native_index = torch.softmax(logits.nan_to_num(0.0, 0.0, 0.0), -1).topk(8)
+    weights, index, counts, nonfinite = patch.routed(patch.route, logits, native_weights, native_index)
+    patcher.unpatch()
+    assert nonfinite.tolist() == [True, True] and counts is None
+    assert torch.isfinite(logits.gather(-1, index)).all()  # 0 and a finite -200, never a NaN or inf expert
+    assert index[:, 0].tolist() == [0, 0] and weights[:, 0].tolist() == [1.0, 1.0] and weights[:, 1].tolist() == [0, 0]
+
+
 # --- 2. temperatures ---------------------------------------------------------------------------------------
 
 
@@ -440,37 +474,3 @@ def test_a_patched_model_refuses_pickling_by_name_and_pickles_after_unpatch(tiny
         pickle.dumps(tiny_model)
     patcher.unpatch()
     assert pickle.loads(pickle.dumps(tiny_model)) is not None
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_top_k_below_the_routers_k_is_the_routers_first_slots_bit_for_bit_and_routes_non_finite_rows(tiny_model, dtype):
-    """Top-k at k below the router's own (a plain, sorted softmax router) computes the router's first k slots itself,
-    with the non-finite rule in the same top-k (so that a compiled forward drops the router's): on finite rows the
-    same experts in the same order and the same weights as the router's own output, ties of coarse dtypes included."""
-    router = br.find_moe_layers(tiny_model)[0].router
-    hidden = torch.randn(2048, router.weight.shape[1], generator=torch.Generator().manual_seed(5)) * 3
-    patcher = br.MoERouterPatcher(tiny_model).patch("topk", k=2)
-    patch = getattr(patcher.routers[0], br.PATCH_ATTRIBUTE)
-    assert patch.route_rules_nonfinite  # one top-k for the route and the rule
-    router_class = type(router).unpatched_class
-    with torch.no_grad():
-        logits, native_weights, native_index = router_class.forward(router.to(dtype), hidden.to(dtype))
-        weights, index, counts, nonfinite = patch.routed(patch.route, logits, native_weights, native_index)
-    router.float()
-    patcher.unpatch()
-    assert counts is None and not nonfinite.any()
-    assert torch.equal(index, native_index[:, :2]) and torch.equal(weights.to(dtype), native_weights[:, :2])
-
-
-def test_top_k_below_the_routers_k_never_keeps_a_non_finite_logit_before_an_underflowed_finite_one(tiny_model):
-    logits = torch.full((2, 64), -200.0)
-    logits[:, 0] = 100.0  # every other finite logit's probability underflows to 0 in float32
-    logits[0, 1:40], logits[1, 30:] = NAN, INF
-    patcher = br.MoERouterPatcher(tiny_model).patch("topk", k=2)
-    patch = getattr(patcher.routers[0], br.PATCH_ATTRIBUTE)
-    native_weights, native_index = torch.softmax(logits.nan_to_num(0.0, 0.0, 0.0), -1).topk(8)
-    weights, index, counts, nonfinite = patch.routed(patch.route, logits, native_weights, native_index)
-    patcher.unpatch()
-    assert nonfinite.tolist() == [True, True] and counts is None
-    assert torch.isfinite(logits.gather(-1, index)).all()  # 0 and a finite -200, never a NaN or inf expert
-    assert index[:, 0].tolist() == [0, 0] and weights[:, 0].tolist() == [1.0, 1.0] and weights[:, 1].tolist() == [0, 0]
