@@ -64,50 +64,23 @@ from variable_k_experts import (
 
 __all__ = [
     # p-values and BH
-    "bh_reject",
-    "compute_p_values",
-    "PValueMethod",
-    "PVALUE_METHODS",
-    "register_pvalue_method",
-    "pvalue_method_of",
-    "DEFAULT_PVALUE_METHOD",
-    "NullTable",
+    "bh_reject", "compute_p_values", "PValueMethod", "PVALUE_METHODS", "register_pvalue_method", "pvalue_method_of",
+    "DEFAULT_PVALUE_METHOD", "NullTable",
     # calibration
-    "RoutingCalibration",
-    "fit_routing_calibration",
+    "RoutingCalibration", "fit_routing_calibration",
     # routing methods and configurations
-    "Routing",
-    "RouterShape",
-    "LayerContext",
-    "RoutingMethod",
-    "ROUTING_METHODS",
-    "register_routing_method",
-    "routing_method",
-    "RoutingConfig",
-    "route_logits",
+    "Routing", "RouterShape", "LayerContext", "RoutingMethod", "ROUTING_METHODS", "register_routing_method",
+    "routing_method", "RoutingConfig", "route_logits",
     # the design's routing functions
-    "benjamini_hochberg_routing",
-    "topk_routing",
-    "topp_routing",
-    "run_bh_multi_k",
-    "compare_multi_k_statistics",
+    "benjamini_hochberg_routing", "topk_routing", "topp_routing", "run_bh_multi_k", "compare_multi_k_statistics",
     "summarize_expert_counts",
     # for a method defined in another file
-    "check_temperature",
-    "MIN_TEMPERATURE",
-    "resolve_renormalize",
-    "config_suffix",
-    "route_layer_budget",
-    "route_alloct",
-    "layer_tensor",
+    "check_temperature", "MIN_TEMPERATURE", "resolve_renormalize", "config_suffix", "route_layer_budget",
+    "route_alloct", "layer_tensor",
     # families and the patcher
-    "find_moe_layers",
-    "moe_shape",
-    "MoERouterPatcher",
-    "OLMoERouterPatcher",
-    "PATCHER_ATTRIBUTE",
+    "find_moe_layers", "moe_shape", "MoERouterPatcher", "OLMoERouterPatcher", "PATCHER_ATTRIBUTE",
     "TOKEN_COUNTS_CAPACITY",
-]
+]  # fmt: skip
 
 NATIVE_TOP_K = 8  # OLMoE-1B-7B routes every token to 8 experts: the default k of `topk_routing`
 DEFAULT_PVALUE_METHOD = "robust_z"
@@ -1213,11 +1186,9 @@ class RoutingMethod:
         host sync, no Python state changed. compiled: the function runs eagerly (not inside a compiled
         model) and may fuse itself with torch.compile.
 
-        A route that also applies the patcher's rule for rows with a non-finite logit (`PatchedRouter.
-        finite_fallback`) says so with an attribute `nonfinite_rule = True`: the patcher then passes it the
-        router's raw logits and `nonfinite_width=` the rule's width, and it returns the non-finite rows [T] bool
-        as a fourth output (the fused BH kernel, where the rule's own passes would cost a decode step four
-        kernels a layer; top-k below the router's k, whose one top-k then serves both)."""
+        A route whose function is marked `nonfinite_rule = True` (the fused BH kernel, top-k below the router's
+        k) applies the patcher's rule for rows with a non-finite logit itself (`PatchedRouter.finite_fallback`):
+        given the raw logits and `nonfinite_width=`, it returns those rows [T] bool as a fourth output."""
         tables = _tables_to(self.layer_tables(params, context), context)
         # A route reaching only objects of its own layer (the method through the registry, one global): a
         # compiled forward checks every object it reads at every decode step, and an object that several
@@ -1338,14 +1309,15 @@ def _bh_layer_route(route, critical, constants, logits, native_weights, native_i
 
 
 def _fused_bh_layer_route(critical, constants, logits, native_weights, native_index, nonfinite_width=None):
-    """`_bh_layer_route` in one kernel (`fused_bh_route`), for a method whose statistic is robust_z's; given
-    `nonfinite_width`, it also routes rows with a non-finite logit by the patcher's rule and returns them as a
-    fourth output (`RoutingMethod.layer_route`, `nonfinite_rule`)."""
+    """`_bh_layer_route` in one kernel (`fused_bh_route`), for a method whose statistic is robust_z's; with the
+    non-finite rule given `nonfinite_width` (`RoutingMethod.layer_route`; None: the caller masked such rows)."""
     _, temperature, min_k, max_k, _, renormalize = constants
-    width = max_k if nonfinite_width is None else nonfinite_width  # None: the caller masked such rows already
-    trimmed = robust_z_trimmed(logits.shape[-1])
+    width, trimmed = max_k if nonfinite_width is None else nonfinite_width, robust_z_trimmed(logits.shape[-1])
     routed = fused_bh_route(logits, critical, temperature, min_k, max_k, renormalize, trimmed, width)
     return routed if nonfinite_width is not None else routed[:3]
+
+
+_fused_bh_layer_route.nonfinite_rule = True  # `RoutingMethod.layer_route`
 
 
 class BenjaminiHochbergMethod(RoutingMethod):
@@ -1393,9 +1365,7 @@ class BenjaminiHochbergMethod(RoutingMethod):
         critical = method.critical(params["alpha"], num_experts, method.null(num_experts, null, "cpu"), context.device)
         critical = None if critical is None else layer_tensor(("critical", context.layer), critical, context.device)
         if context.fused and method.fused and num_experts <= FUSED_MAX_EXPERTS:  # one kernel, on CUDA (issue 29)
-            route = functools.partial(_fused_bh_layer_route, critical, constants)
-            route.nonfinite_rule = True
-            return route
+            return functools.partial(_fused_bh_layer_route, critical, constants)
         route = compile_once(route_bh_tensors) if compiled else route_bh_tensors
         return functools.partial(_bh_layer_route, route, critical, constants)
 
@@ -1426,25 +1396,23 @@ def config_suffix(min_k: int, default_min_k: int, temperature: float, renormaliz
 
 
 def _native_slots(k: int, logits, native_weights, native_index):
-    """The router's own first k slots: top-k at the router's own k (`TopKMethod.in_expert_space`), which the
-    patcher observes rather than routes."""
+    """The router's own first k slots: top-k at its own k (`TopKMethod.in_expert_space`; the patcher observes it)."""
     return native_weights[..., :k], native_index[..., :k], None
 
 
 def _router_top_k(k: int, native_k: int, logits, native_weights, native_index, nonfinite_width=None):
-    """Top-k below the router's own k (`native_k`) for a plain softmax router whose output is sorted
-    (`TopKMethod.in_expert_space`): the router's first k slots, computed as the router computes them (its float32
-    softmax at its native_k most probable experts, ties ordered alike) over the finite logits, so that one top-k
-    also gives the patcher's rule for a row with a NaN or infinite logit (`PatchedRouter.finite_fallback`, whose
-    width is k here: its k most probable finite logits, weighted by their softmax, 0 where none is finite) and a
-    compiled forward drops the router's own top-k (`nonfinite_rule`). Given nonfinite_width (k), the non-finite
-    rows [T] bool are a fourth output."""
+    """Top-k below the router's own k (`native_k`; `TopKMethod.in_expert_space`): the router's first k slots as
+    it computes them (float32 softmax, top-k at native_k: ties ordered alike) over the finite logits, so that one
+    top-k is also the non-finite rule's, of width k (`nonfinite_rule`): a compiled forward drops the router's."""
     finite_logits = torch.isfinite(logits)
     probabilities = torch.softmax(logits.float().masked_fill(~finite_logits, -math.inf), dim=-1)  # NaN: none finite
     # A non-finite logit ranks after every finite one, even one whose probability underflows to 0.
     index = probabilities.masked_fill(~finite_logits, -1.0).topk(native_k, dim=-1).indices[..., :k]
     routed = (probabilities.gather(-1, index).nan_to_num(0.0), index, None)
     return routed if nonfinite_width is None else (*routed, ~finite_logits.all(dim=-1))
+
+
+_router_top_k.nonfinite_rule = True  # `RoutingMethod.layer_route`
 
 
 def _without_counts(route, logits, native_weights, native_index):
@@ -1481,9 +1449,7 @@ class TopKMethod(RoutingMethod):
         if self.in_expert_space(params, context.shape) and params["k"] == context.shape.native_top_k:
             return functools.partial(_native_slots, params["k"])
         if self.in_expert_space(params, context.shape):  # the router's first k slots, and the non-finite rule
-            route = functools.partial(_router_top_k, params["k"], context.shape.native_top_k)
-            route.nonfinite_rule = True
-            return route
+            return functools.partial(_router_top_k, params["k"], context.shape.native_top_k)
         return functools.partial(_without_counts, super().layer_route(params, context))
 
     def config_name(self, k=None, temperature=1.0, renormalize=None) -> str:
@@ -2449,10 +2415,9 @@ class PatchedRouter:
     by torch.compile and replayed as one CUDA graph where the patcher uses them. The layer is
     held as this object, never as a Python int a compiled graph would specialise on.
 
-    A compiled forward re-checks, at every call, each object the traced router reached (dynamo's guards):
-    the traced path reads plain attributes of this object, decided at patch time. Apart from the patcher,
-    it reaches no object that another layer also reaches: each shared object costs every layer an identity
-    check evaluated in Python.
+    A compiled forward re-checks at every call each object the traced router reached (dynamo's guards): it
+    reads plain attributes of this object, decided at patch time, and, apart from the patcher, no object that
+    another layer reaches (each costs every layer an identity check evaluated in Python).
     """
 
     def __init__(self, patcher: MoERouterPatcher, index: int, routes: tuple, graphed: bool):
@@ -2462,8 +2427,8 @@ class PatchedRouter:
         self.fallback_width = min(max(patcher.native_top_k, params["min_k"]), params["max_k"])
         self.family_weighting = not (layer.spec.plain or patcher.in_expert_space)
         self.route, eager_route = routes  # None, None: the native routing, observed
-        # A route that applies the non-finite rule itself reads the raw logits (where they are its selection).
-        self.route_rules_nonfinite = getattr(self.route, "nonfinite_rule", False) and not self.family_weighting
+        rules = getattr(getattr(self.route, "func", None), "nonfinite_rule", False)  # `RoutingMethod.layer_route`
+        self.route_rules_nonfinite = rules and not self.family_weighting
         if self.route_rules_nonfinite:
             self.route = functools.partial(self.route, nonfinite_width=self.fallback_width)
             eager_route = functools.partial(eager_route, nonfinite_width=self.fallback_width)
@@ -2507,8 +2472,7 @@ class PatchedRouter:
         space. The method routes every row whose logits are all finite; a row with a NaN or infinite logit (a
         float16 overflow, a broken router) gets `finite_fallback`'s routing, the same on every path (eager,
         compiled, CUDA-graphed), and is counted in the statistics' `nonfinite_rows`; a route that applies
-        the rule itself (`route_rules_nonfinite`: the fused BH kernel, top-k below the router's k) reads the raw
-        logits."""
+        it itself (`route_rules_nonfinite`, where the selection logits are the logits) reads the raw logits."""
         if self.route_rules_nonfinite:
             return route(router_logits, native_weights, native_index)
         finite_logits = torch.isfinite(router_logits)  # [T, E]
@@ -2583,12 +2547,11 @@ class PatchedRouter:
     def recorded_weights(self, router_logits, top_weights, top_index) -> torch.Tensor:
         """The kept weights the statistics read (their entropy, which scaling and renormalising leave alone).
 
-        Where the router's own weights are kept (observing, top-k at its own k), they are the family's
-        weights up to a factor per token, recomputed from the kept logits in float32
-        (`RouterSpec.relative_weights`): a second reader of the router's weights would make inductor store
-        them, rounded to their dtype, before the experts read them, where the unpatched graph computes them
-        inside the experts' kernel; the model's outputs would then differ from native's in the last bits
-        (bf16), and its greedy tokens where two logits nearly tie."""
+        Where the router's own weights are kept (observing, top-k at its own k), the family's weights up to a
+        factor per token, recomputed from the kept logits in float32 (`RouterSpec.relative_weights`): a second
+        reader of the router's weights would make inductor store them, rounded, before the experts read them
+        (the unpatched graph computes them inside the experts' kernel), and the model's outputs would differ
+        from native's in the last bits (bf16), its greedy tokens where two logits nearly tie."""
         if self.own_weights:
             return self.spec.relative_weights(router_logits, top_index)
         return top_weights
