@@ -1446,11 +1446,11 @@ class TopKMethod(RoutingMethod):
         return native and (k == shape.native_top_k or (sliceable and k < shape.native_top_k))
 
     def layer_route(self, params, context, compiled=False):
-        if self.in_expert_space(params, context.shape) and params["k"] == context.shape.native_top_k:
+        if not self.in_expert_space(params, context.shape):
+            return functools.partial(_without_counts, super().layer_route(params, context))
+        if params["k"] == context.shape.native_top_k:
             return functools.partial(_native_slots, params["k"])
-        if self.in_expert_space(params, context.shape):  # the router's first k slots, and the non-finite rule
-            return functools.partial(_router_top_k, params["k"], context.shape.native_top_k)
-        return functools.partial(_without_counts, super().layer_route(params, context))
+        return functools.partial(_router_top_k, params["k"], context.shape.native_top_k)  # with the non-finite rule
 
     def config_name(self, k=None, temperature=1.0, renormalize=None) -> str:
         _require_for_name(self.name, k=k)
@@ -2436,8 +2436,10 @@ class PatchedRouter:
         self.accumulators = None
         if patcher.record_statistics:
             self.accumulators = patcher.statistics.allocate(index, layer.router.weight.device)
-        # A route in expert space slices the router's own output (no kernel worth a graph); any other reads
-        # the logits alone, so that a graph replaying it copies no other input.
+        # A route in expert space is given the router's own output and is not graphed: at the router's k it
+        # slices it (no kernel worth a graph); below, `_router_top_k` recomputes the slots from the logits (a few
+        # kernels, still ungraphed: whether a graph pays there is unmeasured). Any other route reads the logits
+        # alone, so that a graph replaying it copies no other input.
         self.reads_native = patcher.in_expert_space
         self.eager_route = None
         if eager_route is not None:
