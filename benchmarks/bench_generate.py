@@ -491,11 +491,12 @@ TARGET_BLOCKS = (  # --targets: every block that the issue's targets (`TARGETS`)
 
 
 def blocks(args) -> list[Block]:
-    """The blocks to run: `TARGET_BLOCKS` with --targets (--repeats, if given, for all of them), else every
+    """The blocks to run: `TARGET_BLOCKS` with --targets (--repeats, if given, for all of them), each in every
+    mode before the next, so that a run cut short has its first blocks' targets in both modes; else every
     --paths and --batch-sizes with --configs."""
     if args.targets:
         return [block._replace(repeats=args.repeats or block.repeats, mode=mode)
-                for mode in args.modes for block in TARGET_BLOCKS]  # fmt: skip
+                for block in TARGET_BLOCKS for mode in args.modes]  # fmt: skip
     configs = tuple(native_first(args.configs))
     return [Block(path, batch, configs, args.repeats or 3, mode)
             for mode in args.modes for path in args.paths for batch in args.batch_sizes]  # fmt: skip
