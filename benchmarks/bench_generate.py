@@ -291,11 +291,13 @@ def ratio_fields(seconds: dict, name: str, tokens: int) -> dict:
     }
 
 
-def outcome_fields(model, state: dict, stats: dict, native, prompt) -> dict:
-    """What a configuration's routing did: its experts (the router's k where no statistics were read), its
-    experts path, compiled graphs run without CUDA graphs, and its tokens against native's."""
+def outcome_fields(model, name: str, state: dict, stats: dict, native, prompt) -> dict:
+    """What a configuration's routing did: its experts (native: the router's k; None where no statistics were
+    read, until `add_floors` takes its twin's with statistics), its experts path, compiled graphs run without
+    CUDA graphs, and its tokens against native's."""
+    unread = bh_routing.find_moe_layers(model)[0].spec.top_k if CONFIGS[name][0] is None else None
     return {
-        "avg_experts": stats.get("avg_experts", bh_routing.find_moe_layers(model)[0].spec.top_k),
+        "avg_experts": stats.get("avg_experts", unread),
         "experts_implementation": stats.get("experts_implementation"),
         "cudagraph_skips": state["cudagraph_skips"],
         "tokens": state["output"].sequences[:, prompt.shape[1] :].tolist(),
@@ -320,7 +322,7 @@ def block_rows(copies: dict, states: dict, timings: tuple, path: str, prompt, ar
             "decode_step_ms": 1000 * statistics.median(steps),
             "device_ms_per_token": None,  # on CUDA, with kernels_per_token and top_kernels: `device_profile`
             **device_profile(copies[name], prompt, path, args),
-            **outcome_fields(copies[name], state, stats, native, prompt),
+            **outcome_fields(copies[name], name, state, stats, native, prompt),
         }
     return rows
 
@@ -591,7 +593,7 @@ def switching_rows(model, block: Block, prompt, args) -> dict:
             "switch_penalty": statistics.median(penalties),  # first after the switch over steady: 1 = none
             "device_ms_per_token": None,
             **state["profile"],
-            **outcome_fields(model, state, state["stats"], native, prompt),
+            **outcome_fields(model, name, state, state["stats"], native, prompt),
             "unpatched_bit_identical": restored,  # the one model, after every switch of the block
         }
     return rows
@@ -609,7 +611,7 @@ def run_block(model, block: Block, args, results: dict, save) -> None:
         results["rows"][keys[name]] = row | {"path": block.path, "batch": block.batch, "config": name,
                                              "mode": block.mode, "process": results["process"]}  # fmt: skip
         print(f"{keys[name]}: {row['tokens_per_second']:.1f} tok/s, {row['ratio_to_native']:.2f}x native, "
-              f"{row['avg_experts']:.2f} experts, warm-up {row['warm_up_s']:.1f} s", flush=True)  # fmt: skip
+              f"{number(row['avg_experts'])} experts, warm-up {row['warm_up_s']:.1f} s", flush=True)  # fmt: skip
     save()
 
 
@@ -641,7 +643,7 @@ def table(results: dict) -> str:
         same_tokens = {True: "yes", False: "no", None: "-"}[row.get("same_tokens_as_native")]
         lines.append(
             f"| {row.get('mode', 'copies')} | {row['path']} | {row['batch']} | {row['config']} | "
-            f"{row['avg_experts']:.2f} | "
+            f"{number(row['avg_experts'])} | "
             f"{speed:.1f} ({row['tokens_per_second_min']:.1f}-{row['tokens_per_second_max']:.1f}) | {ratio} | "
             f"{number(row.get('first_token_ms'))} | {number(row.get('decode_step_ms'))} | "
             f"{number(device_ms)} | {number(row.get('kernels_per_token'), 0)} | {floor_cells} | "
@@ -745,8 +747,9 @@ def add_floors(results: dict, model) -> None:
         if row["config"].endswith("_nostats"):  # same routing as with statistics: read its count
             twin_name = row["config"][: -len("_nostats")]
             twin = results["rows"].get(row_key(row.get("mode", "copies"), row["path"], row["batch"], twin_name))
-            experts = row["avg_experts"] = twin["avg_experts"] if twin else float("nan")
-        row["hbm_floor_tokens_per_second"] = hbm_floor(weights, experts, row["batch"], bandwidth) if bandwidth else None
+            experts = row["avg_experts"] = twin["avg_experts"] if twin else None  # None: not measured
+        known = bandwidth and experts is not None
+        row["hbm_floor_tokens_per_second"] = hbm_floor(weights, experts, row["batch"], bandwidth) if known else None
 
 
 def main() -> None:

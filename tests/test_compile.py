@@ -335,6 +335,7 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
         assert len(top8["seconds_per_round"]) == len(top8["first_token_seconds_per_round"]) == 2
         bh = rows[f"{path}/b2/bh_k8_a005_nostats"]
         assert bh["experts_implementation"] is None and bh["unpatched_bit_identical"]  # no statistics read
+        assert bh["avg_experts"] is None and bh["hbm_floor_tokens_per_second"] is None  # no twin: not the router's k
         assert not bh["same_tokens_as_native"]  # its own routing ran: the copies share no compiled graph
         assert bh["device_ms_per_token"] is None and 0 < bh["decode_step_ms"] < bh["first_token_ms"] + 1e3
     first = out.read_text()
