@@ -1180,7 +1180,8 @@ class RoutingMethod:
         """The function one MoE layer routes with, built at patch time with the layer's tables on its device:
         (selection_logits [T, E'], native_weights [T, k], native_index [T, k]) -> (top_weights [T, K],
         top_index [T, K], expert_counts [T] or None when every token keeps K). Only a method
-        `in_expert_space` reads the router's own weights and index (an eager call passes None else).
+        `in_expert_space` reads the router's own weights and index, unless its function is marked
+        `reads_native = False` (an eager call passes None else, and a CUDA graph replays it).
 
         It must trace under torch.compile(fullgraph=True) and replay in a CUDA graph: tensor ops only, no
         host sync, no Python state changed. compiled: the function runs eagerly (not inside a compiled
@@ -1413,6 +1414,7 @@ def _router_top_k(k: int, native_k: int, logits, native_weights, native_index, n
 
 
 _router_top_k.nonfinite_rule = True  # `RoutingMethod.layer_route`
+_router_top_k.reads_native = False  # in expert space, yet computed from the logits alone: `PatchedRouter` graphs it
 
 
 def _without_counts(route, logits, native_weights, native_index):
@@ -2436,11 +2438,12 @@ class PatchedRouter:
         self.accumulators = None
         if patcher.record_statistics:
             self.accumulators = patcher.statistics.allocate(index, layer.router.weight.device)
-        # A route in expert space is given the router's own output and is not graphed: at the router's k it
-        # slices it (no kernel worth a graph); below, `_router_top_k` recomputes the slots from the logits (a few
-        # kernels, still ungraphed: whether a graph pays there is unmeasured). Any other route reads the logits
-        # alone, so that a graph replaying it copies no other input.
-        self.reads_native = patcher.in_expert_space
+        # A route that slices the router's own output (`reads_native`, in expert space unless its function says
+        # otherwise) is given it and not graphed: no kernel worth a graph. Every other route reads the logits
+        # alone, so that a graph replaying it copies no other input. Top-k below the router's k (`_router_top_k`)
+        # is one: left ungraphed until run 62, its prefill ran about 5 ms longer than BH's (gpu_notes.md).
+        reads = getattr(getattr(self.route, "func", None), "reads_native", True)
+        self.reads_native = patcher.in_expert_space and reads
         self.eager_route = None
         if eager_route is not None:
             outputs = functools.partial(self.eager_outputs, eager_route, self.accumulators is not None)

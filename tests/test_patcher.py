@@ -1,5 +1,7 @@
 """OLMoERouterPatcher on a small randomly initialised OlmoeForCausalLM (64 experts, top-8)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -412,14 +414,14 @@ def test_generation_with_a_padded_batch_counts_real_tokens_only(tiny_model):
 
 
 @pytest.mark.parametrize(
-    "method, params, graphed",
+    "method, params",
     [
-        ("bh", {"alpha": 0.2, "min_k": 0, "max_k": 16}, True),
-        ("topk", {"k": 4, "temperature": 2.0}, True),  # every token keeps K: no counts among its outputs
-        ("topk", {"k": 4}, False),  # in expert space: slices the router's output, no graph
+        ("bh", {"alpha": 0.2, "min_k": 0, "max_k": 16}),
+        ("topk", {"k": 4, "temperature": 2.0}),  # every token keeps K: no counts among its outputs
+        ("topk", {"k": 4}),  # in expert space, yet computed from the logits alone: graphed, given no natives
     ],
 )
-def test_cuda_graphed_routes_give_the_plain_routes_outputs_and_statistics(tiny_model, method, params, graphed):
+def test_cuda_graphed_routes_give_the_plain_routes_outputs_and_statistics(tiny_model, method, params):
     # On the CPU CudaGraphed calls its function directly: this checks what the patcher passes to the graph
     # and how it records what comes out (a GPU replays the same function: benchmarks/gpu_checks.py).
     generator = torch.Generator().manual_seed(7)
@@ -430,8 +432,10 @@ def test_cuda_graphed_routes_give_the_plain_routes_outputs_and_statistics(tiny_m
     for cuda_graphs in (False, True):
         patcher = OLMoERouterPatcher(tiny_model, record_token_counts=True, cuda_graphs=cuda_graphs)
         patcher.patch(method, **params)
-        routes = [getattr(router, bh_routing.PATCH_ATTRIBUTE).eager_route for router in patcher.routers]
-        assert all(isinstance(route, variable_k_experts.CudaGraphed) == (cuda_graphs and graphed) for route in routes)
+        patches = [getattr(router, bh_routing.PATCH_ATTRIBUTE) for router in patcher.routers]
+        assert not any(patch.reads_native for patch in patches)  # a graph copies the logits alone
+        routes = [patch.eager_route for patch in patches]
+        assert all(isinstance(route, variable_k_experts.CudaGraphed) == cuda_graphs for route in routes)
         with torch.no_grad():
             logits = tiny_model(ids, attention_mask=mask).logits
         results.append((logits, patcher.get_stats()))
@@ -441,6 +445,48 @@ def test_cuda_graphed_routes_give_the_plain_routes_outputs_and_statistics(tiny_m
     assert torch.equal(plain["token_counts"], stats["token_counts"]) and stats["num_tokens"] == 15
     for name in ("avg_experts", "weight_entropy", "expert_utilization_per_layer"):
         assert stats[name] == plain[name]
+
+
+def _router_first_two(logits, native_weights, native_index):
+    return native_weights[..., :2], native_index[..., :2], None
+
+
+class SlicesTwo(bh_routing.RoutingMethod):
+    """The router's first two slots, sliced from its output: a method in expert space that reads it."""
+
+    name = "slices_two"
+
+    def parameters(self, shape):
+        return {"temperature": 1.0, "min_k": 2, "max_k": 2, "renormalize": False}
+
+    def route(self, logits, params, with_stats=False):
+        return bh_routing.route_topk(logits, 2, 1.0, False)
+
+    def in_expert_space(self, params, shape):
+        return True
+
+    def layer_route(self, params, context, compiled=False):
+        return functools.partial(_router_first_two)
+
+    def config_name(self):
+        return "slices_two"
+
+
+def test_a_route_that_slices_the_routers_output_is_given_it_and_not_graphed(tiny_model, input_ids):
+    bh_routing.register_routing_method(SlicesTwo())
+    try:
+        patcher = OLMoERouterPatcher(tiny_model, cuda_graphs=True)
+        with torch.no_grad():
+            patcher.patch_with_topk(k=2)
+            expected = tiny_model(input_ids).logits
+            patcher.patch("slices_two")
+            patches = [getattr(router, bh_routing.PATCH_ATTRIBUTE) for router in patcher.routers]
+            assert all(patch.reads_native for patch in patches)
+            assert not any(isinstance(patch.eager_route, variable_k_experts.CudaGraphed) for patch in patches)
+            assert torch.equal(tiny_model(input_ids).logits, expected)  # the router's slots, as top-2 computes them
+        patcher.unpatch()
+    finally:
+        del bh_routing.ROUTING_METHODS["slices_two"]
 
 
 def test_unpatch_drops_the_routes_cuda_graphs_at_once(tiny_model):
