@@ -2441,7 +2441,7 @@ class PatchedRouter:
         # A route that slices the router's own output (`reads_native`, in expert space unless its function says
         # otherwise) is given it and not graphed: no kernel worth a graph. Every other route reads the logits
         # alone, so that a graph replaying it copies no other input. Top-k below the router's k (`_router_top_k`)
-        # is one: left ungraphed until run 62, its prefill ran about 5 ms longer than BH's (gpu_notes.md).
+        # is one: launched kernel by kernel, its eager route lengthened a prefill against BH's graphed one.
         reads = getattr(getattr(self.route, "func", None), "reads_native", True)
         self.reads_native = patcher.in_expert_space and reads
         self.eager_route = None
