@@ -2429,8 +2429,8 @@ class PatchedRouter:
         self.fallback_width = min(max(patcher.native_top_k, params["min_k"]), params["max_k"])
         self.family_weighting = not (layer.spec.plain or patcher.in_expert_space)
         self.route, eager_route = routes  # None, None: the native routing, observed
-        rules = getattr(getattr(self.route, "func", None), "nonfinite_rule", False)  # `RoutingMethod.layer_route`
-        self.route_rules_nonfinite = rules and not self.family_weighting
+        function = getattr(self.route, "func", None)  # what the route says of itself: `RoutingMethod.layer_route`
+        self.route_rules_nonfinite = getattr(function, "nonfinite_rule", False) and not self.family_weighting
         if self.route_rules_nonfinite:
             self.route = functools.partial(self.route, nonfinite_width=self.fallback_width)
             eager_route = functools.partial(eager_route, nonfinite_width=self.fallback_width)
@@ -2442,8 +2442,7 @@ class PatchedRouter:
         # otherwise) is given it and not graphed: no kernel worth a graph. Every other route reads the logits
         # alone, so that a graph replaying it copies no other input. Top-k below the router's k (`_router_top_k`)
         # is one: launched kernel by kernel, its eager route lengthened a prefill against BH's graphed one.
-        reads = getattr(getattr(self.route, "func", None), "reads_native", True)
-        self.reads_native = patcher.in_expert_space and reads
+        self.reads_native = patcher.in_expert_space and getattr(function, "reads_native", True)
         self.eager_route = None
         if eager_route is not None:
             outputs = functools.partial(self.eager_outputs, eager_route, self.accumulators is not None)
