@@ -127,9 +127,11 @@ __all__ = [
     "halving_batches",
 ]
 
-# What results depend on: the routing, the families, the experts path, the harness and the allocations it fits.
+# What results depend on: the routing, its statistics, the families, the experts path, the harness and the
+# allocations it fits.
 FINGERPRINTED_SOURCES = (
     "bh_routing.py",
+    "routing_statistics.py",
     "moe_families.py",
     "variable_k_experts.py",
     "bh_experiment.py",

@@ -65,6 +65,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import bh_experiment  # noqa: E402
 import bh_routing  # noqa: E402 - importable only once the repository root is on sys.path
+import routing_statistics  # noqa: E402
 
 CHECKED_K, CHECKED_TOKENS = 8, 32  # --check-counts: BH at max_k 8 and top-8, 32 new tokens
 CHECKED_BH = f"bh:alpha=0.05,max_k={CHECKED_K}"
@@ -329,24 +330,24 @@ def block_rows(copies: dict, states: dict, timings: tuple, path: str, prompt, ar
 
 class RouteRecorder:
     """A layer's traced route (`PatchedRouter.route`, what a compiled forward runs; None: the native routing,
-    observed) that also keeps, in a device ring updated in place (`bh_routing.ring_write`), the logits it was
+    observed) that also keeps, in a device ring updated in place (`routing_statistics.ring_write`), the logits it was
     given, the experts it chose and its count, one float64 row [E + K + 1] per routed row (exact for any float
     dtype and for the integers): the compiled path's decisions and their very inputs, to replay eagerly
     (`check_counts`). The prefill runs eagerly on every path and does not reach it: decode steps only."""
 
     def __init__(self, route, capacity: int, num_experts: int, slots: int, device):
         self.route, self.num_experts = route, num_experts
-        self.rows = bh_routing.static_zeros((capacity, num_experts + slots + 1), torch.float64, device)
-        self.written = bh_routing.static_zeros((1,), torch.int64, device)
+        self.rows = routing_statistics.static_zeros((capacity, num_experts + slots + 1), torch.float64, device)
+        self.written = routing_statistics.static_zeros((1,), torch.int64, device)
 
     def __call__(self, logits, native_weights, native_index):
         routed = (native_weights, native_index, None)  # the patch observes the native routing (top-k at its k)
         if self.route is not None:  # a route that applies the non-finite rule returns a fourth output, passed on
             routed = self.route(logits, native_weights, native_index)
         _, top_index, expert_counts = routed[:3]
-        counts = bh_routing.flat_counts(top_index, expert_counts)
+        counts = routing_statistics.flat_counts(top_index, expert_counts)
         row = torch.cat([logits.double(), top_index.double(), counts.double().unsqueeze(-1)], dim=-1)
-        bh_routing.ring_write(self.rows, self.written, row)
+        routing_statistics.ring_write(self.rows, self.written, row)
         return routed
 
     def recorded(self) -> dict:

@@ -16,6 +16,7 @@ from transformers import CompileConfig
 import bh_allocation  # noqa: F401 - registers the allocation methods compiled below
 import bh_experiment as bx
 import bh_routing as br
+import routing_statistics as rs
 import variable_k_experts as vk
 
 # Every registered method, with the calibrated tables where it reads them.
@@ -114,8 +115,8 @@ def reference(records, num_experts):
 
 
 def test_statistics_updated_in_a_compiled_graph_equal_a_plain_computation():
-    accumulators = br.LayerAccumulators(64, "cpu", token_capacity=64)
-    compiled = torch.compile(br.accumulate_routing, fullgraph=True, backend="inductor")
+    accumulators = rs.LayerAccumulators(64, "cpu", token_capacity=64)
+    compiled = torch.compile(rs.accumulate_routing, fullgraph=True, backend="inductor")
     generator = torch.Generator().manual_seed(2)
     records = []
     for num_tokens, masked in ((7, False), (5, True), (9, True), (1, False)):
@@ -131,11 +132,11 @@ def test_statistics_updated_in_a_compiled_graph_equal_a_plain_computation():
     assert int(accumulators.decisions) == decisions and int(accumulators.written) == counts.numel()
     assert torch.equal(accumulators.token_counts[: counts.numel()].long(), counts)
     # Without token counts a layer's statistics are one tensor: a compiled decode step guards on each one.
-    assert len(br.LayerAccumulators(64, "cpu", token_capacity=None).tensors()) == 1
+    assert len(rs.LayerAccumulators(64, "cpu", token_capacity=None).tensors()) == 1
 
 
 def test_several_layers_fold_in_with_one_scatter_add_per_eight_as_each_would_alone():
-    statistics = br.RoutingStatistics(11, 64)
+    statistics = rs.RoutingStatistics(11, 64)
     statistics.allocate_layers(["cpu"] * 11)
     [(counters, layers)] = statistics.groups  # one device: the layers' counters are rows of one tensor
     assert layers == list(range(11))
@@ -148,8 +149,8 @@ def test_several_layers_fold_in_with_one_scatter_add_per_eight_as_each_would_alo
         weights, index, counts = br.route_bh_tensors(logits, None, 0.2, 1.0, 0, 6, "robust_z", False)
         nonfinite = torch.rand(9, generator=generator) < 0.2  # rows the patcher routed by its non-finite rule
         routings[layer] = (weights, index, counts, keep, nonfinite)
-        alone.append(br.LayerAccumulators(64, "cpu", token_capacity=None))
-        br.accumulate_sums(alone[-1], weights, index, counts, keep, nonfinite)
+        alone.append(rs.LayerAccumulators(64, "cpu", token_capacity=None))
+        rs.accumulate_sums(alone[-1], weights, index, counts, keep, nonfinite)
     graphs = []
 
     def backend(graph_module, example_inputs):
@@ -161,7 +162,7 @@ def test_several_layers_fold_in_with_one_scatter_add_per_eight_as_each_would_alo
     assert len(scatter_adds) == 2  # layers 0-7, then 8-10 (inductor fuses a concatenation of up to 8 inputs)
     statistics.accumulate_step({0: routings[0], 2: routings[2]})  # not every layer routed: folded one by one
     for accumulators, routing in zip((alone[0], alone[2]), (routings[0], routings[2]), strict=True):
-        br.accumulate_sums(accumulators, *routing)
+        rs.accumulate_sums(accumulators, *routing)
     for layer in layers:
         mine, theirs = statistics.layers[layer], alone[layer]
         assert torch.equal(mine.selections, theirs.selections) and torch.equal(mine.histogram, theirs.histogram)

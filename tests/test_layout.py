@@ -15,6 +15,7 @@ import bh_report
 import bh_routing
 import fused_bh_route
 import moe_families
+import routing_statistics
 import variable_k_experts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,6 +25,7 @@ MODULES = {
         variable_k_experts,
         fused_bh_route,
         moe_families,
+        routing_statistics,
         bh_routing,
         bh_experiment,
         bh_allocation,
@@ -36,13 +38,15 @@ ALLOWED = {
     "variable_k_experts": set(),
     "fused_bh_route": set(),
     "moe_families": {"variable_k_experts"},
-    "bh_routing": {"moe_families", "variable_k_experts", "fused_bh_route"},
+    "routing_statistics": set(),
+    "bh_routing": {"moe_families", "variable_k_experts", "fused_bh_route", "routing_statistics"},
     "bh_experiment": {"bh_routing", "moe_families", "variable_k_experts"},
     "bh_allocation": {"bh_experiment", "bh_routing"},
     "bh_downstream": {"bh_experiment", "bh_routing"},
     "bh_report": {"bh_experiment"},
 }
 MAX_LINES = {"bh_routing": 3000, "fused_bh_route": 1000, "moe_families": 1000, "variable_k_experts": 2000,
+             "routing_statistics": 1000,
              "bh_experiment": 2000, "bh_allocation": 2000, "bh_downstream": 2000, "bh_report": 2000}  # fmt: skip
 
 

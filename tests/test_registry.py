@@ -1,12 +1,14 @@
 """The registry of routing methods, configuration naming, and the routing statistics against a reference."""
 
 import math
+import weakref
 
 import pytest
 import torch
 
 import bh_experiment as bx
 import bh_routing as br
+import routing_statistics as rs
 
 
 def test_design_names_come_from_the_registry():
@@ -190,7 +192,7 @@ def test_routing_statistics_equal_a_direct_computation(max_pending):
             else:  # top-k: every slot kept, no counts passed
                 routing = br.route_topk(logits, 6, 1.0, False)
                 records[layer].append((routing.top_weights, routing.top_index, None))
-    statistics = br.RoutingStatistics(num_layers=2, num_experts=64, record_token_counts=True)
+    statistics = rs.RoutingStatistics(num_layers=2, num_experts=64, record_token_counts=True)
     statistics.max_pending = max_pending  # eager calls folded in batches, or one at a time
     for layer, layer_records in enumerate(records):
         for weights, index, counts in layer_records:
@@ -212,7 +214,7 @@ def test_routing_statistics_equal_a_direct_computation(max_pending):
     torch.testing.assert_close(
         torch.tensor(summary["expert_utilization_per_layer"], dtype=torch.float64), selections / 14
     )
-    without_counts = br.RoutingStatistics(num_layers=2, num_experts=64, record_token_counts=False)
+    without_counts = rs.RoutingStatistics(num_layers=2, num_experts=64, record_token_counts=False)
     for layer, layer_records in enumerate(records):
         for weights, index, counts in layer_records:
             without_counts.record(layer, weights, index, counts)
@@ -225,7 +227,7 @@ def test_routing_statistics_equal_a_direct_computation(max_pending):
 def test_masked_records_equal_the_statistics_of_the_kept_rows(max_pending):
     generator = torch.Generator().manual_seed(1)
     kept_records = [[], []]
-    statistics = br.RoutingStatistics(num_layers=2, num_experts=64, record_token_counts=True)
+    statistics = rs.RoutingStatistics(num_layers=2, num_experts=64, record_token_counts=True)
     statistics.max_pending = max_pending
     for num_tokens, masked in ((5, True), (1, False), (4, True), (7, False)):
         keep = torch.rand(num_tokens, generator=generator) < 0.6 if masked else None
@@ -242,8 +244,43 @@ def test_masked_records_equal_the_statistics_of_the_kept_rows(max_pending):
     assert summary["weight_entropy"] == pytest.approx(entropy)
 
 
+def test_eager_calls_are_folded_once_they_hold_max_pending_rows():
+    """Pending calls are kept until max_pending calls or max_pending_rows rows: an eager evaluation's long
+    windows are not all held until the next read."""
+    statistics = rs.RoutingStatistics(num_layers=1, num_experts=8)
+    statistics.max_pending_rows = 10
+    index, alive = torch.zeros(4, 2, dtype=torch.long), []
+    for call in range(3):  # 4 rows a call: 8 rows after two calls, 12 after the third
+        weights = torch.ones(4, 2)
+        alive.append(weakref.ref(weights))
+        statistics.record(0, weights, index)
+        del weights
+        assert [ref() is not None for ref in alive] == [call < 2] * (call + 1)
+    assert statistics.num_tokens == 12 and statistics.selections()[0, 0] == 24
+
+
+@pytest.mark.parametrize("max_pending", [1, 3, 1000])
+def test_non_finite_rows_read_from_the_logits_at_the_fold_equal_those_given(max_pending):
+    """An observed router's calls give their logits, whose non-finite rows the fold reads: the same counts as
+    calls that give the rows, alone or mixed with them."""
+    generator = torch.Generator().manual_seed(2)
+    logits = [torch.randn(rows, 8, generator=generator) for rows in (3, 1, 5, 2)]
+    logits[0][1, 2], logits[2][4, 0], logits[3][0, 5] = math.nan, math.inf, -math.inf
+    by_rows, by_logits, mixed = (rs.RoutingStatistics(1, 8) for _ in range(3))
+    for statistics in (by_rows, by_logits, mixed):
+        statistics.max_pending = max_pending
+    for call, call_logits in enumerate(logits):
+        weights, index = call_logits.softmax(-1).topk(2)
+        by_rows.record(0, weights, index, nonfinite=rs.nonfinite_rows(call_logits))
+        by_logits.record(0, weights, index, router_logits=call_logits)
+        given = {"router_logits": call_logits} if call % 2 else {"nonfinite": rs.nonfinite_rows(call_logits)}
+        mixed.record(0, weights, index, **given)
+    assert [s.num_tokens for s in (by_rows, by_logits, mixed)] == [11, 11, 11]  # every call folded
+    assert [int(s.layers[0].nonfinite) for s in (by_rows, by_logits, mixed)] == [3, 3, 3]
+
+
 def test_token_counts_ring_keeps_the_last_rows_in_order():
-    statistics = br.RoutingStatistics(num_layers=1, num_experts=8, record_token_counts=True, token_capacity=5)
+    statistics = rs.RoutingStatistics(num_layers=1, num_experts=8, record_token_counts=True, token_capacity=5)
     all_counts = []
     for step in range(4):  # 3 rows per call: 12 rows through a ring of 5
         counts = torch.tensor([step, (step + 1) % 4, 2])
@@ -258,4 +295,4 @@ def test_token_counts_ring_keeps_the_last_rows_in_order():
     with pytest.raises(RuntimeError, match="no tokens were routed"):
         statistics.token_counts()
     with pytest.raises(ValueError, match="token_capacity"):
-        br.RoutingStatistics(1, 8, token_capacity=0)
+        rs.RoutingStatistics(1, 8, token_capacity=0)

@@ -172,8 +172,11 @@ def test_property_every_method_routes_random_and_adversarial_logits_alike_on_eve
             assert same_routing(outputs[path][batch], eager), (spec, path, batch)
 
 
-def test_the_statistics_count_the_non_finite_rows_and_stay_finite(tiny_model, input_ids):
-    patcher = br.MoERouterPatcher(tiny_model).patch("bh", alpha=0.2, max_k=8)
+@pytest.mark.parametrize(("method", "params", "layers"), [("bh", {"alpha": 0.2, "max_k": 8}, 1), ("topk", {"k": 8}, 2)])
+def test_the_statistics_count_the_non_finite_rows_and_stay_finite(tiny_model, input_ids, method, params, layers):
+    """BH routes (the rule's finite weights keep layer 1's logits finite); top-k at the router's own k observes
+    the router, whose non-finite weights carry into layer 1 (its rows' logits read at the fold)."""
+    patcher = br.MoERouterPatcher(tiny_model).patch(method, **params)
     with torch.no_grad():
         tiny_model(input_ids)
     assert patcher.get_stats()["nonfinite_rows"] == 0
@@ -183,7 +186,7 @@ def test_the_statistics_count_the_non_finite_rows_and_stay_finite(tiny_model, in
         tiny_model(input_ids)
     with pytest.warns(UserWarning, match="non-finite router logits"):
         stats = patcher.get_stats()
-    assert stats["nonfinite_rows"] == input_ids.numel()  # every token of layer 0, none of layer 1
+    assert stats["nonfinite_rows"] == layers * input_ids.numel()  # every token of the layers hit
     assert math.isfinite(stats["weight_entropy"]) and stats["per_layer_avg_experts"][0] == 8.0
     patcher.unpatch()
 
