@@ -1,8 +1,11 @@
 """Where the host's time goes in generation (issues 10 and 29), under cProfile. Two modes (--mode):
 
 "copies" (issue 10): each configuration on its own copy of the model, as in `bench_generate.py` (same model,
-path, prompt and warm-up), then one `generate` per configuration; per function, its calls and own time per
-generated token, and the functions whose own time differs most from native's.
+path, prompt and warm-up), then one `generate` per configuration; per function, its calls, own time and
+cumulative time (its callees' included) per generated token; the functions whose own time differs most from
+native's, and those whose cumulative time does (a chain from `generate` down to where the difference starts);
+and the garbage collector's time and collections per token (inside some function's own time, which cProfile
+cannot tell apart).
 
 "switching" (issue 29, point 2): one model, each configuration patched, generated and unpatched in turn, as a
 user and the notebook do (`bench_generate.Switcher`); after every configuration has been compiled once, a round
@@ -23,9 +26,11 @@ run without the profiler (bench_generate does).
 import argparse
 import contextlib
 import cProfile
+import gc
 import json
 import pstats
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,24 +42,44 @@ import bh_experiment  # noqa: E402
 
 
 def own_times(model, prompt, path: str, new_tokens: int) -> dict:
-    """function -> [calls, own seconds] in one generate under cProfile."""
-    profiler = cProfile.Profile()
-    profiler.runcall(bench_generate.generate, model, prompt, path, new_tokens)
-    bh_experiment.synchronize(prompt.device)
-    return {
-        f"{Path(file).name}:{line}({name})": [calls, own]
-        for (file, line, name), (_, calls, own, _, _) in pstats.Stats(profiler).stats.items()
+    """function -> [calls, own seconds, cumulative seconds] in one generate under cProfile; the garbage
+    collector's collections and seconds during it under "<gc>"."""
+    profiler, collections = cProfile.Profile(), []  # each collection's [start, stop]
+
+    def collecting(phase: str, info: dict) -> None:  # gc.callbacks: called as a collection starts and stops
+        if phase == "start":
+            collections.append([time.perf_counter(), None])
+        else:
+            collections[-1][1] = time.perf_counter()
+
+    gc.callbacks.append(collecting)
+    try:
+        profiler.runcall(bench_generate.generate, model, prompt, path, new_tokens)
+        bh_experiment.synchronize(prompt.device)
+    finally:
+        gc.callbacks.remove(collecting)
+    profile = {
+        f"{Path(file).name}:{line}({name})": [calls, own, cumulative]
+        for (file, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items()
     }
+    collected = sum(stop - start for start, stop in collections)
+    return profile | {"<gc>": [len(collections), collected, collected]}
 
 
-def differences(native: dict, other: dict, tokens: int, top: int) -> list[dict]:
-    """The `top` functions whose own time per generated token differs most between two profiles."""
+def differences(native: dict, other: dict, tokens: int, top: int, column: int = 1) -> list[dict]:
+    """The `top` functions whose own time (column 1; 2: cumulative time) per generated token differs most
+    between two profiles."""
     rows = []
     for name in set(native) | set(other):
-        (calls_a, own_a), (calls_b, own_b) = native.get(name, [0, 0.0]), other.get(name, [0, 0.0])
-        rows.append({"function": name, "own_us_per_token": 1e6 * (own_b - own_a) / tokens,
-                     "calls_per_token": (calls_b - calls_a) / tokens})  # fmt: skip
+        before, after = native.get(name, [0, 0.0, 0.0]), other.get(name, [0, 0.0, 0.0])
+        rows.append({"function": name, "own_us_per_token": 1e6 * (after[column] - before[column]) / tokens,
+                     "calls_per_token": (after[0] - before[0]) / tokens})  # fmt: skip
     return sorted(rows, key=lambda row: -abs(row["own_us_per_token"]))[:top]
+
+
+def host_seconds(profile: dict) -> float:
+    """A profile's own seconds over every function (the collector's, inside them, not counted twice)."""
+    return sum(own for name, (_, own, _) in profile.items() if name != "<gc>")
 
 
 def print_differences(rows: list[dict]) -> None:
@@ -129,7 +154,7 @@ def observed(model, prompt, path: str, new_tokens: int) -> dict:
     with graph_recordings([]) as recordings:
         profile = own_times(model, prompt, path, new_tokens)
     moved = {key: value - before.get(key, 0) for key, value in counter_values().items() if value != before.get(key, 0)}
-    captures = sum(calls for name, (calls, _) in profile.items() if name.endswith("(capture_begin)"))
+    captures = sum(calls for name, (calls, *_) in profile.items() if name.endswith("(capture_begin)"))
     return {"profile": profile, "counters": moved, "graph_captures": captures, "graph_recordings": recordings}
 
 
@@ -143,8 +168,8 @@ def switching_profiles(model, prompt, args) -> dict:
     for name in args.configs:
         first, steady = switcher.twice(name, lambda: observed(model, prompt, args.path, args.new_tokens))
         results[name] = {
-            "first_own_seconds_per_token": sum(own for _, own in first["profile"].values()) / tokens,
-            "steady_own_seconds_per_token": sum(own for _, own in steady["profile"].values()) / tokens,
+            "first_own_seconds_per_token": host_seconds(first["profile"]) / tokens,
+            "steady_own_seconds_per_token": host_seconds(steady["profile"]) / tokens,
             "first": {key: first[key] for key in ("counters", "graph_captures", "graph_recordings")},
             "steady": {key: steady[key] for key in ("counters", "graph_captures", "graph_recordings")},
             "cache_entries": cache_entries(),
@@ -168,12 +193,23 @@ def copies_profiles(model, prompt, args) -> dict:
         profiles[name] = own_times(copy, prompt, args.path, args.new_tokens)
     tokens, results = args.batch * args.new_tokens, {}
     for name, profile in profiles.items():
-        results[name] = {"own_seconds_per_token": sum(own for _, own in profile.values()) / tokens,
-                         "calls_per_token": sum(calls for calls, _ in profile.values()) / tokens,
-                         "against_native": differences(profiles["native"], profile, tokens, args.top)}  # fmt: skip
+        collections, collected = profile["<gc>"][:2]
+        native = profiles["native"]
+        results[name] = {
+            "own_seconds_per_token": host_seconds(profile) / tokens,
+            "calls_per_token": sum(calls for calls, *_ in profile.values()) / tokens,
+            "gc_collections_per_token": collections / tokens,
+            "gc_seconds_per_token": collected / tokens,
+            "against_native": differences(native, profile, tokens, args.top),
+            "against_native_cumulative": differences(native, profile, tokens, args.top, column=2),
+        }
         print(f"{name}: {1e3 * results[name]['own_seconds_per_token']:.2f} ms/token of host time under cProfile, "
-              f"{results[name]['calls_per_token']:.0f} calls/token")  # fmt: skip
-        print_differences(results[name]["against_native"][: 10 if name != "native" else 0])
+              f"{results[name]['calls_per_token']:.0f} calls/token, garbage collector {1e3 * collected / tokens:.2f} "
+              f"ms/token ({collections / tokens:.2f} collections)")  # fmt: skip
+        if name != "native":
+            print_differences(results[name]["against_native"][:10])
+            print(" cumulative:")
+            print_differences(results[name]["against_native_cumulative"][:20])
     return results
 
 
