@@ -212,8 +212,11 @@ def _value_at_rank(cumulative: torch.Tensor, rank: int) -> int:
 
 
 def summarize_count_histogram(histogram: torch.Tensor, min_k: int, max_k: int, baseline_k: int):
-    """`summarize_expert_counts` of the counts whose histogram (over the values 0, 1, ...) is `histogram`,
-    any leading shape (summed): the same numbers, from the histogram alone."""
+    """The design's expert-selection metrics (`bh_routing.summarize_expert_counts`) of the counts whose
+    histogram over the values 0, 1, ... is `histogram` (any leading shape, summed): avg, std, min, max and
+    median experts (the median interpolated between the two middle counts as torch.quantile does), and as
+    percentages ceiling_hit_rate (counts equal to max_k), floor_hit_rate (equal to min_k) and
+    reduction_vs_baseline = 100 * (1 - avg_experts / baseline_k)."""
     histogram = histogram.detach().to("cpu", torch.int64).reshape(-1, histogram.shape[-1]).sum(dim=0)
     total = int(histogram.sum())
     if total == 0:
