@@ -127,13 +127,14 @@ __all__ = [
     "halving_batches",
 ]
 
-# What results depend on: the routing, its statistics, the families, the experts path, the harness and the
-# allocations it fits.
+# What results depend on: the routing, its statistics, the families, the experts path, BH's fused route (a
+# GPU run's), the harness and the allocations it fits: every project module the last two import.
 FINGERPRINTED_SOURCES = (
     "bh_routing.py",
     "routing_statistics.py",
     "moe_families.py",
     "variable_k_experts.py",
+    "fused_bh_route.py",
     "bh_experiment.py",
     "bh_allocation.py",
 )
