@@ -324,8 +324,8 @@ class RoutingStatistics:
 
     Compiled forwards (CUDA-graphed or not) update the accumulators in place (`accumulate_routing`); eager
     calls, the patcher's CUDA-graphed routes among them, go through `record`, which keeps references and folds
-    them in batches of `max_pending` calls per layer, so that an eager forward pays a list append rather than
-    a dozen small kernels per layer.
+    them in batches of `max_pending` calls or `max_pending_rows` rows per layer, whichever comes first, so that
+    an eager forward pays a list append rather than a dozen small kernels per layer.
 
     record_token_counts: also keep every routed row's count per layer in a ring buffer of `token_capacity`
     rows (`token_counts`); off, the count histogram still gives every summary statistic.
