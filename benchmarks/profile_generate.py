@@ -67,14 +67,14 @@ def own_times(model, prompt, path: str, new_tokens: int) -> dict:
 
 
 def differences(native: dict, other: dict, tokens: int, top: int, column: int = 1) -> list[dict]:
-    """The `top` functions whose own time (column 1; 2: cumulative time) per generated token differs most
-    between two profiles."""
-    rows = []
+    """The `top` functions whose own time (column 1, "own_us_per_token") or cumulative time (column 2,
+    "cumulative_us_per_token") per generated token differs most between two profiles."""
+    key, rows = ("own_us_per_token", "cumulative_us_per_token")[column - 1], []
     for name in set(native) | set(other):
         before, after = native.get(name, [0, 0.0, 0.0]), other.get(name, [0, 0.0, 0.0])
-        rows.append({"function": name, "own_us_per_token": 1e6 * (after[column] - before[column]) / tokens,
+        rows.append({"function": name, key: 1e6 * (after[column] - before[column]) / tokens,
                      "calls_per_token": (after[0] - before[0]) / tokens})  # fmt: skip
-    return sorted(rows, key=lambda row: -abs(row["own_us_per_token"]))[:top]
+    return sorted(rows, key=lambda row: -abs(row[key]))[:top]
 
 
 def host_seconds(profile: dict) -> float:
@@ -84,7 +84,8 @@ def host_seconds(profile: dict) -> float:
 
 def print_differences(rows: list[dict]) -> None:
     for row in rows:
-        print(f"  {row['own_us_per_token']:+8.1f} us/token {row['calls_per_token']:+6.1f} calls  {row['function']}")
+        microseconds = row.get("own_us_per_token", row.get("cumulative_us_per_token"))
+        print(f"  {microseconds:+8.1f} us/token {row['calls_per_token']:+6.1f} calls  {row['function']}")
 
 
 def counter_values() -> dict:

@@ -459,7 +459,7 @@ def test_the_host_profile_compares_each_configuration_with_native(tmp_path):
     assert patched["own_seconds_per_token"] > 0
     added = {row["function"] for row in patched["against_native"] if row["calls_per_token"] > 0}
     assert any(name.startswith("bh_routing.py:") for name in added)  # the patcher's hooks ran, native's did not
-    cumulative = {row["function"]: row["own_us_per_token"] for row in patched["against_native_cumulative"]}
+    cumulative = {row["function"]: row["cumulative_us_per_token"] for row in patched["against_native_cumulative"]}
     patch_call = next(name for name in cumulative if name.endswith("(__call__)") and name.startswith("bh_routing"))
     assert cumulative[patch_call] > 0  # the patch's whole call, its callees included, added to native's time
     assert patched["gc_seconds_per_token"] >= 0 and patched["gc_collections_per_token"] >= 0
