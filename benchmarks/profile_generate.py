@@ -42,9 +42,21 @@ import bh_experiment  # noqa: E402
 
 
 def own_times(model, prompt, path: str, new_tokens: int) -> dict:
-    """function -> [calls, own seconds, cumulative seconds] in one generate under cProfile; the garbage
-    collector's collections and seconds during it under "<gc>"."""
-    profiler, collections = cProfile.Profile(), []  # each collection's [start, stop]
+    """function -> [calls, own seconds, cumulative seconds] in one generate under cProfile."""
+    profiler = cProfile.Profile()
+    profiler.runcall(bench_generate.generate, model, prompt, path, new_tokens)
+    bh_experiment.synchronize(prompt.device)
+    return {
+        f"{Path(file).name}:{line}({name})": [calls, own, cumulative]
+        for (file, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items()
+    }
+
+
+@contextlib.contextmanager
+def collections_timed():
+    """The garbage collector's collections inside the block, as [start, stop] pairs of time.perf_counter (their
+    time falls inside some function's own time, which cProfile cannot tell apart)."""
+    collections = []
 
     def collecting(phase: str, info: dict) -> None:  # gc.callbacks: called as a collection starts and stops
         if phase == "start":
@@ -54,22 +66,18 @@ def own_times(model, prompt, path: str, new_tokens: int) -> dict:
 
     gc.callbacks.append(collecting)
     try:
-        profiler.runcall(bench_generate.generate, model, prompt, path, new_tokens)
-        bh_experiment.synchronize(prompt.device)
+        yield collections
     finally:
         gc.callbacks.remove(collecting)
-    profile = {
-        f"{Path(file).name}:{line}({name})": [calls, own, cumulative]
-        for (file, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items()
-    }
-    collected = sum(stop - start for start, stop in collections)
-    return profile | {"<gc>": [len(collections), collected, collected]}
 
 
-def differences(native: dict, other: dict, tokens: int, top: int, column: int = 1) -> list[dict]:
-    """The `top` functions whose own time (column 1, "own_us_per_token") or cumulative time (column 2,
-    "cumulative_us_per_token") per generated token differs most between two profiles."""
-    key, rows = ("own_us_per_token", "cumulative_us_per_token")[column - 1], []
+COLUMNS = {"own_us_per_token": 1, "cumulative_us_per_token": 2}  # `differences`' keys: own or cumulative time
+
+
+def differences(native: dict, other: dict, tokens: int, top: int, key: str = "own_us_per_token") -> list[dict]:
+    """The `top` functions whose own time ("own_us_per_token") or cumulative time ("cumulative_us_per_token")
+    per generated token differs most between two profiles."""
+    column, rows = COLUMNS[key], []
     for name in set(native) | set(other):
         before, after = native.get(name, [0, 0.0, 0.0]), other.get(name, [0, 0.0, 0.0])
         rows.append({"function": name, key: 1e6 * (after[column] - before[column]) / tokens,
@@ -77,15 +85,9 @@ def differences(native: dict, other: dict, tokens: int, top: int, column: int = 
     return sorted(rows, key=lambda row: -abs(row[key]))[:top]
 
 
-def host_seconds(profile: dict) -> float:
-    """A profile's own seconds over every function (the collector's, inside them, not counted twice)."""
-    return sum(own for name, (_, own, _) in profile.items() if name != "<gc>")
-
-
-def print_differences(rows: list[dict]) -> None:
+def print_differences(rows: list[dict], key: str = "own_us_per_token") -> None:
     for row in rows:
-        microseconds = row.get("own_us_per_token", row.get("cumulative_us_per_token"))
-        print(f"  {microseconds:+8.1f} us/token {row['calls_per_token']:+6.1f} calls  {row['function']}")
+        print(f"  {row[key]:+8.1f} us/token {row['calls_per_token']:+6.1f} calls  {row['function']}")
 
 
 def counter_values() -> dict:
@@ -155,7 +157,7 @@ def observed(model, prompt, path: str, new_tokens: int) -> dict:
     with graph_recordings([]) as recordings:
         profile = own_times(model, prompt, path, new_tokens)
     moved = {key: value - before.get(key, 0) for key, value in counter_values().items() if value != before.get(key, 0)}
-    captures = sum(calls for name, (calls, *_) in profile.items() if name.endswith("(capture_begin)"))
+    captures = sum(calls for name, (calls, _, _) in profile.items() if name.endswith("(capture_begin)"))
     return {"profile": profile, "counters": moved, "graph_captures": captures, "graph_recordings": recordings}
 
 
@@ -169,8 +171,8 @@ def switching_profiles(model, prompt, args) -> dict:
     for name in args.configs:
         first, steady = switcher.twice(name, lambda: observed(model, prompt, args.path, args.new_tokens))
         results[name] = {
-            "first_own_seconds_per_token": host_seconds(first["profile"]) / tokens,
-            "steady_own_seconds_per_token": host_seconds(steady["profile"]) / tokens,
+            "first_own_seconds_per_token": sum(own for _, own, _ in first["profile"].values()) / tokens,
+            "steady_own_seconds_per_token": sum(own for _, own, _ in steady["profile"].values()) / tokens,
             "first": {key: first[key] for key in ("counters", "graph_captures", "graph_recordings")},
             "steady": {key: steady[key] for key in ("counters", "graph_captures", "graph_recordings")},
             "cache_entries": cache_entries(),
@@ -188,29 +190,29 @@ def copies_profiles(model, prompt, args) -> dict:
     """The copies mode's results per configuration: its host time and the functions that differ from native."""
     copies = dict(zip(args.configs, bench_generate.model_copies(model, len(args.configs)), strict=True))
     bench_generate.prepare(copies, args.path, prompt, args)
-    profiles = {}
+    profiles, collections = {}, {}
     for name, copy in copies.items():
         bench_generate.generate(copy, prompt, args.path, args.new_tokens)  # the first call after the others
-        profiles[name] = own_times(copy, prompt, args.path, args.new_tokens)
-    tokens, results = args.batch * args.new_tokens, {}
+        with collections_timed() as collections[name]:
+            profiles[name] = own_times(copy, prompt, args.path, args.new_tokens)
+    tokens, results, native = args.batch * args.new_tokens, {}, profiles["native"]
     for name, profile in profiles.items():
-        collections, collected = profile["<gc>"][:2]
-        native = profiles["native"]
+        collected = sum(stop - start for start, stop in collections[name])
         results[name] = {
-            "own_seconds_per_token": host_seconds(profile) / tokens,
-            "calls_per_token": sum(calls for calls, *_ in profile.values()) / tokens,
-            "gc_collections_per_token": collections / tokens,
+            "own_seconds_per_token": sum(own for _, own, _ in profile.values()) / tokens,
+            "calls_per_token": sum(calls for calls, _, _ in profile.values()) / tokens,
+            "gc_collections_per_token": len(collections[name]) / tokens,
             "gc_seconds_per_token": collected / tokens,
             "against_native": differences(native, profile, tokens, args.top),
-            "against_native_cumulative": differences(native, profile, tokens, args.top, column=2),
+            "against_native_cumulative": differences(native, profile, tokens, args.top, "cumulative_us_per_token"),
         }
         print(f"{name}: {1e3 * results[name]['own_seconds_per_token']:.2f} ms/token of host time under cProfile, "
               f"{results[name]['calls_per_token']:.0f} calls/token, garbage collector {1e3 * collected / tokens:.2f} "
-              f"ms/token ({collections / tokens:.2f} collections)")  # fmt: skip
+              f"ms/token ({len(collections[name]) / tokens:.2f} collections)")  # fmt: skip
         if name != "native":
             print_differences(results[name]["against_native"][:10])
             print(" cumulative:")
-            print_differences(results[name]["against_native_cumulative"][:20])
+            print_differences(results[name]["against_native_cumulative"][:20], "cumulative_us_per_token")
     return results
 
 
