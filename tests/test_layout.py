@@ -73,6 +73,18 @@ def test_the_routing_module_needs_no_experiment_library():
     assert not imported(REPO / "variable_k_experts.py") & (set(MODULES) | {"pandas", "matplotlib"})
 
 
+def test_every_module_a_result_is_computed_with_is_fingerprinted():
+    """The harness, the allocations it fits, and every project module they import, however deep (a kernel
+    change changes a GPU run's results as a routing change does): what a saved result's code hash covers."""
+    computed_with, unread = set(), ["bh_experiment", "bh_allocation"]
+    while unread:
+        module = unread.pop()
+        computed_with.add(module)
+        unread += sorted(imported(REPO / f"{module}.py") & set(MODULES) - computed_with)
+    assert {"routing_statistics", "fused_bh_route", "variable_k_experts"} <= computed_with
+    assert {f"{module}.py" for module in computed_with} <= set(bh_experiment.FINGERPRINTED_SOURCES)
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_each_module_stays_under_its_size(name):
     lines = (REPO / f"{name}.py").read_text().count("\n")

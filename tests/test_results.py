@@ -1,6 +1,5 @@
 """Results on disk: atomic writes, resume, failure records, interrupts (the helper both notebook sweeps use)."""
 
-import ast
 import json
 import os
 import subprocess
@@ -86,26 +85,6 @@ def test_a_result_saved_by_other_code_or_library_versions_is_recomputed(tmp_path
     after_change = bx.ResultStore(tmp_path, {"seed": 0})
     assert after_change.load("bh_k8_a005") is None
     assert after_change.run("bh_k8_a005", lambda: {"value": 2})["value"] == 2
-
-
-def project_imports(module: str) -> set[str]:
-    """The project's modules (flat files beside bh_experiment.py) that `module` imports, at any depth."""
-    tree = ast.parse((bx.REPO_DIR / f"{module}.py").read_text())
-    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    return {name for name in names if (bx.REPO_DIR / f"{name}.py").is_file()}
-
-
-def test_every_module_a_result_is_computed_with_is_fingerprinted():
-    """The harness, the allocations it fits, and every project module they import, however deep (a kernel
-    change changes a GPU run's results as a routing change does)."""
-    computed_with, unread = set(), ["bh_experiment", "bh_allocation"]
-    while unread:
-        module = unread.pop()
-        computed_with.add(module)
-        unread += sorted(project_imports(module) - computed_with)
-    assert {"routing_statistics", "fused_bh_route", "variable_k_experts"} <= computed_with
-    assert {f"{module}.py" for module in computed_with} <= set(bx.FINGERPRINTED_SOURCES)
 
 
 @pytest.mark.parametrize("source", bx.FINGERPRINTED_SOURCES)
