@@ -189,13 +189,20 @@ def _task_spec(name: str):
     return offline_task_configs().get(name, name)
 
 
+def lm_eval_task_manager(names=()):
+    """lm-eval's task manager for these task names: with its registry only where a name is not one of
+    OFFLINE_TASKS (indexing its thousands of task files takes 5-10 s on a CPU; the offline tasks are given
+    as configurations and need none of it)."""
+    return _task_manager(registry=any(name not in OFFLINE_TASKS for name in names))
+
+
 @functools.cache
-def lm_eval_task_manager():
-    """lm-eval's task index (built once per process: indexing its thousands of task files takes seconds)."""
+def _task_manager(registry: bool):
+    """Built once per process and kind."""
     _require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    return TaskManager()
+    return TaskManager(include_defaults=registry)
 
 
 def check_task_names(tasks) -> list[str]:
@@ -203,7 +210,7 @@ def check_task_names(tasks) -> list[str]:
     ValueError for an unknown name, or for a tag (a bare list of tasks with no aggregate of its own, e.g.
     ai2_arc: name its tasks, arc_easy and arc_challenge)."""
     names = _task_names(tasks)
-    manager = lm_eval_task_manager()
+    manager = lm_eval_task_manager(names)
     for name in names:
         if name in OFFLINE_TASKS:
             continue
@@ -232,7 +239,7 @@ def check_lm_eval_tasks(tasks) -> list[str]:
     names = check_task_names(tasks)
     for name in names:
         try:
-            lm_eval_task_manager().load([_task_spec(name)])
+            lm_eval_task_manager([name]).load([_task_spec(name)])
         except Exception as error:  # noqa: BLE001 - lm-eval and datasets raise many types; all are reported
             raise DownstreamTaskError(
                 f"lm-eval task {name!r} could not be loaded ({type(error).__name__}: {error}). Standard tasks "
@@ -392,7 +399,7 @@ def evaluate_task(harness, patcher: MoERouterPatcher, config: RoutingConfig, tas
                 limit=limit,
                 bootstrap_iters=bootstrap_iters,
                 log_samples=True,
-                task_manager=lm_eval_task_manager(),
+                task_manager=lm_eval_task_manager([task]),
             )
             seconds = time.perf_counter() - start
         stats = patcher.get_stats()

@@ -126,10 +126,9 @@ def run_bh(embedded, batch_size, masked=True):
         return result["avg_experts"], result["num_tokens"]
     config.apply(patcher)
     try:
-        spec = bd.offline_task_configs()["heldout_continuation"]
-        simple_evaluate(
-            model=harness, tasks=[spec], limit=24, log_samples=False, task_manager=bd.lm_eval_task_manager()
-        )
+        task = "heldout_continuation"
+        spec, manager = bd.offline_task_configs()[task], bd.lm_eval_task_manager([task])
+        simple_evaluate(model=harness, tasks=[spec], limit=24, log_samples=False, task_manager=manager)
         stats = patcher.get_stats()
     finally:
         patcher.unpatch()
@@ -215,6 +214,9 @@ def test_bad_tasks_limits_and_a_missing_harness_get_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="'ai2_arc' is an lm-eval tag, a list of tasks without an aggregate"):
         bd.check_task_names(["ai2_arc"])
     assert bd.check_task_names("arc_easy, mmlu") == ["arc_easy", "mmlu"]
+    # lm-eval's registry is indexed (seconds) only where a name needs it; the offline tasks are configurations
+    assert "arc_easy" not in bd.lm_eval_task_manager(bd.OFFLINE_TASKS).all_tasks
+    assert "arc_easy" in bd.lm_eval_task_manager(["heldout_continuation", "arc_easy"]).all_tasks
     with pytest.raises(ValueError, match="tasks must be a non-empty list of lm-eval task names"):
         bd.check_lm_eval_tasks([])
     for bad in (0, 1.5, True, "10"):
