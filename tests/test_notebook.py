@@ -279,7 +279,10 @@ def test_an_interrupted_run_resumes_without_redoing_finished_configurations(tmp_
         "False",
         "-p",
         "max_new_tokens",
-        "12",
+        "4",
+        "-p",
+        "prompts_per_group",
+        "1",
         "-p",
         "device",
         "cpu",
@@ -297,7 +300,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_configurations(tmp_
     finished = saved_configs(tmp_path)
     assert 1 <= len(finished) < 5 and not list(tmp_path.rglob("*.tmp*"))
     assert not (tmp_path / "bh_routing_summary.csv").exists()
-    execute(tmp_path, config_names=configs, run_quality=False, max_new_tokens=12, device="cpu")
+    execute(tmp_path, config_names=configs, run_quality=False, max_new_tokens=4, prompts_per_group=1, device="cpu")
     resumed = saved_configs(tmp_path)
     assert len(resumed) == 5 and all(resumed[name] == text for name, text in finished.items())  # read back, not rerun
     table = pd.read_csv(tmp_path / "bh_routing_summary.csv")
