@@ -327,6 +327,8 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
             )
         )
         assert not rows[f"switching/{path}/b2/bh_k8_a005_nostats"]["same_tokens_as_native"]  # its routing ran
+        assert len(top8["first_token_seconds_per_round"]) == 2 and 0 < top8["first_token_ms"]  # timed after the two
+        assert 0 < top8["decode_step_ms"] < 1000 * max(top8["seconds_per_round"])
     for path in ("dynamic", "static"):
         native, top8 = rows[f"{path}/b2/native"], rows[f"{path}/b2/topk_k8"]
         assert top8["tokens"] == native["tokens"] and top8["same_tokens_as_native"] and top8["unpatched_bit_identical"]
@@ -407,6 +409,13 @@ def test_the_benchmark_targets_read_ratios_of_one_process_with_their_interval():
     for dtype, expected in (("float16", {(29, "float16")}), ("bfloat16", {(10, "bfloat16"), (29, "bfloat16")})):
         rows = bench_generate.target_rows({"checks": {}, "rows": static, "settings": {"dtype": dtype}})
         assert {(row["issue"], row["dtype"]) for row in rows} == expected  # a file's dtype reads its own targets
+    for name, first_token in (("native", [0.2] * 9), ("topk_k2", [0.3] * 9), ("bh_k8_a005", [0.1] * 9)):
+        static[f"static_compiled/b1/{name}"]["first_token_seconds_per_round"] = first_token
+    decode = {row["config"]: row for row in bench_generate.target_rows({"checks": {}, "rows": static})}
+    assert decode["topk_k2"]["decode_ratio"] == pytest.approx(0.8 / 0.45)  # each round's time less its first token
+    assert decode["bh_k8_a005"]["decode_ci95"] == (pytest.approx(0.8 / 0.6),) * 2
+    assert decode["bh_k8_a005"]["first_token_share"] == pytest.approx(0.2)  # of the baseline's time
+    assert "| 1.78x (1.78-1.78); 20% |" in bench_generate.target_table({"checks": {}, "rows": static})
     float16 = bench_generate.target_rows({"checks": {}, "rows": static, "settings": {"dtype": "float16"}})
     assert {(row["config"], row["bounds"][0], row["met"]) for row in float16} == {("bh_k8_a005", 1.25, True),
                                                                                    ("topk_k2", 1.25, True)}  # fmt: skip
