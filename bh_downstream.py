@@ -190,9 +190,9 @@ def _task_spec(name: str):
 
 
 def lm_eval_task_manager(names=()):
-    """lm-eval's task manager for these task names: with its registry only where a name is not one of
-    OFFLINE_TASKS (indexing its thousands of task files takes 5-10 s on a CPU; the offline tasks are given
-    as configurations and need none of it)."""
+    """lm-eval's task manager for the task names it must know: with lm-eval's registry only where a name is
+    not one of OFFLINE_TASKS (indexing its thousands of task files takes 5-10 s on a CPU; the offline tasks
+    are given as configurations and need none of it), so without names, for the offline tasks alone."""
     return _task_manager(registry=any(name not in OFFLINE_TASKS for name in names))
 
 

@@ -724,7 +724,7 @@ def decode_ratio(row: dict, baseline: dict) -> dict:
     """Not a target: the per-round ratio of the decode steps alone (each round's seconds less its first token,
     the prompt's prefill, which runs eagerly on every path and takes about as long for every configuration),
     its median and 95% interval, and the first token's median share of the baseline's rounds; None where the
-    rows have no first-token times (the switching mode's)."""
+    rows have no first-token times (switching rows of run 63 and before)."""
     if "first_token_seconds_per_round" not in row or "first_token_seconds_per_round" not in baseline:
         return {"decode_ratio": None, "decode_ci95": None, "first_token_share": None}
     rounds = [(r["seconds_per_round"], r["first_token_seconds_per_round"]) for r in (row, baseline)]
