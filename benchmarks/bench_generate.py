@@ -215,17 +215,21 @@ def rotated_rounds(names: list[str], repeats: int, time_one) -> tuple[dict, ...]
     return tuple({name: [times[i] for times in kept[name]] for name in names} for i in range(len(times)))
 
 
+def first_token_generate(model, prompt, path: str, args):
+    """A one-token generate (the prefill alone) on the static cache of the whole generate's length, so that it
+    shares the whole generate's cache and compiled graph."""
+    return functools.partial(generate, model, prompt, path, 1, cache_tokens=prompt.shape[1] + args.new_tokens)
+
+
 def time_rounds(copies: dict, path: str, prompt, repeats: int, args) -> tuple[dict, dict]:
     """`rotated_rounds` of every copy: a drift in the host's speed (most of a decode step at batch 1) falls on
     every configuration alike, and each round gives a ratio to native. Each configuration also generates one
     token (the prefill, eager on every path) just before, so that a step of decoding can be told apart.
     (name -> seconds per round, name -> seconds of the one-token generate per round)."""
-    cache_tokens = prompt.shape[1] + args.new_tokens
 
     def time_one(name):
-        one = functools.partial(generate, copies[name], prompt, path, 1, cache_tokens=cache_tokens)
         work = functools.partial(generate, copies[name], prompt, path, args.new_tokens)
-        return timed(one, args.device), timed(work, args.device)
+        return timed(first_token_generate(copies[name], prompt, path, args), args.device), timed(work, args.device)
 
     first_token, seconds = rotated_rounds(list(copies), repeats, time_one)
     return seconds, first_token
@@ -309,9 +313,14 @@ def outcome_fields(model, name: str, state: dict, stats: dict, native, prompt) -
     }
 
 
+def decode_seconds(seconds: list[float], first_token: list[float]) -> list[float]:
+    """Per round, the decode steps' seconds: the generate's time less its first token's."""
+    return [total - first for total, first in zip(seconds, first_token, strict=True)]
+
+
 def decode_steps(seconds: list[float], first_token: list[float], args) -> list[float]:
-    """Per round, a decode step's seconds: the generate's time less its first token's, over the other tokens."""
-    return [(total - first) / (args.new_tokens - 1) for total, first in zip(seconds, first_token, strict=True)]
+    """Per round, a decode step's seconds: `decode_seconds` over the tokens after the first."""
+    return [decode / (args.new_tokens - 1) for decode in decode_seconds(seconds, first_token)]
 
 
 def block_rows(copies: dict, states: dict, timings: tuple, path: str, prompt, args) -> dict:
@@ -566,9 +575,9 @@ class Switcher:
         """Patch `name`, time the first generate after the switch, a second one and then a one-token generate
         (the prefill alone, as the copies mode times it, after the two so that the switch's is the first), unpatch."""
         work = functools.partial(generate, self.model, prompt, path, args.new_tokens)
-        one = functools.partial(generate, self.model, prompt, path, 1, cache_tokens=prompt.shape[1] + args.new_tokens)
         measure = functools.partial(timed, work, args.device)
-        return self.in_turn(name, measure, measure, functools.partial(timed, one, args.device))
+        one = functools.partial(timed, first_token_generate(self.model, prompt, path, args), args.device)
+        return self.in_turn(name, measure, measure, one)
 
 
 def switching_state(switcher: Switcher, name: str, path: str, prompt, args) -> dict:
@@ -728,8 +737,7 @@ def decode_ratio(row: dict, baseline: dict) -> dict:
     if "first_token_seconds_per_round" not in row or "first_token_seconds_per_round" not in baseline:
         return {"decode_ratio": None, "decode_ci95": None, "first_token_share": None}
     rounds = [(r["seconds_per_round"], r["first_token_seconds_per_round"]) for r in (row, baseline)]
-    decode = [[total - first for total, first in zip(*pair, strict=True)] for pair in rounds]
-    ratios = [b / a for a, b in zip(*decode, strict=True)]
+    ratios = [b / a for a, b in zip(*(decode_seconds(*pair) for pair in rounds), strict=True)]
     share = statistics.median(first / total for total, first in zip(*rounds[1], strict=True))
     return {"decode_ratio": statistics.median(ratios), "decode_ci95": median_interval(ratios),
             "first_token_share": share}  # fmt: skip
