@@ -23,7 +23,7 @@ router scores and weights experts (`RouterSpec`, `find_moe_layers`, `moe_shape`)
    `topp_routing`, `run_bh_multi_k`, `compare_multi_k_statistics`, `summarize_expert_counts`.
 8. `MoERouterPatcher`: swaps the router of every MoE layer for a registered method, so that the experts
    module computes only the kept pairs, and records the routing statistics (`routing_statistics.py`: the
-   counters it keeps on the device).
+   counters it keeps on the device); `drop_copied_compiled_call`, for a model copied after a compiled generate.
 
 Shapes use E for the number of experts (64 for OLMoE), K for a method's slot width (max_k, or k for top-k),
 L for the number of MoE layers, and "..." for leading token dimensions ([tokens] inside the model,
@@ -87,7 +87,7 @@ __all__ = [
     "route_alloct", "layer_tensor",
     # families and the patcher
     "find_moe_layers", "moe_shape", "MoERouterPatcher", "OLMoERouterPatcher", "PATCHER_ATTRIBUTE",
-    "TOKEN_COUNTS_CAPACITY",
+    "TOKEN_COUNTS_CAPACITY", "drop_copied_compiled_call",
 ]  # fmt: skip
 
 NATIVE_TOP_K = 8  # OLMoE-1B-7B routes every token to 8 experts: the default k of `topk_routing`
@@ -1990,6 +1990,25 @@ def patched_router_class(router_class: type) -> type:
     return _PATCHED_ROUTER_CLASSES[router_class]
 
 
+COMPILED_CALL_ATTRIBUTE = "_compiled_call"  # where transformers' generate keeps a model's compiled forward
+
+
+def drop_copied_compiled_call(model: torch.nn.Module) -> bool:
+    """Drop the compiled forward that transformers' generate keeps on `model` (`get_compiled_call`, as
+    `model._compiled_call`) when it runs another model's forward; True if one was dropped.
+
+    copy.deepcopy shares a function rather than copying it, so a copy of a model made after a compiled
+    generate keeps the original's compiled call, bound to the original: every compiled decode step of the copy
+    would run the original's modules, its routers included, and a patch of the copy would route its prompt
+    alone. Dropped, generate compiles the copy's own forward. `MoERouterPatcher.patch` calls it."""
+    compiled = getattr(model, COMPILED_CALL_ATTRIBUTE, None)
+    bound_to = getattr(getattr(compiled, "__wrapped__", None), "__self__", model)  # torch.compile wraps the method
+    if bound_to is model:
+        return False
+    delattr(model, COMPILED_CALL_ATTRIBUTE)
+    return True
+
+
 class PatchedRouter:
     """What one MoE layer's router does after its own forward while patched (`patched_router_class`): the
     method's route of the layer, the family's weighting of the kept experts, and the layer's statistics
@@ -2337,6 +2356,7 @@ class MoERouterPatcher:
             routes = [(spec.layer_route(params, c), spec.layer_route(params, c, compiled)) for c in self.contexts()]
         self.unpatch()
         self._claim_model()
+        drop_copied_compiled_call(self.model)  # a copy's compiled decode steps must run its own routers
         self.statistics.reset()
         self.method, self.params = spec.name, params
         self.in_expert_space, self.native_routing = in_expert_space, native

@@ -12,7 +12,8 @@ and 0.2 at max_k 8, BH alpha 0.05 on floors 2 and 4, top-k 8 / BH alpha 0.05 wit
 Two modes (--modes). "switching", the way a user and the notebook work: one model, and in every round each
 configuration is patched, generated with (timed: the first generate after a switch) and unpatched in turn,
 after one warm-up of each; its rows also give the second generate of the same patch (steady state) and the
-switch's penalty, their ratio, and a one-token generate after them (the first token's time, as below).
+switch's penalty, their ratio, and a one-token generate after a switch of its own (the first token's time, as
+below, in the state of the first generate after a switch).
 "copies": as follows.
 
 Timing, per path and batch size: each configuration runs on its own copy of the model (the module tree
@@ -29,9 +30,11 @@ table, plus each layer's experts in use: at batch b and an average of k experts 
 number of distinct experts E * (1 - (1 - k/E)^b), assuming tokens pick experts independently and
 uniformly), divided by the measured copy bandwidth of the card; floor tokens/s = b / that time.
 
-Correctness, per path and batch size: patched top-8 generates the native tokens; each copy, unpatched after
-the rounds, generates the native logits again, bit for bit. --check-counts BATCH...: BH's decisions on the
-static compiled path against the eager computation on the same inputs (`check_counts`): the compiled
+Correctness, per path and batch size: patched top-8 generates the native tokens; each configuration with
+statistics counted every position of its reference generate (`routed_positions`: its own routers ran every
+step); each copy, unpatched after the rounds, generates the native logits again, bit for bit.
+--check-counts BATCH...: BH's decisions on the static compiled path against the eager computation on the
+same inputs (`check_counts`): the compiled
 forward's decode decisions replayed eagerly on the logits it routed, and a whole generate's per-token counts
 against the dynamic and static eager paths, with the native router's own choices on those paths beside them.
 
@@ -169,7 +172,10 @@ def model_copies(model, count: int) -> list:
     """`count` copies of the model's module tree sharing its weights and buffers (no memory for them). Each is
     patched and compiled on its own, so that configurations can be timed in turn, round after round."""
     shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
-    return [copy.deepcopy(model, memo=dict(shared)) for _ in range(count)]
+    copies = [copy.deepcopy(model, memo=dict(shared)) for _ in range(count)]
+    for twin in copies:  # after a compiled generate of `model`, a copy would decode with its forward (run 64)
+        bh_routing.drop_copied_compiled_call(twin)
+    return copies
 
 
 def patch_copy(model, name: str):
@@ -190,15 +196,34 @@ def prepare(copies: dict, path: str, prompt, args) -> dict:
         patcher = patch_copy(model, name)
         skips_before = cudagraph_skips()
         warm_up = timed(functools.partial(generate, model, prompt, path, args.new_tokens), args.device)
-        states[name] = {
-            "patcher": patcher,
-            "warm_up_s": warm_up,
-            "cudagraph_skips": cudagraph_skips() - skips_before,  # compiled graphs run without CUDA graphs
-            "output": generate(model, prompt, path, args.new_tokens, logits=True),
-        }
+        reference = reference_generate(patcher, model, prompt, path, args)
+        states[name] = {"patcher": patcher, "warm_up_s": warm_up,
+                        "cudagraph_skips": cudagraph_skips() - skips_before,  # compiled graphs run without CUDA graphs
+                        **reference}  # fmt: skip
         if patcher is not None and patcher.record_statistics:
             patcher.reset_stats()  # the statistics of the timed rounds only
     return states
+
+
+def reference_generate(patcher, model, prompt, path: str, args) -> dict:
+    """The configuration's reference generate (its logits kept) and the statistics of that generate alone:
+    {"output", "stats"} ({} without statistics)."""
+    if patcher is not None and patcher.record_statistics:
+        patcher.reset_stats()
+    output = generate(model, prompt, path, args.new_tokens, logits=True)
+    stats = patcher.get_stats() if patcher is not None and patcher.record_statistics else {}
+    return {"output": output, "stats": stats}
+
+
+def routed_positions(stats: dict, prompt, args) -> dict:
+    """The positions the configuration's statistics counted in its reference generate, and whether they are
+    every position it forwarded (the prompt, then each decode step but the last: a compiled decode step that
+    ran another model's forward, as a copy's did before `drop_copied_compiled_call`, routes none of them);
+    None without statistics."""
+    if "num_tokens" not in stats:
+        return {"routed_positions": None, "every_position_routed": None}
+    expected = prompt.shape[0] * (prompt.shape[1] + args.new_tokens - 1)
+    return {"routed_positions": stats["num_tokens"], "every_position_routed": stats["num_tokens"] == expected}
 
 
 def rotated_rounds(names: list[str], repeats: int, time_one) -> tuple[dict, ...]:
@@ -299,10 +324,11 @@ def ratio_fields(seconds: dict, name: str, tokens: int) -> dict:
     }
 
 
-def outcome_fields(model, name: str, state: dict, stats: dict, native, prompt) -> dict:
+def outcome_fields(model, name: str, state: dict, stats: dict, native, prompt, args) -> dict:
     """What a configuration's routing did: its experts (native: the router's k; None where no statistics were
     read, until `add_floors` takes its twin's with statistics), its experts path, compiled graphs run without
-    CUDA graphs, and its tokens against native's."""
+    CUDA graphs, its tokens against native's, and whether its statistics counted every position of its
+    reference generate (`routed_positions`)."""
     unread = bh_routing.find_moe_layers(model)[0].spec.top_k if CONFIGS[name][0] is None else None
     return {
         "avg_experts": stats.get("avg_experts", unread),
@@ -310,6 +336,7 @@ def outcome_fields(model, name: str, state: dict, stats: dict, native, prompt) -
         "cudagraph_skips": state["cudagraph_skips"],
         "tokens": state["output"].sequences[:, prompt.shape[1] :].tolist(),
         "same_tokens_as_native": bool(torch.equal(state["output"].sequences, native.sequences)),
+        **routed_positions(state["stats"], prompt, args),
     }
 
 
@@ -340,7 +367,7 @@ def block_rows(copies: dict, states: dict, timings: tuple, path: str, prompt, ar
             "decode_step_ms": 1000 * statistics.median(steps),
             "device_ms_per_token": None,  # on CUDA, with kernels_per_token and top_kernels: `device_profile`
             **device_profile(copies[name], prompt, path, args),
-            **outcome_fields(copies[name], name, state, stats, native, prompt),
+            **outcome_fields(copies[name], name, state, stats, native, prompt, args),
         }
     return rows
 
@@ -572,12 +599,14 @@ class Switcher:
         return self.in_turn(name, measure, measure)
 
     def timed(self, name: str, path: str, prompt, args) -> tuple[float, float, float]:
-        """Patch `name`, time the first generate after the switch, a second one and then a one-token generate
-        (the prefill alone, as the copies mode times it, after the two so that the switch's is the first), unpatch."""
+        """Patch `name`, time the first generate after the switch and a second one, unpatch; then a one-token
+        generate (the prefill alone) as the first generate after a switch of its own, so that its prefill runs
+        as the first whole generate's did: a third generate of the same patch would capture the eager route's
+        CUDA graphs for the prompt's shape (`CudaGraphed`, at a shape's third call) and time the capture."""
         work = functools.partial(generate, self.model, prompt, path, args.new_tokens)
         measure = functools.partial(timed, work, args.device)
         one = functools.partial(timed, first_token_generate(self.model, prompt, path, args), args.device)
-        return self.in_turn(name, measure, measure, one)
+        return self.in_turn(name, measure, measure) + self.in_turn(name, one)
 
 
 def switching_state(switcher: Switcher, name: str, path: str, prompt, args) -> dict:
@@ -587,16 +616,13 @@ def switching_state(switcher: Switcher, name: str, path: str, prompt, args) -> d
     try:
         skips_before = cudagraph_skips()
         warm_up = timed(functools.partial(generate, switcher.model, prompt, path, args.new_tokens), args.device)
-        if patcher is not None and patcher.record_statistics:
-            patcher.reset_stats()  # the statistics of the reference generate only
-        output = generate(switcher.model, prompt, path, args.new_tokens, logits=True)
-        stats = patcher.get_stats() if patcher is not None and patcher.record_statistics else {}
+        reference = reference_generate(patcher, switcher.model, prompt, path, args)
         profile = device_profile(switcher.model, prompt, path, args)
     finally:
         if patcher is not None:
             patcher.unpatch()
-    return {"warm_up_s": warm_up, "cudagraph_skips": cudagraph_skips() - skips_before, "output": output,
-            "stats": stats, "profile": profile}  # fmt: skip
+    return {"warm_up_s": warm_up, "cudagraph_skips": cudagraph_skips() - skips_before, **reference,
+            "profile": profile}  # fmt: skip
 
 
 def switching_rows(model, block: Block, prompt, args) -> dict:
@@ -618,12 +644,12 @@ def switching_rows(model, block: Block, prompt, args) -> dict:
             **ratio_fields(first, name, tokens),  # the first generate after each switch
             "steady_seconds_per_round": steady[name],  # the second generate of the same patch
             "switch_penalty": statistics.median(penalties),  # first after the switch over steady: 1 = none
-            "first_token_seconds_per_round": first_token[name],  # a one-token generate after the two
+            "first_token_seconds_per_round": first_token[name],  # a one-token generate after a switch of its own
             "first_token_ms": 1000 * statistics.median(first_token[name]),
             "decode_step_ms": 1000 * statistics.median(decode_steps(first[name], first_token[name], args)),
             "device_ms_per_token": None,
             **state["profile"],
-            **outcome_fields(model, name, state, state["stats"], native, prompt),
+            **outcome_fields(model, name, state, state["stats"], native, prompt, args),
             "unpatched_bit_identical": restored,  # the one model, after every switch of the block
         }
     return rows
@@ -755,9 +781,11 @@ def correctness_lines(results: dict) -> list[str]:
         rows = [row for row in results["rows"].values() if block_of(row) == block]
         top8 = [row["same_tokens_as_native"] for row in rows if row["config"] == "topk_k8"]
         restored = sum(row["unpatched_bit_identical"] for row in rows)
+        routed = [row["every_position_routed"] for row in rows if row.get("every_position_routed") is not None]
         lines.append(f"- {block[0]}, {block[1]}, batch {block[2]}: top-8 generates native's tokens: "
                      f"{'yes' if top8 and all(top8) else 'no' if top8 else '-'}; unpatched bit-identical: "
-                     f"{restored} of {len(rows)} configurations")  # fmt: skip
+                     f"{restored} of {len(rows)} configurations; every position routed by the configuration: "
+                     f"{sum(routed)} of {len(routed)} with statistics")  # fmt: skip
     for name, check in results["checks"].items():
         parts = [f"{key}: " + (f"{part['decisions'] - part['different']} of {part['decisions']} equal"
                                if "decisions" in part else f"shapes differ {part['shapes']}")

@@ -232,6 +232,31 @@ def test_compiled_static_generate_routes_and_counts_as_eager_and_unpatches_bit_f
         assert torch.equal(tiny_model(input_ids).logits, native_logits)
 
 
+def test_a_copy_made_after_a_compiled_generate_routes_its_decode_steps_by_its_own_patch(tiny_model):
+    # transformers keeps a model's compiled forward on it (`_compiled_call`), which copy.deepcopy shares:
+    # unchecked, a patched copy's compiled decode steps ran the original's native routers (gpu_notes run 64).
+    import copy
+
+    input_ids = torch.randint(2, 512, (1, 5), generator=torch.Generator().manual_seed(6))
+    generate(tiny_model, input_ids, compiled=True)
+    twin = copy.deepcopy(tiny_model)
+    assert twin._compiled_call is tiny_model._compiled_call  # what deepcopy does, and why the patcher looks
+    assert not br.drop_copied_compiled_call(tiny_model)  # the original's own compiled call is kept
+    with br.MoERouterPatcher(twin) as patcher:
+        patcher.patch_with_topk(2)
+        assert not hasattr(twin, "_compiled_call")  # dropped at patch: generate compiles the copy's own
+        eager = generate(twin, input_ids, compiled=False)
+        patcher.reset_stats()
+        assert torch.equal(generate(twin, input_ids, compiled=True), eager)
+        assert patcher.get_stats()["num_tokens"] == 5 + 5  # the prompt, then every decode step but the last
+        assert twin._compiled_call.__wrapped__.__self__ is twin
+    assert not br.drop_copied_compiled_call(twin)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_generate
+
+    assert not any(hasattr(copy, "_compiled_call") for copy in bench_generate.model_copies(tiny_model, 2))
+
+
 def dynamo_lookups(model, input_ids) -> int:
     """How many times dynamo looks up compiled code (evaluates guards) in a compiled generate."""
     from torch.profiler import ProfilerActivity, profile
@@ -327,6 +352,10 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
             )
         )
         assert not rows[f"switching/{path}/b2/bh_k8_a005_nostats"]["same_tokens_as_native"]  # its routing ran
+        for mode in ("switching/", ""):  # the reference generate's statistics counted the prompt and each step
+            assert rows[f"{mode}{path}/b2/topk_k8"]["routed_positions"] == 2 * (5 + 3 - 1)
+            assert rows[f"{mode}{path}/b2/topk_k8"]["every_position_routed"] is True
+            assert rows[f"{mode}{path}/b2/bh_k8_a005_nostats"]["every_position_routed"] is None
         assert len(top8["first_token_seconds_per_round"]) == 2 and 0 < top8["first_token_ms"]  # timed after the two
         assert 0 < top8["decode_step_ms"] < 1000 * max(top8["seconds_per_round"])
     for path in ("dynamic", "static"):
@@ -349,7 +378,7 @@ def test_the_generation_benchmark_runs_on_the_cpu_and_resumes(tmp_path):
     assert "1.00x" in table
     for mode in ("copies", "switching"):
         line = f"- {mode}, static, batch 2: top-8 generates native's tokens: yes; unpatched bit-identical: 3 of 3"
-        assert line in table
+        assert line + " configurations; every position routed by the configuration: 1 of 1 with statistics" in table
     assert "routing: 248 of 248 equal" in table
     refused = subprocess.run(command[:-2] + ["--new-tokens", "1", "--out", str(out)], capture_output=True, text=True)
     assert refused.returncode == 2 and "--new-tokens must be >= 2" in refused.stderr
