@@ -34,9 +34,9 @@ Correctness, per path and batch size: patched top-8 generates the native tokens;
 statistics counted every position of its reference generate (`routed_positions`: its own routers ran every
 step); each copy, unpatched after the rounds, generates the native logits again, bit for bit.
 --check-counts BATCH...: BH's decisions on the static compiled path against the eager computation on the
-same inputs (`check_counts`): the compiled
-forward's decode decisions replayed eagerly on the logits it routed, and a whole generate's per-token counts
-against the dynamic and static eager paths, with the native router's own choices on those paths beside them.
+same inputs (`check_counts`): the compiled forward's decode decisions replayed eagerly on the logits it
+routed, and a whole generate's per-token counts against the dynamic and static eager paths, with the native
+router's own choices on those paths beside them.
 
 --targets runs `TARGET_BLOCKS`, the blocks that the issue's targets (`TARGETS`) read, in one process and in
 each mode of --modes; the targets table (`target_table`) reads them in each mode and follows the rows' table.
