@@ -95,6 +95,7 @@ DEFAULT_PVALUE_METHOD = "robust_z"
 MIN_TRANSFORMERS = "5.24"  # the first release whose experts paths skip the sentinel expert index
 PATCHER_ATTRIBUTE = "_bh_routing_patcher"  # set on a model while a patcher holds it
 PATCH_ATTRIBUTE = "_moe_patch"  # a patched router's PatchedRouter
+COMPILED_CALL_ATTRIBUTE = "_compiled_call"  # where transformers' generate keeps a model's compiled forward
 EXPERTS_PATHS = (VARIABLE_K_EXPERTS, "model")  # MoERouterPatcher(experts_path=...)
 
 
@@ -1988,9 +1989,6 @@ def patched_router_class(router_class: type) -> type:
         namespace["__reduce_ex__"] = _refuse_pickling
         _PATCHED_ROUTER_CLASSES[router_class] = type(f"Patched{router_class.__name__}", (router_class,), namespace)
     return _PATCHED_ROUTER_CLASSES[router_class]
-
-
-COMPILED_CALL_ATTRIBUTE = "_compiled_call"  # where transformers' generate keeps a model's compiled forward
 
 
 def drop_copied_compiled_call(model: torch.nn.Module) -> bool:

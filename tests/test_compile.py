@@ -254,7 +254,7 @@ def test_a_copy_made_after_a_compiled_generate_routes_its_decode_steps_by_its_ow
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import bench_generate
 
-    assert not any(hasattr(copy, "_compiled_call") for copy in bench_generate.model_copies(tiny_model, 2))
+    assert not any(hasattr(made, "_compiled_call") for made in bench_generate.model_copies(tiny_model, 2))
 
 
 def dynamo_lookups(model, input_ids) -> int:
