@@ -2210,7 +2210,8 @@ class MoERouterPatcher:
     the patched routers trace into the graph (`PatchedRouter`), the statistics are updated in place inside
     it, and the routers' changed class makes each patch compile its own graph and `unpatch` find the
     unpatched one again. The decoder stack gets two hooks (the padding mask of each forward pass); dynamo's
-    settings are left as they are, apart from a higher recompile limit (one graph per configuration).
+    settings are left as they are, apart from a higher recompile limit (one graph per configuration). A copy
+    of a model made after a compiled generate compiles its own forward once patched (`drop_copied_compiled_call`).
 
     One patcher per model at a time: patching a model that another patcher holds raises RuntimeError, so
     statistics always describe the routing that ran and `unpatch` restores what its own patch changed. A
