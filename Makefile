@@ -38,8 +38,14 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Tests in TEST_WORKERS processes (pytest-xdist), one file to a process so that a file's shared fixtures (the
+# notebook's quick run) run once, each process on TEST_THREADS threads: most tests are bound by Python, not by
+# torch's kernels, so two processes of one thread beat one of two on 2 cores (README.md: make test's time).
+TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 test: lint $(VENV)/.installed $(TRITON_SITE)/.installed $(EVAL_INSTALLED)
-	BH_TRITON_INTERPRETER_SITE=$(abspath $(TRITON_SITE)) $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=$(TEST_THREADS) BH_TRITON_INTERPRETER_SITE=$(abspath $(TRITON_SITE)) \
+		$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The notebook, headless, on the embedded model: results/ and the executed notebook, which only a successful
 # default run replaces (scripts/run_notebook.py). Extra papermill arguments go in RUN_ARGS, e.g.
