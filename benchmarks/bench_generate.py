@@ -786,7 +786,7 @@ def correctness_lines(results: dict) -> list[str]:
         lines.append(f"- {block[0]}, {block[1]}, batch {block[2]}: top-8 generates native's tokens: "
                      f"{'yes' if top8 and all(top8) else 'no' if top8 else '-'}; unpatched bit-identical: "
                      f"{restored} of {len(rows)} configurations; every position routed by the configuration: "
-                     f"{sum(routed)} of {len(routed)} with statistics")  # fmt: skip
+                     + (f"{sum(routed)} of {len(routed)} with statistics" if routed else "not recorded"))  # fmt: skip
     for name, check in results["checks"].items():
         parts = [f"{key}: " + (f"{part['decisions'] - part['different']} of {part['decisions']} equal"
                                if "decisions" in part else f"shapes differ {part['shapes']}")
