@@ -190,7 +190,8 @@ def patch_copy(model, name: str):
 
 def prepare(copies: dict, path: str, prompt, args) -> dict:
     """Each copy patched with its configuration (native: none), warmed up (compiled on the static path; the
-    time apart) and its reference output kept: name -> {"patcher", "warm_up_s", "cudagraph_skips", "output"}."""
+    time apart) and its reference generate kept (`reference_generate`): name -> {"patcher", "warm_up_s",
+    "cudagraph_skips", "output", "stats"}."""
     states = {}
     for name, model in copies.items():
         patcher = patch_copy(model, name)
@@ -200,18 +201,23 @@ def prepare(copies: dict, path: str, prompt, args) -> dict:
         states[name] = {"patcher": patcher, "warm_up_s": warm_up,
                         "cudagraph_skips": cudagraph_skips() - skips_before,  # compiled graphs run without CUDA graphs
                         **reference}  # fmt: skip
-        if patcher is not None and patcher.record_statistics:
+        if records_statistics(patcher):
             patcher.reset_stats()  # the statistics of the timed rounds only
     return states
+
+
+def records_statistics(patcher) -> bool:
+    """Whether a configuration's patcher (None: native) records the routing statistics."""
+    return patcher is not None and patcher.record_statistics
 
 
 def reference_generate(patcher, model, prompt, path: str, args) -> dict:
     """The configuration's reference generate (its logits kept) and the statistics of that generate alone:
     {"output", "stats"} ({} without statistics)."""
-    if patcher is not None and patcher.record_statistics:
+    if records_statistics(patcher):
         patcher.reset_stats()
     output = generate(model, prompt, path, args.new_tokens, logits=True)
-    stats = patcher.get_stats() if patcher is not None and patcher.record_statistics else {}
+    stats = patcher.get_stats() if records_statistics(patcher) else {}
     return {"output": output, "stats": stats}
 
 
@@ -357,7 +363,7 @@ def block_rows(copies: dict, states: dict, timings: tuple, path: str, prompt, ar
     tokens = prompt.shape[0] * args.new_tokens
     for name, state in states.items():
         patcher = state["patcher"]
-        stats = patcher.get_stats() if patcher is not None and patcher.record_statistics else {}
+        stats = patcher.get_stats() if records_statistics(patcher) else {}
         steps = decode_steps(seconds[name], first_token[name], args)
         rows[name] = {
             "warm_up_s": state["warm_up_s"],
